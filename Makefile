@@ -1,0 +1,34 @@
+# The two set-up commands of the README:
+#   make run    build .venv and run the example job (local Ray, local disk, built-in model)
+#   make test   build .venv with the test extras and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SPEC ?= manifests/example.yaml
+
+.PHONY: run test bench venv
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	# CPU machines: take torch's CPU build explicitly (a bare torch requirement pulls CUDA).
+	# GPU machines keep whatever CUDA build of torch is already installed in the venv.
+	if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install torch; \
+	  else $(PY) -m pip install torch==2.13.0; fi; fi
+	$(PY) -m pip install -e . 
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install --no-deps open-clip-torch
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(PY) jobs/run.py $(SPEC)
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed-test
+	$(PY) bench/bench_sdcore.py

@@ -1,0 +1,26 @@
+"""sdcore: Stable Diffusion 1.x written from scratch in PyTorch (see README.md beside this file).
+
+The heavy entry points are imported on first use, so `import sdcore.config` stays cheap.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ModelConfig": "config",
+    "UNetConfig": "config",
+    "VAEConfig": "config",
+    "TextEncoderConfig": "config",
+    "Pipeline": "pipeline",
+    "load_pipeline": "weights",
+    "export_single_file": "weights",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'sdcore' has no attribute {name!r}")

@@ -1,0 +1,123 @@
+"""Building blocks shared by the VAE and the UNet.
+
+Parameter names follow diffusers' layout (`norm1`, `conv1`, `time_emb_proj`, `to_q`, `to_out.0`…)
+so that checkpoints map onto them key for key.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, with an optional time-embedding bias in between.
+
+    Used by the VAE (no time embedding, eps 1e-6) and the UNet (time embedding, eps 1e-5).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        groups: int,
+        eps: float,
+        temb_channels: int | None = None,
+    ):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        # A 1x1 projection only where the channel count changes; identity otherwise.
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        )
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, C_in, H, W); temb: (B, T) -> (B, C_out, H, W)
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            # (B, T) -> (B, C_out, 1, 1): one bias per channel, broadcast over space
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return shortcut + h
+
+
+class Attention(nn.Module):
+    """Multi-head (self- or cross-) attention through `scaled_dot_product_attention`."""
+
+    def __init__(
+        self,
+        query_dim: int,
+        heads: int,
+        *,
+        context_dim: int | None = None,
+        qkv_bias: bool = False,
+    ):
+        super().__init__()
+        if query_dim % heads:
+            raise ValueError(f"attention width {query_dim} not divisible by {heads} heads")
+        self.heads = heads
+        context_dim = context_dim or query_dim
+        self.to_q = nn.Linear(query_dim, query_dim, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim, query_dim, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim, query_dim, bias=qkv_bias)
+        # A ModuleList so the key is `to_out.0`, as in every SD checkpoint layout.
+        self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, N, C); context: (B, M, C_ctx), defaults to x (self-attention)
+        context = x if context is None else context
+        batch, n, channels = x.shape
+
+        def split_heads(t: torch.Tensor) -> torch.Tensor:
+            # (B, L, C) -> (B, heads, L, C / heads)
+            return t.view(batch, -1, self.heads, channels // self.heads).transpose(1, 2)
+
+        q = split_heads(self.to_q(x))
+        k = split_heads(self.to_k(context))
+        v = split_heads(self.to_v(context))
+        out = F.scaled_dot_product_attention(q, k, v)
+        # (B, heads, N, C / heads) -> (B, N, C)
+        out = out.transpose(1, 2).reshape(batch, n, channels)
+        return self.to_out[0](out)
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv. The VAE pads right/bottom only (padding=0 + manual pad), the UNet pads 1."""
+
+    def __init__(self, channels: int, *, asymmetric_pad: bool):
+        super().__init__()
+        self.asymmetric_pad = asymmetric_pad
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric_pad else 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2))
+        if self.asymmetric_pad:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour x2 (or to an explicit size, to meet an odd-sized skip), then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        # (B, C, H, W) -> (B, C, 2H, 2W) or (B, C, *size)
+        dtype = x.dtype
+        if dtype == torch.bfloat16:
+            # nearest upsampling has no bfloat16 kernel on some backends
+            x = x.float()
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x.to(dtype))

@@ -1,0 +1,100 @@
+"""SD 1.x prompt tokenizer: CLIP ViT-L/14's byte-level BPE through transformers' `CLIPTokenizer`.
+
+Why the vocabulary is shipped in `sdcore/vocab/`: every SD 1.x checkpoint uses the one fixed
+49408-token CLIP vocabulary, but a single-file `.safetensors`/`.ckpt` does not contain it, and
+fetching `openai/clip-vit-large-patch14` from the Hugging Face hub at run time would make jobs
+depend on the network. So `vocab.json`/`merges.txt` (1.5 MB) were derived once from OpenAI's
+`bpe_simple_vocab_16e6.txt.gz` by `sdcore/vocab/build_vocab.py` and are committed.
+
+Text cleaning: `tokenize` first applies CLIP's own cleaning (`clean_prompt`: ftfy, HTML
+unescape, whitespace, lowercase), the text pipeline the CLIP text encoder was trained with (OpenAI
+`clip.simple_tokenizer`), so ids equal OpenAI/open_clip `SimpleTokenizer`'s. transformers >= 5's
+`CLIPTokenizer` on its own skips ftfy and HTML unescaping (transformers 4's slow tokenizer ran
+ftfy but not the unescaping); for any prompt that `clean_prompt` leaves unchanged (the usual
+case) ids equal diffusers' `StableDiffusionPipeline`'s, and for every prompt they equal what
+that pipeline produces when given `clean_prompt(prompt)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import ftfy
+import torch
+from transformers import CLIPTokenizer
+
+VOCAB_DIR = Path(__file__).resolve().parent / "vocab"
+MAX_LENGTH = 77  # CLIP's context: BOS + 75 prompt tokens + EOS
+BOS_ID, EOS_ID = 49406, 49407  # <|startoftext|>, <|endoftext|>; SD 1.x also pads with EOS_ID
+
+# The fast tokenizer's Rust backend is re-configured (padding/truncation) on every call and
+# raises "Already borrowed" if two threads do that at once; calls are cheap, so serialize them.
+_lock = threading.Lock()
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt had more than 75 tokens; the tail was dropped (CLIP sees 77 ids at most)."""
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer() -> CLIPTokenizer:
+    """The SD 1.x tokenizer built from the shipped vocabulary (cached; no network).
+
+    Save it into diffusers folders with `save_pretrained`; it reloads with
+    `CLIPTokenizer.from_pretrained` to the same ids.
+    """
+    tok = CLIPTokenizer.from_pretrained(
+        str(VOCAB_DIR),
+        model_max_length=MAX_LENGTH,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    assert (len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (49408, BOS_ID, EOS_ID, EOS_ID)
+    return tok
+
+
+def clean_prompt(text: str) -> str:
+    """CLIP's text cleaning: fix mojibake/width/quotes (ftfy), unescape HTML twice, collapse
+    whitespace, lowercase.
+
+    The tokenizer lowercases again, but char by char: Python's `str.lower` (what CLIP used) also
+    applies context rules such as Greek final sigma ("ΑΣ" -> "ας", not "ασ").
+    """
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return " ".join(text.split()).lower()
+
+
+def tokenize(prompts: Sequence[str]) -> torch.LongTensor:
+    """Token ids (B, 77) for a batch of prompts: BOS, up to 75 tokens, EOS, then EOS as padding.
+
+    Longer prompts are truncated as diffusers does (75 tokens kept, EOS last) with a
+    `PromptTruncatedWarning` naming the prompt and the number of tokens dropped.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("tokenize() takes a sequence of prompts, not a single str")
+    if len(prompts) == 0:
+        return torch.empty(0, MAX_LENGTH, dtype=torch.long)
+    tok = get_tokenizer()
+    texts = [clean_prompt(p) for p in prompts]
+    with _lock:
+        # The same call as diffusers' StableDiffusionPipeline.encode_prompt.
+        ids = tok(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+        lengths = [len(x) for x in tok(texts, verbose=False).input_ids]  # untruncated, BOS+EOS included
+    for prompt, n in zip(prompts, lengths):
+        if n > MAX_LENGTH:
+            short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            # warnings' default filter shows each distinct message (so each prompt) once.
+            warnings.warn(
+                f"prompt {short!r} has {n - 2} tokens, CLIP takes {MAX_LENGTH - 2}: "
+                f"the last {n - MAX_LENGTH} tokens were dropped",
+                PromptTruncatedWarning,
+                stacklevel=2,
+            )
+    return ids  # (B, 77) int64

@@ -1,0 +1,363 @@
+"""Loading SD 1.x weights into sdcore: diffusers folders, CompVis/A1111 single files, built-ins.
+
+Nothing here executes pickled code: safetensors, or `torch.load(weights_only=True)`.
+Every load is strict: the state dict must match the model key for key and shape for shape,
+and a mismatch is a `CheckpointError` naming the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .clip import CLIPTextModel
+from .config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from .convert import CheckpointError, compvis_to_parts, parts_to_compvis
+from .pipeline import Pipeline
+from .unet import UNet2DConditionModel
+from .vae import AutoencoderKL
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+CONFIG_METADATA_KEY = "sdcore_config"
+PARTS = ("text_encoder", "unet", "vae")
+# Saved by older transformers versions; a constant, not a weight.
+IGNORED_TEXT_KEYS = ("text_model.embeddings.position_ids",)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
+    """None/"auto" -> float16 on CUDA, float32 elsewhere; names and torch dtypes pass through."""
+    if dtype is None or dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+
+
+def build_models(config: ModelConfig) -> dict[str, torch.nn.Module]:
+    return {
+        "unet": UNet2DConditionModel(config.unet),
+        "vae": AutoencoderKL(config.vae),
+        "text_encoder": CLIPTextModel(config.text_encoder),
+    }
+
+
+def fingerprint(parts: dict[str, dict[str, torch.Tensor]]) -> str:
+    """sha256 over every tensor in canonical order (part, then key), as stored (dtype included).
+
+    The same weights give the same fingerprint whichever layout they were loaded from.
+    """
+    digest = hashlib.sha256()
+    for part in PARTS:
+        for key in sorted(parts[part]):
+            tensor = parts[part][key].detach().cpu().contiguous()
+            digest.update(f"{part}.{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _check_and_load(model: torch.nn.Module, state: dict[str, torch.Tensor], part: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(f"{part}: missing key {missing[0]!r} ({len(missing)} missing in all)")
+    if unexpected:
+        raise CheckpointError(
+            f"{part}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all)"
+        )
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{part}: {key!r} has shape {tuple(state[key].shape)}, "
+                f"the config expects {tuple(tensor.shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+
+
+def assemble(
+    config: ModelConfig,
+    parts: dict[str, dict[str, torch.Tensor]],
+    *,
+    source: str,
+    device: str | torch.device = "cpu",
+    dtype: Any = None,
+) -> Pipeline:
+    """Strictly load `parts` into freshly built models and wrap them in a Pipeline."""
+    device = torch.device(device)
+    target = resolve_dtype(dtype, device)
+    parts = dict(parts)
+    parts["text_encoder"] = {
+        k: v for k, v in parts["text_encoder"].items() if k not in IGNORED_TEXT_KEYS
+    }
+    fp = fingerprint(parts)
+    with torch.device("meta"):
+        models = build_models(config)
+    for part, model in models.items():
+        model.to_empty(device="cpu")
+        _check_and_load(model, parts[part], part)
+        model.to(device=device, dtype=target)
+    return Pipeline(
+        config, models["unet"], models["vae"], models["text_encoder"], fingerprint=fp, source=source
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def _read_pickle_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to load — the file holds pickled objects other than tensors "
+            f"(loading it could run arbitrary code). Convert it to .safetensors first. ({exc})"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated?) ({exc})") from exc
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return tensors
+
+
+def _read_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    return _read_pickle_checkpoint(path), {}
+
+
+def load_single_file(path: Path) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]]]:
+    """A CompVis/A1111 single-file checkpoint (.safetensors, .ckpt) -> config and parts."""
+    state, metadata = _read_tensor_file(path)
+    config = None
+    if CONFIG_METADATA_KEY in metadata:
+        config = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    return compvis_to_parts(state, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers folders
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"diffusers folder is missing {path}") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from exc
+
+
+def _unet_config(cfg: dict, where: Path) -> UNetConfig:
+    if cfg.get("in_channels", 4) != 4:
+        raise CheckpointError(
+            f"{where}: UNet has {cfg['in_channels']} input channels — an inpainting or "
+            "instruct-pix2pix model; sdcore runs SD 1.x txt2img/img2img models only"
+        )
+    if cfg.get("addition_embed_type") or cfg.get("class_embed_type"):
+        raise CheckpointError(f"{where}: UNet has extra embeddings — an SDXL-style model, not SD 1.x")
+    if cfg.get("cross_attention_dim", 768) != 768 and cfg.get("cross_attention_dim") in (1024, 2048):
+        raise CheckpointError(
+            f"{where}: cross_attention_dim {cfg['cross_attention_dim']} — an SD 2.x/SDXL model, "
+            "not SD 1.x"
+        )
+    down = cfg.get("down_block_types", [])
+    kinds = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+    if any(block not in kinds for block in down):
+        raise CheckpointError(f"{where}: unsupported down_block_types {down}")
+    attention = tuple(kinds[block] for block in down)
+    up_kinds = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+    up = cfg.get("up_block_types", [])
+    if tuple(up_kinds.get(block) for block in up) != tuple(reversed(attention)):
+        raise CheckpointError(f"{where}: up_block_types {up} do not mirror {down}")
+    layers = cfg.get("transformer_layers_per_block", 1)
+    if isinstance(layers, list):
+        if len(set(layers)) != 1:
+            raise CheckpointError(f"{where}: per-level transformer_layers_per_block unsupported")
+        layers = layers[0]
+    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+    return UNetConfig(
+        in_channels=cfg.get("in_channels", 4),
+        out_channels=cfg.get("out_channels", 4),
+        block_out_channels=tuple(cfg["block_out_channels"]),
+        attention_levels=attention,
+        layers_per_block=cfg.get("layers_per_block", 2),
+        num_heads=tuple(heads) if isinstance(heads, list) else heads,
+        cross_attention_dim=cfg.get("cross_attention_dim", 768),
+        transformer_layers=layers,
+        norm_num_groups=cfg.get("norm_num_groups", 32),
+        norm_eps=cfg.get("norm_eps", 1e-5),
+        use_linear_projection=cfg.get("use_linear_projection", False),
+    )
+
+
+def _vae_config(cfg: dict) -> VAEConfig:
+    return VAEConfig(
+        in_channels=cfg.get("in_channels", 3),
+        out_channels=cfg.get("out_channels", 3),
+        latent_channels=cfg.get("latent_channels", 4),
+        block_out_channels=tuple(cfg["block_out_channels"]),
+        layers_per_block=cfg.get("layers_per_block", 2),
+        norm_num_groups=cfg.get("norm_num_groups", 32),
+        scaling_factor=cfg.get("scaling_factor", 0.18215),
+    )
+
+
+def _text_config(cfg: dict) -> TextEncoderConfig:
+    return TextEncoderConfig(
+        vocab_size=cfg.get("vocab_size", 49408),
+        hidden_size=cfg.get("hidden_size", 768),
+        intermediate_size=cfg.get("intermediate_size", 3072),
+        num_layers=cfg.get("num_hidden_layers", 12),
+        num_heads=cfg.get("num_attention_heads", 12),
+        max_position_embeddings=cfg.get("max_position_embeddings", 77),
+        hidden_act=cfg.get("hidden_act", "quick_gelu"),
+        layer_norm_eps=cfg.get("layer_norm_eps", 1e-5),
+    )
+
+
+def _read_part_weights(folder: Path, stems: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    for stem in stems:
+        for suffix in (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin"):
+            path = folder / f"{stem}{suffix}"
+            if path.exists():
+                return _read_tensor_file(path)[0]
+    raise CheckpointError(f"{folder}: no weights file ({', '.join(s + '.safetensors' for s in stems)})")
+
+
+def load_diffusers_folder(folder: Path) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]]]:
+    if (folder / "text_encoder_2").exists():
+        raise CheckpointError(f"{folder}: has text_encoder_2 — an SDXL model, not SD 1.x")
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    if scheduler.exists() and _read_json(scheduler).get("prediction_type") == "v_prediction":
+        raise CheckpointError(f"{folder}: v-prediction scheduler — an SD 2.x model, not SD 1.x")
+    try:
+        config = ModelConfig(
+            unet=_unet_config(_read_json(folder / "unet" / "config.json"), folder / "unet"),
+            vae=_vae_config(_read_json(folder / "vae" / "config.json")),
+            text_encoder=_text_config(_read_json(folder / "text_encoder" / "config.json")),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{folder}: config not understood ({exc})") from exc
+    text = _read_part_weights(folder / "text_encoder", ("model", "pytorch_model"))
+    parts = {
+        "unet": _read_part_weights(folder / "unet", ("diffusion_pytorch_model",)),
+        "vae": _read_part_weights(folder / "vae", ("diffusion_pytorch_model",)),
+        # transformers >= 5 saves CLIPTextModel without its `text_model.` prefix; older
+        # releases (and every published SD 1.x folder) keep it.
+        "text_encoder": {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text.items()},
+    }
+    return config, parts
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in models
+
+
+def random_parts(config: ModelConfig, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Deterministic random weights: every tensor drawn from one generator in key order.
+
+    Linear/conv weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default scale), norm
+    weights 1, biases 0, embeddings N(0, 0.02) — so activations stay finite through the network.
+    """
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with torch.device("meta"):
+        models = build_models(config)
+    parts = {}
+    for part in PARTS:
+        state = {}
+        for key, meta in sorted(models[part].state_dict().items()):
+            if key.endswith("bias"):
+                tensor = torch.zeros(meta.shape)
+            elif "norm" in key:
+                tensor = torch.ones(meta.shape)
+            elif "embedding" in key and "time_embedding" not in key:
+                tensor = torch.randn(meta.shape, generator=generator) * 0.02
+            else:
+                bound = 1.0 / (meta[0].numel() ** 0.5)
+                tensor = (torch.rand(meta.shape, generator=generator) * 2 - 1) * bound
+            state[key] = tensor
+        parts[part] = state
+    return parts
+
+
+def builtin_names() -> list[str]:
+    shipped = sorted(p.name for p in BUILTIN_DIR.iterdir() if p.is_dir()) if BUILTIN_DIR.exists() else []
+    return ["tiny", *shipped]
+
+
+def load_builtin(name: str) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]]]:
+    if name == "tiny":
+        config = ModelConfig.tiny()
+        return config, random_parts(config, seed=0)
+    path = BUILTIN_DIR / name / "model.safetensors"
+    if not path.exists():
+        raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(builtin_names())}")
+    return load_single_file(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+
+
+def load_pipeline(weights: str | os.PathLike, device: str | torch.device = "cpu", dtype: Any = None) -> Pipeline:
+    """Load an SD 1.x model: `builtin:NAME`, a diffusers folder, or a .safetensors/.ckpt file."""
+    weights = str(weights)
+    if weights.startswith("builtin:"):
+        config, parts = load_builtin(weights.split(":", 1)[1])
+    else:
+        path = Path(weights)
+        if not path.exists():
+            raise FileNotFoundError(f"weights not found: {weights}")
+        if path.is_dir():
+            config, parts = load_diffusers_folder(path)
+        elif path.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+            config, parts = load_single_file(path)
+        else:
+            raise CheckpointError(
+                f"{weights}: unknown weights layout; expected builtin:NAME, a diffusers folder, "
+                "or a .safetensors/.ckpt file"
+            )
+    return assemble(config, parts, source=weights, device=device, dtype=dtype)
+
+
+def export_single_file(pipe: Pipeline, path: str | os.PathLike) -> None:
+    """Write the pipeline's weights as one CompVis-layout .safetensors file.
+
+    A1111, ComfyUI and diffusers' `from_single_file` read it; sdcore reads back the exact
+    config from the file's metadata (heads cannot be inferred from shapes alone).
+    """
+    parts = {part: {k: v.detach().cpu().contiguous() for k, v in sd.items()} for part, sd in pipe.state_dicts().items()}
+    state = {k: v.contiguous() for k, v in parts_to_compvis(parts).items()}
+    metadata = {CONFIG_METADATA_KEY: pipe.config.to_json(), "format": "pt"}
+    tmp = Path(f"{path}.tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
