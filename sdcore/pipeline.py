@@ -48,7 +48,7 @@ class _Row:
     init_image: Image.Image | None
 
 
-def _validate_row(index: int, row: Mapping[str, Any]) -> _Row:
+def _validate_row(index: int, row: Mapping[str, Any], schedule: Sampler) -> _Row:
     where = f"row {index}"
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
@@ -72,6 +72,10 @@ def _validate_row(index: int, row: Mapping[str, Any]) -> _Row:
         strength = float(strength)
         if not (0.0 < strength <= 1.0):
             raise ValueError(f"{where}: 'strength' {strength} outside (0, 1]")
+        try:
+            schedule.start_index(strength)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
     else:
         strength = None  # a strength without an init image has nothing to act on
     return _Row(index, prompt, negative, seed, strength, init_image)
@@ -176,7 +180,7 @@ class Pipeline:
         _validate_size(width, height, self.size_multiple)
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
-        checked = [_validate_row(i, row) for i, row in enumerate(rows)]
+        checked = [_validate_row(i, row, schedule) for i, row in enumerate(rows)]
         if not checked:
             return []
 

@@ -1,0 +1,196 @@
+"""Whole images: sdcore's pipeline against diffusers' StableDiffusion(Img2Img)Pipeline on the same
+random weights and seeds, for every sampler; batch independence; bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+)
+from PIL import Image
+
+import sdcore
+from sdcore.config import ModelConfig
+from sdcore.tokenizer import get_tokenizer
+from tests.reference import diffusers_models
+
+MAX_PIXEL_DIFF = 2  # out of 255
+SD15_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "timestep_spacing": "leading",
+}
+SCHEDULERS = {
+    ("ddpm", False): (DDPMScheduler, {}),
+    ("ddim", False): (DDIMScheduler, {}),
+    ("euler_a", False): (EulerAncestralDiscreteScheduler, {}),
+    ("dpmpp_2m", False): (DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
+    ("dpmpp_2m", True): (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+}
+
+
+def init_image(seed: int, size=(64, 48)) -> Image.Image:
+    """A smooth random picture (random noise would be an unusually hard VAE input)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize(size, Image.BILINEAR)
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    """A diffusers-format folder (as users download them) holding small random weights."""
+    unet, vae, text_encoder = diffusers_models(ModelConfig.tiny(), seed=7)
+    folder = tmp_path_factory.mktemp("tiny-diffusers")
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=get_tokenizer(),
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ours(model_folder):
+    return sdcore.load_pipeline(model_folder)
+
+
+@pytest.fixture(scope="module")
+def reference(model_folder):
+    txt2img = StableDiffusionPipeline.from_pretrained(
+        model_folder, safety_checker=None, requires_safety_checker=False, tokenizer=get_tokenizer()
+    )
+    txt2img.set_progress_bar_config(disable=True)
+    img2img = StableDiffusionImg2ImgPipeline(**txt2img.components)
+    img2img.set_progress_bar_config(disable=True)
+    return txt2img, img2img
+
+
+def max_diff(a: Image.Image, b: Image.Image) -> int:
+    assert a.size == b.size
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+
+@pytest.mark.parametrize("sampler, karras", list(SCHEDULERS))
+def test_txt2img_and_img2img_match_diffusers(ours, reference, sampler, karras):
+    txt2img, img2img = reference
+    cls, extra = SCHEDULERS[(sampler, karras)]
+    scheduler = cls.from_config({**SD15_SCHEDULER, **extra})
+    steps = 6
+    settings = dict(sampler=sampler, steps=steps, guidance_scale=7.5, width=64, height=48, karras=karras)
+
+    txt2img.scheduler = scheduler
+    expected = txt2img(
+        "a red circle at the top left",
+        negative_prompt="blurry",
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        width=64,
+        height=48,
+        generator=torch.Generator("cpu").manual_seed(1234),
+    ).images[0]
+    got = ours.generate([{"prompt": "a red circle at the top left", "negative": "blurry", "seed": 1234}], **settings)[0]
+    assert max_diff(expected, got) <= MAX_PIXEL_DIFF
+
+    img2img.scheduler = cls.from_config({**SD15_SCHEDULER, **extra})
+    start = init_image(5)
+    expected = img2img(
+        "a blue star",
+        image=start,
+        strength=0.7,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        generator=torch.Generator("cpu").manual_seed(99),
+    ).images[0]
+    row = {"prompt": "a blue star", "seed": 99, "strength": 0.7, "init_image": start}
+    got = ours.generate([row], **settings)[0]
+    assert max_diff(expected, got) <= MAX_PIXEL_DIFF
+
+
+def test_no_guidance_matches_diffusers(ours, reference):
+    """guidance_scale <= 1 runs the conditional branch only, as diffusers does."""
+    txt2img, _ = reference
+    txt2img.scheduler = DDIMScheduler.from_config(SD15_SCHEDULER)
+    expected = txt2img("a square", num_inference_steps=4, guidance_scale=1.0, width=32, height=32,
+                       generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    got = ours.generate([{"prompt": "a square", "seed": 3}], sampler="ddim", steps=4, guidance_scale=1.0,
+                        width=32, height=32)[0]
+    assert max_diff(expected, got) <= MAX_PIXEL_DIFF
+
+
+MIXED_ROWS = [
+    {"prompt": "a red circle", "seed": 1},
+    {"prompt": "a green square", "negative": "dark", "seed": 2},
+    {"prompt": "a blue star", "seed": 3, "strength": 0.5, "init_image": init_image(1)},
+    {"prompt": "a red circle", "seed": 4, "strength": 0.8, "init_image": init_image(2)},
+    {"prompt": "a yellow triangle", "seed": 2**63 + 5, "strength": 1.0, "init_image": init_image(3)},
+]
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "euler_a"])  # the two that draw noise every step
+def test_row_image_independent_of_batch(ours, sampler):
+    settings = dict(sampler=sampler, steps=5, guidance_scale=6.0, width=64, height=48)
+    batch = ours.generate(MIXED_ROWS, **settings)
+    reversed_batch = ours.generate(MIXED_ROWS[::-1], **settings)[::-1]
+    for row, in_batch, in_reversed in zip(MIXED_ROWS, batch, reversed_batch):
+        alone = ours.generate([row], **settings)[0]
+        assert np.array_equal(np.asarray(alone), np.asarray(in_batch))
+        assert np.array_equal(np.asarray(alone), np.asarray(in_reversed))
+    # different seeds really give different images
+    assert not np.array_equal(np.asarray(batch[0]), np.asarray(batch[1]))
+
+
+def test_repeated_prompts_are_encoded_once(ours):
+    ours._embeddings.clear()
+    rows = [{"prompt": "a cat", "seed": s} for s in range(3)]
+    ours.generate(rows, sampler="ddim", steps=2, guidance_scale=5.0, width=32, height=32)
+    assert set(ours._embeddings) == {"a cat", ""}
+
+
+def test_odd_latent_size_runs(ours):
+    """Any multiple of 8 works, including sizes whose latent does not halve evenly."""
+    image = ours.generate([{"prompt": "x", "seed": 0}], sampler="ddim", steps=2, guidance_scale=5.0,
+                          width=40, height=24)[0]
+    assert image.size == (40, 24)
+
+
+@pytest.mark.parametrize(
+    "row, settings, message",
+    [
+        ({"prompt": "x", "seed": 1}, {"width": 65}, "width 65 is not a multiple of 8"),
+        ({"prompt": "x", "seed": 1}, {"height": 0}, "height must be a positive integer"),
+        ({"prompt": "x", "seed": 1}, {"sampler": "plms"}, "plms"),
+        ({"prompt": "x", "seed": 1}, {"steps": 0}, "steps"),
+        ({"prompt": None, "seed": 1}, {}, "'prompt' must be a string"),
+        ({"prompt": "x", "seed": "7"}, {}, "'seed' must be an integer"),
+        ({"prompt": "x", "seed": -1}, {}, "'seed' -1 outside"),
+        ({"prompt": "x", "seed": 1, "strength": 0.0, "init_image": init_image(0)}, {}, "'strength' 0.0 outside (0, 1]"),
+        ({"prompt": "x", "seed": 1, "strength": 1.5, "init_image": init_image(0)}, {}, "'strength' 1.5 outside (0, 1]"),
+        ({"prompt": "x", "seed": 1, "init_image": init_image(0)}, {}, "needs a 'strength'"),
+        ({"prompt": "x", "seed": 1, "strength": 0.01, "init_image": init_image(0)}, {}, "leaves no denoising step"),
+        ({"prompt": "x", "seed": 1, "strength": 0.5, "init_image": "cat.png"}, {}, "must be a PIL image"),
+    ],
+)
+def test_bad_input_is_a_clear_error(ours, row, settings, message):
+    base = dict(sampler="ddim", steps=4, guidance_scale=5.0, width=32, height=32)
+    with pytest.raises(ValueError) as info:
+        ours.generate([row], **{**base, **settings})
+    assert message in str(info.value)
