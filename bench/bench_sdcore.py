@@ -28,12 +28,8 @@ import sdcore  # noqa: E402
 from sdcore.config import ModelConfig  # noqa: E402
 from sdcore.tokenizer import get_tokenizer  # noqa: E402
 from sdcore.weights import assemble, random_parts  # noqa: E402
-from tests.reference import diffusers_models, transformers_text_state_dict  # noqa: E402
+from tests.reference import SD15_SCHEDULER_CONFIG, clip_kwargs, diffusers_models, transformers_text_state_dict  # noqa: E402
 
-SD15_SCHEDULER = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-    set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
-)
 PROMPTS = ["a red circle at the top left", "a small blue star", "a large green square", "a purple triangle"]
 
 
@@ -43,13 +39,11 @@ def reference_pipeline(config: ModelConfig, parts) -> StableDiffusionPipeline:
     vae.load_state_dict(parts["vae"], assign=True)
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tests.reference import clip_kwargs
-
     text = CLIPTextModel(CLIPTextConfig(**clip_kwargs(config))).eval()
     text.load_state_dict(transformers_text_state_dict(parts["text_encoder"], text))
     pipe = StableDiffusionPipeline(
         vae=vae.eval(), text_encoder=text, tokenizer=get_tokenizer(), unet=unet.eval(),
-        scheduler=DDIMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        scheduler=DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)

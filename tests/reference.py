@@ -11,6 +11,20 @@ import torch
 
 from sdcore.config import ModelConfig
 
+# Stable Diffusion 1.5's scheduler_config.json, with the spacing SPEC.md fixes for every sampler.
+SD15_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "timestep_spacing": "leading",
+}
+
 # SD 1.x CLIP tokenizer special ids (openai/clip-vit-large-patch14): <|startoftext|>, <|endoftext|>
 BOS_TOKEN_ID = 49406
 EOS_TOKEN_ID = 49407

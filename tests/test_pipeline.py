@@ -19,21 +19,9 @@ from PIL import Image
 import sdcore
 from sdcore.config import ModelConfig
 from sdcore.tokenizer import get_tokenizer
-from tests.reference import diffusers_models
+from tests.reference import SD15_SCHEDULER_CONFIG, diffusers_models
 
 MAX_PIXEL_DIFF = 2  # out of 255
-SD15_SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "timestep_spacing": "leading",
-}
 SCHEDULERS = {
     ("ddpm", False): (DDPMScheduler, {}),
     ("ddim", False): (DDIMScheduler, {}),
@@ -60,7 +48,7 @@ def model_folder(tmp_path_factory):
         text_encoder=text_encoder,
         tokenizer=get_tokenizer(),
         unet=unet,
-        scheduler=DDIMScheduler.from_config(SD15_SCHEDULER),
+        scheduler=DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -93,7 +81,7 @@ def max_diff(a: Image.Image, b: Image.Image) -> int:
 def test_txt2img_and_img2img_match_diffusers(ours, reference, sampler, karras):
     txt2img, img2img = reference
     cls, extra = SCHEDULERS[(sampler, karras)]
-    scheduler = cls.from_config({**SD15_SCHEDULER, **extra})
+    scheduler = cls.from_config({**SD15_SCHEDULER_CONFIG, **extra})
     steps = 6
     settings = dict(sampler=sampler, steps=steps, guidance_scale=7.5, width=64, height=48, karras=karras)
 
@@ -110,7 +98,7 @@ def test_txt2img_and_img2img_match_diffusers(ours, reference, sampler, karras):
     got = ours.generate([{"prompt": "a red circle at the top left", "negative": "blurry", "seed": 1234}], **settings)[0]
     assert max_diff(expected, got) <= MAX_PIXEL_DIFF
 
-    img2img.scheduler = cls.from_config({**SD15_SCHEDULER, **extra})
+    img2img.scheduler = cls.from_config({**SD15_SCHEDULER_CONFIG, **extra})
     start = init_image(5)
     expected = img2img(
         "a blue star",
@@ -128,7 +116,7 @@ def test_txt2img_and_img2img_match_diffusers(ours, reference, sampler, karras):
 def test_no_guidance_matches_diffusers(ours, reference):
     """guidance_scale <= 1 runs the conditional branch only, as diffusers does."""
     txt2img, _ = reference
-    txt2img.scheduler = DDIMScheduler.from_config(SD15_SCHEDULER)
+    txt2img.scheduler = DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG)
     expected = txt2img("a square", num_inference_steps=4, guidance_scale=1.0, width=32, height=32,
                        generator=torch.Generator("cpu").manual_seed(3)).images[0]
     got = ours.generate([{"prompt": "a square", "seed": 3}], sampler="ddim", steps=4, guidance_scale=1.0,

@@ -27,19 +27,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from sdcore import schedules
 from sdcore.samplers import SAMPLERS, Sampler, _schedule, sampler_from_name
+from tests.reference import SD15_SCHEDULER_CONFIG
 
-SD15_SCHEDULER_CONFIG = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "timestep_spacing": "leading",
-}
 REFERENCE = {
     "ddpm": DDPMScheduler,
     "ddim": DDIMScheduler,
