@@ -1,0 +1,429 @@
+"""Parquet manifests: reading, the column check that runs before any work, and row checks.
+
+Two levels of problems, as SPEC.md asks:
+
+- Manifest-level (raise ManifestError before any work, naming the column): unreadable file, no
+  rows, a missing required column (`prompt`, `seed`), a required column whose type can never be
+  right (`prompt` not a string, `seed` not a number), an `id` column that is neither string nor
+  integer.
+- Row-level (`parse_row` returns an error message; the row becomes an error record and the job
+  goes on): missing or empty prompt, missing or non-integral seed, strength outside (0, 1] or
+  missing for an img2img row, a value in an optional column of the wrong type, bad per-row
+  overrides, a duplicate id. Init images are read by the worker, which reports those problems.
+
+Relative `init_image` paths are resolved against the folder holding the manifest file (local or
+s3://), so a manifest and its images can move together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .spec import MAX_SIZE, MAX_STEPS, SIZE_MULTIPLE, SamplerSpec
+from .storage import (
+    StorageError,
+    expand_uris,
+    is_s3,
+    join_uri,
+    parent_uri,
+    read_uri,
+    redact_uri,
+)
+
+# column -> expected kind. "id" accepts string or integer.
+COLUMNS = {
+    "id": "string",
+    "prompt": "string",
+    "negative": "string",
+    "seed": "integer",
+    "strength": "float",
+    "init_image": "string",
+    "steps": "integer",
+    "guidance_scale": "float",
+    "width": "integer",
+    "height": "integer",
+}
+REQUIRED = ("prompt", "seed")
+OVERRIDES = ("steps", "guidance_scale", "width", "height")
+MAX_SEED = 2**63 - 1  # the manifest's seed is int64
+MAX_NAME = 96
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be used at all (message names the file or column)."""
+
+
+def _kind(dtype: pa.DataType) -> str:
+    if pa.types.is_dictionary(dtype):
+        return _kind(dtype.value_type)
+    if pa.types.is_null(dtype):
+        return "null"
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype):
+        return "string"
+    if pa.types.is_boolean(dtype):
+        return "boolean"
+    if pa.types.is_integer(dtype):
+        return "integer"
+    if pa.types.is_floating(dtype) or pa.types.is_decimal(dtype):
+        return "float"
+    return str(dtype)
+
+
+def _accepts(expected: str, actual: str) -> bool:
+    if actual == "null" or actual == expected:
+        return True
+    return expected == "float" and actual == "integer" or expected == "integer" and actual == "float"
+
+
+@dataclass
+class Manifest:
+    """The manifest rows (a pyarrow Table with the known columns plus `init_image_uri`), where they
+    came from, a content fingerprint, and what was found while checking the columns."""
+
+    table: pa.Table
+    sources: tuple[str, ...]
+    fingerprint: str
+    ids: list[str | None]  # per row: the id as a string (row number when there is no id column)
+    duplicates: dict[int, int]  # row -> earlier row holding the same id
+    bad_columns: dict[str, str] = field(default_factory=dict)  # optional column -> problem
+    ignored_columns: tuple[str, ...] = ()
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+
+def resolve_init_image(value: str, manifest_uri: str) -> str:
+    """The init image's URI: s3:// and absolute paths as they are, file:// as a path, relative
+    paths against the manifest's folder."""
+    if is_s3(value) or "://" in value and not value.startswith("file://"):
+        return value
+    if value.startswith("file://"):
+        return value[len("file://") :]
+    if os.path.isabs(value):
+        return value
+    return join_uri(parent_uri(manifest_uri), value)
+
+
+def load_manifest(sources: Sequence[str]) -> Manifest:
+    """Read, concatenate (in the given order; globs expand sorted) and check the manifest files."""
+    uris: list[str] = []
+    for source in sources:
+        try:
+            found = expand_uris(source)
+        except (StorageError, OSError) as exc:
+            raise ManifestError(f"manifest {redact_uri(source)}: {exc}") from None
+        if not found:
+            raise ManifestError(f"manifest {redact_uri(source)}: the pattern matches no file")
+        uris.extend(found)
+
+    tables, digests, per_row_source = [], [], []
+    for uri in uris:
+        try:
+            data = read_uri(uri)
+        except FileNotFoundError:
+            raise ManifestError(f"manifest {redact_uri(uri)}: file not found") from None
+        except (StorageError, OSError) as exc:
+            raise ManifestError(f"manifest {redact_uri(uri)}: cannot read ({exc})") from None
+        digests.append(hashlib.sha256(data).hexdigest())
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowException, OSError) as exc:
+            raise ManifestError(f"manifest {redact_uri(uri)}: not a readable Parquet file ({exc})") from None
+        tables.append(table)
+        per_row_source.append((uri, table.num_rows))
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    except (pa.ArrowException, ValueError) as exc:
+        raise ManifestError(f"manifest files have incompatible columns ({exc})") from None
+    fingerprint = digests[0] if len(digests) == 1 else hashlib.sha256("\n".join(digests).encode()).hexdigest()
+    where = "manifest " + ", ".join(redact_uri(u) for u in uris)
+    if table.num_rows == 0:
+        raise ManifestError(f"{where}: has no rows")
+
+    names = table.column_names
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ManifestError(f"{where}: column {sorted(dupes)[0]!r} appears more than once")
+    for column in REQUIRED:
+        if column not in names:
+            raise ManifestError(f"{where}: missing required column {column!r} (columns: {', '.join(names)})")
+
+    bad_columns: dict[str, str] = {}
+    for column, expected in COLUMNS.items():
+        if column not in names:
+            continue
+        actual = _kind(table.schema.field(column).type)
+        ok = _accepts(expected, actual) or column == "id" and actual == "integer"
+        if ok:
+            continue
+        message = f"column {column!r} has type {table.schema.field(column).type}, expected {expected}"
+        if column in REQUIRED or column == "id":
+            raise ManifestError(f"{where}: {message}")
+        bad_columns[column] = message
+
+    known = [c for c in names if c in COLUMNS]
+    ignored = tuple(c for c in names if c not in COLUMNS)
+    table = table.select(known).combine_chunks()
+
+    # Ids: the id column as strings, or the row number; duplicates keep their first row.
+    if "id" in known:
+        ids = [None if v is None else str(v) for v in table.column("id").to_pylist()]
+    else:
+        ids = [str(i) for i in range(table.num_rows)]
+    first: dict[str, int] = {}
+    duplicates: dict[int, int] = {}
+    for row, value in enumerate(ids):
+        if value is None:
+            continue
+        if value in first:
+            duplicates[row] = first[value]
+        else:
+            first[value] = row
+
+    # Init images resolved against their own manifest file's folder.
+    if "init_image" in known and "init_image" not in bad_columns:
+        values = table.column("init_image").to_pylist()
+        resolved: list[str | None] = []
+        offset = 0
+        for uri, count in per_row_source:
+            for value in values[offset : offset + count]:
+                resolved.append(resolve_init_image(value, uri) if isinstance(value, str) and value else None)
+            offset += count
+        table = table.append_column("init_image_uri", pa.array(resolved, pa.string()))
+
+    return Manifest(
+        table=table,
+        sources=tuple(redact_uri(u) for u in uris),
+        fingerprint=fingerprint,
+        ids=ids,
+        duplicates=duplicates,
+        bad_columns=bad_columns,
+        ignored_columns=ignored,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(row_id: str) -> str:
+    """A file name for `row_id`: itself when it is already safe (letters, digits, `._-`, not
+    starting with a dot, at most 96 chars), else a cleaned prefix plus 10 hex of its sha256, so
+    distinct ids never share a name."""
+    if row_id and _SAFE.search(row_id) is None and not row_id.startswith(".") and len(row_id) <= MAX_NAME:
+        return row_id
+    cleaned = _SAFE.sub("_", row_id).lstrip(".")[: MAX_NAME - 11] or "id"
+    return f"{cleaned}-{hashlib.sha256(row_id.encode()).hexdigest()[:10]}"
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    """One manifest row, checked: everything the worker needs to generate its image."""
+
+    row: int
+    id: str
+    name: str
+    prompt: str
+    negative: str
+    seed: int
+    strength: float | None
+    init_image: str | None
+    init_image_uri: str | None
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+
+    @property
+    def mode(self) -> str:
+        return "img2img" if self.init_image_uri else "txt2img"
+
+    def batch_key(self) -> tuple:
+        """Rows with equal keys share one generate() call (sdcore batches mixed txt2img/img2img
+        rows and strengths itself)."""
+        return (self.steps, self.guidance_scale, self.width, self.height)
+
+
+def _integer(value: Any, column: str) -> tuple[int | None, str | None]:
+    if isinstance(value, bool):
+        return None, f"{column}: expected an integer, got {value!r}"
+    if isinstance(value, int):
+        return value, None
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None, f"{column} is missing"
+        if not value.is_integer():
+            return None, f"{column}: expected an integer, got {value!r}"
+        return int(value), None
+    return None, f"{column}: expected an integer, got {type(value).__name__} {value!r}"
+
+
+def _float(value: Any, column: str) -> tuple[float | None, str | None]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None, f"{column}: expected a number, got {type(value).__name__} {value!r}"
+    value = float(value)
+    if math.isnan(value):
+        return None, None
+    if not math.isfinite(value):
+        return None, f"{column}: expected a finite number, got {value!r}"
+    return value, None
+
+
+def parse_row(
+    row: int,
+    raw: Mapping[str, Any],
+    *,
+    row_id: str | None,
+    sampler: SamplerSpec,
+    duplicate_of: int | None = None,
+    bad_columns: Mapping[str, str] | None = None,
+) -> tuple[RowRequest | None, str | None, dict[str, Any]]:
+    """Check one manifest row -> (request, None) or (None, error message).
+
+    The third value holds the fields that could be read, for the error record.
+    """
+    known: dict[str, Any] = {"row": row, "id": row_id}
+    problems: list[str] = []
+
+    if row_id is None:
+        problems.append("id is missing")
+    elif row_id == "":
+        problems.append("id is empty")
+    if duplicate_of is not None:
+        problems.append(f"duplicate id {row_id!r} (first used by manifest row {duplicate_of})")
+
+    for column, message in (bad_columns or {}).items():
+        if raw.get(column) is not None:
+            problems.append(message)
+
+    prompt = raw.get("prompt")
+    if prompt is None:
+        problems.append("prompt is missing")
+    elif not isinstance(prompt, str):
+        problems.append(f"prompt: expected a string, got {type(prompt).__name__}")
+    elif not prompt.strip():
+        problems.append("prompt is empty")
+    else:
+        known["prompt"] = prompt
+
+    negative = raw.get("negative")
+    if negative is None or "negative" in (bad_columns or {}):
+        negative = ""
+    elif not isinstance(negative, str):
+        problems.append(f"negative: expected a string, got {type(negative).__name__}")
+        negative = ""
+    known["negative"] = negative
+
+    seed = raw.get("seed")
+    if seed is None:
+        problems.append("seed is missing")
+    else:
+        seed, problem = _integer(seed, "seed")
+        if problem:
+            problems.append(problem)
+        elif not 0 <= seed <= MAX_SEED:
+            problems.append(f"seed: {seed} outside 0..2**63-1")
+        else:
+            known["seed"] = seed
+
+    overrides: dict[str, Any] = {}
+    for column in OVERRIDES:
+        value = raw.get(column)
+        if value is None or column in (bad_columns or {}):
+            overrides[column] = getattr(sampler, column)
+            continue
+        if column == "guidance_scale":
+            number, problem = _float(value, column)
+            if problem is None and number is not None and number < 0:
+                problem = f"guidance_scale: expected a number >= 0, got {number}"
+            overrides[column] = getattr(sampler, column) if number is None else number
+        else:
+            number, problem = _integer(value, column)
+            if problem == f"{column} is missing":  # NaN in a float column: not overridden
+                number, problem = getattr(sampler, column), None
+            if problem is None and column == "steps" and not 1 <= number <= MAX_STEPS:
+                problem = f"steps: expected 1..{MAX_STEPS}, got {number}"
+            if problem is None and column in ("width", "height") and (
+                number < SIZE_MULTIPLE or number > MAX_SIZE or number % SIZE_MULTIPLE
+            ):
+                problem = f"{column}: expected a multiple of {SIZE_MULTIPLE} in {SIZE_MULTIPLE}..{MAX_SIZE}, got {number}"
+            overrides[column] = number if problem is None else getattr(sampler, column)
+        if problem:
+            problems.append(problem)
+    known.update(overrides)
+
+    init_image = raw.get("init_image") if "init_image" not in (bad_columns or {}) else None
+    init_uri = raw.get("init_image_uri")
+    if isinstance(init_image, str) and not init_image.strip():
+        problems.append("init_image is an empty string")
+        init_image = init_uri = None
+    known["init_image"], known["init_image_uri"] = init_image, init_uri
+
+    strength = raw.get("strength") if "strength" not in (bad_columns or {}) else None
+    if init_uri:
+        if strength is None:
+            problems.append("strength is required with init_image (img2img), expected a number in (0, 1]")
+        else:
+            strength, problem = _float(strength, "strength")
+            if problem:
+                problems.append(problem)
+            elif strength is None:
+                problems.append("strength is required with init_image (img2img), expected a number in (0, 1]")
+            elif not 0.0 < strength <= 1.0:
+                problems.append(f"strength: {strength:g} outside (0, 1]")
+            elif int(overrides["steps"] * strength) < 1:
+                problems.append(
+                    f"strength: {strength:g} x {overrides['steps']} steps runs no denoising step "
+                    f"(needs int(steps * strength) >= 1)"
+                )
+            else:
+                known["strength"] = strength
+    else:
+        strength = None  # txt2img: a strength has nothing to act on (as in sdcore)
+
+    if problems:
+        return None, "; ".join(problems), known
+    assert row_id is not None
+    return (
+        RowRequest(
+            row=row,
+            id=row_id,
+            name=safe_name(row_id),
+            prompt=prompt,
+            negative=negative,
+            seed=seed,
+            strength=strength,
+            init_image=init_image,
+            init_image_uri=init_uri,
+            steps=overrides["steps"],
+            guidance_scale=overrides["guidance_scale"],
+            width=overrides["width"],
+            height=overrides["height"],
+        ),
+        None,
+        known,
+    )
+
+
+__all__ = [
+    "COLUMNS",
+    "Manifest",
+    "ManifestError",
+    "RowRequest",
+    "load_manifest",
+    "parse_row",
+    "resolve_init_image",
+    "safe_name",
+]

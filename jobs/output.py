@@ -1,0 +1,133 @@
+"""The output layout and its resume state.
+
+    OUTPUT/
+      job.json                    resolved spec, manifest + model fingerprints, versions
+      images/SHARD/NAME.EXT       one image per ok row
+      records/SHARD.parquet       one record per manifest row of the shard; written once, last:
+                                  the shard's completion marker
+      summary.json                counts, timings, throughput (rewritten at the end of each run)
+      partial/SHARD/*.parquet     records of batches of a shard not yet committed (after their
+                                  images); a rerun keeps them, so a crash loses at most the batch
+                                  in flight. Deleted once the shard's record file is written.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .provenance import RECORD_SCHEMA, records_table
+from .storage import Storage, open_storage
+
+JOB_FILE = "job.json"
+SUMMARY_FILE = "summary.json"
+RECORDS_DIR = "records"
+IMAGES_DIR = "images"
+PARTIAL_DIR = "partial"
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def read_table(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(pa.BufferReader(data), columns=columns)
+
+
+class Output:
+    """An output root (local folder or s3:// prefix) and the paths inside it."""
+
+    def __init__(self, uri: str, storage: Storage | None = None):
+        self.storage = storage or open_storage(uri)
+        self.uri = self.storage.uri
+
+    # -- paths
+    @staticmethod
+    def image_key(shard: str, name: str, extension: str) -> str:
+        return f"{IMAGES_DIR}/{shard}/{name}.{extension}"
+
+    @staticmethod
+    def record_key(shard: str) -> str:
+        return f"{RECORDS_DIR}/{shard}.parquet"
+
+    @staticmethod
+    def partial_prefix(shard: str) -> str:
+        return f"{PARTIAL_DIR}/{shard}/"
+
+    # -- job.json / summary.json
+    def read_json(self, key: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.storage.read(key))
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, key: str, data: dict[str, Any]) -> None:
+        self.storage.write(key, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+    def read_job(self) -> dict[str, Any] | None:
+        return self.read_json(JOB_FILE)
+
+    def write_job(self, data: dict[str, Any]) -> None:
+        self.write_json(JOB_FILE, data)
+
+    # -- records
+    def committed_shards(self) -> set[str]:
+        """Shards whose record file exists (listed, not probed one by one)."""
+        keys = self.storage.list(RECORDS_DIR + "/")
+        return {k[len(RECORDS_DIR) + 1 : -len(".parquet")] for k in keys if k.endswith(".parquet") and k.count("/") == 1}
+
+    def commit_records(self, shard: str, records: Iterable[dict[str, Any]]) -> bool:
+        """Write the shard's record file once; False when it was already there."""
+        return self.storage.write(self.record_key(shard), table_bytes(records_table(records)), exclusive=True)
+
+    def read_records(self, shard: str, columns: list[str] | None = None) -> pa.Table:
+        return read_table(self.storage.read(self.record_key(shard)), columns)
+
+    def read_all_records(self, shards: Iterable[str], columns: list[str] | None = None, threads: int = 16) -> dict[str, pa.Table]:
+        shards = sorted(shards)
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
+            tables = list(pool.map(lambda s: self.read_records(s, columns), shards))
+        return dict(zip(shards, tables))
+
+    # -- partial records (per batch, before the shard commits)
+    def write_partial(self, shard: str, records: list[dict[str, Any]]) -> None:
+        first = min(r["row"] for r in records)
+        key = f"{self.partial_prefix(shard)}{first:012d}-{uuid.uuid4().hex[:8]}.parquet"
+        self.storage.write(key, table_bytes(records_table(records)))
+
+    def partial_keys(self, shard: str | None = None) -> list[str]:
+        prefix = self.partial_prefix(shard) if shard else PARTIAL_DIR + "/"
+        return [k for k in self.storage.list(prefix) if k.endswith(".parquet")]
+
+    def read_partials(self, shard: str) -> dict[int, dict[str, Any]]:
+        """row -> record, from every partial file of the shard (first one wins)."""
+        found: dict[int, dict[str, Any]] = {}
+        for key in self.partial_keys(shard):
+            try:
+                table = read_table(self.storage.read(key))
+            except FileNotFoundError:
+                continue
+            if table.schema.names != RECORD_SCHEMA.names:
+                continue  # from another sdgen version: regenerate instead of guessing
+            for record in table.to_pylist():
+                found.setdefault(record["row"], record)
+        return found
+
+    def clear_partials(self, shard: str) -> None:
+        self.storage.delete(self.partial_keys(shard))
+
+    # -- overwrite
+    def clear(self) -> None:
+        """Remove everything a previous job left: markers first, so a crash here leaves no
+        committed shard without its images."""
+        for prefix in (RECORDS_DIR + "/", PARTIAL_DIR + "/", IMAGES_DIR + "/"):
+            self.storage.delete(self.storage.list(prefix))
+        self.storage.delete([SUMMARY_FILE, JOB_FILE])

@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""Regenerate images from their records: `python jobs/reproduce.py OUTPUT ID [ID ...]`.
+
+Each record alone says how to remake its image: the weights are located by the recorded URI
+(or --weights) and must have the recorded fingerprint; the init image (img2img) is read from its
+recorded URI (or the manifest's value, or --init-image) and must have the recorded sha256. The
+new image is encoded exactly as the job encoded it and compared:
+
+- `identical`: same sha256 as the recorded image;
+- `pixel-identical`: same pixels, different file bytes (another image-library version);
+- otherwise the max absolute pixel difference and PSNR against the stored image, and whether
+  that is within tolerance (PSNR >= --min-psnr, default 40 dB; --exact accepts identical only).
+
+Exit status 0 only when every requested image is identical or within tolerance.
+"""
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
+    sys.path[0] = os.path.dirname(_HERE)
+elif os.path.dirname(_HERE) not in sys.path:
+    sys.path.insert(0, os.path.dirname(_HERE))
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import io  # noqa: E402
+import math  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from jobs.manifest import resolve_init_image  # noqa: E402
+from jobs.output import Output  # noqa: E402
+from jobs.provenance import a1111_parameters  # noqa: E402
+from jobs.storage import StorageError, read_uri, redact_uri  # noqa: E402
+from jobs.weights import resolve_weights  # noqa: E402
+from jobs.writer import encode_image  # noqa: E402
+
+DEFAULT_MIN_PSNR = 40.0
+
+
+class ReproduceError(RuntimeError):
+    pass
+
+
+@dataclass
+class Comparison:
+    row: int
+    id: str
+    verdict: str  # identical | pixel-identical | different | error
+    detail: str
+    passed: bool
+    max_abs_diff: int | None = None
+    psnr: float | None = None
+
+
+def find_records(output: Output, ids: list[str], rows: list[int]) -> dict[str, dict[str, Any]]:
+    """key ('id:X' or 'row:N') -> record, searching every committed record file."""
+    wanted_ids, wanted_rows = set(ids), set(rows)
+    found: dict[str, dict[str, Any]] = {}
+    shards = output.committed_shards()
+    index = output.read_all_records(shards, columns=["row", "id"])
+    for shard, table in sorted(index.items()):
+        hits = [i for i, (r, x) in enumerate(zip(table.column("row").to_pylist(), table.column("id").to_pylist()))
+                if x in wanted_ids or r in wanted_rows]
+        if not hits:
+            continue
+        records = output.read_records(shard).to_pylist()
+        for i in hits:
+            record = records[i]
+            if record["id"] in wanted_ids:
+                found.setdefault(f"id:{record['id']}", record)  # first occurrence (duplicates are errors)
+            if record["row"] in wanted_rows:
+                found[f"row:{record['row']}"] = record
+    return found
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+class Reproducer:
+    """Loads each (weights, device, dtype) once and remakes records' images."""
+
+    def __init__(self, output: Output, *, weights: str | None = None, device: str | None = None,
+                 dtype: str | None = None, init_image: str | None = None, quality: int | None = None):
+        self.output = output
+        self.weights_override = weights
+        self.device = device
+        self.dtype = dtype
+        self.init_image_override = init_image
+        job = output.read_job() or {}
+        self.quality = quality or job.get("spec", {}).get("image", {}).get("quality", 95)
+        self._pipes: dict[tuple, Any] = {}
+
+    def pipeline(self, record: dict[str, Any]):
+        import torch
+
+        import sdcore
+
+        weights = self.weights_override or record["model_weights"]
+        device = self.device or (record["device"] if record["device"] != "cuda" or torch.cuda.is_available() else "cpu")
+        dtype = self.dtype or record["dtype"]
+        key = (weights, device, dtype)
+        if torch.device(device).type == "cpu" and record.get("threads"):
+            torch.set_num_threads(int(record["threads"]))  # CPU sums depend on the thread count
+        if key not in self._pipes:
+            try:
+                pipe = sdcore.load_pipeline(resolve_weights(weights), device=device, dtype=dtype)
+            except (FileNotFoundError, ValueError, OSError, StorageError) as exc:
+                raise ReproduceError(f"cannot load the weights {redact_uri(weights)} ({exc}); pass --weights") from None
+            self._pipes[key] = pipe
+        pipe = self._pipes[key]
+        if pipe.fingerprint != record["model_fingerprint"]:
+            raise ReproduceError(
+                f"weights {redact_uri(weights)} have fingerprint {pipe.fingerprint[:16]}…, the record "
+                f"says {record['model_fingerprint'][:16]}…: not the weights that made this image"
+            )
+        return pipe
+
+    def init_image(self, record: dict[str, Any]) -> Image.Image:
+        raw = record.get("init_image")
+        candidates = [self.init_image_override, record.get("init_image_uri"), raw]
+        if raw and not os.path.isabs(raw) and "://" not in raw:
+            # Moved since the job (or a `ray job submit` working dir that is gone): the manifest's
+            # relative value, against the manifest folders named in job.json.
+            for source in (self.output.read_job() or {}).get("manifest", {}).get("sources", []):
+                candidates.append(resolve_init_image(raw, source))
+        seen = []
+        for uri in dict.fromkeys(c for c in candidates if c):
+            try:
+                data = read_uri(uri)
+            except (FileNotFoundError, StorageError, OSError):
+                seen.append(f"{redact_uri(uri)} (not readable)")
+                continue
+            if hashlib.sha256(data).hexdigest() != record["init_image_sha256"]:
+                seen.append(f"{redact_uri(uri)} (different sha256)")
+                continue
+            return Image.open(io.BytesIO(data)).convert("RGB")
+        raise ReproduceError("init image with the recorded sha256 not found: tried " + ", ".join(seen)
+                             + "; pass --init-image")
+
+    def remake(self, record: dict[str, Any]) -> bytes:
+        pipe = self.pipeline(record)
+        row = {"prompt": record["prompt"], "negative": record["negative"] or "", "seed": int(record["seed"])}
+        if record["mode"] == "img2img":
+            row.update(init_image=self.init_image(record), strength=float(record["strength"]))
+        image = pipe.generate(
+            [row], sampler=record["sampler"], karras=bool(record["karras"]), steps=int(record["steps"]),
+            guidance_scale=float(record["guidance_scale"]), width=int(record["width"]), height=int(record["height"]),
+        )[0]
+        return encode_image(image, record["image_format"], a1111_parameters(record), self.quality)
+
+    def compare(self, record: dict[str, Any], min_psnr: float, exact: bool) -> tuple[Comparison, bytes | None]:
+        row, rid = record["row"], record["id"]
+        if record["status"] != "ok":
+            return Comparison(row, rid, "error", f"an error record, no image: {record['error']}", False), None
+        try:
+            data = self.remake(record)
+        except ReproduceError as exc:
+            return Comparison(row, rid, "error", str(exc), False), None
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            stored = self.output.storage.read(record["image_path"])
+        except FileNotFoundError:
+            stored = None
+        if stored is None:
+            note = f"; the stored image {record['image_path']} is missing (--save-dir writes the new one)"
+        elif hashlib.sha256(stored).hexdigest() != record["image_sha256"]:
+            note = f"; WARNING: the stored image {record['image_path']} does not match its recorded sha256 (changed after the job)"
+        else:
+            note = ""
+        if digest == record["image_sha256"]:
+            return Comparison(row, rid, "identical", f"sha256 {digest[:16]}…{note}", True, 0, math.inf), data
+        if stored is None:
+            return Comparison(row, rid, "different", f"sha256 differs, no stored image to compare pixels with{note}", False), data
+        a = np.asarray(Image.open(io.BytesIO(stored)).convert("RGB"))
+        b = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        if a.shape != b.shape:
+            return Comparison(row, rid, "different", f"size {b.shape[1]}x{b.shape[0]} vs stored {a.shape[1]}x{a.shape[0]}{note}", False), data
+        diff = int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+        value = psnr(a, b)
+        if diff == 0:
+            return Comparison(row, rid, "pixel-identical", f"same pixels, file bytes differ (encoder version){note}",
+                              not exact, 0, math.inf), data
+        within = (not exact) and value >= min_psnr
+        verdict = "within tolerance" if within else "OUTSIDE tolerance"
+        rule = "identical only (--exact)" if exact else f"PSNR >= {min_psnr:g} dB"
+        return Comparison(row, rid, "different", f"max abs pixel diff {diff}, PSNR {value:.2f} dB: {verdict} ({rule}){note}",
+                          within, diff, value), data
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="jobs/reproduce.py", description="Regenerate images from their records and compare.")
+    parser.add_argument("output", help="the job's output folder or s3:// prefix")
+    parser.add_argument("ids", nargs="*", metavar="ID", help="record id(s) to regenerate")
+    parser.add_argument("--row", type=int, action="append", default=[], help="select a record by manifest row (repeatable)")
+    parser.add_argument("--weights", help="load the weights from here instead of the recorded URI (fingerprint still checked)")
+    parser.add_argument("--init-image", help="img2img: read the init image from here (sha256 still checked)")
+    parser.add_argument("--device", help="device to run on (default: the recorded one when available, else cpu)")
+    parser.add_argument("--dtype", help="float32 | float16 | bfloat16 (default: the recorded one)")
+    parser.add_argument("--min-psnr", type=float, default=DEFAULT_MIN_PSNR, help="tolerance in dB (default 40)")
+    parser.add_argument("--exact", action="store_true", help="accept only identical images")
+    parser.add_argument("--save-dir", help="also write the regenerated images here")
+    args = parser.parse_args(argv)
+    if not args.ids and not args.row:
+        parser.error("give at least one ID (or --row N)")
+
+    output = Output(args.output)
+    if output.read_job() is None:
+        print(f"error: {output.uri}: no job.json here (not an sdgen output)", file=sys.stderr)
+        return 2
+    found = find_records(output, args.ids, args.row)
+    reproducer = Reproducer(output, weights=args.weights, device=args.device, dtype=args.dtype, init_image=args.init_image)
+    all_passed = True
+    for key in [f"id:{i}" for i in args.ids] + [f"row:{r}" for r in args.row]:
+        record = found.get(key)
+        if record is None:
+            print(f"{key.replace(':', ' ')}: no such record in {output.uri}")
+            all_passed = False
+            continue
+        result, data = reproducer.compare(record, args.min_psnr, args.exact)
+        all_passed &= result.passed
+        print(f"row {result.row} id {result.id!r}: {result.verdict}: {result.detail}", flush=True)
+        if args.save_dir and data is not None:
+            os.makedirs(args.save_dir, exist_ok=True)
+            path = os.path.join(args.save_dir, os.path.basename(record["image_path"]))
+            with open(path, "wb") as handle:
+                handle.write(data)
+    return 0 if all_passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""The job spec: a YAML file, loaded with `yaml.safe_load`, validated before any work starts.
+
+Every problem is reported at once, each naming its key (`sampler.steps: expected an integer in
+1..999, got 0`). Defaults are filled in and local paths made absolute, so `JobSpec.to_dict()` is
+the *resolved* spec that goes into `job.json`.
+
+Which keys decide the outputs (`JobSpec.identity()`, compared when an output is resumed) and which
+do not (names, locations, worker count, batch size) is documented in README.md, "Resume".
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .storage import is_s3, redact_uri
+
+# Mirrors sdcore.samplers (tests/test_jobs_spec.py checks they agree); kept here so validating a
+# spec does not import torch.
+SAMPLERS = ("ddpm", "ddim", "euler_a", "dpmpp_2m")
+KARRAS_SAMPLERS = ("dpmpp_2m",)
+MAX_STEPS = 999
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+FORMATS = ("png", "jpeg", "webp")
+SIZE_MULTIPLE = 8
+MAX_SIZE = 8192
+
+
+class SpecError(ValueError):
+    """The job spec is invalid; the message lists every problem, one per line."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    weights: str
+    dtype: str = "auto"
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str = "ddim"
+    steps: int = 25
+    guidance_scale: float = 7.5
+    width: int = 512
+    height: int = 512
+    karras: bool = False
+
+
+@dataclass(frozen=True)
+class ExecutionSpec:
+    workers: int | str = "auto"  # "auto": one per GPU, or 1 on a CPU-only cluster
+    batch_size: int = 8
+    shard_size: int = 1000
+    device: str = "auto"  # auto: cuda when the cluster has GPUs, else cpu
+    max_attempts: int = 3  # tries per shard before it is reported failed (a rerun retries it)
+    # torch threads per CPU worker. CPU float results depend on the thread count, so it is one
+    # number for every worker of a job (never cores / workers). auto: the CPUs of the largest node.
+    cpu_threads: int | str = "auto"
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    format: str = "png"
+    quality: int = 95  # jpeg/webp only
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    manifest: tuple[str, ...]
+    output: str
+    model: ModelSpec
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    execution: ExecutionSpec = field(default_factory=ExecutionSpec)
+    image: ImageSpec = field(default_factory=ImageSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["manifest"] = [redact_uri(m) for m in self.manifest]
+        data["output"] = redact_uri(self.output)
+        data["model"]["weights"] = redact_uri(self.model.weights)
+        return data
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide the images and the shard layout; a resumed output must match.
+
+        Locations (manifest, output, weights path), the name, and the worker count and batch size
+        are left out: the manifest is compared by content fingerprint and the weights by model
+        fingerprint, and images do not depend on workers or batch size.
+        """
+        return {
+            "model.dtype": self.model.dtype,
+            "sampler": asdict(self.sampler),
+            "execution.shard_size": self.execution.shard_size,
+            "image": asdict(self.image),
+        }
+
+
+def _absolute(uri: str, base: Path) -> str:
+    if is_s3(uri) or uri.startswith("builtin:"):
+        return uri
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return str((base / os.path.expanduser(uri)).absolute())
+
+
+class _Checker:
+    """Reads one mapping, recording an error per bad key instead of stopping at the first."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+
+    def section(self, data: dict, key: str, allowed: set[str], required: bool = False) -> dict:
+        value = data.get(key)
+        if value is None:
+            if required:
+                self.errors.append(f"{key}: required section is missing")
+            return {}
+        if not isinstance(value, dict):
+            self.errors.append(f"{key}: expected a mapping, got {type(value).__name__}")
+            return {}
+        self.unknown(value, allowed, key + ".")
+        return value
+
+    def unknown(self, data: dict, allowed: set[str], prefix: str = "") -> None:
+        for key in data:
+            if key not in allowed:
+                hint = f" (allowed: {', '.join(sorted(allowed))})"
+                self.errors.append(f"{prefix}{key}: unknown key{hint}")
+
+    def string(self, data: dict, key: str, path: str, default: Any = None, required=False):
+        value = data.get(key, default)
+        if value is None:
+            if required:
+                self.errors.append(f"{path}: required key is missing")
+            return default
+        if not isinstance(value, str) or not value.strip():
+            self.errors.append(f"{path}: expected a non-empty string, got {value!r}")
+            return default
+        return value
+
+    def choice(self, data: dict, key: str, path: str, choices: tuple, default: Any):
+        value = data.get(key, default)
+        if value not in choices or isinstance(value, bool):
+            self.errors.append(f"{path}: expected one of {', '.join(choices)}, got {value!r}")
+            return default
+        return value
+
+    def integer(self, data: dict, key: str, path: str, default: int, lo: int, hi: int | None = None):
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+            span = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+            self.errors.append(f"{path}: expected an integer {span}, got {value!r}")
+            return default
+        return value
+
+    def number(self, data: dict, key: str, path: str, default: float, lo: float):
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < lo:
+            self.errors.append(f"{path}: expected a number >= {lo}, got {value!r}")
+            return default
+        return float(value)
+
+    def boolean(self, data: dict, key: str, path: str, default: bool):
+        value = data.get(key, default)
+        if not isinstance(value, bool):
+            self.errors.append(f"{path}: expected true or false, got {value!r}")
+            return default
+        return value
+
+    def size(self, data: dict, key: str, path: str, default: int):
+        value = self.integer(data, key, path, default, SIZE_MULTIPLE, MAX_SIZE)
+        if value % SIZE_MULTIPLE:
+            self.errors.append(f"{path}: must be a multiple of {SIZE_MULTIPLE}, got {value}")
+            return default
+        return value
+
+
+def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathLike | None = None) -> JobSpec:
+    """A validated JobSpec from the YAML's data; SpecError listing every problem otherwise."""
+    if not isinstance(data, dict):
+        raise SpecError(f"spec: expected a mapping at the top level, got {type(data).__name__}")
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    errors: list[str] = []
+    c = _Checker(errors)
+    c.unknown(data, {"name", "manifest", "output", "model", "sampler", "execution", "image"})
+
+    name = c.string(data, "name", "name", default=default_name)
+
+    manifest_value = data.get("manifest")
+    manifests: list[str] = []
+    if manifest_value is None:
+        errors.append("manifest: required key is missing")
+    elif isinstance(manifest_value, str) and manifest_value.strip():
+        manifests = [manifest_value]
+    elif isinstance(manifest_value, list) and manifest_value and all(
+        isinstance(m, str) and m.strip() for m in manifest_value
+    ):
+        manifests = list(manifest_value)
+    else:
+        errors.append(
+            f"manifest: expected a path/URI (or a non-empty list of them), got {manifest_value!r}"
+        )
+    for m in manifests:
+        if not (m.endswith(".parquet") or any(ch in m for ch in "*?[")):
+            errors.append(f"manifest: {redact_uri(m)!r} is not a .parquet file (or a glob of them)")
+
+    output = c.string(data, "output", "output", required=True)
+
+    model = c.section(data, "model", {"weights", "dtype"}, required=True)
+    weights = c.string(model, "weights", "model.weights", required="model" in data)
+    dtype = c.choice(model, "dtype", "model.dtype", DTYPES, "auto")
+
+    s = c.section(data, "sampler", {"name", "steps", "guidance_scale", "width", "height", "karras"})
+    d = SamplerSpec()
+    sampler = SamplerSpec(
+        name=c.choice(s, "name", "sampler.name", SAMPLERS, d.name),
+        steps=c.integer(s, "steps", "sampler.steps", d.steps, 1, MAX_STEPS),
+        guidance_scale=c.number(s, "guidance_scale", "sampler.guidance_scale", d.guidance_scale, 0.0),
+        width=c.size(s, "width", "sampler.width", d.width),
+        height=c.size(s, "height", "sampler.height", d.height),
+        karras=c.boolean(s, "karras", "sampler.karras", d.karras),
+    )
+    if sampler.karras and sampler.name not in KARRAS_SAMPLERS:
+        errors.append(
+            f"sampler.karras: Karras sigmas apply only to {', '.join(KARRAS_SAMPLERS)}, "
+            f"not {sampler.name}"
+        )
+
+    e = c.section(data, "execution", {"workers", "batch_size", "shard_size", "device", "max_attempts", "cpu_threads"})
+    d = ExecutionSpec()
+    auto_ints = {}
+    for key in ("workers", "cpu_threads"):
+        value = e.get(key, "auto")
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            errors.append(f"execution.{key}: expected 'auto' or an integer >= 1, got {value!r}")
+            value = "auto"
+        auto_ints[key] = value
+    workers = auto_ints["workers"]
+    execution = ExecutionSpec(
+        workers=workers,
+        batch_size=c.integer(e, "batch_size", "execution.batch_size", d.batch_size, 1, 4096),
+        shard_size=c.integer(e, "shard_size", "execution.shard_size", d.shard_size, 1),
+        device=c.choice(e, "device", "execution.device", DEVICES, d.device),
+        max_attempts=c.integer(e, "max_attempts", "execution.max_attempts", d.max_attempts, 1, 100),
+        cpu_threads=auto_ints["cpu_threads"],
+    )
+
+    i = c.section(data, "image", {"format", "quality"})
+    image = ImageSpec(
+        format=c.choice(i, "format", "image.format", FORMATS, ImageSpec.format),
+        quality=c.integer(i, "quality", "image.quality", ImageSpec.quality, 1, 100),
+    )
+
+    if errors:
+        raise SpecError("invalid job spec:\n  " + "\n  ".join(errors))
+    return JobSpec(
+        name=name,
+        manifest=tuple(_absolute(m, base) for m in manifests),
+        output=_absolute(output, base).rstrip("/") if is_s3(output) else _absolute(output, base),
+        model=ModelSpec(weights=_absolute(weights, base), dtype=dtype),
+        sampler=sampler,
+        execution=execution,
+        image=image,
+    )
+
+
+def load_spec(path: str | os.PathLike) -> JobSpec:
+    """Read and validate a YAML job spec. Relative paths in it are relative to the current
+    directory (the repository root in the examples), as for every other command-line path."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"cannot read job spec {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML ({exc})") from None
+    return parse_spec(data, default_name=path.stem)

@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Show a job's progress: `python jobs/status.py OUTPUT [--all] [--json]`.
+
+Shards done / failed / pending and rows ok / error / not done, read from the output alone (record
+files, partial files, job.json, summary.json), so it works while a job runs, after it stopped,
+and on s3:// outputs. A shard is `done` when its record file exists, `failed` when the last run
+gave up on it, `running` when some of its batches are saved but it is not committed, else
+`pending`.
+"""
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
+    sys.path[0] = os.path.dirname(_HERE)
+elif os.path.dirname(_HERE) not in sys.path:
+    sys.path.insert(0, os.path.dirname(_HERE))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+from collections import Counter  # noqa: E402
+
+from jobs.output import SUMMARY_FILE, Output  # noqa: E402
+from jobs.reader import shard_ranges  # noqa: E402
+from jobs.runner import count_records  # noqa: E402
+
+
+def job_status(uri: str) -> dict:
+    """The output's state as a dict (what `--json` prints)."""
+    output = Output(uri)
+    job = output.read_job()
+    if job is None:
+        raise FileNotFoundError(f"{output.uri}: no job.json here (not an sdgen output, or nothing started yet)")
+    summary = output.read_json(SUMMARY_FILE) or {}
+    rows, size = job["manifest"]["rows"], job["shards"]["size"]
+    done = output.committed_shards()
+    counts = count_records(output, done)
+    partial_rows = Counter(k.split("/")[1] for k in output.partial_keys())
+    failed = summary.get("failed_shards", {})
+    shards = []
+    for shard, start, stop in shard_ranges(rows, size):
+        entry = {"shard": shard, "rows": stop - start}
+        if shard in done:
+            entry.update(state="done", **counts[shard])
+        elif shard in failed:
+            entry.update(state="failed", error=failed[shard])
+        elif shard in partial_rows:
+            entry.update(state="running", partial_files=partial_rows[shard])
+        else:
+            entry.update(state="pending")
+        shards.append(entry)
+    states = Counter(s["state"] for s in shards)
+    ok = sum(c["ok"] for c in counts.values())
+    error = sum(c["error"] for c in counts.values())
+    return {
+        "output": output.uri,
+        "name": job.get("name"),
+        "model": job.get("model", {}),
+        "rows": {"total": rows, "ok": ok, "error": error, "not_done": rows - ok - error},
+        "shards": {"total": len(shards), **{k: states.get(k, 0) for k in ("done", "running", "failed", "pending")}},
+        "complete": states.get("done", 0) == len(shards),
+        "last_run": summary.get("run"),
+        "shard_list": shards,
+    }
+
+
+def format_status(status: dict, show_all: bool = False) -> str:
+    rows, shards, model = status["rows"], status["shards"], status["model"]
+    lines = [
+        f"output  {status['output']}  (job {status['name']!r})",
+        f"model   {model.get('weights')}  fingerprint {str(model.get('fingerprint'))[:12]}  "
+        f"{model.get('dtype')} on {model.get('device')}",
+        f"shards  {shards['total']} total: {shards['done']} done, {shards['running']} running, "
+        f"{shards['failed']} failed, {shards['pending']} pending",
+        f"rows    {rows['total']} total: {rows['ok']} ok, {rows['error']} error, {rows['not_done']} not done",
+        "state   " + ("complete" if status["complete"] else "incomplete (rerun the job to finish it)"),
+    ]
+    listed = [s for s in status["shard_list"] if show_all or s["state"] != "done" or s.get("error", 0)]
+    if listed:
+        lines.append("")
+        lines.append(f"{'shard':<14}{'state':<9}{'rows':>6}{'ok':>6}{'error':>7}  note")
+        for s in listed:
+            note = s.get("error") if s["state"] == "failed" else (
+                f"{s['partial_files']} batch file(s) saved" if s["state"] == "running" else "")
+            ok = s.get("ok", "")
+            err = s.get("error", "") if s["state"] == "done" else ""
+            lines.append(f"{s['shard']:<14}{s['state']:<9}{s['rows']:>6}{ok!s:>6}{err!s:>7}  {note or ''}".rstrip())
+        if not show_all and len(listed) < len(status["shard_list"]):
+            lines.append(f"({len(status['shard_list']) - len(listed)} done shard(s) without errors not shown; --all lists them)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="jobs/status.py", description="Show an sdgen output's progress.")
+    parser.add_argument("output", help="the job's output folder or s3:// prefix")
+    parser.add_argument("--all", action="store_true", help="list every shard, not only the unfinished or erroring ones")
+    parser.add_argument("--json", action="store_true", help="print the status as JSON")
+    args = parser.parse_args(argv)
+    try:
+        status = job_status(args.output)
+    except (FileNotFoundError, OSError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(format_status(status, args.all))
+    return 0 if status["complete"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

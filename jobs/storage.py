@@ -1,0 +1,385 @@
+"""Local folders and S3 behind one small interface.
+
+A `Storage` is a folder-like root (a local directory or `s3://bucket/prefix`) holding objects
+named by `/`-separated keys. Every write is whole: locally a temp file in the same directory,
+fsync'd, then renamed over the final name; on S3 one PUT of the complete bytes. A write with
+`exclusive=True` never replaces an existing object (local: `link(2)` of the temp file; S3:
+`If-None-Match: *`) and reports whether it won.
+
+S3 goes through boto3 with its standard configuration: the credentials chain, `AWS_ENDPOINT_URL`
+(or `AWS_ENDPOINT_URL_S3`), the region settings. Credentials never appear in anything this
+module returns or raises: `redact_uri` strips userinfo and query strings from URIs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob as globlib
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Iterable
+from urllib.parse import urlsplit, urlunsplit
+
+TEMP_MARK = ".tmp-"
+
+
+class StorageError(RuntimeError):
+    """An object could not be read or written (message names the redacted URI)."""
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` without userinfo, query string or fragment; plain paths are returned unchanged."""
+    uri = str(uri)
+    if "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def local_path(uri: str) -> str:
+    """A local path for `uri` (plain path or file://); raises for other schemes."""
+    uri = str(uri)
+    if uri.startswith("file://"):
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise StorageError(f"file:// URI with a host is not supported: {redact_uri(uri)}")
+        return parts.path
+    if "://" in uri:
+        raise StorageError(
+            f"unsupported URI scheme in {redact_uri(uri)!r}: expected a local path, file:// or s3://"
+        )
+    return uri
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """s3://bucket/key -> (bucket, key)."""
+    parts = urlsplit(redact_uri(uri))
+    if parts.scheme != "s3" or not parts.netloc:
+        raise StorageError(f"not an s3://bucket/key URI: {redact_uri(uri)!r}")
+    return parts.netloc, parts.path.lstrip("/")
+
+
+def join_uri(base: str, relative: str) -> str:
+    """`relative` resolved against the folder `base` (a local folder or an s3:// prefix)."""
+    if is_s3(base):
+        return base.rstrip("/") + "/" + relative.lstrip("/")
+    return os.path.join(base, relative)
+
+
+def parent_uri(uri: str) -> str:
+    if is_s3(uri):
+        return uri.rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(local_path(uri)))
+
+
+# ---------------------------------------------------------------------------------------------
+# boto3
+
+
+_CLIENT_LOCK = threading.Lock()
+_CLIENTS: dict[int, object] = {}
+
+
+def s3_client():
+    """One boto3 S3 client per process, from boto3's standard configuration."""
+    pid = os.getpid()
+    with _CLIENT_LOCK:
+        client = _CLIENTS.get(pid)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(retries={"mode": "standard", "max_attempts": 8})
+            client = boto3.session.Session().client("s3", config=config)
+            _CLIENTS.clear()
+            _CLIENTS[pid] = client
+        return client
+
+
+def reset_clients() -> None:
+    """Forget the cached client (after changing AWS_* settings in this process)."""
+    with _CLIENT_LOCK:
+        _CLIENTS.clear()
+
+
+def _s3_error(exc: Exception, uri: str) -> Exception:
+    """A boto3 exception as FileNotFoundError / StorageError naming the redacted URI."""
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    if isinstance(exc, NoCredentialsError):
+        return StorageError(f"{redact_uri(uri)}: no AWS credentials found (boto3 credential chain)")
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchKey", "NotFound"):
+            return FileNotFoundError(f"{redact_uri(uri)}: no such object")
+        if code == "NoSuchBucket":
+            return FileNotFoundError(f"{redact_uri(uri)}: no such bucket")
+        message = exc.response.get("Error", {}).get("Message", "")
+        return StorageError(f"{redact_uri(uri)}: S3 error {code} {message}".rstrip())
+    return StorageError(f"{redact_uri(uri)}: {type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The interface
+
+
+class Storage:
+    """A folder of objects. Keys are relative, `/`-separated."""
+
+    uri: str  # redacted, for messages and records
+
+    def url(self, key: str) -> str:
+        raise NotImplementedError
+
+    def read(self, key: str) -> bytes:
+        """The object's bytes; FileNotFoundError when absent."""
+        raise NotImplementedError
+
+    def write(self, key: str, data: bytes, *, exclusive: bool = False) -> bool:
+        """Commit `data` whole under `key`. With `exclusive`, returns False (and writes nothing)
+        when the key already exists; otherwise always True."""
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> list[str]:
+        """All keys under `prefix` (recursively), sorted; temp files are never listed."""
+        raise NotImplementedError
+
+    def delete(self, keys: Iterable[str]) -> None:
+        """Remove keys that exist; missing keys are ignored."""
+        raise NotImplementedError
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str):
+        self.root = Path(local_path(root)).expanduser().absolute()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        parts = [p for p in key.split("/") if p]
+        if key.startswith("/") or ".." in parts:
+            raise StorageError(f"key {key!r} escapes {self.uri}")
+        return self.root.joinpath(*parts)
+
+    def url(self, key: str) -> str:
+        return str(self._path(key))
+
+    def read(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.url(key)}: no such file") from None
+        except IsADirectoryError:
+            raise StorageError(f"{self.url(key)}: is a directory") from None
+
+    def write(self, key: str, data: bytes, *, exclusive: bool = False) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if exclusive:
+                try:
+                    os.link(tmp, path)  # atomic, and fails if `path` exists
+                except FileExistsError:
+                    return False
+            else:
+                os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return True
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if base.is_file():
+            return [prefix]
+        keys = []
+        for dirpath, _, filenames in os.walk(base):
+            for name in filenames:
+                if TEMP_MARK in name and name.startswith("."):
+                    continue
+                keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
+        return sorted(keys)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        parents = set()
+        for key in keys:
+            path = self._path(key)
+            try:
+                path.unlink()
+                parents.add(path.parent)
+            except FileNotFoundError:
+                pass
+        for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+            while parent != self.root and self.root in parent.parents:
+                try:
+                    parent.rmdir()  # only empty folders go
+                except OSError:
+                    break
+                parent = parent.parent
+
+
+class S3Storage(Storage):
+    def __init__(self, uri: str):
+        self.bucket, prefix = split_s3(uri)
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def read(self, key: str) -> bytes:
+        try:
+            return s3_client().get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except Exception as exc:  # noqa: BLE001 - re-raised with a clean message
+            raise _s3_error(exc, self.url(key)) from None
+
+    def write(self, key: str, data: bytes, *, exclusive: bool = False) -> bool:
+        from botocore.exceptions import ClientError
+
+        kwargs = {"Bucket": self.bucket, "Key": self._key(key), "Body": data}
+        if exclusive:
+            kwargs["IfNoneMatch"] = "*"
+        try:
+            s3_client().put_object(**kwargs)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if exclusive and (code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412):
+                return False
+            if exclusive and code in ("NotImplemented", "501"):
+                # An S3-compatible store without conditional writes: check, then put.
+                if self.exists(key):
+                    return False
+                return self.write(key, data)
+            raise _s3_error(exc, self.url(key)) from None
+        except Exception as exc:  # noqa: BLE001
+            raise _s3_error(exc, self.url(key)) from None
+        return True
+
+    def exists(self, key: str) -> bool:
+        try:
+            s3_client().head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except Exception as exc:  # noqa: BLE001
+            err = _s3_error(exc, self.url(key))
+            if isinstance(err, FileNotFoundError):
+                return False
+            raise err from None
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys = []
+        try:
+            paginator = s3_client().get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    keys.append(obj["Key"][strip:])
+        except Exception as exc:  # noqa: BLE001
+            raise _s3_error(exc, self.url(prefix)) from None
+        return sorted(keys)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        for start in range(0, len(keys), 1000):
+            chunk = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
+            try:
+                s3_client().delete_objects(Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
+            except Exception as exc:  # noqa: BLE001
+                raise _s3_error(exc, self.uri) from None
+
+
+def open_storage(uri: str) -> Storage:
+    """The Storage rooted at `uri` (local folder, file:// or s3://bucket/prefix)."""
+    return S3Storage(uri) if is_s3(uri) else LocalStorage(uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# Single objects by URI
+
+
+def _split(uri: str) -> tuple[Storage, str]:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        if not key or key.endswith("/"):
+            raise StorageError(f"{redact_uri(uri)}: names a folder, not an object")
+        return S3Storage(f"s3://{bucket}"), key
+    path = Path(local_path(uri)).expanduser().absolute()
+    return LocalStorage(str(path.parent)), path.name
+
+
+def read_uri(uri: str) -> bytes:
+    """The bytes of one object (local path, file:// or s3://)."""
+    storage, key = _split(uri)
+    return storage.read(key)
+
+
+def write_uri(uri: str, data: bytes) -> None:
+    storage, key = _split(uri)
+    storage.write(key, data)
+
+
+def uri_exists(uri: str) -> bool:
+    storage, key = _split(uri)
+    return storage.exists(key)
+
+
+def s3_objects(uri: str) -> list[dict]:
+    """[{key, size, etag}] for the object at `uri`, or every object under it as a folder."""
+    bucket, key = split_s3(uri)
+    client = s3_client()
+    try:
+        head = client.head_object(Bucket=bucket, Key=key) if key and not key.endswith("/") else None
+    except Exception as exc:  # noqa: BLE001
+        err = _s3_error(exc, uri)
+        if not isinstance(err, FileNotFoundError):
+            raise err from None
+        head = None
+    if head is not None:
+        return [{"key": key, "size": head["ContentLength"], "etag": head.get("ETag", "")}]
+    prefix = key.rstrip("/") + "/" if key else ""
+    objects = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                objects.append({"key": obj["Key"], "size": obj["Size"], "etag": obj.get("ETag", "")})
+    except Exception as exc:  # noqa: BLE001
+        raise _s3_error(exc, uri) from None
+    if not objects:
+        raise FileNotFoundError(f"{redact_uri(uri)}: no such object or prefix")
+    return objects
+
+
+def expand_uris(pattern: str) -> list[str]:
+    """A glob (`*`, `?`, `[...]`) over local paths or S3 keys -> the sorted matching URIs.
+
+    A pattern without glob characters is returned as-is (existence is checked by the reader).
+    """
+    if not any(ch in pattern for ch in "*?["):
+        return [pattern]
+    if is_s3(pattern):
+        bucket, key = split_s3(pattern)
+        literal = key[: min(key.index(ch) for ch in "*?[" if ch in key)]
+        storage = S3Storage(f"s3://{bucket}")
+        return [f"s3://{bucket}/{k}" for k in storage.list(literal) if fnmatch.fnmatchcase(k, key)]
+    return sorted(globlib.glob(local_path(pattern), recursive=True))

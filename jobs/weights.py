@@ -1,0 +1,78 @@
+"""Weights locations: `builtin:NAME`, local paths, and s3:// downloaded once into a local cache.
+
+An s3:// URI names one object (`.safetensors`/`.ckpt`) or a prefix holding a diffusers folder.
+The cache entry is keyed by the redacted URI plus the objects' ETags and sizes, so a changed
+object is downloaded again; concurrent workers on one machine take a file lock and download it
+once. The cache lives in `$SDGEN_CACHE_DIR`, else `$XDG_CACHE_HOME/sdgen`, else `~/.cache/sdgen`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from .storage import is_s3, local_path, redact_uri, s3_client, s3_objects, split_s3
+
+COMPLETE = ".complete"
+
+
+def cache_dir() -> Path:
+    if os.environ.get("SDGEN_CACHE_DIR"):
+        return Path(os.environ["SDGEN_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sdgen"
+
+
+def resolve_weights(weights: str) -> str:
+    """A value `sdcore.load_pipeline` accepts: builtin names and local paths as they are, s3://
+    downloaded (once) into the cache."""
+    if weights.startswith("builtin:"):
+        return weights
+    if is_s3(weights):
+        return download_s3_weights(weights)
+    path = Path(local_path(weights)).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"weights not found: {path}")
+    return str(path)
+
+
+def download_s3_weights(uri: str, root: Path | None = None) -> str:
+    objects = s3_objects(uri)
+    bucket, key = split_s3(uri)
+    single = len(objects) == 1 and objects[0]["key"] == key
+    identity = redact_uri(uri) + "\n" + "\n".join(f"{o['key']} {o['size']} {o['etag']}" for o in objects)
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:20]
+    root = (root or cache_dir()) / "weights"
+    root.mkdir(parents=True, exist_ok=True)
+    entry = root / digest
+    name = key.rstrip("/").rsplit("/", 1)[-1] or bucket
+    target = entry / name
+    with open(root / f"{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (entry / COMPLETE).exists():
+            return str(target)
+        if entry.exists():
+            shutil.rmtree(entry)
+        staging = root / f".{digest}.{uuid.uuid4().hex[:8]}"
+        client = s3_client()
+        try:
+            for obj in objects:
+                if single:
+                    dest = staging / name
+                else:
+                    relative = obj["key"][len(key.rstrip("/")) + 1 :]
+                    if not relative or relative.endswith("/"):
+                        continue
+                    dest = staging / name / relative
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, obj["key"], str(dest))
+            (staging / COMPLETE).write_text(identity)
+            os.replace(staging, entry)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    return str(target)

@@ -1,0 +1,97 @@
+"""End to end on a real Ray cluster: `ray start --head` on loopback, then
+`ray job submit --working-dir . -- python jobs/run.py SPEC` — the way a user runs on a cluster."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import (
+    PYTHON,
+    REPO,
+    free_port,
+    init_image,
+    kill_session,
+    manifest_schema,
+    run_command,
+    small_rows,
+    spec_dict,
+    write_manifest,
+    write_spec,
+)
+from jobs.output import Output
+
+RAY = str(Path(PYTHON).parent / "ray")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A one-node cluster of its own: own ports, own temp dir, own auth token. Torn down by
+    killing the processes of the session it was started in (never `ray stop`, which would stop
+    every Ray on the machine)."""
+    import subprocess
+
+    temp = Path(f"/tmp/sdgen-ray-{uuid.uuid4().hex[:8]}")  # short: Ray's socket paths have a length limit
+    gcs, dashboard, agent, client = (free_port() for _ in range(4))
+    env = {
+        "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}",  # `python` in the entrypoint
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": uuid.uuid4().hex,
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    from conftest import command_env
+
+    proc = subprocess.Popen(
+        [RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
+         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+         "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
+        cwd=REPO, env=command_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    out, _ = proc.communicate(timeout=180)
+    try:
+        assert proc.returncode == 0, out
+        yield f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", env
+    finally:
+        kill_session(proc.pid)
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_the_job_on_the_cluster(ray_cluster, tmp_path):
+    address, _, env = ray_cluster
+    init_image(tmp_path / "data" / "init" / "a.png")
+    manifest = write_manifest(tmp_path / "data" / "m.parquet", small_rows(4, img2img_every=2), manifest_schema())
+    spec = write_spec(tmp_path / "job.yaml", spec_dict(str(manifest), str(tmp_path / "out"),
+                                                      execution={"workers": 1, "batch_size": 2, "shard_size": 2}))
+    result = run_command(
+        [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--",
+         "python", "jobs/run.py", str(spec)],
+        env=env, timeout=400,
+    )
+    assert "succeeded" in result.stdout, result.stdout
+    assert "complete: 4 ok, 0 error, 0 missing of 4 rows" in result.stdout
+    assert "running on the Ray cluster at" in result.stdout  # RAY_ADDRESS from `ray job submit`, not embedded
+
+    output = Output(str(tmp_path / "out"))
+    assert output.committed_shards() == {"shard-00000", "shard-00001"}
+    records = [r for t in output.read_all_records(output.committed_shards()).values() for r in t.to_pylist()]
+    assert sorted(r["row"] for r in records) == [0, 1, 2, 3]
+    assert all(r["status"] == "ok" and (tmp_path / "out" / r["image_path"]).exists() for r in records)
+
+
+def test_ray_address_from_the_environment_is_used(ray_cluster, tmp_path):
+    """`RAY_ADDRESS=... python jobs/run.py` (no job submission, no working dir): the driver joins
+    the cluster and ships `jobs` and `sdcore` to the actors as py_modules."""
+    _, gcs_address, env = ray_cluster
+    manifest = write_manifest(tmp_path / "m.parquet", small_rows(2), manifest_schema())
+    spec = write_spec(tmp_path / "job.yaml", spec_dict(str(manifest), str(tmp_path / "out")))
+    result = run_command([PYTHON, str(REPO / "jobs" / "run.py"), str(spec)], env={**env, "RAY_ADDRESS": gcs_address},
+                         cwd=tmp_path, timeout=300)
+    assert f"running on the Ray cluster at {gcs_address}" in result.stdout
+    assert "complete: 2 ok, 0 error, 0 missing of 2 rows" in result.stdout

@@ -1,0 +1,180 @@
+"""jobs/manifest.py: manifest-level checks fail fast; row-level problems become messages."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+import pytest
+
+from conftest import manifest_schema, small_rows, write_manifest
+from jobs.manifest import ManifestError, load_manifest, parse_row, resolve_init_image, safe_name
+from jobs.spec import SamplerSpec
+
+SAMPLER = SamplerSpec(steps=10, width=32, height=32)
+
+
+def test_loads_rows_fingerprint_and_resolves_init_images(tmp_path):
+    path = write_manifest(tmp_path / "m" / "a.parquet", small_rows(4, img2img_every=2), manifest_schema())
+    manifest = load_manifest([str(path)])
+    assert manifest.num_rows == 4
+    assert manifest.fingerprint == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert manifest.ids == ["r000", "r001", "r002", "r003"]
+    assert manifest.table.column("init_image_uri").to_pylist() == [None, str(tmp_path / "m" / "init/a.png"), None,
+                                                                    str(tmp_path / "m" / "init/a.png")]
+    assert manifest.duplicates == {} and manifest.bad_columns == {}
+
+
+def test_several_files_and_globs_concatenate_in_order(tmp_path):
+    a = write_manifest(tmp_path / "p-0.parquet", small_rows(2))
+    rows = small_rows(4)[2:]
+    write_manifest(tmp_path / "p-1.parquet", rows)
+    manifest = load_manifest([str(tmp_path / "p-*.parquet")])
+    assert manifest.ids == ["r000", "r001", "r002", "r003"]
+    single = load_manifest([str(a)])
+    assert single.fingerprint != manifest.fingerprint
+
+
+def test_default_ids_are_row_numbers(tmp_path):
+    rows = [{"prompt": "a", "seed": 1}, {"prompt": "b", "seed": 2}]
+    manifest = load_manifest([str(write_manifest(tmp_path / "m.parquet", rows))])
+    assert manifest.ids == ["0", "1"]
+
+
+def test_duplicates_keep_their_first_row(tmp_path):
+    rows = [{"id": "x", "prompt": "a", "seed": 1}, {"id": "y", "prompt": "b", "seed": 2}, {"id": "x", "prompt": "c", "seed": 3}]
+    manifest = load_manifest([str(write_manifest(tmp_path / "m.parquet", rows))])
+    assert manifest.duplicates == {2: 0}
+
+
+@pytest.mark.parametrize(
+    "rows, needle",
+    [
+        ([{"seed": 1}], "missing required column 'prompt'"),
+        ([{"prompt": "a"}], "missing required column 'seed'"),
+        ([{"prompt": 1, "seed": 1}], "column 'prompt' has type int64, expected string"),
+        ([{"prompt": "a", "seed": "1"}], "column 'seed' has type string, expected integer"),
+        ([{"id": 1.5, "prompt": "a", "seed": 1}], "column 'id' has type double, expected string"),
+    ],
+)
+def test_manifest_level_errors_name_the_column(tmp_path, rows, needle):
+    path = write_manifest(tmp_path / "m.parquet", rows)
+    with pytest.raises(ManifestError, match=needle):
+        load_manifest([str(path)])
+
+
+def test_unreadable_empty_and_missing_manifests(tmp_path):
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ManifestError, match="not a readable Parquet file"):
+        load_manifest([str(tmp_path / "bad.parquet")])
+    with pytest.raises(ManifestError, match="file not found"):
+        load_manifest([str(tmp_path / "none.parquet")])
+    with pytest.raises(ManifestError, match="matches no file"):
+        load_manifest([str(tmp_path / "none-*.parquet")])
+    empty = write_manifest(tmp_path / "empty.parquet", [], manifest_schema())
+    with pytest.raises(ManifestError, match="has no rows"):
+        load_manifest([str(empty)])
+
+
+def test_optional_column_of_wrong_type_is_a_row_problem(tmp_path):
+    rows = [{"prompt": "a", "seed": 1, "strength": None}, {"prompt": "b", "seed": 2, "strength": "0.5"}]
+    manifest = load_manifest([str(write_manifest(tmp_path / "m.parquet", rows))])
+    assert manifest.bad_columns == {"strength": "column 'strength' has type string, expected float"}
+    raw = manifest.table.to_pylist()
+    ok, problem, _ = parse_row(0, raw[0], row_id="0", sampler=SAMPLER, bad_columns=manifest.bad_columns)
+    assert ok is not None and problem is None
+    bad, problem, _ = parse_row(1, raw[1], row_id="1", sampler=SAMPLER, bad_columns=manifest.bad_columns)
+    assert bad is None and "column 'strength' has type string" in problem
+
+
+def test_extra_columns_are_ignored_and_reported(tmp_path):
+    rows = [{"prompt": "a", "seed": 1, "category": "x"}]
+    manifest = load_manifest([str(write_manifest(tmp_path / "m.parquet", rows))])
+    assert manifest.ignored_columns == ("category",)
+    assert "category" not in manifest.table.column_names
+
+
+def row(**values):
+    base = {"prompt": "a cat", "negative": None, "seed": 5, "strength": None, "init_image": None, "init_image_uri": None}
+    return {**base, **values}
+
+
+@pytest.mark.parametrize(
+    "values, needle",
+    [
+        ({"prompt": None}, "prompt is missing"),
+        ({"prompt": "  "}, "prompt is empty"),
+        ({"seed": None}, "seed is missing"),
+        ({"seed": float("nan")}, "seed is missing"),
+        ({"seed": 1.5}, "seed: expected an integer, got 1.5"),
+        ({"seed": -1}, "seed: -1 outside 0..2**63-1"),
+        ({"init_image": "a.png", "init_image_uri": "/x/a.png"}, "strength is required with init_image"),
+        ({"init_image": "a.png", "init_image_uri": "/x/a.png", "strength": 0.0}, "strength: 0 outside (0, 1]"),
+        ({"init_image": "a.png", "init_image_uri": "/x/a.png", "strength": 1.5}, "strength: 1.5 outside (0, 1]"),
+        ({"init_image": "a.png", "init_image_uri": "/x/a.png", "strength": 0.05}, "runs no denoising step"),
+        ({"init_image": ""}, "init_image is an empty string"),
+        ({"steps": 0}, "steps: expected 1..999, got 0"),
+        ({"width": 36}, "width: expected a multiple of 8"),
+        ({"guidance_scale": -1.0}, "guidance_scale: expected a number >= 0"),
+    ],
+)
+def test_row_problems(values, needle):
+    request, problem, known = parse_row(7, row(**values), row_id="x", sampler=SAMPLER)
+    assert request is None
+    assert needle in problem
+    assert known["row"] == 7 and known["id"] == "x"
+
+
+def test_several_problems_are_all_named():
+    _, problem, _ = parse_row(0, row(prompt=None, seed=None), row_id="x", sampler=SAMPLER, duplicate_of=None)
+    assert "prompt is missing" in problem and "seed is missing" in problem
+
+
+def test_duplicate_and_missing_ids():
+    _, problem, _ = parse_row(3, row(), row_id="x", sampler=SAMPLER, duplicate_of=1)
+    assert problem == "duplicate id 'x' (first used by manifest row 1)"
+    _, problem, _ = parse_row(3, row(), row_id=None, sampler=SAMPLER)
+    assert problem == "id is missing"
+
+
+def test_good_rows_and_overrides():
+    request, problem, _ = parse_row(0, row(steps=4, width=64.0, guidance_scale=3), row_id="a/b", sampler=SAMPLER)
+    assert problem is None
+    assert (request.steps, request.width, request.height, request.guidance_scale) == (4, 64, 32, 3.0)
+    assert request.mode == "txt2img" and request.negative == "" and request.strength is None
+    assert request.name == safe_name("a/b") != "a/b"
+    img, problem, _ = parse_row(1, row(init_image="i.png", init_image_uri="/m/i.png", strength=0.5), row_id="b", sampler=SAMPLER)
+    assert problem is None and img.mode == "img2img" and img.strength == 0.5
+    # a strength without an init image has nothing to act on (as in sdcore)
+    txt, problem, _ = parse_row(2, row(strength=3.0), row_id="c", sampler=SAMPLER)
+    assert problem is None and txt.strength is None
+    assert request.batch_key() != img.batch_key() and img.batch_key() == txt.batch_key()
+
+
+def test_safe_names_are_safe_and_distinct():
+    assert safe_name("cat-001_v2.final") == "cat-001_v2.final"
+    names = {safe_name(x) for x in ["a/b", "a_b", "a b", "../etc", ".hidden", "", "x" * 300, "ünï"]}
+    assert len(names) == 8
+    for name in names:
+        assert name and not name.startswith(".") and "/" not in name and len(name) <= 96
+
+
+def test_resolve_init_image():
+    assert resolve_init_image("init/a.png", "/data/m.parquet") == "/data/init/a.png"
+    assert resolve_init_image("init/a.png", "s3://b/p/m.parquet") == "s3://b/p/init/a.png"
+    assert resolve_init_image("/abs/a.png", "s3://b/p/m.parquet") == "/abs/a.png"
+    assert resolve_init_image("file:///abs/a.png", "/data/m.parquet") == "/abs/a.png"
+    assert resolve_init_image("s3://c/a.png", "/data/m.parquet") == "s3://c/a.png"
+
+
+def test_float_seed_column_from_pandas_style_nan(tmp_path):
+    rows = pa.table({"prompt": ["a", "b"], "seed": pa.array([3.0, None], pa.float64())})
+    import pyarrow.parquet as pq
+
+    pq.write_table(rows, tmp_path / "m.parquet")
+    manifest = load_manifest([str(tmp_path / "m.parquet")])
+    raw = manifest.table.to_pylist()
+    request, problem, _ = parse_row(0, raw[0], row_id="0", sampler=SAMPLER)
+    assert problem is None and request.seed == 3 and isinstance(request.seed, int)
+    _, problem, _ = parse_row(1, raw[1], row_id="1", sampler=SAMPLER)
+    assert problem == "seed is missing"

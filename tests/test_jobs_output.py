@@ -1,0 +1,36 @@
+"""jobs/output.py: layout, committed shards, partial records, overwrite."""
+
+from __future__ import annotations
+
+from jobs.output import Output
+
+
+def test_layout_keys():
+    assert Output.image_key("shard-00002", "cat", "png") == "images/shard-00002/cat.png"
+    assert Output.record_key("shard-00002") == "records/shard-00002.parquet"
+    assert Output.partial_prefix("shard-00002") == "partial/shard-00002/"
+
+
+def test_committed_shards_and_partials(tmp_path):
+    output = Output(str(tmp_path))
+    assert output.committed_shards() == set() and output.read_job() is None
+    assert output.commit_records("shard-00000", [{"row": 0, "id": "a", "status": "ok"}])
+    output.write_partial("shard-00001", [{"row": 3, "id": "d", "status": "ok", "attempt": 1}])
+    output.write_partial("shard-00001", [{"row": 4, "id": "e", "status": "error", "attempt": 1},
+                                         {"row": 3, "id": "d-again", "status": "ok", "attempt": 2}])
+    assert output.committed_shards() == {"shard-00000"}
+    partials = output.read_partials("shard-00001")
+    assert sorted(partials) == [3, 4]
+    assert len(output.partial_keys()) == 2
+    output.clear_partials("shard-00001")
+    assert output.partial_keys() == [] and output.read_partials("shard-00001") == {}
+
+
+def test_job_json_roundtrip_and_clear(tmp_path):
+    output = Output(str(tmp_path))
+    output.write_job({"name": "x", "identity": {"a": 1}})
+    assert output.read_job() == {"name": "x", "identity": {"a": 1}}
+    output.storage.write("images/shard-00000/a.png", b"png")
+    output.commit_records("shard-00000", [{"row": 0, "id": "a", "status": "ok"}])
+    output.clear()
+    assert output.storage.list() == []

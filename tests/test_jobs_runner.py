@@ -1,0 +1,125 @@
+"""jobs/runner.py in-process on a real local Ray with the tiny model: bad rows, independence
+from workers/batch/shard sizes, refusing a different job on an existing output."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from conftest import init_image, manifest_schema, small_rows, spec_dict, write_manifest, write_spec
+from jobs.manifest import ManifestError, load_manifest
+from jobs.output import Output
+from jobs.runner import JobConflict, check_model, run_job
+from jobs.spec import load_spec
+from jobs.worker import WorkerInfo
+
+
+def run(tmp_path, spec, name="spec.yaml", **kwargs):
+    lines = []
+    summary = run_job(str(write_spec(tmp_path / name, spec)), log=lines.append, progress_every=1.0, **kwargs)
+    return summary, lines
+
+
+def records_of(output) -> list[dict]:
+    output = Output(str(output))
+    tables = output.read_all_records(output.committed_shards())
+    return sorted((r for t in tables.values() for r in t.to_pylist()), key=lambda r: r["row"])
+
+
+def test_bad_rows_become_error_records_and_the_rest_completes(tmp_path, ray_local):
+    init_image(tmp_path / "m" / "init" / "ok.png")
+    (tmp_path / "m" / "init" / "corrupt.png").write_bytes(b"garbage")
+    rows = [
+        {"id": "good-1", "prompt": "a circle", "seed": 1, "strength": None, "init_image": None, "steps": "2"},
+        {"id": "no-prompt", "prompt": None, "seed": 2, "strength": None, "init_image": None, "steps": None},
+        {"id": "zero", "prompt": "x", "seed": 3, "strength": 0.0, "init_image": "init/ok.png", "steps": None},
+        {"id": "too-strong", "prompt": "x", "seed": 4, "strength": 1.5, "init_image": "init/ok.png", "steps": None},
+        {"id": "missing-init", "prompt": "x", "seed": 5, "strength": 0.5, "init_image": "init/none.png", "steps": None},
+        {"id": "corrupt-init", "prompt": "x", "seed": 6, "strength": 0.5, "init_image": "init/corrupt.png", "steps": None},
+        {"id": "good-1", "prompt": "duplicate", "seed": 7, "strength": None, "init_image": None, "steps": None},
+        {"id": "good-2", "prompt": "a square", "seed": 8, "strength": 0.5, "init_image": "init/ok.png", "steps": None},
+    ]
+    schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()),
+                        ("strength", pa.float64()), ("init_image", pa.string()), ("steps", pa.string())])
+    manifest = write_manifest(tmp_path / "m" / "m.parquet", rows, schema)
+    summary, lines = run(tmp_path, spec_dict(str(manifest), str(tmp_path / "out"), execution={"shard_size": 3}))
+    assert summary["complete"] and (summary["ok"], summary["error"], summary["total"]) == (1, 7, 8)
+    assert any("column 'steps' has type string" in line for line in lines)
+
+    records = records_of(tmp_path / "out")
+    assert [r["row"] for r in records] == list(range(8))
+    errors = {r["row"]: r["error"] for r in records if r["status"] == "error"}
+    assert "column 'steps' has type string, expected integer" in errors[0]  # wrong column type
+    assert "prompt is missing" in errors[1]
+    assert "strength: 0 outside (0, 1]" in errors[2]
+    assert "strength: 1.5 outside (0, 1]" in errors[3]
+    assert "init_image not found" in errors[4]
+    assert "not a readable image" in errors[5]
+    assert "duplicate id 'good-1' (first used by manifest row 0)" in errors[6]
+    assert records[7]["status"] == "ok" and records[7]["id"] == "good-2"
+
+
+def test_images_do_not_depend_on_workers_batch_size_or_shard_size(tmp_path, ray_local):
+    init_image(tmp_path / "m" / "init" / "a.png")
+    manifest = write_manifest(tmp_path / "m" / "m.parquet", small_rows(6, img2img_every=3), manifest_schema())
+    pngs = []
+    for i, execution in enumerate([{"workers": 1, "batch_size": 1, "shard_size": 2},
+                                   {"workers": 2, "batch_size": 3, "shard_size": 5}]):
+        out = tmp_path / f"out-{i}"
+        summary, _ = run(tmp_path, spec_dict(str(manifest), str(out), execution=execution), name=f"s{i}.yaml")
+        assert summary["complete"] and summary["ok"] == 6
+        pngs.append({r["id"]: (out / r["image_path"]).read_bytes() for r in records_of(out)})
+    assert pngs[0].keys() == pngs[1].keys() and len(pngs[0]) == 6
+    assert pngs[0] == pngs[1]
+
+
+def test_a_different_job_on_an_existing_output_is_refused(tmp_path, ray_local):
+    manifest = write_manifest(tmp_path / "m.parquet", small_rows(2), manifest_schema())
+    spec = spec_dict(str(manifest), str(tmp_path / "out"))
+    summary, _ = run(tmp_path, spec)
+    assert summary["complete"]
+    job = Output(str(tmp_path / "out")).read_job()
+    assert job["model"]["fingerprint"] and job["manifest"]["fingerprint"] == load_manifest([str(manifest)]).fingerprint
+    assert job["spec"]["sampler"]["steps"] == 3 and job["versions"]["torch"] and job["versions"]["sdcore"]
+
+    # Workers, batch size, name: not part of the job's identity; every shard is already done.
+    summary, lines = run(tmp_path, {**spec_dict(str(manifest), str(tmp_path / "out"),
+                                                execution={"workers": 2, "batch_size": 1}), "name": "renamed"})
+    assert summary["complete"] and summary["run"]["shards_run"] == 0
+    assert any("nothing to do" in line for line in lines)
+
+    with pytest.raises(JobConflict, match=r"sampler\.steps: 3 on disk, 4 now"):
+        run(tmp_path, spec_dict(str(manifest), str(tmp_path / "out"), sampler={"steps": 4}))
+    write_manifest(tmp_path / "m.parquet", small_rows(3), manifest_schema())
+    with pytest.raises(JobConflict, match="manifest content") as info:
+        run(tmp_path, spec)
+    assert "--overwrite" in str(info.value)
+
+    summary, lines = run(tmp_path, spec_dict(str(manifest), str(tmp_path / "out"), sampler={"steps": 2}), overwrite=True)
+    assert summary["complete"] and summary["total"] == 3
+    assert {r["steps"] for r in records_of(tmp_path / "out")} == {2}
+
+
+def test_model_changes_are_refused():
+    info = WorkerInfo("w", "b" * 64, "float16", "cuda", "gpu", {})
+    existing = {"model": {"fingerprint": "a" * 64, "dtype": "float32", "device": "cpu"}}
+    problems = check_model(existing, info)
+    assert any(p.startswith("model fingerprint") for p in problems)
+    assert any(p.startswith("model dtype: float32 on disk, float16 now") for p in problems)
+    assert check_model(None, info) == []
+
+
+def test_dry_run_and_invalid_manifest(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", small_rows(5), manifest_schema())
+    summary, lines = run(tmp_path, spec_dict(str(manifest), str(tmp_path / "out")), dry_run=True)
+    assert summary["shards"] == {"total": 2, "committed": 0, "to_run": 2}
+    assert not (tmp_path / "out").exists()
+    write_manifest(tmp_path / "bad.parquet", [{"prompt": "a"}])
+    with pytest.raises(ManifestError, match="missing required column 'seed'"):
+        run(tmp_path, spec_dict(str(tmp_path / "bad.parquet"), str(tmp_path / "out")))
+
+
+def test_spec_paths_are_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(write_spec(tmp_path / "s.yaml", spec_dict("m.parquet", "out")))
+    assert spec.manifest == (str(tmp_path / "m.parquet"),) and spec.output == str(tmp_path / "out")

@@ -1,0 +1,151 @@
+"""jobs/spec.py: the YAML job spec is validated before any work, errors name their key."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import spec_dict, write_spec
+from jobs.spec import JobSpec, SpecError, load_spec, parse_spec
+
+
+def errors_of(data) -> str:
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    return str(info.value)
+
+
+def test_minimal_spec_gets_defaults(tmp_path):
+    spec = parse_spec({"manifest": "m.parquet", "output": "out", "model": {"weights": "builtin:tiny"}}, base_dir=tmp_path)
+    assert isinstance(spec, JobSpec)
+    assert spec.manifest == (str(tmp_path / "m.parquet"),)
+    assert spec.output == str(tmp_path / "out")
+    assert spec.model.dtype == "auto"
+    assert (spec.sampler.name, spec.sampler.steps, spec.sampler.width) == ("ddim", 25, 512)
+    assert (spec.execution.workers, spec.execution.batch_size, spec.execution.shard_size) == ("auto", 8, 1000)
+    assert spec.image.format == "png"
+
+
+def test_the_spec_md_example_is_valid(tmp_path):
+    text = """
+name: example
+manifest: manifests/example.parquet
+output: outputs/example
+model:
+  weights: builtin:tiny
+  dtype: auto
+sampler:
+  name: ddim
+  steps: 25
+  guidance_scale: 7.5
+  width: 512
+  height: 512
+execution:
+  workers: auto
+  batch_size: 8
+  shard_size: 1000
+image:
+  format: png
+"""
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    spec = load_spec(path)
+    assert spec.name == "example"
+    assert spec.to_dict()["sampler"] == {"name": "ddim", "steps": 25, "guidance_scale": 7.5, "width": 512,
+                                         "height": 512, "karras": False}
+
+
+def test_every_problem_is_reported_with_its_key():
+    message = errors_of({
+        "manifest": "m.parquet",
+        "output": "out",
+        "model": {"weights": "builtin:tiny", "dtype": "float64"},
+        "sampler": {"name": "plms", "steps": 0, "width": 500, "guidance_scale": "high", "karras": "yes"},
+        "execution": {"workers": 0, "batch_size": True, "shard_size": 1.5, "colour": 1},
+        "image": {"format": "gif"},
+        "extra": 1,
+    })
+    for needle in [
+        "extra: unknown key",
+        "model.dtype: expected one of auto, float32, float16, bfloat16, got 'float64'",
+        "sampler.name: expected one of ddpm, ddim, euler_a, dpmpp_2m, got 'plms'",
+        "sampler.steps: expected an integer in 1..999, got 0",
+        "sampler.width: must be a multiple of 8, got 500",
+        "sampler.guidance_scale: expected a number >= 0.0, got 'high'",
+        "sampler.karras: expected true or false, got 'yes'",
+        "execution.workers: expected 'auto' or an integer >= 1, got 0",
+        "execution.batch_size: expected an integer in 1..4096, got True",
+        "execution.shard_size: expected an integer >= 1, got 1.5",
+        "execution.colour: unknown key",
+        "image.format: expected one of png, jpeg, webp, got 'gif'",
+    ]:
+        assert needle in message, (needle, message)
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({"output": "o", "model": {"weights": "w"}}, "manifest: required key is missing"),
+        ({"manifest": "m.parquet", "model": {"weights": "w"}}, "output: required key is missing"),
+        ({"manifest": "m.parquet", "output": "o"}, "model: required section is missing"),
+        ({"manifest": "m.parquet", "output": "o", "model": {}}, "model.weights: required key is missing"),
+        ({"manifest": "m.csv", "output": "o", "model": {"weights": "w"}}, "not a .parquet file"),
+        ({"manifest": [], "output": "o", "model": {"weights": "w"}}, "manifest: expected a path/URI"),
+        ({"manifest": "m.parquet", "output": "o", "model": "tiny"}, "model: expected a mapping"),
+        ({"manifest": "m.parquet", "output": "o", "model": {"weights": "w"},
+          "sampler": {"name": "ddim", "karras": True}}, "sampler.karras: Karras sigmas apply only to dpmpp_2m"),
+    ],
+)
+def test_missing_and_wrong_keys(data, needle):
+    assert needle in errors_of(data)
+
+
+def test_not_a_mapping_and_bad_yaml(tmp_path):
+    assert "expected a mapping at the top level" in errors_of(["a"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match="cannot read job spec"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def test_manifest_list_glob_and_s3_paths_kept(tmp_path):
+    spec = parse_spec({"manifest": ["a.parquet", "s3://b/m/*.parquet"], "output": "s3://b/out/",
+                       "model": {"weights": "s3://b/w.safetensors"}}, base_dir=tmp_path)
+    assert spec.manifest == (str(tmp_path / "a.parquet"), "s3://b/m/*.parquet")
+    assert spec.output == "s3://b/out"
+    assert spec.model.weights == "s3://b/w.safetensors"
+
+
+def test_identity_leaves_out_locations_workers_and_batch(tmp_path):
+    a = parse_spec(spec_dict("a.parquet", "out1"), base_dir=tmp_path)
+    b = parse_spec(spec_dict("elsewhere/a.parquet", "out2", name="other",
+                             execution={"workers": 4, "batch_size": 7}), base_dir=tmp_path)
+    assert a.identity() == b.identity()
+    c = parse_spec(spec_dict("a.parquet", "out1", sampler={"steps": 4}), base_dir=tmp_path)
+    assert c.identity() != a.identity()
+    d = parse_spec(spec_dict("a.parquet", "out1", execution={"shard_size": 4}), base_dir=tmp_path)
+    assert d.identity() != a.identity()
+
+
+def test_credentials_are_redacted_in_the_resolved_spec(tmp_path):
+    spec = parse_spec({"manifest": "s3://key:secret@b/m.parquet?token=abc", "output": "s3://b/o",
+                       "model": {"weights": "builtin:tiny"}})
+    text = str(spec.to_dict())
+    assert "secret" not in text and "token" not in text
+
+
+def test_samplers_match_sdcore():
+    pytest.importorskip("torch")
+    from sdcore import samplers
+
+    from jobs import spec
+
+    assert spec.SAMPLERS == samplers.SAMPLERS
+    assert spec.KARRAS_SAMPLERS == samplers.KARRAS_SAMPLERS
+    assert spec.MAX_STEPS == samplers.MAX_STEPS
+
+
+def test_load_spec_uses_file_stem_as_default_name(tmp_path):
+    path = write_spec(tmp_path / "my-job.yaml", {k: v for k, v in spec_dict("m.parquet", "o").items() if k != "name"})
+    assert load_spec(path).name == "my-job"

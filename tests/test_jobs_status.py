@@ -1,0 +1,41 @@
+"""jobs/status.py: per-shard state and counts, read from the output alone."""
+
+from __future__ import annotations
+
+import json
+
+from jobs.output import SUMMARY_FILE, Output
+from jobs.status import format_status, job_status, main
+
+
+def make_output(tmp_path):
+    output = Output(str(tmp_path))
+    output.write_job({"name": "t", "manifest": {"rows": 7}, "shards": {"size": 2, "count": 4},
+                      "model": {"weights": "builtin:tiny", "fingerprint": "ab" * 32, "dtype": "float32", "device": "cpu"}})
+    output.commit_records("shard-00000", [{"row": 0, "id": "a", "status": "ok"}, {"row": 1, "id": "b", "status": "error", "error": "x"}])
+    output.write_partial("shard-00001", [{"row": 2, "id": "c", "status": "ok"}])
+    output.write_json(SUMMARY_FILE, {"failed_shards": {"shard-00002": "RuntimeError: boom", "shard-00000": "old"}})
+    return output
+
+
+def test_job_status_counts(tmp_path):
+    make_output(tmp_path)
+    status = job_status(str(tmp_path))
+    assert status["rows"] == {"total": 7, "ok": 1, "error": 1, "not_done": 5}
+    assert status["shards"] == {"total": 4, "done": 1, "running": 1, "failed": 1, "pending": 1}
+    states = {s["shard"]: s["state"] for s in status["shard_list"]}
+    assert states == {"shard-00000": "done", "shard-00001": "running", "shard-00002": "failed", "shard-00003": "pending"}
+    assert status["complete"] is False
+    text = format_status(status)
+    assert "shards  4 total: 1 done, 1 running, 1 failed, 1 pending" in text
+    assert "rows    7 total: 1 ok, 1 error, 5 not done" in text
+    assert "RuntimeError: boom" in text and "shard-00003" in text
+
+
+def test_cli_exit_codes_and_json(tmp_path, capsys):
+    make_output(tmp_path)
+    assert main([str(tmp_path), "--json"]) == 1  # incomplete
+    data = json.loads(capsys.readouterr().out)
+    assert data["shards"]["done"] == 1
+    assert main([str(tmp_path / "nothing-here")]) == 2
+    assert "no job.json" in capsys.readouterr().err

@@ -1,0 +1,164 @@
+"""jobs/worker.py with the real tiny model (no Ray): one shard -> images + one record per row."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import pytest
+from PIL import Image
+
+from conftest import init_image, manifest_schema, small_rows, write_manifest
+from jobs.manifest import load_manifest
+from jobs.output import Output
+from jobs.reader import read_shards
+from jobs.spec import SamplerSpec
+from jobs.worker import ShardWorker, WorkerConfig
+from jobs.writer import read_parameters
+
+SAMPLER = SamplerSpec(name="ddim", steps=2, guidance_scale=7.5, width=32, height=32)
+
+
+def make_worker(tiny_pipe, output, batch_size=2, pipeline=None):
+    config = WorkerConfig(weights="builtin:tiny", output=str(output), sampler=SAMPLER, dtype="float32",
+                          batch_size=batch_size, name="test-worker")
+    return ShardWorker(config, pipeline=pipeline or tiny_pipe)
+
+
+def one_shard(tmp_path, rows, name="m"):
+    manifest = load_manifest([str(write_manifest(tmp_path / name / "m.parquet", rows, manifest_schema()))])
+    (task,) = list(read_shards(manifest, len(rows)))
+    return task
+
+
+@pytest.fixture
+def mixed_task(tmp_path):
+    init_image(tmp_path / "m" / "init" / "a.png")
+    (tmp_path / "m" / "init" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    rows = small_rows(4, img2img_every=2)  # rows 1 and 3 are img2img from init/a.png
+    rows += [
+        {"id": "no-prompt", "prompt": None, "negative": "", "seed": 1, "strength": None, "init_image": None},
+        {"id": "zero-strength", "prompt": "x", "negative": "", "seed": 1, "strength": 0.0, "init_image": "init/a.png"},
+        {"id": "big-strength", "prompt": "x", "negative": "", "seed": 1, "strength": 1.5, "init_image": "init/a.png"},
+        {"id": "missing-init", "prompt": "x", "negative": "", "seed": 1, "strength": 0.5, "init_image": "init/none.png"},
+        {"id": "corrupt-init", "prompt": "x", "negative": "", "seed": 1, "strength": 0.5, "init_image": "init/corrupt.png"},
+        {"id": "r000", "prompt": "dup", "negative": "", "seed": 9, "strength": None, "init_image": None},
+    ]
+    return one_shard(tmp_path, rows)
+
+
+def test_a_shard_with_good_and_bad_rows(tmp_path, tiny_pipe, mixed_task):
+    worker = make_worker(tiny_pipe, tmp_path / "out")
+    progress = []
+    result = worker.run(mixed_task, progress=progress.append)
+    assert (result.rows, result.ok, result.error, result.committed) == (10, 4, 6, True)
+    assert progress[-1] == 10 and progress == sorted(progress)
+
+    output = Output(str(tmp_path / "out"))
+    records = {r["id"] if r["row"] != 9 else "dup": r for r in output.read_records("shard-00000").to_pylist()}
+    assert len(records) == 10
+    errors = {k: r["error"] for k, r in records.items() if r["status"] == "error"}
+    assert "prompt is missing" in errors["no-prompt"]
+    assert "strength: 0 outside (0, 1]" in errors["zero-strength"]
+    assert "strength: 1.5 outside (0, 1]" in errors["big-strength"]
+    assert "init_image not found" in errors["missing-init"] and "init/none.png" in errors["missing-init"]
+    assert "not a readable image" in errors["corrupt-init"]
+    assert "duplicate id 'r000' (first used by manifest row 0)" in errors["dup"]
+
+    init_sha = hashlib.sha256((tmp_path / "m" / "init" / "a.png").read_bytes()).hexdigest()
+    for rid in ("r000", "r001", "r002", "r003"):
+        r = records[rid]
+        assert r["status"] == "ok" and r["error"] is None
+        data = (tmp_path / "out" / r["image_path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == r["image_sha256"]
+        assert Image.open(io.BytesIO(data)).size == (32, 32)
+        params = read_parameters(data)
+        assert params.startswith(r["prompt"]) and f"Seed: {r['seed']}" in params and "Size: 32x32" in params
+        assert f"Model hash: {tiny_pipe.fingerprint[:10]}" in params
+        for key in ("model_fingerprint", "dtype", "device", "torch_version", "sdcore_version", "worker",
+                    "started_at", "time_generate_s", "time_write_s", "sampler", "steps", "guidance_scale"):
+            assert r[key] is not None, key
+        assert r["model_fingerprint"] == tiny_pipe.fingerprint and r["worker"] == "test-worker"
+        assert r["attempt"] == 1 and r["dtype"] == "float32" and r["device"] == "cpu"
+    assert records["r001"]["mode"] == "img2img" and records["r001"]["init_image_sha256"] == init_sha
+    assert "Denoising strength: 0.75" in read_parameters((tmp_path / "out" / records["r001"]["image_path"]).read_bytes())
+    assert records["r000"]["mode"] == "txt2img" and records["r000"]["init_image_sha256"] is None
+
+
+def test_images_do_not_depend_on_batch_size(tmp_path, tiny_pipe):
+    init_image(tmp_path / "m" / "init" / "a.png")
+    task = one_shard(tmp_path, small_rows(5, img2img_every=3))
+    shas = []
+    for batch_size in (1, 3):
+        out = tmp_path / f"out-{batch_size}"
+        make_worker(tiny_pipe, out, batch_size=batch_size).run(task)
+        shas.append({r["id"]: r["image_sha256"] for r in Output(str(out)).read_records("shard-00000").to_pylist()})
+    assert shas[0] == shas[1] and None not in shas[0].values()
+
+
+class Failing:
+    """The tiny pipeline, failing in chosen ways."""
+
+    def __init__(self, pipe, *, crash_after=None, bad_seed=None, always=None):
+        self.pipe, self.crash_after, self.bad_seed, self.always = pipe, crash_after, bad_seed, always
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def generate(self, rows, **kwargs):
+        self.calls += 1
+        if self.always is not None:
+            raise self.always
+        if self.crash_after is not None and self.calls > self.crash_after:
+            raise KeyboardInterrupt("simulated crash")  # not an Exception: nothing catches it
+        if any(r["seed"] == self.bad_seed for r in rows):
+            raise ValueError(f"seed {self.bad_seed} is cursed")
+        return self.pipe.generate(rows, **kwargs)
+
+
+def test_a_crash_loses_at_most_the_batch_in_flight(tmp_path, tiny_pipe):
+    task = one_shard(tmp_path, small_rows(6))
+    out = tmp_path / "out"
+    crashing = make_worker(tiny_pipe, out, batch_size=2, pipeline=Failing(tiny_pipe, crash_after=2))
+    with pytest.raises(KeyboardInterrupt):
+        crashing.run(task)
+    output = Output(str(out))
+    assert output.committed_shards() == set()
+    saved = output.read_partials("shard-00000")
+    assert sorted(saved) == [0, 1, 2, 3]  # two batches were saved, the third was lost
+    mtimes = {r: (out / saved[r]["image_path"]).stat().st_mtime_ns for r in saved}
+
+    counting = Failing(tiny_pipe)
+    result = make_worker(tiny_pipe, out, batch_size=2, pipeline=counting).run(task)
+    assert (result.reused, result.generated, result.ok, result.attempt) == (4, 2, 6, 2)
+    assert counting.calls == 1  # only the lost batch was generated again
+    records = output.read_records("shard-00000").to_pylist()
+    assert [r["row"] for r in records] == list(range(6))
+    assert [r["attempt"] for r in records] == [1, 1, 1, 1, 2, 2]
+    assert {r: (out / saved[r]["image_path"]).stat().st_mtime_ns for r in saved} == mtimes
+    assert output.partial_keys() == []
+
+
+def test_a_failing_row_does_not_take_its_batch_with_it(tmp_path, tiny_pipe):
+    task = one_shard(tmp_path, small_rows(3))
+    bad_seed = 1001
+    result = make_worker(tiny_pipe, tmp_path / "out", batch_size=3, pipeline=Failing(tiny_pipe, bad_seed=bad_seed)).run(task)
+    assert (result.ok, result.error) == (2, 1)
+    records = Output(str(tmp_path / "out")).read_records("shard-00000").to_pylist()
+    bad = [r for r in records if r["status"] == "error"]
+    assert bad[0]["seed"] == bad_seed and "generation failed: ValueError: seed 1001 is cursed" in bad[0]["error"]
+
+
+def test_a_failure_on_every_row_fails_the_shard_instead_of_committing_errors(tmp_path, tiny_pipe):
+    task = one_shard(tmp_path, small_rows(3))
+    worker = make_worker(tiny_pipe, tmp_path / "out", pipeline=Failing(tiny_pipe, always=RuntimeError("CUDA error: device lost")))
+    with pytest.raises(RuntimeError, match="device lost"):
+        worker.run(task)
+    assert Output(str(tmp_path / "out")).committed_shards() == set()
+
+
+def test_worker_info(tiny_pipe, tmp_path):
+    info = make_worker(tiny_pipe, tmp_path).info()
+    assert info.model_fingerprint == tiny_pipe.fingerprint and info.device == "cpu" and info.dtype == "float32"
+    assert info.versions["sdcore"] and info.worker == "test-worker"
