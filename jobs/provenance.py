@@ -41,6 +41,7 @@ RECORD_SCHEMA = pa.schema(
         ("device", pa.string()),  # cpu | cuda | ...
         ("device_name", pa.string()),
         ("threads", pa.int32()),  # torch intra-op threads on CPU (CPU results depend on it)
+        ("batch_invariant", pa.bool_()),  # false: the image may differ from a lone remake by float noise
         ("torch_version", pa.string()),
         ("sdcore_version", pa.string()),
         ("sdgen_version", pa.string()),

@@ -184,6 +184,7 @@ def run_job(
                 sampler=spec.sampler,
                 dtype=spec.model.dtype,
                 batch_size=spec.execution.batch_size,
+                batch_invariant=spec.execution.batch_invariant,
                 image_format=spec.image.format,
                 quality=spec.image.quality,
             )

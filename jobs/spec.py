@@ -62,6 +62,10 @@ class ExecutionSpec:
     # torch threads per CPU worker. CPU float results depend on the thread count, so it is one
     # number for every worker of a job (never cores / workers). auto: the CPUs of the largest node.
     cpu_threads: int | str = "auto"
+    # true: the UNet runs each row's guidance pair on its own, so images are bit-identical
+    # whatever the batching; false: a whole batch per forward pass (faster on GPUs, images
+    # equal across batch sizes only within float tolerance). See sdcore/pipeline.py.
+    batch_invariant: bool = True
 
 
 @dataclass(frozen=True)
@@ -233,7 +237,7 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
             f"not {sampler.name}"
         )
 
-    e = c.section(data, "execution", {"workers", "batch_size", "shard_size", "device", "max_attempts", "cpu_threads"})
+    e = c.section(data, "execution", {"workers", "batch_size", "shard_size", "device", "max_attempts", "cpu_threads", "batch_invariant"})
     d = ExecutionSpec()
     auto_ints = {}
     for key in ("workers", "cpu_threads"):
@@ -250,6 +254,7 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
         device=c.choice(e, "device", "execution.device", DEVICES, d.device),
         max_attempts=c.integer(e, "max_attempts", "execution.max_attempts", d.max_attempts, 1, 100),
         cpu_threads=auto_ints["cpu_threads"],
+        batch_invariant=c.boolean(e, "batch_invariant", "execution.batch_invariant", d.batch_invariant),
     )
 
     i = c.section(data, "image", {"format", "quality"})

@@ -51,6 +51,7 @@ class WorkerConfig:
     dtype: str = "auto"
     device: str = "cpu"  # cpu | cuda (resolved by the distributor)
     batch_size: int = 8
+    batch_invariant: bool = True  # see ExecutionSpec.batch_invariant
     image_format: str = "png"
     quality: int = 95
     threads: int | None = None  # torch intra-op threads on CPU (same for every worker of a job)
@@ -141,6 +142,7 @@ class ShardWorker:
             "device": self._info.device,
             "device_name": self._info.device_name,
             "threads": self._info.threads,
+            "batch_invariant": config.batch_invariant,
             "torch_version": versions.get("torch"),
             "sdcore_version": versions.get("sdcore"),
             "sdgen_version": __version__,
@@ -321,6 +323,7 @@ class ShardWorker:
             guidance_scale=float(ready[0][0].guidance_scale),
             width=int(ready[0][0].width),
             height=int(ready[0][0].height),
+            batch_invariant=self.config.batch_invariant,
         )
         t0 = time.perf_counter()
         try:

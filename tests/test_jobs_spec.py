@@ -22,6 +22,7 @@ def test_minimal_spec_gets_defaults(tmp_path):
     assert spec.model.dtype == "auto"
     assert (spec.sampler.name, spec.sampler.steps, spec.sampler.width) == ("ddim", 25, 512)
     assert (spec.execution.workers, spec.execution.batch_size, spec.execution.shard_size) == ("auto", 8, 1000)
+    assert spec.execution.batch_invariant is True
     assert spec.image.format == "png"
 
 
@@ -60,7 +61,7 @@ def test_every_problem_is_reported_with_its_key():
         "output": "out",
         "model": {"weights": "builtin:tiny", "dtype": "float64"},
         "sampler": {"name": "plms", "steps": 0, "width": 500, "guidance_scale": "high", "karras": "yes"},
-        "execution": {"workers": 0, "batch_size": True, "shard_size": 1.5, "colour": 1},
+        "execution": {"workers": 0, "batch_size": True, "shard_size": 1.5, "colour": 1, "batch_invariant": "no"},
         "image": {"format": "gif"},
         "extra": 1,
     })
@@ -76,6 +77,7 @@ def test_every_problem_is_reported_with_its_key():
         "execution.batch_size: expected an integer in 1..4096, got True",
         "execution.shard_size: expected an integer >= 1, got 1.5",
         "execution.colour: unknown key",
+        "execution.batch_invariant: expected true or false, got 'no'",
         "image.format: expected one of png, jpeg, webp, got 'gif'",
     ]:
         assert needle in message, (needle, message)

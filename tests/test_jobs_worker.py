@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -19,9 +20,9 @@ from jobs.writer import read_parameters
 SAMPLER = SamplerSpec(name="ddim", steps=2, guidance_scale=7.5, width=32, height=32)
 
 
-def make_worker(tiny_pipe, output, batch_size=2, pipeline=None):
+def make_worker(tiny_pipe, output, batch_size=2, pipeline=None, batch_invariant=True):
     config = WorkerConfig(weights="builtin:tiny", output=str(output), sampler=SAMPLER, dtype="float32",
-                          batch_size=batch_size, name="test-worker")
+                          batch_size=batch_size, batch_invariant=batch_invariant, name="test-worker")
     return ShardWorker(config, pipeline=pipeline or tiny_pipe)
 
 
@@ -80,6 +81,7 @@ def test_a_shard_with_good_and_bad_rows(tmp_path, tiny_pipe, mixed_task):
             assert r[key] is not None, key
         assert r["model_fingerprint"] == tiny_pipe.fingerprint and r["worker"] == "test-worker"
         assert r["attempt"] == 1 and r["dtype"] == "float32" and r["device"] == "cpu"
+        assert r["batch_invariant"] is True
     assert records["r001"]["mode"] == "img2img" and records["r001"]["init_image_sha256"] == init_sha
     assert "Denoising strength: 0.75" in read_parameters((tmp_path / "out" / records["r001"]["image_path"]).read_bytes())
     assert records["r000"]["mode"] == "txt2img" and records["r000"]["init_image_sha256"] is None
@@ -94,6 +96,20 @@ def test_images_do_not_depend_on_batch_size(tmp_path, tiny_pipe):
         make_worker(tiny_pipe, out, batch_size=batch_size).run(task)
         shas.append({r["id"]: r["image_sha256"] for r in Output(str(out)).read_records("shard-00000").to_pylist()})
     assert shas[0] == shas[1] and None not in shas[0].values()
+
+
+def test_batched_forward_mode_is_recorded_and_close(tmp_path, tiny_pipe):
+    """batch_invariant=False batches rows through the UNet: same images up to float noise."""
+    task = one_shard(tmp_path, small_rows(4))
+    pixels = {}
+    for invariant in (True, False):
+        out = tmp_path / f"out-{invariant}"
+        make_worker(tiny_pipe, out, batch_size=4, batch_invariant=invariant).run(task)
+        records = Output(str(out)).read_records("shard-00000").to_pylist()
+        assert {r["batch_invariant"] for r in records} == {invariant}
+        pixels[invariant] = [np.asarray(Image.open(out / r["image_path"]), dtype=np.int16) for r in records]
+    for exact, batched in zip(pixels[True], pixels[False]):
+        assert np.abs(exact - batched).max() <= 2
 
 
 class Failing:
