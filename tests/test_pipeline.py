@@ -182,3 +182,21 @@ def test_bad_input_is_a_clear_error(ours, row, settings, message):
     with pytest.raises(ValueError) as info:
         ours.generate([row], **{**base, **settings})
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_matches_diffusers(model_folder, dtype):
+    """The dtype users run on GPUs: same weights cast the same way, same image as diffusers."""
+    reference_pipe = StableDiffusionPipeline.from_pretrained(
+        model_folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+        tokenizer=get_tokenizer(),
+    )
+    reference_pipe.set_progress_bar_config(disable=True)
+    reference_pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(SD15_SCHEDULER_CONFIG)
+    ours = sdcore.load_pipeline(model_folder, dtype=dtype)
+    assert ours.dtype == dtype
+    expected = reference_pipe("a red circle", num_inference_steps=5, guidance_scale=7.5, width=64, height=64,
+                              generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    got = ours.generate([{"prompt": "a red circle", "seed": 3}], sampler="euler_a", steps=5,
+                        guidance_scale=7.5, width=64, height=64)[0]
+    assert max_diff(expected, got) <= MAX_PIXEL_DIFF
