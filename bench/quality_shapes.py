@@ -1,0 +1,323 @@
+"""Prompt adherence of `builtin:shapes` on held-out prompts; writes bench/QUALITY.md.
+
+What is measured (the targets of the "built-in model that draws what it is told" issue):
+
+- held-out prompts: captions of (shape, colour, position) combinations never seen in training
+  (`sdcore.shapes.dataset`, split "heldout"), one seed per prompt, 64x64;
+- DDIM 25 steps at guidance 5.0 and 7.5 (the better one is "the chosen guidance"), and at 1.0
+  (no guidance) to show that guidance matters;
+- every sampler at the chosen guidance: ddpm 50, ddim 25, euler_a 25, dpmpp_2m 15;
+- img2img recolouring: a rendered red circle as the init image, the prompt asks for a blue
+  circle (same size, position and background), strength 0.7, DDIM 25: how often the result is
+  blue, and how often it is still a circle.
+
+Every image is judged by the deterministic detector of `sdcore.shapes.evaluate`.
+
+    .venv/bin/python bench/quality_shapes.py                 # ~15 min on 2 CPU cores
+    .venv/bin/python bench/quality_shapes.py --n 40 --no-write   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+WEIGHTS = "builtin:shapes"
+PROMPT_SEED = 2024  # held-out prompt list; disjoint from anything training drew
+TARGETS = {"colour": 0.90, "shape": 0.80, "position": 0.80}
+IMG2IMG_TARGET = 0.80
+IMG2IMG_GUIDANCE = (5.0, 7.5, 10.0)  # recolouring is measured at each (and the chosen one)
+SAMPLER_TOLERANCE = 0.05
+
+_pipe = None
+
+
+def _worker_init(weights: str) -> None:
+    import torch
+
+    from sdcore.weights import load_pipeline
+
+    torch.set_num_threads(1)
+    global _pipe
+    _pipe = load_pipeline(weights)
+
+
+def _generate(task: tuple) -> list[np.ndarray]:
+    """One chunk of rows under one setting -> uint8 (H, W, 3) arrays."""
+    rows, kwargs = task
+    rows = [dict(r) for r in rows]
+    for r in rows:
+        if "init_scene" in r:
+            from sdcore.shapes.dataset import Scene, render
+
+            r["init_image"] = render(Scene(**r.pop("init_scene")), 64)
+    images = _pipe.generate(rows, width=64, height=64, **kwargs)
+    return [np.asarray(im) for im in images]
+
+
+def heldout_prompts(n: int) -> list[str]:
+    from sdcore.shapes.dataset import dataset
+
+    data = dataset(n, seed=PROMPT_SEED, split="heldout", tensors=False)
+    return [data.scene(i)[1] for i in range(n)]
+
+
+def recolour_rows(n: int) -> list[dict]:
+    """Red circle inits with a prompt for the same circle in blue."""
+    from sdcore.shapes.dataset import BACKGROUNDS, POSITIONS, SIZES, Scene
+
+    rng = np.random.default_rng(PROMPT_SEED + 1)
+    rows = []
+    for i in range(n):
+        size = list(SIZES)[rng.integers(len(SIZES))]
+        position = POSITIONS[rng.integers(len(POSITIONS))]
+        background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+        init = Scene("circle", "red", size, position, background)
+        prompt = Scene("circle", "blue", size, position, background).caption(i % 3)
+        rows.append({"prompt": prompt, "seed": i, "strength": 0.7,
+                     "init_scene": {"shape": "circle", "colour": "red", "size": size,
+                                    "position": position, "background": background}})
+    return rows
+
+
+def run_setting(pool, rows: list[dict], chunks: int, **kwargs) -> list[np.ndarray]:
+    size = max(1, -(-len(rows) // chunks))
+    tasks = [(rows[i:i + size], kwargs) for i in range(0, len(rows), size)]
+    return [image for chunk in pool.map(_generate, tasks) for image in chunk]
+
+
+def contact_sheet(pipe, path: Path, *, n: int = 16, columns: int = 4, guidance: float = 7.5,
+                  scale: int = 3) -> None:
+    """A grid of held-out samples (DDIM 25), each prompt written under its image."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    prompts = heldout_prompts(n)
+    images = pipe.generate([{"prompt": p, "seed": i} for i, p in enumerate(prompts)],
+                           sampler="ddim", steps=25, guidance_scale=guidance, width=64,
+                           height=64)
+    side, text_h, pad = 64 * scale, 46, 6
+    rows = -(-n // columns)
+    sheet = Image.new("RGB", (columns * (side + pad) + pad, rows * (side + text_h + pad) + pad),
+                      "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        x = pad + (i % columns) * (side + pad)
+        y = pad + (i // columns) * (side + text_h + pad)
+        sheet.paste(image.resize((side, side), Image.Resampling.NEAREST), (x, y))
+        draw.multiline_text((x, y + side + 2), "\n".join(textwrap.wrap(prompt, 30)),
+                            fill="black", font=font, spacing=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=120, help="held-out prompts per setting")
+    parser.add_argument("--n-img2img", type=int, default=60)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--weights", default=WEIGHTS)
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "QUALITY.md")
+    parser.add_argument("--sheet", type=Path, metavar="PNG",
+                        help="only draw a contact sheet of held-out samples to PNG")
+    args = parser.parse_args(argv)
+    if args.sheet:
+        import torch
+
+        from sdcore.weights import load_pipeline
+
+        torch.set_num_threads(args.workers)
+        contact_sheet(load_pipeline(args.weights), args.sheet)
+        return 0
+
+    from sdcore.shapes.evaluate import adherence
+    from sdcore.weights import load_pipeline
+
+    began = time.time()
+    pipe = load_pipeline(args.weights)
+    prompts = heldout_prompts(args.n)
+    rows = [{"prompt": p, "seed": i} for i, p in enumerate(prompts)]
+    results: dict[str, dict] = {}
+    timings: dict[str, float] = {}
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(args.workers, initializer=_worker_init, initargs=(args.weights,)) as pool:
+
+        def measure(name: str, rows_: list[dict], **kwargs) -> dict:
+            start = time.time()
+            images = run_setting(pool, rows_, args.workers * 2, **kwargs)
+            timings[name] = time.time() - start
+            result = adherence(zip(images, [r["prompt"] for r in rows_]))
+            results[name] = result
+            print(f"{name}: colour {pct(result['colour'])} shape {pct(result['shape'])} "
+                  f"position {pct(result['position'])} all {pct(result['all'])} "
+                  f"({timings[name]:.0f}s)", flush=True)
+            return result
+
+        for g in (7.5, 5.0):
+            measure(f"ddim25 g{g}", rows, sampler="ddim", steps=25, guidance_scale=g)
+        chosen = max((7.5, 5.0), key=lambda g: results[f"ddim25 g{g}"]["all"] or 0.0)
+        measure("ddim25 g1.0", rows, sampler="ddim", steps=25, guidance_scale=1.0)
+        samplers = {"ddpm": 50, "ddim": 25, "euler_a": 25, "dpmpp_2m": 15}
+        for sampler, steps in samplers.items():
+            name = f"{sampler}{steps} g{chosen}"
+            if name not in results:
+                measure(name, rows, sampler=sampler, steps=steps, guidance_scale=chosen)
+        recolour = recolour_rows(args.n_img2img)
+        for g in sorted({chosen, *IMG2IMG_GUIDANCE}):
+            measure(f"img2img recolour g{g}", recolour, sampler="ddim", steps=25,
+                    guidance_scale=g)
+
+    elapsed = time.time() - began
+    report = write_report(args, pipe, results, timings, chosen, samplers, elapsed)
+    print(report)
+    if not args.no_write:
+        args.out.write_text(report)
+        (args.out.with_suffix(".json")).write_text(json.dumps(
+            {"chosen_guidance": chosen, "n": args.n, "results": results}, indent=1) + "\n")
+    return 0
+
+
+def write_report(args, pipe, results, timings, chosen, samplers, elapsed) -> str:
+    def commit() -> str:
+        try:
+            return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                                  capture_output=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "unknown"
+
+    best_name = f"ddim25 g{chosen}"
+    best = results[best_name]
+    sampler_names = [f"{s}{n} g{chosen}" for s, n in samplers.items()]
+    best_all = max(results[n]["all"] for n in sampler_names)
+    lines = [
+        "# Prompt adherence of `builtin:shapes`",
+        "",
+        f"Measured by `bench/quality_shapes.py` on {datetime.date.today().isoformat()} "
+        f"(commit {commit()}, weights fingerprint `{pipe.fingerprint[:16]}`), CPU float32, "
+        f"{elapsed / 60:.0f} min.",
+        "",
+        f"{args.n} held-out prompts (shape/colour/position combinations never seen in "
+        "training, `sdcore.shapes.dataset` split `heldout`, prompt seed "
+        f"{PROMPT_SEED}), one image each (seed = row index), 64x64, negative prompt \"\". "
+        "Judged by the deterministic detector `sdcore.shapes.detect` "
+        "(via `sdcore.shapes.evaluate.adherence`). \"all\" = colour, shape and position right "
+        "together.",
+        "",
+        "| setting | colour | shape | position | size | background | all | s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        if name.startswith("img2img"):
+            continue
+        lines.append(f"| {name} | {pct(r['colour'])} | {pct(r['shape'])} | "
+                     f"{pct(r['position'])} | {pct(r['size'])} | {pct(r['background'])} | "
+                     f"{pct(r['all'])} | {timings[name]:.0f} |")
+    img2img = {n: r for n, r in results.items() if n.startswith("img2img")}
+    lines += [
+        "",
+        f"img2img recolouring ({args.n_img2img} rows): init = a rendered red circle (random "
+        "size, position, background), prompt = the same circle in blue, strength 0.7, "
+        "DDIM 25.",
+        "",
+        "| setting | new colour (blue) | still a circle | position kept | all three | s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in img2img.items():
+        lines.append(f"| {name} | {pct(r['colour'])} | {pct(r['shape'])} | "
+                     f"{pct(r['position'])} | {pct(r['all'])} | {timings[name]:.0f} |")
+    lines += [
+        "",
+        "## Targets",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+
+    def row(label: str, value: float, ok: bool) -> None:
+        lines.append(f"| {label} | {pct(value)} | {'yes' if ok else '**no**'} |")
+
+    for attribute, target in TARGETS.items():
+        row(f"{attribute} >= {target:.0%} (DDIM 25, guidance {chosen})", best[attribute],
+            best[attribute] >= target)
+    g1 = results["ddim25 g1.0"]
+    row(f"guidance matters: all at g1.0 clearly below g{chosen} ({pct(best['all'])})",
+        g1["all"], g1["all"] + 0.10 <= best["all"])
+    for name in sampler_names:
+        value = results[name]["all"]
+        row(f"{name}: all within 5 points of the best sampler ({pct(best_all)})", value,
+            value >= best_all - SAMPLER_TOLERANCE)
+    for name, r in img2img.items():
+        row(f"{name}: new colour >= {IMG2IMG_TARGET:.0%}", r["colour"],
+            r["colour"] >= IMG2IMG_TARGET)
+        row(f"{name}: shape kept (circle) >= {IMG2IMG_TARGET:.0%}", r["shape"],
+            r["shape"] >= IMG2IMG_TARGET)
+    worst = min(img2img, key=lambda n: img2img[n]["colour"])
+    passing = [n for n, r in img2img.items() if r["colour"] >= IMG2IMG_TARGET]
+    lines += [
+        "",
+        "## Notes",
+        "",
+        f"- Guidance: without it (g1.0) \"all\" is {pct(g1['all'])} against {pct(best['all'])} "
+        f"at g{chosen}; the gap shows mostly in position ({pct(g1['position'])} vs "
+        f"{pct(best['position'])}) and background ({pct(g1['background'])} vs "
+        f"{pct(best['background'])}). On this small world the conditional model alone already "
+        "follows most prompts, so the gap is small; the 10-point bar set for "
+        "\"clearly lower\" before measuring is not reached.",
+        f"- img2img recolouring at strength 0.7 needs more guidance than txt2img: "
+        f"{pct(img2img[worst]['colour'])} at {worst.rsplit(' ', 1)[1]}, and the 80% target "
+        + (f"is met from {passing[0].rsplit(' ', 1)[1]} on" if passing else "is not met")
+        + " (the shape is kept throughout). At strength 0.7 DDIM 25 starts at t = 641, where "
+        "the red init still dominates the latent.",
+        "- Known defect: on gray backgrounds the decoder often paints a faint iridescent smudge "
+        "beside the shape (see the contact sheet); it comes from the small VAE (it appears in "
+        "plain reconstructions too) and is faint enough that the detector ignores it.",
+    ]
+    training = ROOT / "sdcore" / "builtin" / "shapes" / "training.json"
+    if args.weights == WEIGHTS and training.exists():
+        meta = json.loads(training.read_text())
+        wall = sum(meta["wall_seconds"].values())
+        lines += [
+            "",
+            "## The model",
+            "",
+            f"`builtin:shapes` (`sdcore/builtin/shapes/`, config and training record in "
+            f"`training.json`): trained by `{meta['command']}` on "
+            f"{meta['dataset']['n_images']} images of `sdcore.shapes` (dataset seed "
+            f"{meta['dataset']['seed']}, training split only) in {wall / 60:.0f} min on 1 "
+            f"shared CPU core: VAE {meta['vae_steps']} steps (loss "
+            f"{meta['vae_loss']['first']:.3f} -> {meta['vae_loss']['last50']:.3f}), UNet + text "
+            f"encoder {meta['unet_steps']} steps (ε-MSE {meta['unet_loss']['first50']:.3f} -> "
+            f"{meta['unet_loss']['last200']:.3f}). {meta['weights']}; images from the float16 "
+            "file differ from the float32 EMA weights by at most 1/255 per pixel (16 held-out "
+            "prompts, DDIM 25).",
+        ]
+    lines += [
+        "",
+        "Accuracies are over one image per prompt; with n = "
+        f"{args.n} the standard error of a figure near 85% is about "
+        f"{100 * (0.85 * 0.15 / args.n) ** 0.5:.0f} points.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,520 @@
+"""Train a small Stable Diffusion 1.x on the shape world (`sdcore.shapes`), on a CPU, from scratch.
+
+The recipe is Latent Diffusion's (Rombach et al. 2022), in two stages, with sdcore's own modules:
+
+1. **VAE** (`AutoencoderKL`): reconstruction (L1 + L2) plus a small KL term towards N(0, I)
+   (LDM sec. 3 and appendix G, "KL-reg"; no perceptual or GAN loss: flat-coloured shapes do not
+   need them). The latent is sampled from the posterior with the reparameterisation trick
+   (Kingma & Welling 2014, eq. 10). Two changes make it learn in minutes on a CPU: shape pixels
+   weigh 10x in the reconstruction (they cover 3-9% of an image, and an unweighted loss first
+   settles for background + blob), and the posterior starts narrow (log-variance bias -4), so
+   the decoder sees the encoder's signal rather than unit noise from the first step.
+2. **UNet + text encoder** (`UNet2DConditionModel`, `CLIPTextModel`), trained jointly from
+   scratch on the frozen VAE's latents with the ε-prediction objective of DDPM (Ho et al. 2020,
+   eq. 14, "L_simple") on SD 1.5's noise schedule (`schedules.alphas_cumprod`), weighted by
+   Min-SNR-γ (Hang et al. 2023, eq. 8 for ε-prediction: w_t = min(SNR_t, γ) / SNR_t), which
+   speeds up convergence a lot at this scale. Captions are dropped (replaced by "", the
+   pipeline's default negative prompt) with probability 0.1 so that one network also learns the
+   unconditional model that classifier-free guidance needs (Ho & Salimans 2022, sec. 3.2).
+   An exponential moving average of the weights is kept and shipped (as SD's `model_ema`).
+
+`VAEConfig.scaling_factor` is set to 1 / std of the trained latents (LDM sec. 4.3.2), so the
+UNet sees unit-variance latents as SD's does.
+
+Everything random draws from generators seeded from `--seed` (initial weights, batches,
+timesteps, noise, caption dropout), so a run is reproducible on one machine; checkpoints hold
+the generator states as well, so `--resume` continues the same run.
+
+    python -m sdcore.train --out runs/shapes --seed 0 --vae-steps 1500 --unet-steps 5000
+    python -m sdcore.train --out runs/shapes --resume ...   # continue after an interruption
+    python -m sdcore.train --out runs/shapes --export sdcore/builtin/shapes  # ship the result
+
+Files in `--out`: `train_config.json`, `vae.pt`, `unet.pt` (checkpoints, replaced atomically),
+`latents.pt`, `log.jsonl` (one line per logged step: phase, step, loss, lr, seconds),
+`summary.json`. `--export DIR` writes `DIR/model.safetensors` (float16, CompVis layout, config
+in the metadata) and `DIR/training.json` (dataset seed, steps, losses, wall time, commit and a
+small stored adherence figure that `tests/test_train.py` re-measures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import schedules
+from .clip import CLIPTextModel
+from .config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from .tokenizer import tokenize
+from .unet import UNet2DConditionModel
+from .vae import AutoencoderKL
+
+
+def shapes_config(scaling_factor: float = 1.0) -> ModelConfig:
+    """The model shipped as `builtin:shapes`: 4x VAE (64x64 px -> 16x16x4 latents), a 3-level
+    UNet with cross-attention at 8x8 and 4x4, a 2-layer 64-wide CLIP text encoder over SD's
+    full 49408-token vocabulary (its embedding is half the parameters)."""
+    return ModelConfig(
+        unet=UNetConfig(
+            block_out_channels=(32, 64, 128),
+            attention_levels=(False, True, True),
+            layers_per_block=1,
+            num_heads=4,
+            cross_attention_dim=64,
+            norm_num_groups=16,
+        ),
+        vae=VAEConfig(
+            block_out_channels=(16, 32, 64),
+            layers_per_block=1,
+            norm_num_groups=16,
+            scaling_factor=scaling_factor,
+        ),
+        text_encoder=TextEncoderConfig(
+            hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    dataset_seed: int = 0
+    n_train: int = 30_000  # pre-rendered training images (64x64)
+    size: int = 64
+    vae_steps: int = 1500
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-4  # per latent element, against per-pixel-mean reconstruction
+    foreground_weight: float = 10.0  # reconstruction weight of shape pixels vs background
+    initial_logvar: float = -4.0
+    unet_steps: int = 5000
+    unet_batch: int = 64
+    unet_lr: float = 3e-4
+    warmup: int = 100
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    log_every: int = 10
+    checkpoint_every: int = 200
+    model: dict = field(default_factory=lambda: shapes_config().to_dict())
+
+    def model_config(self, scaling_factor: float = 1.0) -> ModelConfig:
+        config = ModelConfig.from_dict(self.model)
+        return replace(config, vae=replace(config.vae, scaling_factor=scaling_factor))
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+def render_training_set(cfg: TrainConfig) -> tuple[torch.Tensor, list[str]]:
+    """The fixed training set: (N, 3, H, W) uint8 images and their captions."""
+    from .shapes.dataset import dataset  # lazy: only training needs it
+
+    data = dataset(cfg.n_train, seed=cfg.dataset_seed, split="train", size=cfg.size,
+                   tensors=False)
+    images = torch.empty(cfg.n_train, 3, cfg.size, cfg.size, dtype=torch.uint8)
+    captions = []
+    for i in range(cfg.n_train):
+        image, caption = data[i]
+        # (H, W, 3) -> (3, H, W)
+        images[i] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        captions.append(caption)
+    return images, captions
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 in [-1, 1], the VAE's input range."""
+    return images.float() / 127.5 - 1.0
+
+
+def token_table(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unique captions tokenized once: ids (U, 77), per-image index (N,), and the ids of ""."""
+    unique = sorted(set(captions))
+    index = {c: i for i, c in enumerate(unique)}
+    ids = tokenize(unique)
+    return ids, torch.tensor([index[c] for c in captions]), tokenize([""])[0]
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def lr_at(step: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then constant (a stopped-early run is as good as its EMA so far)."""
+    return base * min(1.0, (step + 1) / warmup)
+
+
+def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) per element (Kingma & Welling 2014, appendix B)."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, **record) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, mininterval=5,
+                dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------- stage 1
+
+
+def train_vae(cfg: TrainConfig, out: Path, images: torch.Tensor, *, resume: bool,
+              progress: bool = True) -> tuple[AutoencoderKL, list[float]]:
+    """Stage 1: the KL autoencoder. Returns the trained VAE and its per-step losses."""
+    path = out / "vae.pt"
+    config = cfg.model_config()
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)  # initial weights (PyTorch's default init draws globally)
+        vae = AutoencoderKL(config.vae)
+        # Start with a narrow posterior (std e^-2 ~ 0.14), so the decoder sees the encoder's
+        # signal from the first step instead of unit noise; the KL term widens it as it likes.
+        latent = config.vae.latent_channels
+        with torch.no_grad():
+            vae.quant_conv.bias[latent:].fill_(cfg.initial_logvar)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + 1)
+    losses: list[float] = []
+    step = 0
+    if resume and path.exists():
+        state = _load(path)
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        losses, step = list(state["losses"]), int(state["step"])
+
+    def checkpoint() -> None:
+        _save({"model": vae.state_dict(), "optimizer": optimizer.state_dict(),
+               "generator": generator.get_state(), "losses": losses, "step": step}, path)
+
+    log = Log(out / "log.jsonl")
+    bar = _progress(cfg.vae_steps, step, "vae", progress)
+    vae.train()
+    start = time.time()
+    while step < cfg.vae_steps:
+        lr = lr_at(step, cfg.vae_lr, cfg.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        index = torch.randint(len(images), (cfg.vae_batch,), generator=generator)
+        x = to_unit(images[index])  # (B, 3, H, W)
+        mean, logvar = vae.encode(x)  # (B, 4, H/f, W/f) each
+        eps = torch.randn(mean.shape, generator=generator)
+        z = mean + torch.exp(0.5 * logvar) * eps  # reparameterisation
+        recon = vae.decode(z)
+        # Foreground-weighted L1 + L2: the shape covers 3-9% of the pixels, so an unweighted
+        # loss is won by painting the background and a blob. Shapes never touch the border,
+        # so a pixel unlike the corner pixel is foreground: (B, 1, H, W).
+        foreground = ((x - x[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.05).float()
+        weight = 1.0 + (cfg.foreground_weight - 1.0) * foreground
+        rec = (weight * ((recon - x).abs() + (recon - x).pow(2))).mean() / weight.mean()
+        kl = kl_to_standard_normal(mean, logvar).mean()
+        loss = rec + cfg.kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.vae_steps:
+            recent = float(np.mean(losses[-cfg.log_every:]))
+            bar.set_postfix(loss=f"{recent:.4f}", rec=f"{rec.item():.4f}", kl=f"{kl.item():.2f}")
+            log.write(phase="vae", step=step, loss=recent, rec=rec.item(), kl=kl.item(), lr=lr,
+                      seconds=round(time.time() - start, 1))
+        if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps:
+            checkpoint()
+    bar.close()
+    return vae.eval().requires_grad_(False), losses
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256):
+    """Posterior mean and std of every training image, (N, 4, h, w) each, unscaled."""
+    means, stds = [], []
+    for chunk in images.split(batch):
+        mean, logvar = vae.encode(to_unit(chunk))
+        means.append(mean)
+        stds.append(torch.exp(0.5 * logvar))
+    return torch.cat(means), torch.cat(stds)
+
+
+# ---------------------------------------------------------------------------------- stage 2
+
+
+def train_unet(cfg: TrainConfig, out: Path, latents: tuple[torch.Tensor, torch.Tensor],
+               scaling_factor: float, captions: list[str], *, resume: bool,
+               progress: bool = True):
+    """Stage 2: UNet + text encoder with ε-prediction on SD 1.5's schedule, caption dropout and
+    Min-SNR weighting. Returns (ema unet, ema text encoder, per-step losses)."""
+    path = out / "unet.pt"
+    config = cfg.model_config(scaling_factor)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed + 1)
+        unet = UNet2DConditionModel(config.unet)
+        text = CLIPTextModel(config.text_encoder)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    params = list(unet.parameters()) + list(text.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + 2)
+    losses: list[float] = []
+    step = 0
+    if resume and path.exists():
+        state = _load(path)
+        unet.load_state_dict(state["unet"])
+        text.load_state_dict(state["text_encoder"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_text.load_state_dict(state["ema_text_encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        losses, step = list(state["losses"]), int(state["step"])
+
+    def checkpoint() -> None:
+        _save({"unet": unet.state_dict(), "text_encoder": text.state_dict(),
+               "ema_unet": ema_unet.state_dict(), "ema_text_encoder": ema_text.state_dict(),
+               "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+               "losses": losses, "step": step, "scaling_factor": scaling_factor}, path)
+
+    ids, caption_index, empty_ids = token_table(captions)
+    mean_all, std_all = latents
+    alpha_bar = schedules.alphas_cumprod()  # (1000,) SD 1.5 scaled-linear
+    snr = alpha_bar / (1 - alpha_bar)
+    # Min-SNR-γ weight for ε-prediction (Hang et al. 2023): min(SNR, γ) / SNR
+    weight_table = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+    ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params))
+
+    log = Log(out / "log.jsonl")
+    bar = _progress(cfg.unet_steps, step, "unet", progress)
+    unet.train()
+    text.train()
+    start = time.time()
+    while step < cfg.unet_steps:
+        lr = lr_at(step, cfg.unet_lr, cfg.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = cfg.unet_batch
+        index = torch.randint(len(mean_all), (batch,), generator=generator)
+        posterior = torch.randn(mean_all[index].shape, generator=generator)
+        # a fresh draw from the VAE posterior, scaled to unit variance: (B, 4, h, w)
+        x0 = (mean_all[index] + std_all[index] * posterior) * scaling_factor
+        t = torch.randint(0, schedules.NUM_TRAIN_TIMESTEPS, (batch,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        a = alpha_bar[t].view(batch, 1, 1, 1)
+        # q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I)   (Ho et al. 2020, eq. 4)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        drop = torch.rand(batch, generator=generator) < cfg.caption_dropout
+        tokens = ids[caption_index[index]].clone()  # (B, 77)
+        tokens[drop] = empty_ids
+        context = text(tokens)  # (B, 77, D)
+        eps = unet(xt, t, context)
+        per_row = (eps - noise).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        loss = (weight_table[t] * per_row).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        # EMA with the usual warm-up of the decay, min(decay, (1 + n) / (10 + n))
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema_p, p in ema_pairs:
+                ema_p.lerp_(p, 1 - decay)
+        losses.append(per_row.mean().item())  # unweighted ε-MSE: comparable across runs
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.unet_steps:
+            recent = float(np.mean(losses[-cfg.log_every:]))
+            bar.set_postfix(loss=f"{recent:.4f}")
+            log.write(phase="unet", step=step, loss=recent, weighted=loss.item(), lr=lr,
+                      seconds=round(time.time() - start, 1))
+        if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps:
+            checkpoint()
+    bar.close()
+    # buffers (none today) follow the live model
+    return ema_unet.eval(), ema_text.eval(), losses
+
+
+# ---------------------------------------------------------------------------------- run / export
+
+
+def run(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = True) -> dict:
+    """Both stages; returns a summary (also written to `out/summary.json`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=list))
+    began = time.time()
+    images, captions = render_training_set(cfg)
+    vae, vae_losses = train_vae(cfg, out, images, resume=resume, progress=progress)
+
+    latents_path = out / "latents.pt"
+    if resume and latents_path.exists():
+        state = _load(latents_path)
+        mean, std, scaling_factor = state["mean"], state["std"], float(state["scaling_factor"])
+    else:
+        mean, std = encode_latents(vae, images)
+        # LDM sec. 4.3.2: rescale by 1 / std of the latents (here of the posterior mean, as
+        # diffusers' training scripts compute it on a batch)
+        scaling_factor = float(1.0 / mean.std())
+        _save({"mean": mean, "std": std, "scaling_factor": scaling_factor}, latents_path)
+
+    unet, text, unet_losses = train_unet(cfg, out, (mean, std), scaling_factor, captions,
+                                         resume=resume, progress=progress)
+    summary = {
+        "seconds": round(time.time() - began, 1),
+        "scaling_factor": scaling_factor,
+        "vae_loss_first": vae_losses[0] if vae_losses else None,
+        "vae_loss_last": float(np.mean(vae_losses[-50:])) if vae_losses else None,
+        "unet_loss_first": float(np.mean(unet_losses[:50])) if unet_losses else None,
+        "unet_loss_last": float(np.mean(unet_losses[-200:])) if unet_losses else None,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def pipeline_from_run(out: Path, *, ema: bool = True):
+    """A `Pipeline` from the checkpoints in `out` (EMA weights by default)."""
+    from .weights import assemble
+
+    cfg = TrainConfig(**json.loads((out / "train_config.json").read_text()))
+    vae_state = _load(out / "vae.pt")["model"]
+    unet_state = _load(out / "unet.pt")
+    prefix = "ema_" if ema else ""
+    config = cfg.model_config(float(unet_state["scaling_factor"]))
+    parts = {"vae": vae_state, "unet": unet_state[prefix + "unet"],
+             "text_encoder": unet_state[prefix + "text_encoder"]}
+    return assemble(config, parts, source=str(out)), cfg, unet_state
+
+
+# A small, fixed adherence figure stored with the shipped weights and re-measured by the tests:
+# 12 held-out prompts, DDIM 10 steps, guidance 7.5, one seed each.
+CHECK = {"n": 12, "prompt_seed": 7, "sampler": "ddim", "steps": 10, "guidance_scale": 7.5}
+
+
+def adherence_check(pipe, check: dict = CHECK) -> dict:
+    """Generate the check images with `pipe` and judge them: {"settings", "prompts", "counts"}."""
+    from .shapes.dataset import dataset
+    from .shapes.evaluate import adherence
+
+    data = dataset(check["n"], seed=check["prompt_seed"], split="heldout", tensors=False)
+    prompts = [data.scene(i)[1] for i in range(check["n"])]
+    images = pipe.generate([{"prompt": p, "seed": i} for i, p in enumerate(prompts)],
+                           sampler=check["sampler"], steps=check["steps"],
+                           guidance_scale=check["guidance_scale"], width=64, height=64)
+    result = adherence(zip(images, prompts))
+    return {"settings": dict(check), "prompts": prompts, "counts": result["counts"]}
+
+
+def export(out: Path, target: Path, *, dtype: torch.dtype = torch.float16,
+           extra: dict | None = None) -> Path:
+    """Ship the run in `out` as `target/model.safetensors` (CompVis layout, config in the
+    metadata, weights in `dtype`) plus `target/training.json`."""
+    from .weights import export_single_file
+
+    pipe, cfg, unet_state = pipeline_from_run(out)
+    pipe.unet.to(dtype)
+    pipe.vae.to(dtype)
+    pipe.text_encoder.to(dtype)
+    target.mkdir(parents=True, exist_ok=True)
+    export_single_file(pipe, target / "model.safetensors")
+    vae_state = _load(out / "vae.pt")
+    unet_losses, vae_losses = unet_state["losses"], vae_state["losses"]
+    log_path = out / "log.jsonl"
+    seconds = {}
+    if log_path.exists():
+        for line in log_path.read_text().splitlines():
+            record = json.loads(line)
+            seconds[record["phase"]] = record["seconds"]
+    meta = {
+        "model": "builtin:shapes",
+        "dataset": {"module": "sdcore.shapes.dataset", "seed": cfg.dataset_seed,
+                    "split": "train", "n_images": cfg.n_train, "size": cfg.size},
+        "train_seed": cfg.seed,
+        "vae_steps": int(vae_state["step"]),
+        "unet_steps": int(unet_state["step"]),
+        "vae_loss": {"first": vae_losses[0], "last50": float(np.mean(vae_losses[-50:]))},
+        "unet_loss": {"first50": float(np.mean(unet_losses[:50])),
+                      "last200": float(np.mean(unet_losses[-200:]))},
+        "wall_seconds": seconds,
+        "weights": "EMA of UNet and text encoder; stored as " + str(dtype).replace("torch.", ""),
+        "scaling_factor": float(unet_state["scaling_factor"]),
+        "git_commit": git_commit(),
+        "train_config": {k: v for k, v in cfg.__dict__.items() if k != "model"},
+        "model_config": pipe.config.to_dict(),
+        "command": "python -m sdcore.train --out RUN --seed {} --vae-steps {} --unet-steps {}"
+                   .format(cfg.seed, cfg.vae_steps, cfg.unet_steps),
+        **(extra or {}),
+    }
+    from .weights import load_single_file, assemble
+
+    config, parts = load_single_file(target / "model.safetensors")  # measured as shipped
+    meta["adherence_check"] = adherence_check(assemble(config, parts, source="check"))
+    (target / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return target / "model.safetensors"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sdcore.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dataset-seed", type=int, default=0)
+    parser.add_argument("--n-train", type=int, default=TrainConfig.n_train)
+    parser.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
+    parser.add_argument("--unet-steps", type=int, default=TrainConfig.unet_steps)
+    parser.add_argument("--vae-batch", type=int, default=TrainConfig.vae_batch)
+    parser.add_argument("--unet-batch", type=int, default=TrainConfig.unet_batch)
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--export", type=Path, metavar="DIR",
+                        help="instead of training, write DIR/model.safetensors + training.json")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.export:
+        print(export(args.out, args.export))
+        return 0
+    cfg = TrainConfig(seed=args.seed, dataset_seed=args.dataset_seed, n_train=args.n_train,
+                      vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                      vae_batch=args.vae_batch, unet_batch=args.unet_batch)
+    if args.resume and (args.out / "train_config.json").exists():
+        saved = json.loads((args.out / "train_config.json").read_text())
+        saved_cfg = TrainConfig(**saved)
+        # step counts may grow on resume; everything else must match the run being continued
+        cfg = replace(saved_cfg, vae_steps=args.vae_steps, unet_steps=args.unet_steps)
+    print(json.dumps(run(cfg, args.out, resume=args.resume, progress=not args.no_progress)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
