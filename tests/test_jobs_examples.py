@@ -28,7 +28,7 @@ def test_make_example_recreates_the_committed_files(tmp_path):
 
 def test_example_specs_validate_and_the_manifest_has_both_modes():
     spec = load_spec(REPO / "manifests" / "example.yaml")
-    assert spec.model.weights == "builtin:tiny"
+    assert spec.model.weights == "builtin:shapes"
     manifest = load_manifest(list(spec.manifest))
     modes = ["img2img" if v else "txt2img" for v in manifest.table.column("init_image_uri").to_pylist()]
     assert modes.count("img2img") >= 2 and modes.count("txt2img") >= 2
