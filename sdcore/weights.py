@@ -83,8 +83,7 @@ def _check_and_load(model: torch.nn.Module, state: dict[str, torch.Tensor], part
                 f"{part}: {key!r} has shape {tuple(state[key].shape)}, "
                 f"the config expects {tuple(tensor.shape)}"
             )
-    # assign: the module takes the loaded tensors themselves, so a checkpoint is never held twice
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state, strict=True)
 
 
 def assemble(
@@ -103,9 +102,10 @@ def assemble(
         k: v for k, v in parts["text_encoder"].items() if k not in IGNORED_TEXT_KEYS
     }
     fp = fingerprint(parts)
-    with torch.device("meta"):  # no random init: every tensor comes from `parts`
+    with torch.device("meta"):
         models = build_models(config)
     for part, model in models.items():
+        model.to_empty(device="cpu")
         _check_and_load(model, parts[part], part)
         model.to(device=device, dtype=target)
     return Pipeline(
