@@ -147,3 +147,23 @@ def transformers_text_state_dict(part: dict[str, torch.Tensor], text_encoder) ->
     (for `text_encoder.load_state_dict(..., strict=True)`)."""
     prefixed = any(k.startswith("text_model.") for k in text_encoder.state_dict())
     return part if prefixed else {k.removeprefix("text_model."): v for k, v in part.items()}
+
+
+def save_diffusers_folder(cfg: ModelConfig, seed: int, folder) -> None:
+    """A diffusers-format pipeline folder (as users download them) with random weights from
+    `diffusers_models(cfg, seed)`, sdcore's tokenizer and SD 1.5's DDIM scheduler config."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from sdcore.tokenizer import get_tokenizer
+
+    unet, vae, text_encoder = diffusers_models(cfg, seed)
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=get_tokenizer(),
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)

@@ -19,7 +19,7 @@ from PIL import Image
 import sdcore
 from sdcore.config import ModelConfig
 from sdcore.tokenizer import get_tokenizer
-from tests.reference import SD15_SCHEDULER_CONFIG, diffusers_models
+from tests.reference import SD15_SCHEDULER_CONFIG, save_diffusers_folder
 
 MAX_PIXEL_DIFF = 2  # out of 255
 SCHEDULERS = {
@@ -41,18 +41,8 @@ def init_image(seed: int, size=(64, 48)) -> Image.Image:
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     """A diffusers-format folder (as users download them) holding small random weights."""
-    unet, vae, text_encoder = diffusers_models(ModelConfig.tiny(), seed=7)
     folder = tmp_path_factory.mktemp("tiny-diffusers")
-    StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=get_tokenizer(),
-        unet=unet,
-        scheduler=DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(folder)
+    save_diffusers_folder(ModelConfig.tiny(), 7, folder)
     return folder
 
 

@@ -8,15 +8,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 import sdcore
 from sdcore.config import ModelConfig
 from sdcore.convert import CheckpointError, parts_to_compvis
-from sdcore.tokenizer import get_tokenizer
 from sdcore.weights import load_builtin
-from tests.reference import diffusers_models, sdcore_parts
+from tests.reference import save_diffusers_folder
 
 SETTINGS = dict(sampler="euler_a", steps=3, guidance_scale=7.0, width=32, height=32)
 ROWS = [{"prompt": "a red circle", "seed": 11}, {"prompt": "a blue square", "negative": "x", "seed": 12}]
@@ -28,13 +26,8 @@ def pixels(pipe) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def diffusers_folder(tmp_path_factory):
-    unet, vae, text_encoder = diffusers_models(ModelConfig.tiny(), seed=21)
     folder = tmp_path_factory.mktemp("diffusers")
-    StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=get_tokenizer(), unet=unet,
-        scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(folder)
+    save_diffusers_folder(ModelConfig.tiny(), 21, folder)
     return folder
 
 
