@@ -14,12 +14,21 @@ The recipe is Latent Diffusion's (Rombach et al. 2022), in two stages, with sdco
    eq. 14, "L_simple") on SD 1.5's noise schedule (`schedules.alphas_cumprod`), weighted by
    Min-SNR-γ (Hang et al. 2023, eq. 8 for ε-prediction: w_t = min(SNR_t, γ) / SNR_t), which
    speeds up convergence a lot at this scale. Captions are dropped (replaced by "", the
-   pipeline's default negative prompt) with probability 0.1 so that one network also learns the
+   pipeline's default negative prompt) with probability 0.2 so that one network also learns the
    unconditional model that classifier-free guidance needs (Ho & Salimans 2022, sec. 3.2).
    An exponential moving average of the weights is kept and shipped (as SD's `model_ema`).
 
-`VAEConfig.scaling_factor` is set to 1 / std of the trained latents (LDM sec. 4.3.2), so the
-UNet sees unit-variance latents as SD's does.
+`VAEConfig.scaling_factor` is set to `latent_std` / std of the trained latents. LDM (sec. 4.3.2)
+and SD use unit variance; the shapes model uses 0.6. Its latents are 16x16 and its images are
+big flat colour regions, so under SD's noise schedule an object's colour is still plain at
+t ~ 640, where img2img at strength 0.7 starts, and the model keeps the init's colours whatever
+the prompt says. Shrinking the latents is the input-scaling form of a noise-schedule shift
+(Chen 2023, "On the importance of noise scheduling for diffusion models", sec. 2.2): 0.6 makes
+SNR(t = 641) what unit-variance latents have at t ~ 760, so a strength means about as much
+repainting as it does in SD. The samplers and schedule stay SD 1.5's.
+
+`--vae-from RUN` takes the finished VAE stage (`vae.pt`, `latents.pt`) of an earlier run
+whose stage-1 settings are identical, to iterate on stage 2 without redoing stage 1.
 
 Everything random draws from generators seeded from `--seed` (initial weights, batches,
 timesteps, noise, caption dropout), so a run is reproducible on one machine; checkpoints hold
@@ -60,11 +69,11 @@ from .vae import AutoencoderKL
 
 def shapes_config(scaling_factor: float = 1.0) -> ModelConfig:
     """The model shipped as `builtin:shapes`: 4x VAE (64x64 px -> 16x16x4 latents), a 3-level
-    UNet with cross-attention at 8x8 and 4x4, a 2-layer 64-wide CLIP text encoder over SD's
-    full 49408-token vocabulary (its embedding is half the parameters)."""
+    UNet (1.7M parameters) with cross-attention at 8x8 and 4x4, a 2-layer 64-wide CLIP text
+    encoder over SD's full 49408-token vocabulary."""
     return ModelConfig(
         unet=UNetConfig(
-            block_out_channels=(32, 64, 128),
+            block_out_channels=(32, 64, 64),
             attention_levels=(False, True, True),
             layers_per_block=1,
             num_heads=4,
@@ -99,13 +108,25 @@ class TrainConfig:
     unet_batch: int = 64
     unet_lr: float = 3e-4
     warmup: int = 100
-    caption_dropout: float = 0.1
+    caption_dropout: float = 0.2
+    latent_std: float = 0.6  # std of the UNet's latents (SD: 1.0); see the module docstring
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     log_every: int = 10
     checkpoint_every: int = 200
     model: dict = field(default_factory=lambda: shapes_config().to_dict())
+
+    # the fields stage 1 (the VAE and its latents) depends on
+    VAE_FIELDS = ("seed", "dataset_seed", "n_train", "size", "vae_steps", "vae_batch", "vae_lr",
+                  "kl_weight", "foreground_weight", "initial_logvar", "warmup", "grad_clip")
+
+    def vae_stage(self) -> dict:
+        """What stage 1's result depends on: two runs with equal values train the same VAE."""
+        stage = {name: getattr(self, name) for name in self.VAE_FIELDS}
+        stage["vae"] = ModelConfig.from_dict(self.model).to_dict()["vae"]
+        stage["vae"].pop("scaling_factor", None)
+        return stage
 
     def model_config(self, scaling_factor: float = 1.0) -> ModelConfig:
         config = ModelConfig.from_dict(self.model)
@@ -370,8 +391,35 @@ def train_unet(cfg: TrainConfig, out: Path, latents: tuple[torch.Tensor, torch.T
 # ---------------------------------------------------------------------------------- run / export
 
 
-def run(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = True) -> dict:
-    """Both stages; returns a summary (also written to `out/summary.json`)."""
+def reuse_vae_stage(cfg: TrainConfig, source: Path, out: Path) -> None:
+    """Copy a finished stage 1 (`vae.pt`, `latents.pt`) from the run in `source` into `out`,
+    after checking that it was trained with exactly the stage-1 settings of `cfg`."""
+    import shutil
+
+    saved = TrainConfig(**json.loads((source / "train_config.json").read_text()))
+    if saved.vae_stage() != cfg.vae_stage():
+        differ = sorted(k for k, v in cfg.vae_stage().items() if saved.vae_stage().get(k) != v)
+        raise ValueError(f"--vae-from {source}: its VAE stage was trained with other settings "
+                         f"({', '.join(differ)})")
+    if int(_load(source / "vae.pt")["step"]) != cfg.vae_steps:
+        raise ValueError(f"--vae-from {source}: its VAE stage is not finished")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("vae.pt", "latents.pt"):
+        shutil.copyfile(source / name, out / name)
+    log = Log(out / "log.jsonl")
+    log.write(phase="vae_from", source=str(source.resolve()))
+    for line in (source / "log.jsonl").read_text().splitlines():  # stage 1's own log
+        if json.loads(line).get("phase") == "vae":
+            log.write(**json.loads(line))
+
+
+def run(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = True,
+        vae_from: Path | None = None) -> dict:
+    """Both stages; returns a summary (also written to `out/summary.json`). With `vae_from`,
+    stage 1 is taken from that run (see `reuse_vae_stage`)."""
+    if vae_from is not None and not (resume and (out / "vae.pt").exists()):
+        reuse_vae_stage(cfg, vae_from, out)
+        resume = True  # stage 1 is complete; stage 2 starts from scratch (no unet.pt yet)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=list))
     began = time.time()
@@ -381,13 +429,13 @@ def run(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = T
     latents_path = out / "latents.pt"
     if resume and latents_path.exists():
         state = _load(latents_path)
-        mean, std, scaling_factor = state["mean"], state["std"], float(state["scaling_factor"])
+        mean, std = state["mean"], state["std"]
     else:
         mean, std = encode_latents(vae, images)
-        # LDM sec. 4.3.2: rescale by 1 / std of the latents (here of the posterior mean, as
-        # diffusers' training scripts compute it on a batch)
-        scaling_factor = float(1.0 / mean.std())
-        _save({"mean": mean, "std": std, "scaling_factor": scaling_factor}, latents_path)
+        _save({"mean": mean, "std": std}, latents_path)
+    # LDM sec. 4.3.2 rescales by 1 / std of the latents (here of the posterior mean, as
+    # diffusers' training scripts compute it on a batch); we aim at `latent_std` instead of 1
+    scaling_factor = float(cfg.latent_std / mean.std())
 
     unet, text, unet_losses = train_unet(cfg, out, (mean, std), scaling_factor, captions,
                                          resume=resume, progress=progress)
@@ -455,7 +503,8 @@ def export(out: Path, target: Path, *, dtype: torch.dtype = torch.float16,
     if log_path.exists():
         for line in log_path.read_text().splitlines():
             record = json.loads(line)
-            seconds[record["phase"]] = record["seconds"]
+            if "seconds" in record:
+                seconds[record["phase"]] = record["seconds"]
     meta = {
         "model": "builtin:shapes",
         "dataset": {"module": "sdcore.shapes.dataset", "seed": cfg.dataset_seed,
@@ -472,8 +521,10 @@ def export(out: Path, target: Path, *, dtype: torch.dtype = torch.float16,
         "git_commit": git_commit(),
         "train_config": {k: v for k, v in cfg.__dict__.items() if k != "model"},
         "model_config": pipe.config.to_dict(),
-        "command": "python -m sdcore.train --out RUN --seed {} --vae-steps {} --unet-steps {}"
-                   .format(cfg.seed, cfg.vae_steps, cfg.unet_steps),
+        "command": ("python -m sdcore.train --out RUN --seed {} --vae-steps {} --unet-steps {} "
+                    "--caption-dropout {} --latent-std {}").format(
+                        cfg.seed, cfg.vae_steps, cfg.unet_steps, cfg.caption_dropout,
+                        cfg.latent_std),
         **(extra or {}),
     }
     from .weights import load_single_file, assemble
@@ -494,6 +545,11 @@ def main(argv=None) -> int:
     parser.add_argument("--unet-steps", type=int, default=TrainConfig.unet_steps)
     parser.add_argument("--vae-batch", type=int, default=TrainConfig.vae_batch)
     parser.add_argument("--unet-batch", type=int, default=TrainConfig.unet_batch)
+    parser.add_argument("--caption-dropout", type=float, default=TrainConfig.caption_dropout)
+    parser.add_argument("--latent-std", type=float, default=TrainConfig.latent_std,
+                        help="std of the UNet's latents (SD uses 1.0)")
+    parser.add_argument("--vae-from", type=Path, metavar="RUN",
+                        help="take the finished VAE stage of this earlier run")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--export", type=Path, metavar="DIR",
@@ -506,13 +562,15 @@ def main(argv=None) -> int:
         return 0
     cfg = TrainConfig(seed=args.seed, dataset_seed=args.dataset_seed, n_train=args.n_train,
                       vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                      vae_batch=args.vae_batch, unet_batch=args.unet_batch)
+                      vae_batch=args.vae_batch, unet_batch=args.unet_batch,
+                      caption_dropout=args.caption_dropout, latent_std=args.latent_std)
     if args.resume and (args.out / "train_config.json").exists():
         saved = json.loads((args.out / "train_config.json").read_text())
         saved_cfg = TrainConfig(**saved)
         # step counts may grow on resume; everything else must match the run being continued
         cfg = replace(saved_cfg, vae_steps=args.vae_steps, unet_steps=args.unet_steps)
-    print(json.dumps(run(cfg, args.out, resume=args.resume, progress=not args.no_progress)))
+    print(json.dumps(run(cfg, args.out, resume=args.resume, progress=not args.no_progress,
+                         vae_from=args.vae_from)))
     return 0
 
 
