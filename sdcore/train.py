@@ -421,6 +421,7 @@ def run(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = T
         reuse_vae_stage(cfg, vae_from, out)
         resume = True  # stage 1 is complete; stage 2 starts from scratch (no unet.pt yet)
     out.mkdir(parents=True, exist_ok=True)
+    commit_at_start = git_commit()
     (out / "train_config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=list))
     began = time.time()
     images, captions = render_training_set(cfg)
@@ -440,6 +441,7 @@ def run(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = T
     unet, text, unet_losses = train_unet(cfg, out, (mean, std), scaling_factor, captions,
                                          resume=resume, progress=progress)
     summary = {
+        "git_commit": commit_at_start,  # the code that trained (HEAD when the run began)
         "seconds": round(time.time() - began, 1),
         "scaling_factor": scaling_factor,
         "vae_loss_first": vae_losses[0] if vae_losses else None,
@@ -484,6 +486,17 @@ def adherence_check(pipe, check: dict = CHECK) -> dict:
     return {"settings": dict(check), "prompts": prompts, "counts": result["counts"]}
 
 
+def trained_token_ids(cfg: TrainConfig) -> list[int]:
+    """Every token id that occurs in the run's (tokenized, padded) training captions or in "":
+    the rows of the token table that training updated. The others keep their random init."""
+    from .shapes.dataset import dataset
+
+    data = dataset(cfg.n_train, seed=cfg.dataset_seed, split="train", size=cfg.size,
+                   tensors=False)
+    captions = sorted({data.scene(i)[1] for i in range(cfg.n_train)})
+    return sorted(set(tokenize(captions).flatten().tolist()) | set(tokenize([""]).flatten().tolist()))
+
+
 def export(out: Path, target: Path, *, dtype: torch.dtype = torch.float16,
            extra: dict | None = None) -> Path:
     """Ship the run in `out` as `target/model.safetensors` (CompVis layout, config in the
@@ -495,30 +508,43 @@ def export(out: Path, target: Path, *, dtype: torch.dtype = torch.float16,
     pipe.vae.to(dtype)
     pipe.text_encoder.to(dtype)
     target.mkdir(parents=True, exist_ok=True)
-    export_single_file(pipe, target / "model.safetensors")
+    # Only the token rows training touched are stored (the rest would be 6 MB of random init);
+    # loading makes the others zero, which changes nothing for the world's own prompts.
+    token_ids = trained_token_ids(cfg)
+    export_single_file(pipe, target / "model.safetensors", token_rows=token_ids)
     vae_state = _load(out / "vae.pt")
     unet_losses, vae_losses = unet_state["losses"], vae_state["losses"]
     log_path = out / "log.jsonl"
-    seconds = {}
+    seconds, vae_from = {}, None
     if log_path.exists():
         for line in log_path.read_text().splitlines():
             record = json.loads(line)
             if "seconds" in record:
                 seconds[record["phase"]] = record["seconds"]
+            if record["phase"] == "vae_from":
+                vae_from = record["source"]
     meta = {
         "model": "builtin:shapes",
         "dataset": {"module": "sdcore.shapes.dataset", "seed": cfg.dataset_seed,
                     "split": "train", "n_images": cfg.n_train, "size": cfg.size},
         "train_seed": cfg.seed,
+        **({"vae_stage_from": f"stage 1 (VAE) taken with --vae-from from the run in {vae_from}, "
+                              "trained there with identical stage-1 settings"}
+           if vae_from else {}),
         "vae_steps": int(vae_state["step"]),
         "unet_steps": int(unet_state["step"]),
         "vae_loss": {"first": vae_losses[0], "last50": float(np.mean(vae_losses[-50:]))},
         "unet_loss": {"first50": float(np.mean(unet_losses[:50])),
                       "last200": float(np.mean(unet_losses[-200:]))},
         "wall_seconds": seconds,
-        "weights": "EMA of UNet and text encoder; stored as " + str(dtype).replace("torch.", ""),
+        "weights": "EMA of UNet and text encoder; stored as " + str(dtype).replace("torch.", "")
+                   + f"; token table: the {len(token_ids)} rows of the training captions' "
+                   "tokens, others zero",
         "scaling_factor": float(unet_state["scaling_factor"]),
-        "git_commit": git_commit(),
+        # the commit that trained (summary.json), and the one that exported
+        "git_commit": json.loads((out / "summary.json").read_text()).get("git_commit", "unknown")
+                      if (out / "summary.json").exists() else "unknown",
+        "export_commit": git_commit(),
         "train_config": {k: v for k, v in cfg.__dict__.items() if k != "model"},
         "model_config": pipe.config.to_dict(),
         "command": ("python -m sdcore.train --out RUN --seed {} --vae-steps {} --unet-steps {} "

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from .clip import CLIPTextModel
 from .config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from .convert import CheckpointError, compvis_to_parts, parts_to_compvis
+from .convert import TEXT_PREFIX, CheckpointError, compvis_to_parts, parts_to_compvis
 from .pipeline import Pipeline
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
@@ -30,6 +30,13 @@ CONFIG_METADATA_KEY = "sdcore_config"
 PARTS = ("text_encoder", "unet", "vae")
 # Saved by older transformers versions; a constant, not a weight.
 IGNORED_TEXT_KEYS = ("text_model.embeddings.position_ids",)
+
+# A model trained on a small vocabulary (builtin:shapes) has learned a few dozen rows of the
+# 49408-row token table. Such a file may store just those rows plus their ids; the rows left out
+# are zero. That keeps a 64-wide text encoder's table at kilobytes instead of 6 MB (float16).
+TOKEN_TABLE_KEY = TEXT_PREFIX + "text_model.embeddings.token_embedding.weight"
+PACKED_ROWS_KEY = TEXT_PREFIX + "text_model.embeddings.token_embedding.packed_rows"
+PACKED_IDS_KEY = TEXT_PREFIX + "text_model.embeddings.token_embedding.packed_ids"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -156,12 +163,32 @@ def _read_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return _read_pickle_checkpoint(path), {}
 
 
+def _unpack_token_table(state: dict[str, torch.Tensor], config: ModelConfig | None,
+                        path: Path) -> None:
+    """Replace a packed token table (rows + ids, see PACKED_ROWS_KEY) by the full one, in place."""
+    if PACKED_ROWS_KEY not in state:
+        return
+    rows, ids = state.pop(PACKED_ROWS_KEY), state.pop(PACKED_IDS_KEY, None)
+    if config is None or ids is None or TOKEN_TABLE_KEY in state:
+        raise CheckpointError(f"{path}: a packed token table needs its ids, the config in the "
+                              "metadata, and no full table beside it")
+    vocab = config.text_encoder.vocab_size
+    if ids.dim() != 1 or rows.shape != (len(ids), config.text_encoder.hidden_size) or (
+            len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab)):
+        raise CheckpointError(f"{path}: packed token table has rows {tuple(rows.shape)} and "
+                              f"ids {tuple(ids.shape)}, not matching a {vocab}-token vocabulary")
+    table = torch.zeros(vocab, rows.shape[1], dtype=rows.dtype)
+    table[ids.long()] = rows
+    state[TOKEN_TABLE_KEY] = table
+
+
 def load_single_file(path: Path) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]]]:
     """A CompVis/A1111 single-file checkpoint (.safetensors, .ckpt) -> config and parts."""
     state, metadata = _read_tensor_file(path)
     config = None
     if CONFIG_METADATA_KEY in metadata:
         config = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    _unpack_token_table(state, config, path)
     return compvis_to_parts(state, config)
 
 
@@ -353,14 +380,23 @@ def load_pipeline(weights: str | os.PathLike, device: str | torch.device = "cpu"
     return assemble(config, parts, source=weights, device=device, dtype=dtype)
 
 
-def export_single_file(pipe: Pipeline, path: str | os.PathLike) -> None:
+def export_single_file(pipe: Pipeline, path: str | os.PathLike,
+                       token_rows: list[int] | None = None) -> None:
     """Write the pipeline's weights as one CompVis-layout .safetensors file.
 
     A1111, ComfyUI and diffusers' `from_single_file` read it; sdcore reads back the exact
     config from the file's metadata (heads cannot be inferred from shapes alone).
+
+    `token_rows`: store only these rows of the token table (sdcore-only file: other tools
+    expect the full table). Loading sets every other row to zero, so only prompts made of
+    these tokens give the same text embeddings as `pipe`.
     """
     parts = {part: {k: v.detach().cpu().contiguous() for k, v in sd.items()} for part, sd in pipe.state_dicts().items()}
     state = {k: v.contiguous() for k, v in parts_to_compvis(parts).items()}
+    if token_rows is not None:
+        ids = torch.tensor(sorted(set(token_rows)), dtype=torch.int64)
+        state[PACKED_ROWS_KEY] = state.pop(TOKEN_TABLE_KEY)[ids].contiguous()
+        state[PACKED_IDS_KEY] = ids
     metadata = {CONFIG_METADATA_KEY: pipe.config.to_json(), "format": "pt"}
     tmp = Path(f"{path}.tmp")
     save_file(state, str(tmp), metadata=metadata)

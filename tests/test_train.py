@@ -63,8 +63,33 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
         assert torch.equal(tensor, split["ema_unet"][key]), key
 
 
-@pytest.mark.skipif(not (SHAPES_DIR / "model.safetensors").exists(),
-                    reason="builtin:shapes not shipped")
+def test_vae_from_reuses_stage_one_exactly(tmp_path):
+    """--vae-from: stage 2 on a VAE stage taken from another run equals a run from scratch;
+    a run trained with other stage-1 settings is refused, naming the setting."""
+    cfg = replace(CFG, vae_steps=6, unet_steps=6, checkpoint_every=6)
+    run(cfg, tmp_path / "scratch", progress=False)
+    other_stage_two = replace(cfg, caption_dropout=0.5, latent_std=1.0, unet_lr=1e-4)
+    run(other_stage_two, tmp_path / "donor", progress=False)
+    run(cfg, tmp_path / "reused", progress=False, vae_from=tmp_path / "donor")
+    scratch, reused = _load(tmp_path / "scratch" / "unet.pt"), _load(tmp_path / "reused" / "unet.pt")
+    assert scratch["losses"] == reused["losses"]
+    for key, tensor in scratch["ema_unet"].items():
+        assert torch.equal(tensor, reused["ema_unet"][key]), key
+    with pytest.raises(ValueError, match="kl_weight"):
+        run(replace(cfg, kl_weight=1.0), tmp_path / "refused", progress=False,
+            vae_from=tmp_path / "donor")
+
+
+def test_latent_std_sets_the_scaling_factor(tmp_path):
+    cfg = replace(CFG, vae_steps=6, unet_steps=1, checkpoint_every=6)
+    unit = run(replace(cfg, latent_std=1.0), tmp_path / "unit", progress=False)
+    small = run(replace(cfg, latent_std=0.6), tmp_path / "small", progress=False,
+                vae_from=tmp_path / "unit")
+    mean = _load(tmp_path / "unit" / "latents.pt")["mean"]
+    assert unit["scaling_factor"] == pytest.approx(1.0 / float(mean.std()))
+    assert small["scaling_factor"] == pytest.approx(0.6 * unit["scaling_factor"])
+
+
 def test_builtin_shapes_reproduces_its_stored_adherence():
     meta = json.loads((SHAPES_DIR / "training.json").read_text())
     for key in ("dataset", "unet_steps", "vae_steps", "unet_loss", "git_commit", "model_config"):

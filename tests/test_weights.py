@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import sdcore
@@ -49,6 +50,44 @@ def test_single_file_export_round_trip(tmp_path, from_folder):
     assert "model.diffusion_model.input_blocks.0.0.weight" in keys
     assert "first_stage_model.decoder.conv_out.weight" in keys
     assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in keys
+
+
+def test_packed_token_table(tmp_path, from_folder):
+    """export_single_file(token_rows=...) stores only those rows of the token table; loading
+    fills the rest with zeros, so prompts made of those tokens give the same images."""
+    from sdcore.tokenizer import tokenize
+    from sdcore.weights import PACKED_IDS_KEY, TOKEN_TABLE_KEY
+
+    ids = sorted(set(tokenize([r["prompt"] for r in ROWS] + ["x", ""]).flatten().tolist()))
+    full, packed = tmp_path / "full.safetensors", tmp_path / "packed.safetensors"
+    sdcore.export_single_file(from_folder, full)
+    sdcore.export_single_file(from_folder, packed, token_rows=ids)
+    stored = load_file(str(packed))
+    assert TOKEN_TABLE_KEY not in stored and stored[PACKED_IDS_KEY].tolist() == ids
+    vocab, width = from_folder.config.text_encoder.vocab_size, from_folder.config.text_encoder.hidden_size
+    assert full.stat().st_size - packed.stat().st_size > 0.9 * (vocab - len(ids)) * width * 4
+
+    reloaded = sdcore.load_pipeline(packed)
+    table = reloaded.text_encoder.text_model.embeddings.token_embedding.weight
+    original = from_folder.text_encoder.text_model.embeddings.token_embedding.weight
+    assert torch.equal(table[ids], original[ids])
+    others = torch.ones(vocab, dtype=torch.bool)
+    others[ids] = False
+    assert not table[others].any()
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(from_folder), pixels(reloaded)))
+
+    # A packed table whose ids do not fit the vocabulary is a clear error.
+    stored[PACKED_IDS_KEY] = stored[PACKED_IDS_KEY] + vocab
+    bad = tmp_path / "bad.safetensors"
+    with safe_open(str(packed), "pt") as handle:
+        metadata = handle.metadata()  # keeps the config
+    save_file(stored, str(bad), metadata=metadata)
+    with pytest.raises(CheckpointError, match="packed token table"):
+        sdcore.load_pipeline(bad)
+    # ...and so is one without the config that says how big the full table is.
+    save_file(stored, str(bad))
+    with pytest.raises(CheckpointError, match="packed token table"):
+        sdcore.load_pipeline(bad)
 
 
 def test_ckpt_without_metadata_loads_and_ema_is_optional(tmp_path, from_folder):
