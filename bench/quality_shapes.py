@@ -9,7 +9,8 @@ What is measured (the targets of the "built-in model that draws what it is told"
 - every sampler at the chosen guidance: ddpm 50, ddim 25, euler_a 25, dpmpp_2m 15;
 - img2img recolouring: a rendered red circle as the init image, the prompt asks for a blue
   circle (same size, position and background), strength 0.7, DDIM 25: how often the result is
-  blue, and how often it is still a circle.
+  blue, and how often it is still a circle; and the same for any shape from any colour to any
+  other colour.
 
 Every image is judged by the deterministic detector of `sdcore.shapes.evaluate`.
 
@@ -56,12 +57,6 @@ def _worker_init(weights: str) -> None:
 def _generate(task: tuple) -> list[np.ndarray]:
     """One chunk of rows under one setting -> uint8 (H, W, 3) arrays."""
     rows, kwargs = task
-    rows = [dict(r) for r in rows]
-    for r in rows:
-        if "init_scene" in r:
-            from sdcore.shapes.dataset import Scene, render
-
-            r["init_image"] = render(Scene(**r.pop("init_scene")), 64)
     images = _pipe.generate(rows, width=64, height=64, **kwargs)
     return [np.asarray(im) for im in images]
 
@@ -73,22 +68,10 @@ def heldout_prompts(n: int) -> list[str]:
     return [data.scene(i)[1] for i in range(n)]
 
 
-def recolour_rows(n: int) -> list[dict]:
-    """Red circle inits with a prompt for the same circle in blue."""
-    from sdcore.shapes.dataset import BACKGROUNDS, POSITIONS, SIZES, Scene
+def recolour_rows(n: int, any_colours: bool = False) -> list[dict]:
+    from sdcore.shapes.evaluate import recolour_rows as rows
 
-    rng = np.random.default_rng(PROMPT_SEED + 1)
-    rows = []
-    for i in range(n):
-        size = list(SIZES)[rng.integers(len(SIZES))]
-        position = POSITIONS[rng.integers(len(POSITIONS))]
-        background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-        init = Scene("circle", "red", size, position, background)
-        prompt = Scene("circle", "blue", size, position, background).caption(i % 3)
-        rows.append({"prompt": prompt, "seed": i, "strength": 0.7,
-                     "init_scene": {"shape": "circle", "colour": "red", "size": size,
-                                    "position": position, "background": background}})
-    return rows
+    return rows(n, seed=PROMPT_SEED + (2 if any_colours else 1), any_colours=any_colours)
 
 
 def run_setting(pool, rows: list[dict], chunks: int, **kwargs) -> list[np.ndarray]:
@@ -182,7 +165,11 @@ def main(argv=None) -> int:
                 measure(name, rows, sampler=sampler, steps=steps, guidance_scale=chosen)
         recolour = recolour_rows(args.n_img2img)
         for g in sorted({chosen, *IMG2IMG_GUIDANCE}):
-            measure(f"img2img recolour g{g}", recolour, sampler="ddim", steps=25,
+            measure(f"img2img red->blue circle g{g}", recolour, sampler="ddim", steps=25,
+                    guidance_scale=g)
+        recolour_any = recolour_rows(args.n_img2img, any_colours=True)
+        for g in sorted({chosen, 7.5}):
+            measure(f"img2img any recolour g{g}", recolour_any, sampler="ddim", steps=25,
                     guidance_scale=g)
 
     elapsed = time.time() - began
@@ -233,11 +220,12 @@ def write_report(args, pipe, results, timings, chosen, samplers, elapsed) -> str
     img2img = {n: r for n, r in results.items() if n.startswith("img2img")}
     lines += [
         "",
-        f"img2img recolouring ({args.n_img2img} rows): init = a rendered red circle (random "
-        "size, position, background), prompt = the same circle in blue, strength 0.7, "
-        "DDIM 25.",
+        f"img2img recolouring ({args.n_img2img} rows each), strength 0.7, DDIM 25. "
+        "\"red->blue circle\": init = a rendered red circle (random size, position, "
+        "background), prompt = the same circle in blue. \"any recolour\": a random shape in a "
+        "random colour, prompt = the same shape in another random colour.",
         "",
-        "| setting | new colour (blue) | still a circle | position kept | all three | s |",
+        "| setting | new colour | shape kept | position kept | all three | s |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in img2img.items():
@@ -267,7 +255,7 @@ def write_report(args, pipe, results, timings, chosen, samplers, elapsed) -> str
     for name, r in img2img.items():
         row(f"{name}: new colour >= {IMG2IMG_TARGET:.0%}", r["colour"],
             r["colour"] >= IMG2IMG_TARGET)
-        row(f"{name}: shape kept (circle) >= {IMG2IMG_TARGET:.0%}", r["shape"],
+        row(f"{name}: shape kept >= {IMG2IMG_TARGET:.0%}", r["shape"],
             r["shape"] >= IMG2IMG_TARGET)
     worst = min(img2img, key=lambda n: img2img[n]["colour"])
     passing = [n for n, r in img2img.items() if r["colour"] >= IMG2IMG_TARGET]

@@ -468,33 +468,30 @@ def pipeline_from_run(out: Path, *, ema: bool = True):
 
 
 # A small, fixed adherence figure stored with the shipped weights and re-measured by the tests:
-# 12 held-out prompts, DDIM 10 steps, guidance 7.5, one seed each.
-CHECK = {"n": 12, "prompt_seed": 7, "sampler": "ddim", "steps": 10, "guidance_scale": 7.5}
+# 12 held-out prompts and 6 img2img recolourings (red circle -> blue, strength 0.7), DDIM 10
+# steps, guidance 7.5, one seed each.
+CHECK = {"n": 12, "prompt_seed": 7, "sampler": "ddim", "steps": 10, "guidance_scale": 7.5,
+         "recolour_n": 6}
 
 
 def adherence_check(pipe, check: dict = CHECK) -> dict:
-    """Generate the check images with `pipe` and judge them: {"settings", "prompts", "counts"}."""
+    """Generate the check images with `pipe` and judge them:
+    {"settings", "prompts", "counts", "recolour_counts"}."""
     from .shapes.dataset import dataset
-    from .shapes.evaluate import adherence
+    from .shapes.evaluate import adherence, recolour_rows
 
     data = dataset(check["n"], seed=check["prompt_seed"], split="heldout", tensors=False)
     prompts = [data.scene(i)[1] for i in range(check["n"])]
-    images = pipe.generate([{"prompt": p, "seed": i} for i, p in enumerate(prompts)],
-                           sampler=check["sampler"], steps=check["steps"],
-                           guidance_scale=check["guidance_scale"], width=64, height=64)
-    result = adherence(zip(images, prompts))
-    return {"settings": dict(check), "prompts": prompts, "counts": result["counts"]}
-
-
-def trained_token_ids(cfg: TrainConfig) -> list[int]:
-    """Every token id that occurs in the run's (tokenized, padded) training captions or in "":
-    the rows of the token table that training updated. The others keep their random init."""
-    from .shapes.dataset import dataset
-
-    data = dataset(cfg.n_train, seed=cfg.dataset_seed, split="train", size=cfg.size,
-                   tensors=False)
-    captions = sorted({data.scene(i)[1] for i in range(cfg.n_train)})
-    return sorted(set(tokenize(captions).flatten().tolist()) | set(tokenize([""]).flatten().tolist()))
+    settings = dict(sampler=check["sampler"], steps=check["steps"],
+                    guidance_scale=check["guidance_scale"], width=64, height=64)
+    images = pipe.generate([{"prompt": p, "seed": i} for i, p in enumerate(prompts)], **settings)
+    result = {"settings": dict(check), "prompts": prompts,
+              "counts": adherence(zip(images, prompts))["counts"]}
+    rows = recolour_rows(check.get("recolour_n", 0), seed=check["prompt_seed"] + 1)
+    if rows:
+        images = pipe.generate(rows, **settings)
+        result["recolour_counts"] = adherence(zip(images, [r["prompt"] for r in rows]))["counts"]
+    return result
 
 
 def export(out: Path, target: Path, *, dtype: torch.dtype = torch.float16,

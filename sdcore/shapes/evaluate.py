@@ -83,6 +83,29 @@ def adherence(pairs: Iterable[tuple]) -> dict:
     return summarize([judge(image, prompt) for image, prompt in pairs])
 
 
+def recolour_rows(n: int, seed: int, any_colours: bool = False, strength: float = 0.7,
+                  size: int = 64) -> list[dict]:
+    """img2img recolouring rows: a rendered red circle as `init_image` and a prompt for the
+    same circle (size, position, background) in blue; with `any_colours`, a random shape in a
+    random colour and a prompt for it in another colour. Row i has seed i."""
+    from .dataset import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, render
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        scale = list(SIZES)[rng.integers(len(SIZES))]
+        position = POSITIONS[rng.integers(len(POSITIONS))]
+        background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+        shape, old, new = "circle", "red", "blue"
+        if any_colours:
+            shape = SHAPES[rng.integers(len(SHAPES))]
+            old, new = (str(c) for c in rng.choice(list(COLOURS), size=2, replace=False))
+        init = render(Scene(shape, old, scale, position, background), size)
+        prompt = Scene(shape, new, scale, position, background).caption(i % 3)
+        rows.append({"prompt": prompt, "seed": i, "strength": strength, "init_image": init})
+    return rows
+
+
 def format_table(result: dict) -> str:
     lines = [f"{'attribute':<12}{'correct':>9}{'scored':>9}{'accuracy':>10}"]
     for attribute in (*ATTRIBUTES, "all"):
