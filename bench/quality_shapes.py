@@ -164,7 +164,7 @@ def main(argv=None) -> int:
             if name not in results:
                 measure(name, rows, sampler=sampler, steps=steps, guidance_scale=chosen)
         recolour = recolour_rows(args.n_img2img)
-        for g in sorted({chosen, *IMG2IMG_GUIDANCE}):
+        for g in sorted({1.0, chosen, *IMG2IMG_GUIDANCE}):
             measure(f"img2img red->blue circle g{g}", recolour, sampler="ddim", steps=25,
                     guidance_scale=g)
         recolour_any = recolour_rows(args.n_img2img, any_colours=True)
@@ -246,34 +246,40 @@ def write_report(args, pipe, results, timings, chosen, samplers, elapsed) -> str
         row(f"{attribute} >= {target:.0%} (DDIM 25, guidance {chosen})", best[attribute],
             best[attribute] >= target)
     g1 = results["ddim25 g1.0"]
-    row(f"guidance matters: all at g1.0 clearly below g{chosen} ({pct(best['all'])})",
-        g1["all"], g1["all"] + 0.10 <= best["all"])
+    row(f"guidance matters: all at g1.0 clearly (10 points) below g{chosen} "
+        f"({pct(best['all'])})", g1["all"], g1["all"] + 0.10 <= best["all"])
+    i2i_g1 = results["img2img red->blue circle g1.0"]["colour"]
+    i2i_chosen = results[f"img2img red->blue circle g{chosen}"]["colour"]
+    row(f"guidance matters in img2img: red->blue new colour at g1.0 clearly below g{chosen} "
+        f"({pct(i2i_chosen)})", i2i_g1, i2i_g1 + 0.10 <= i2i_chosen)
     for name in sampler_names:
         value = results[name]["all"]
         row(f"{name}: all within 5 points of the best sampler ({pct(best_all)})", value,
             value >= best_all - SAMPLER_TOLERANCE)
     for name, r in img2img.items():
+        if name.endswith(" g1.0"):
+            continue  # measured to show what guidance does, not held to the target
         row(f"{name}: new colour >= {IMG2IMG_TARGET:.0%}", r["colour"],
             r["colour"] >= IMG2IMG_TARGET)
         row(f"{name}: shape kept >= {IMG2IMG_TARGET:.0%}", r["shape"],
             r["shape"] >= IMG2IMG_TARGET)
-    worst = min(img2img, key=lambda n: img2img[n]["colour"])
-    passing = [n for n, r in img2img.items() if r["colour"] >= IMG2IMG_TARGET]
+    gap = best["all"] - g1["all"]
+    red_blue = {n: r for n, r in img2img.items() if "red->blue" in n}
+    passing = [n.rsplit(" ", 1)[1] for n, r in red_blue.items()
+               if r["colour"] >= IMG2IMG_TARGET and not n.endswith(" g1.0")]
     lines += [
         "",
         "## Notes",
         "",
         f"- Guidance: without it (g1.0) \"all\" is {pct(g1['all'])} against {pct(best['all'])} "
-        f"at g{chosen}; the gap shows mostly in position ({pct(g1['position'])} vs "
-        f"{pct(best['position'])}) and background ({pct(g1['background'])} vs "
-        f"{pct(best['background'])}). On this small world the conditional model alone already "
-        "follows most prompts, so the gap is small; the 10-point bar set for "
-        "\"clearly lower\" before measuring is not reached.",
-        f"- img2img recolouring at strength 0.7 needs more guidance than txt2img: "
-        f"{pct(img2img[worst]['colour'])} at {worst.rsplit(' ', 1)[1]}, and the 80% target "
-        + (f"is met from {passing[0].rsplit(' ', 1)[1]} on" if passing else "is not met")
-        + " (the shape is kept throughout). At strength 0.7 DDIM 25 starts at t = 641, where "
-        "the red init still dominates the latent.",
+        f"at g{chosen}, {100 * gap:.1f} points lower (colour {pct(g1['colour'])}, shape "
+        f"{pct(g1['shape'])}, position {pct(g1['position'])}, background "
+        f"{pct(g1['background'])}). \"Clearly lower\" was set at 10 points before measuring.",
+        "- img2img at strength 0.7 with DDIM 25 starts at t = 641. The model's latents have std "
+        "0.6 rather than SD's 1.0 (`sdcore/train.py`, `latent_std`): with unit-variance 16x16 "
+        "latents an object's colour is still plain at t = 641 and the first model kept the "
+        "init's colour (red->blue 29% at g5.0, 67% at g7.5). The red->blue circle meets the 80% "
+        "target at " + (", ".join(passing) if passing else "no measured guidance") + ".",
         "- Known defect: on gray backgrounds the decoder often paints a faint iridescent smudge "
         "beside the shape (see the contact sheet); it comes from the small VAE (it appears in "
         "plain reconstructions too) and is faint enough that the detector ignores it.",

@@ -547,7 +547,7 @@ def export(out: Path, target: Path, *, dtype: torch.dtype = torch.float16,
         "command": ("python -m sdcore.train --out RUN --seed {} --vae-steps {} --unet-steps {} "
                     "--caption-dropout {} --latent-std {}").format(
                         cfg.seed, cfg.vae_steps, cfg.unet_steps, cfg.caption_dropout,
-                        cfg.latent_std),
+                        cfg.latent_std) + (" --vae-from VAE_RUN" if vae_from else ""),
         **(extra or {}),
     }
     from .weights import load_single_file, assemble
