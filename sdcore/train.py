@@ -494,6 +494,18 @@ def adherence_check(pipe, check: dict = CHECK) -> dict:
     return result
 
 
+def trained_token_ids(cfg: TrainConfig) -> list[int]:
+    """Every token id that occurs in the run's (tokenized, padded) training captions or in "":
+    the rows of the token table that training updated. The others keep their random init."""
+    from .shapes.dataset import dataset
+
+    data = dataset(cfg.n_train, seed=cfg.dataset_seed, split="train", size=cfg.size,
+                   tensors=False)
+    captions = sorted({data.scene(i)[1] for i in range(cfg.n_train)})
+    ids = set(tokenize(captions).flatten().tolist()) | set(tokenize([""]).flatten().tolist())
+    return sorted(ids)
+
+
 def export(out: Path, target: Path, *, dtype: torch.dtype = torch.float16,
            extra: dict | None = None) -> Path:
     """Ship the run in `out` as `target/model.safetensors` (CompVis layout, config in the
