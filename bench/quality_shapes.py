@@ -271,10 +271,15 @@ def write_report(args, pipe, results, timings, chosen, samplers, elapsed) -> str
         "",
         "## Notes",
         "",
-        f"- Guidance: without it (g1.0) \"all\" is {pct(g1['all'])} against {pct(best['all'])} "
-        f"at g{chosen}, {100 * gap:.1f} points lower (colour {pct(g1['colour'])}, shape "
-        f"{pct(g1['shape'])}, position {pct(g1['position'])}, background "
-        f"{pct(g1['background'])}). \"Clearly lower\" was set at 10 points before measuring.",
+        f"- Guidance in txt2img: without it (g1.0) \"all\" is {pct(g1['all'])} against "
+        f"{pct(best['all'])} at g{chosen} ({-100 * gap:+.1f} points; colour {pct(g1['colour'])}, "
+        f"shape {pct(g1['shape'])}, position {pct(g1['position'])}, background "
+        f"{pct(g1['background'])}); \"clearly lower\" was set at 10 points before measuring. "
+        "A caption of this world fixes almost everything about its image (shape, colour, size, "
+        "position, background), so a well-trained conditional model draws it without help. "
+        "Guidance does matter where the image and the prompt disagree: img2img recolouring at "
+        f"g1.0 keeps the init's colour ({pct(i2i_g1)} blue against {pct(i2i_chosen)} at "
+        f"g{chosen}).",
         "- img2img at strength 0.7 with DDIM 25 starts at t = 641. The model's latents have std "
         "0.6 rather than SD's 1.0 (`sdcore/train.py`, `latent_std`): with unit-variance 16x16 "
         "latents an object's colour is still plain at t = 641 and the first model kept the "
