@@ -24,7 +24,6 @@ sys.path.insert(0, str(REPO))
 
 from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
 
-import sdcore  # noqa: E402
 from sdcore.config import ModelConfig  # noqa: E402
 from sdcore.tokenizer import get_tokenizer  # noqa: E402
 from sdcore.weights import assemble, random_parts  # noqa: E402

@@ -25,7 +25,9 @@ t ~ 640, where img2img at strength 0.7 starts, and the model keeps the init's co
 the prompt says. Shrinking the latents is the input-scaling form of a noise-schedule shift
 (Chen 2023, "On the importance of noise scheduling for diffusion models", sec. 2.2): 0.6 makes
 SNR(t = 641) what unit-variance latents have at t ~ 760, so a strength means about as much
-repainting as it does in SD. The samplers and schedule stay SD 1.5's.
+repainting as it does in SD. The samplers and schedule stay SD 1.5's. Measured on two runs that
+differ only in `latent_std` (7000 UNet steps, 60 validation rows, red circle -> "blue circle"
+at strength 0.7, guidance 5): 45% blue at 1.0, 100% at 0.6; txt2img adherence as good or better.
 
 `--vae-from RUN` takes the finished VAE stage (`vae.pt`, `latents.pt`) of an earlier run
 whose stage-1 settings are identical, to iterate on stage 2 without redoing stage 1.
