@@ -47,22 +47,22 @@ def gradient_image(size: int = 64) -> Image.Image:
 def example_rows() -> list[dict]:
     rows = []
     txt = [
-        ("red-circle", "a red circle on a white background", 1),
-        ("green-square", "a green square on a white background", 2),
-        ("blue-triangle", "a blue triangle on a white background", 3),
-        ("yellow-circle", "a yellow circle on a white background", 4),
-        ("red-square", "a red square on a white background", 5),
-        ("blue-circle", "a blue circle on a white background", 6),
-        ("green-triangle", "a green triangle on a white background", 7),
-        ("yellow-square", "a yellow square on a white background", 8),
+        ("red-circle", "a large red circle in the center on a white background", 1),
+        ("green-square", "a small green square at the top left on a white background", 2),
+        ("blue-triangle", "a large blue triangle at the bottom right on a gray background", 3),
+        ("yellow-circle", "a small yellow circle on the right on a black background", 4),
+        ("red-square", "a large red square at the top on a white background", 5),
+        ("blue-circle", "a small blue circle at the bottom left on a gray background", 6),
+        ("green-triangle", "a large green triangle on the left on a black background", 7),
+        ("yellow-square", "a small yellow square at the bottom on a white background", 8),
     ]
     for rid, prompt, seed in txt:
         rows.append({"id": rid, "prompt": prompt, "negative": "blurry", "seed": seed, "strength": None, "init_image": None})
     img = [
-        ("red-circle-to-blue", "a blue circle on a white background", 11, 0.6, "init/red-circle.png"),
-        ("green-square-to-yellow", "a yellow square on a white background", 12, 0.75, "init/green-square.png"),
-        ("blue-triangle-to-red", "a red triangle on a white background", 13, 0.5, "init/blue-triangle.png"),
-        ("gradient-to-circle", "a green circle on a white background", 14, 0.9, "init/gradient.png"),
+        ("red-circle-to-blue", "a large blue circle in the center on a white background", 11, 0.6, "init/red-circle.png"),
+        ("green-square-to-yellow", "a large yellow square in the center on a white background", 12, 0.75, "init/green-square.png"),
+        ("blue-triangle-to-red", "a large red triangle in the center on a white background", 13, 0.5, "init/blue-triangle.png"),
+        ("gradient-to-circle", "a large green circle in the center on a white background", 14, 0.9, "init/gradient.png"),
     ]
     for rid, prompt, seed, strength, init in img:
         rows.append({"id": rid, "prompt": prompt, "negative": "", "seed": seed, "strength": strength, "init_image": init})

@@ -44,3 +44,10 @@ def test_the_example_job_runs(tmp_path):
     result = run_command([PYTHON, "jobs/run.py", str(write_spec(tmp_path / "example.yaml", spec))], timeout=400)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["complete"] and summary["ok"] == summary["total"] == 12, result.stdout
+    # builtin:shapes draws what the example prompts ask for (judged from the PNGs' parameters)
+    from sdcore.shapes.evaluate import find_pngs, judge_files, summarize
+
+    judgements, unreadable = judge_files(find_pngs([str(tmp_path / "out")]))
+    assert len(judgements) == 12 and not unreadable
+    result = summarize(judgements)
+    assert result["colour"] >= 0.75 and result["shape"] >= 0.75 and result["position"] >= 0.75, result
