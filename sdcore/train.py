@@ -112,6 +112,7 @@ class TrainConfig:
     warmup: int = 100
     caption_dropout: float = 0.2
     latent_std: float = 0.6  # std of the UNet's latents (SD: 1.0); see the module docstring
+    caption_noise: float = 0.0  # fraction of training images whose caption gets one attribute wrong
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
@@ -152,6 +153,37 @@ def render_training_set(cfg: TrainConfig) -> tuple[torch.Tensor, list[str]]:
         images[i] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
         captions.append(caption)
     return images, captions
+
+
+def mislabel_captions(cfg: TrainConfig, captions: list[str]) -> list[str]:
+    """`cfg.caption_noise` of the training images get a caption with one of colour, shape or
+    position replaced by another value, the way web alt-text often names the wrong thing. The
+    choice is fixed per image (seeded by the dataset seed), and never names a held-out
+    combination. SD's unguided samples follow their prompts loosely because its captions are
+    noisy; classifier-free guidance pulls samples towards images the caption fits (p(c|x)),
+    and this is the regime in which it matters."""
+    if cfg.caption_noise <= 0:
+        return list(captions)
+    from .shapes.dataset import COLOURS, POSITIONS, SHAPES, TEMPLATES, dataset, is_held_out
+
+    data = dataset(len(captions), seed=cfg.dataset_seed, split="train", size=cfg.size,
+                   tensors=False)
+    choices = {"colour": list(COLOURS), "shape": list(SHAPES), "position": list(POSITIONS)}
+    rng = np.random.default_rng([cfg.dataset_seed, 17])
+    noisy = list(captions)
+    for i in range(len(captions)):
+        if rng.random() >= cfg.caption_noise:
+            continue
+        scene, caption = data.scene(i)
+        template = next(t for t in range(len(TEMPLATES)) if scene.caption(t) == caption)
+        while True:
+            attribute = list(choices)[rng.integers(len(choices))]
+            values = [v for v in choices[attribute] if v != getattr(scene, attribute)]
+            wrong = replace(scene, **{attribute: values[rng.integers(len(values))]})
+            if not is_held_out(wrong):
+                break
+        noisy[i] = wrong.caption(template)
+    return noisy
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -427,6 +459,7 @@ def run(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = T
     (out / "train_config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=list))
     began = time.time()
     images, captions = render_training_set(cfg)
+    captions = mislabel_captions(cfg, captions)
     vae, vae_losses = train_vae(cfg, out, images, resume=resume, progress=progress)
 
     latents_path = out / "latents.pt"
@@ -503,7 +536,7 @@ def trained_token_ids(cfg: TrainConfig) -> list[int]:
 
     data = dataset(cfg.n_train, seed=cfg.dataset_seed, split="train", size=cfg.size,
                    tensors=False)
-    captions = sorted({data.scene(i)[1] for i in range(cfg.n_train)})
+    captions = sorted(set(mislabel_captions(cfg, [data.scene(i)[1] for i in range(cfg.n_train)])))
     ids = set(tokenize(captions).flatten().tolist()) | set(tokenize([""]).flatten().tolist())
     return sorted(ids)
 
@@ -559,9 +592,9 @@ def export(out: Path, target: Path, *, dtype: torch.dtype = torch.float16,
         "train_config": {k: v for k, v in cfg.__dict__.items() if k != "model"},
         "model_config": pipe.config.to_dict(),
         "command": ("python -m sdcore.train --out RUN --seed {} --vae-steps {} --unet-steps {} "
-                    "--caption-dropout {} --latent-std {}").format(
+                    "--caption-dropout {} --latent-std {} --caption-noise {}").format(
                         cfg.seed, cfg.vae_steps, cfg.unet_steps, cfg.caption_dropout,
-                        cfg.latent_std) + (" --vae-from VAE_RUN" if vae_from else ""),
+                        cfg.latent_std, cfg.caption_noise) + (" --vae-from VAE_RUN" if vae_from else ""),
         **(extra or {}),
     }
     from .weights import load_single_file, assemble
@@ -583,6 +616,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-batch", type=int, default=TrainConfig.vae_batch)
     parser.add_argument("--unet-batch", type=int, default=TrainConfig.unet_batch)
     parser.add_argument("--caption-dropout", type=float, default=TrainConfig.caption_dropout)
+    parser.add_argument("--caption-noise", type=float, default=TrainConfig.caption_noise,
+                        help="fraction of training captions with one attribute wrong")
     parser.add_argument("--latent-std", type=float, default=TrainConfig.latent_std,
                         help="std of the UNet's latents (SD uses 1.0)")
     parser.add_argument("--vae-from", type=Path, metavar="RUN",
@@ -600,7 +635,8 @@ def main(argv=None) -> int:
     cfg = TrainConfig(seed=args.seed, dataset_seed=args.dataset_seed, n_train=args.n_train,
                       vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                       vae_batch=args.vae_batch, unet_batch=args.unet_batch,
-                      caption_dropout=args.caption_dropout, latent_std=args.latent_std)
+                      caption_dropout=args.caption_dropout, latent_std=args.latent_std,
+                      caption_noise=args.caption_noise)
     if args.resume and (args.out / "train_config.json").exists():
         saved = json.loads((args.out / "train_config.json").read_text())
         saved_cfg = TrainConfig(**saved)
