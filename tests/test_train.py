@@ -90,6 +90,26 @@ def test_latent_std_sets_the_scaling_factor(tmp_path):
     assert small["scaling_factor"] == pytest.approx(0.6 * unit["scaling_factor"])
 
 
+def test_caption_noise_mislabels_one_attribute_of_a_fixed_fraction():
+    from sdcore.shapes.dataset import Scene, dataset, is_held_out, parse_caption
+    from sdcore.train import mislabel_captions
+
+    cfg = replace(CFG, n_train=2000, caption_noise=0.25)
+    data = dataset(cfg.n_train, seed=cfg.dataset_seed, split="train", size=cfg.size,
+                   tensors=False)
+    clean = [data.scene(i)[1] for i in range(cfg.n_train)]
+    noisy = mislabel_captions(cfg, clean)
+    assert noisy == mislabel_captions(cfg, clean)  # fixed per image
+    assert mislabel_captions(replace(cfg, caption_noise=0.0), clean) == clean
+    changed = [(a, b) for a, b in zip(clean, noisy) if a != b]
+    assert 0.2 * cfg.n_train < len(changed) < 0.3 * cfg.n_train
+    for before, after in changed:
+        was, now = parse_caption(before), parse_caption(after)
+        assert sum(was[k] != now[k] for k in was) == 1, (before, after)
+        assert [k for k in was if was[k] != now[k]][0] in ("colour", "shape", "position")
+        assert not is_held_out(Scene(**now))
+
+
 def test_builtin_shapes_reproduces_its_stored_adherence():
     meta = json.loads((SHAPES_DIR / "training.json").read_text())
     for key in ("dataset", "unet_steps", "vae_steps", "unet_loss", "git_commit", "model_config"):
