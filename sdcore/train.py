@@ -443,6 +443,9 @@ def reuse_vae_stage(cfg: TrainConfig, source: Path, out: Path) -> None:
                          f"({', '.join(differ)})")
     if int(_load(source / "vae.pt")["step"]) != cfg.vae_steps:
         raise ValueError(f"--vae-from {source}: its VAE stage is not finished")
+    if (out / "unet.pt").exists():  # stage 2 would silently continue that older run
+        raise ValueError(f"--vae-from: {out} already holds a stage-2 checkpoint (unet.pt); "
+                         "use a new --out, or --resume to continue it")
     out.mkdir(parents=True, exist_ok=True)
     for name in ("vae.pt", "latents.pt"):
         shutil.copyfile(source / name, out / name)

@@ -78,6 +78,8 @@ def test_vae_from_reuses_stage_one_exactly(tmp_path):
     with pytest.raises(ValueError, match="kl_weight"):
         run(replace(cfg, kl_weight=1.0), tmp_path / "refused", progress=False,
             vae_from=tmp_path / "donor")
+    with pytest.raises(ValueError, match="already holds a stage-2 checkpoint"):
+        run(cfg, tmp_path / "scratch", progress=False, vae_from=tmp_path / "donor")
 
 
 def test_latent_std_sets_the_scaling_factor(tmp_path):
