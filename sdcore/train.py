@@ -119,6 +119,8 @@ class TrainConfig:
     caption_dropout: float = 0.2
     latent_std: float = 0.6  # std of the UNet's latents (SD: 1.0); see the module docstring
     caption_noise: float = 0.0  # fraction of training images whose caption gets one attribute wrong
+    caption_noise_min_t: int = 0  # mislabelled captions are used only at timesteps t >= this
+    caption_noise_from_step: int = 0  # ... and only from this UNet step on
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
@@ -338,10 +340,12 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256):
 
 
 def train_unet(cfg: TrainConfig, out: Path, latents: tuple[torch.Tensor, torch.Tensor],
-               scaling_factor: float, captions: list[str], *, resume: bool,
-               progress: bool = True):
+               scaling_factor: float, captions: list[str], noisy_captions: list[str], *,
+               resume: bool, progress: bool = True):
     """Stage 2: UNet + text encoder with ε-prediction on SD 1.5's schedule, caption dropout and
-    Min-SNR weighting. Returns (ema unet, ema text encoder, per-step losses)."""
+    Min-SNR weighting. `noisy_captions` (see `mislabel_captions`) replace `captions` for the
+    rows with t >= cfg.caption_noise_min_t from step cfg.caption_noise_from_step on.
+    Returns (ema unet, ema text encoder, per-step losses)."""
     path = out / "unet.pt"
     config = cfg.model_config(scaling_factor)
     with torch.random.fork_rng():
@@ -370,7 +374,8 @@ def train_unet(cfg: TrainConfig, out: Path, latents: tuple[torch.Tensor, torch.T
                "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                "losses": losses, "step": step, "scaling_factor": scaling_factor}, path)
 
-    ids, caption_index, empty_ids = token_table(captions)
+    ids, caption_index, empty_ids = token_table(captions + noisy_captions)
+    clean_index, noisy_index = caption_index[:len(captions)], caption_index[len(captions):]
     mean_all, std_all = latents
     alpha_bar = schedules.alphas_cumprod()  # (1000,) SD 1.5 scaled-linear
     snr = alpha_bar / (1 - alpha_bar)
@@ -398,7 +403,10 @@ def train_unet(cfg: TrainConfig, out: Path, latents: tuple[torch.Tensor, torch.T
         # q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I)   (Ho et al. 2020, eq. 4)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         drop = torch.rand(batch, generator=generator) < cfg.caption_dropout
-        tokens = ids[caption_index[index]].clone()  # (B, 77)
+        rows = clean_index[index]
+        if cfg.caption_noise > 0 and step >= cfg.caption_noise_from_step:
+            rows = torch.where(t >= cfg.caption_noise_min_t, noisy_index[index], rows)
+        tokens = ids[rows].clone()  # (B, 77)
         tokens[drop] = empty_ids
         context = text(tokens)  # (B, 77, D)
         eps = unet(xt, t, context)
@@ -468,7 +476,7 @@ def run(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = T
     (out / "train_config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=list))
     began = time.time()
     images, captions = render_training_set(cfg)
-    captions = mislabel_captions(cfg, captions)
+    noisy_captions = mislabel_captions(cfg, captions)
     vae, vae_losses = train_vae(cfg, out, images, resume=resume, progress=progress)
 
     latents_path = out / "latents.pt"
@@ -483,7 +491,7 @@ def run(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = T
     scaling_factor = float(cfg.latent_std / mean.std())
 
     unet, text, unet_losses = train_unet(cfg, out, (mean, std), scaling_factor, captions,
-                                         resume=resume, progress=progress)
+                                         noisy_captions, resume=resume, progress=progress)
     summary = {
         "git_commit": commit_at_start,  # the code that trained (HEAD when the run began)
         "seconds": round(time.time() - began, 1),
@@ -545,7 +553,8 @@ def trained_token_ids(cfg: TrainConfig) -> list[int]:
 
     data = dataset(cfg.n_train, seed=cfg.dataset_seed, split="train", size=cfg.size,
                    tensors=False)
-    captions = sorted(set(mislabel_captions(cfg, [data.scene(i)[1] for i in range(cfg.n_train)])))
+    clean = [data.scene(i)[1] for i in range(cfg.n_train)]
+    captions = sorted(set(clean) | set(mislabel_captions(cfg, clean)))
     ids = set(tokenize(captions).flatten().tolist()) | set(tokenize([""]).flatten().tolist())
     return sorted(ids)
 
@@ -569,13 +578,19 @@ def export(out: Path, target: Path, *, dtype: torch.dtype = torch.float16,
     unet_losses, vae_losses = unet_state["losses"], vae_state["losses"]
     log_path = out / "log.jsonl"
     seconds, vae_from = {}, None
+    segment: dict[str, float] = {}  # seconds so far in the current (resumed) session per phase
     if log_path.exists():
         for line in log_path.read_text().splitlines():
             record = json.loads(line)
             if "seconds" in record:
-                seconds[record["phase"]] = record["seconds"]
+                phase = record["phase"]
+                if record["seconds"] < segment.get(phase, 0.0):  # a resume restarted the clock
+                    seconds[phase] = seconds.get(phase, 0.0) + segment[phase]
+                segment[phase] = record["seconds"]
             if record["phase"] == "vae_from":
                 vae_from = record["source"]
+    for phase, value in segment.items():
+        seconds[phase] = round(seconds.get(phase, 0.0) + value, 1)
     meta = {
         "model": "builtin:shapes",
         "dataset": {"module": "sdcore.shapes.dataset", "seed": cfg.dataset_seed,
@@ -601,9 +616,11 @@ def export(out: Path, target: Path, *, dtype: torch.dtype = torch.float16,
         "train_config": {k: v for k, v in cfg.__dict__.items() if k != "model"},
         "model_config": pipe.config.to_dict(),
         "command": ("python -m sdcore.train --out RUN --seed {} --vae-steps {} --unet-steps {} "
-                    "--caption-dropout {} --latent-std {} --caption-noise {}").format(
+                    "--caption-dropout {} --latent-std {} --caption-noise {} "
+                    "--caption-noise-min-t {} --caption-noise-from-step {}").format(
                         cfg.seed, cfg.vae_steps, cfg.unet_steps, cfg.caption_dropout,
-                        cfg.latent_std, cfg.caption_noise) + (" --vae-from VAE_RUN" if vae_from else ""),
+                        cfg.latent_std, cfg.caption_noise, cfg.caption_noise_min_t,
+                        cfg.caption_noise_from_step) + (" --vae-from VAE_RUN" if vae_from else ""),
         **(extra or {}),
     }
     from .weights import load_single_file, assemble
@@ -627,6 +644,11 @@ def main(argv=None) -> int:
     parser.add_argument("--caption-dropout", type=float, default=TrainConfig.caption_dropout)
     parser.add_argument("--caption-noise", type=float, default=TrainConfig.caption_noise,
                         help="fraction of training captions with one attribute wrong")
+    parser.add_argument("--caption-noise-min-t", type=int, default=TrainConfig.caption_noise_min_t,
+                        help="use the mislabelled captions only at timesteps t >= this")
+    parser.add_argument("--caption-noise-from-step", type=int,
+                        default=TrainConfig.caption_noise_from_step,
+                        help="use the mislabelled captions only from this UNet step on")
     parser.add_argument("--latent-std", type=float, default=TrainConfig.latent_std,
                         help="std of the UNet's latents (SD uses 1.0)")
     parser.add_argument("--vae-from", type=Path, metavar="RUN",
@@ -645,7 +667,9 @@ def main(argv=None) -> int:
                       vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                       vae_batch=args.vae_batch, unet_batch=args.unet_batch,
                       caption_dropout=args.caption_dropout, latent_std=args.latent_std,
-                      caption_noise=args.caption_noise)
+                      caption_noise=args.caption_noise,
+                      caption_noise_min_t=args.caption_noise_min_t,
+                      caption_noise_from_step=args.caption_noise_from_step)
     if args.resume and (args.out / "train_config.json").exists():
         saved = json.loads((args.out / "train_config.json").read_text())
         saved_cfg = TrainConfig(**saved)

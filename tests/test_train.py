@@ -112,6 +112,43 @@ def test_caption_noise_mislabels_one_attribute_of_a_fixed_fraction():
         assert not is_held_out(Scene(**now))
 
 
+def _same_run(a, b) -> bool:
+    a, b = _load(a / "unet.pt"), _load(b / "unet.pt")
+    return a["losses"] == b["losses"] and all(
+        torch.equal(tensor, b["ema_unet"][key]) for key, tensor in a["ema_unet"].items())
+
+
+def test_caption_noise_applies_from_its_step_and_timestep_only(tmp_path):
+    """The mislabelled captions replace the true ones only at t >= caption_noise_min_t and from
+    UNet step caption_noise_from_step on; before that the run is the clean run, bit for bit, so
+    a clean run can be continued into a noisy one (how builtin:shapes was trained)."""
+    cfg = replace(CFG, vae_steps=6, unet_steps=12, checkpoint_every=6)
+    noisy = replace(cfg, caption_noise=0.5, caption_noise_from_step=6)
+    run(cfg, tmp_path / "clean", progress=False)
+    run(replace(noisy, caption_noise_min_t=1000), tmp_path / "never_t", progress=False,
+        vae_from=tmp_path / "clean")
+    run(replace(noisy, caption_noise_from_step=12), tmp_path / "never_step", progress=False,
+        vae_from=tmp_path / "clean")
+    assert _same_run(tmp_path / "clean", tmp_path / "never_t")
+    assert _same_run(tmp_path / "clean", tmp_path / "never_step")
+
+    run(noisy, tmp_path / "noisy", progress=False, vae_from=tmp_path / "clean")
+    clean_losses = _load(tmp_path / "clean" / "unet.pt")["losses"]
+    noisy_losses = _load(tmp_path / "noisy" / "unet.pt")["losses"]
+    assert noisy_losses[:6] == clean_losses[:6] and noisy_losses[6:] != clean_losses[6:]
+    # only rows with t >= min_t: a threshold in the middle gives a third, different run
+    run(replace(noisy, caption_noise_min_t=500), tmp_path / "high_t", progress=False,
+        vae_from=tmp_path / "clean")
+    high_t_losses = _load(tmp_path / "high_t" / "unet.pt")["losses"]
+    assert high_t_losses[6:] not in (clean_losses[6:], noisy_losses[6:])
+
+    # a clean run stopped at step 6 and resumed with the noisy config == the noisy run
+    run(replace(cfg, unet_steps=6), tmp_path / "continued", progress=False,
+        vae_from=tmp_path / "clean")
+    run(noisy, tmp_path / "continued", resume=True, progress=False)
+    assert _same_run(tmp_path / "noisy", tmp_path / "continued")
+
+
 def test_builtin_shapes_reproduces_its_stored_adherence():
     meta = json.loads((SHAPES_DIR / "training.json").read_text())
     for key in ("dataset", "unet_steps", "vae_steps", "unet_loss", "git_commit", "model_config"):
