@@ -121,6 +121,7 @@ class TrainConfig:
     caption_noise: float = 0.0  # fraction of training images whose caption gets one attribute wrong
     caption_noise_min_t: int = 0  # mislabelled captions are used only at timesteps t >= this
     caption_noise_from_step: int = 0  # ... and only from this UNet step on
+    caption_noise_attributes: tuple = ("colour", "shape", "position")  # what may be named wrongly
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
@@ -165,7 +166,7 @@ def render_training_set(cfg: TrainConfig) -> tuple[torch.Tensor, list[str]]:
 
 def mislabel_captions(cfg: TrainConfig, captions: list[str]) -> list[str]:
     """`cfg.caption_noise` of the training images get a caption with one of colour, shape or
-    position replaced by another value, the way web alt-text often names the wrong thing. The
+    position (those in `cfg.caption_noise_attributes`) replaced by another value, the way web alt-text often names the wrong thing. The
     choice is fixed per image (seeded by the dataset seed), and never names a held-out
     combination. SD's unguided samples follow their prompts loosely because its captions are
     noisy; classifier-free guidance pulls samples towards images the caption fits (p(c|x)),
@@ -176,7 +177,12 @@ def mislabel_captions(cfg: TrainConfig, captions: list[str]) -> list[str]:
 
     data = dataset(len(captions), seed=cfg.dataset_seed, split="train", size=cfg.size,
                    tensors=False)
-    choices = {"colour": list(COLOURS), "shape": list(SHAPES), "position": list(POSITIONS)}
+    values = {"colour": list(COLOURS), "shape": list(SHAPES), "position": list(POSITIONS)}
+    unknown = sorted(set(cfg.caption_noise_attributes) - set(values))
+    if unknown or not cfg.caption_noise_attributes:
+        raise ValueError(f"caption_noise_attributes {list(cfg.caption_noise_attributes)}: "
+                         f"choose from {list(values)}")
+    choices = {name: values[name] for name in values if name in cfg.caption_noise_attributes}
     rng = np.random.default_rng([cfg.dataset_seed, 17])
     noisy = list(captions)
     for i in range(len(captions)):
@@ -186,8 +192,8 @@ def mislabel_captions(cfg: TrainConfig, captions: list[str]) -> list[str]:
         template = next(t for t in range(len(TEMPLATES)) if scene.caption(t) == caption)
         while True:
             attribute = list(choices)[rng.integers(len(choices))]
-            values = [v for v in choices[attribute] if v != getattr(scene, attribute)]
-            wrong = replace(scene, **{attribute: values[rng.integers(len(values))]})
+            others = [v for v in choices[attribute] if v != getattr(scene, attribute)]
+            wrong = replace(scene, **{attribute: others[rng.integers(len(others))]})
             if not is_held_out(wrong):
                 break
         noisy[i] = wrong.caption(template)
@@ -617,10 +623,11 @@ def export(out: Path, target: Path, *, dtype: torch.dtype = torch.float16,
         "model_config": pipe.config.to_dict(),
         "command": ("python -m sdcore.train --out RUN --seed {} --vae-steps {} --unet-steps {} "
                     "--caption-dropout {} --latent-std {} --caption-noise {} "
-                    "--caption-noise-min-t {} --caption-noise-from-step {}").format(
+                    "--caption-noise-min-t {} --caption-noise-from-step {} "
+                    "--caption-noise-attributes {}").format(
                         cfg.seed, cfg.vae_steps, cfg.unet_steps, cfg.caption_dropout,
                         cfg.latent_std, cfg.caption_noise, cfg.caption_noise_min_t,
-                        cfg.caption_noise_from_step) + (" --vae-from VAE_RUN" if vae_from else ""),
+                        cfg.caption_noise_from_step, ",".join(cfg.caption_noise_attributes)) + (" --vae-from VAE_RUN" if vae_from else ""),
         **(extra or {}),
     }
     from .weights import load_single_file, assemble
@@ -649,6 +656,9 @@ def main(argv=None) -> int:
     parser.add_argument("--caption-noise-from-step", type=int,
                         default=TrainConfig.caption_noise_from_step,
                         help="use the mislabelled captions only from this UNet step on")
+    parser.add_argument("--caption-noise-attributes", default=",".join(
+                            TrainConfig.caption_noise_attributes),
+                        help="comma-separated: which of colour,shape,position may be mislabelled")
     parser.add_argument("--latent-std", type=float, default=TrainConfig.latent_std,
                         help="std of the UNet's latents (SD uses 1.0)")
     parser.add_argument("--vae-from", type=Path, metavar="RUN",
@@ -669,7 +679,8 @@ def main(argv=None) -> int:
                       caption_dropout=args.caption_dropout, latent_std=args.latent_std,
                       caption_noise=args.caption_noise,
                       caption_noise_min_t=args.caption_noise_min_t,
-                      caption_noise_from_step=args.caption_noise_from_step)
+                      caption_noise_from_step=args.caption_noise_from_step,
+                      caption_noise_attributes=tuple(args.caption_noise_attributes.split(",")))
     if args.resume and (args.out / "train_config.json").exists():
         saved = json.loads((args.out / "train_config.json").read_text())
         saved_cfg = TrainConfig(**saved)

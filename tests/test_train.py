@@ -110,6 +110,13 @@ def test_caption_noise_mislabels_one_attribute_of_a_fixed_fraction():
         assert sum(was[k] != now[k] for k in was) == 1, (before, after)
         assert [k for k in was if was[k] != now[k]][0] in ("colour", "shape", "position")
         assert not is_held_out(Scene(**now))
+    # restricted to one attribute: only positions are named wrongly, as often
+    only_position = mislabel_captions(replace(cfg, caption_noise_attributes=("position",)), clean)
+    changed = [(parse_caption(a), parse_caption(b)) for a, b in zip(clean, only_position) if a != b]
+    assert 0.2 * cfg.n_train < len(changed) < 0.3 * cfg.n_train
+    assert all([k for k in was if was[k] != now[k]] == ["position"] for was, now in changed)
+    with pytest.raises(ValueError, match="caption_noise_attributes.*choose from"):
+        mislabel_captions(replace(cfg, caption_noise_attributes=("size",)), clean)
 
 
 def _same_run(a, b) -> bool:
