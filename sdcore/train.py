@@ -159,6 +159,19 @@ class TrainConfig:
     VAE_FIELDS = ("seed", "dataset_seed", "n_train", "size", "vae_steps", "vae_batch", "vae_lr",
                   "kl_weight", "foreground_weight", "initial_logvar", "warmup", "grad_clip")
 
+    def __post_init__(self) -> None:
+        # checked here so that a bad value fails before 30000 images are rendered
+        if not 0.0 <= self.caption_noise < 1.0:
+            raise ValueError(f"caption_noise {self.caption_noise}: must be in [0, 1)")
+        if not 0 <= self.caption_noise_min_t <= schedules.NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"caption_noise_min_t {self.caption_noise_min_t}: must be in "
+                             f"[0, {schedules.NUM_TRAIN_TIMESTEPS}]")
+        allowed = ("colour", "shape", "position")
+        if not self.caption_noise_attributes or any(
+                a not in allowed for a in self.caption_noise_attributes):
+            raise ValueError(f"caption_noise_attributes {list(self.caption_noise_attributes)}: "
+                             f"choose from {list(allowed)}")
+
     def vae_stage(self) -> dict:
         """What stage 1's result depends on: two runs with equal values train the same VAE."""
         stage = {name: getattr(self, name) for name in self.VAE_FIELDS}
@@ -204,10 +217,6 @@ def mislabel_captions(cfg: TrainConfig, captions: list[str]) -> list[str]:
     data = dataset(len(captions), seed=cfg.dataset_seed, split="train", size=cfg.size,
                    tensors=False)
     values = {"colour": list(COLOURS), "shape": list(SHAPES), "position": list(POSITIONS)}
-    unknown = sorted(set(cfg.caption_noise_attributes) - set(values))
-    if unknown or not cfg.caption_noise_attributes:
-        raise ValueError(f"caption_noise_attributes {list(cfg.caption_noise_attributes)}: "
-                         f"choose from {list(values)}")
     choices = {name: values[name] for name in values if name in cfg.caption_noise_attributes}
     rng = np.random.default_rng([cfg.dataset_seed, 17])
     noisy = list(captions)

@@ -115,8 +115,13 @@ def test_caption_noise_mislabels_one_attribute_of_a_fixed_fraction():
     changed = [(parse_caption(a), parse_caption(b)) for a, b in zip(clean, only_position) if a != b]
     assert 0.2 * cfg.n_train < len(changed) < 0.3 * cfg.n_train
     assert all([k for k in was if was[k] != now[k]] == ["position"] for was, now in changed)
+    # bad settings fail when the config is made, before any rendering or training
     with pytest.raises(ValueError, match="caption_noise_attributes.*choose from"):
-        mislabel_captions(replace(cfg, caption_noise_attributes=("size",)), clean)
+        replace(cfg, caption_noise_attributes=("size",))
+    with pytest.raises(ValueError, match="caption_noise 1.5"):
+        replace(cfg, caption_noise=1.5)
+    with pytest.raises(ValueError, match="caption_noise_min_t -1"):
+        replace(cfg, caption_noise_min_t=-1)
 
 
 def _same_run(a, b) -> bool:
