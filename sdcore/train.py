@@ -126,6 +126,10 @@ def shapes_config(scaling_factor: float = 1.0) -> ModelConfig:
     )
 
 
+# what `--caption-noise` may name wrongly (size and background are always captioned right)
+MISLABEL_ATTRIBUTES = ("colour", "shape", "position")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
@@ -147,7 +151,7 @@ class TrainConfig:
     caption_noise: float = 0.0  # fraction of training images whose caption gets one attribute wrong
     caption_noise_min_t: int = 0  # mislabelled captions are used only at timesteps t >= this
     caption_noise_from_step: int = 0  # ... and only from this UNet step on
-    caption_noise_attributes: tuple = ("colour", "shape", "position")  # what may be named wrongly
+    caption_noise_attributes: tuple = MISLABEL_ATTRIBUTES  # which of them may be named wrongly
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
@@ -166,11 +170,10 @@ class TrainConfig:
         if not 0 <= self.caption_noise_min_t <= schedules.NUM_TRAIN_TIMESTEPS:
             raise ValueError(f"caption_noise_min_t {self.caption_noise_min_t}: must be in "
                              f"[0, {schedules.NUM_TRAIN_TIMESTEPS}]")
-        allowed = ("colour", "shape", "position")
         if not self.caption_noise_attributes or any(
-                a not in allowed for a in self.caption_noise_attributes):
+                a not in MISLABEL_ATTRIBUTES for a in self.caption_noise_attributes):
             raise ValueError(f"caption_noise_attributes {list(self.caption_noise_attributes)}: "
-                             f"choose from {list(allowed)}")
+                             f"choose from {list(MISLABEL_ATTRIBUTES)}")
 
     def vae_stage(self) -> dict:
         """What stage 1's result depends on: two runs with equal values train the same VAE."""
@@ -205,9 +208,9 @@ def render_training_set(cfg: TrainConfig) -> tuple[torch.Tensor, list[str]]:
 
 def mislabel_captions(cfg: TrainConfig, captions: list[str]) -> list[str]:
     """`cfg.caption_noise` of the training images get a caption with one of colour, shape or
-    position (those in `cfg.caption_noise_attributes`) replaced by another value, the way web alt-text often names the wrong thing. The
-    choice is fixed per image (seeded by the dataset seed), and never names a held-out
-    combination. SD's unguided samples follow their prompts loosely because its captions are
+    position (those in `cfg.caption_noise_attributes`) replaced by another value, the way web
+    alt-text often names the wrong thing. The choice is fixed per image (seeded by the dataset
+    seed), and never names a held-out combination. SD's unguided samples follow their prompts loosely because its captions are
     noisy; classifier-free guidance pulls samples towards images the caption fits (p(c|x)),
     and this is the regime in which it matters."""
     if cfg.caption_noise <= 0:
@@ -217,7 +220,8 @@ def mislabel_captions(cfg: TrainConfig, captions: list[str]) -> list[str]:
     data = dataset(len(captions), seed=cfg.dataset_seed, split="train", size=cfg.size,
                    tensors=False)
     values = {"colour": list(COLOURS), "shape": list(SHAPES), "position": list(POSITIONS)}
-    choices = {name: values[name] for name in values if name in cfg.caption_noise_attributes}
+    choices = {name: values[name] for name in MISLABEL_ATTRIBUTES
+               if name in cfg.caption_noise_attributes}
     rng = np.random.default_rng([cfg.dataset_seed, 17])
     noisy = list(captions)
     for i in range(len(captions)):
@@ -656,13 +660,14 @@ def export(out: Path, target: Path, *, dtype: torch.dtype = torch.float16,
         "export_commit": git_commit(),
         "train_config": {k: v for k, v in cfg.__dict__.items() if k != "model"},
         "model_config": pipe.config.to_dict(),
-        "command": ("python -m sdcore.train --out RUN --seed {} --vae-steps {} --unet-steps {} "
-                    "--caption-dropout {} --latent-std {} --caption-noise {} "
-                    "--caption-noise-min-t {} --caption-noise-from-step {} "
-                    "--caption-noise-attributes {}").format(
-                        cfg.seed, cfg.vae_steps, cfg.unet_steps, cfg.caption_dropout,
-                        cfg.latent_std, cfg.caption_noise, cfg.caption_noise_min_t,
-                        cfg.caption_noise_from_step, ",".join(cfg.caption_noise_attributes)) + (" --vae-from VAE_RUN" if vae_from else ""),
+        "command": (
+            f"python -m sdcore.train --out RUN --seed {cfg.seed} --vae-steps {cfg.vae_steps} "
+            f"--unet-steps {cfg.unet_steps} --caption-dropout {cfg.caption_dropout} "
+            f"--latent-std {cfg.latent_std} --caption-noise {cfg.caption_noise} "
+            f"--caption-noise-min-t {cfg.caption_noise_min_t} "
+            f"--caption-noise-from-step {cfg.caption_noise_from_step} "
+            f"--caption-noise-attributes {','.join(cfg.caption_noise_attributes)}"
+            + (" --vae-from VAE_RUN" if vae_from else "")),
         **(extra or {}),
     }
     from .weights import load_single_file, assemble
@@ -691,8 +696,7 @@ def main(argv=None) -> int:
     parser.add_argument("--caption-noise-from-step", type=int,
                         default=TrainConfig.caption_noise_from_step,
                         help="use the mislabelled captions only from this UNet step on")
-    parser.add_argument("--caption-noise-attributes", default=",".join(
-                            TrainConfig.caption_noise_attributes),
+    parser.add_argument("--caption-noise-attributes", default=",".join(MISLABEL_ATTRIBUTES),
                         help="comma-separated: which of colour,shape,position may be mislabelled")
     parser.add_argument("--latent-std", type=float, default=TrainConfig.latent_std,
                         help="std of the UNet's latents (SD uses 1.0)")
