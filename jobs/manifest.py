@@ -27,7 +27,9 @@ from typing import Any, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .spec import MAX_SIZE, MAX_STEPS, SIZE_MULTIPLE, SamplerSpec
+from sdcore import rules  # the limits shared with the spec check and the pipeline (no torch)
+
+from .spec import SamplerSpec
 from .storage import (
     StorageError,
     expand_uris,
@@ -53,7 +55,6 @@ COLUMNS = {
 }
 REQUIRED = ("prompt", "seed")
 OVERRIDES = ("steps", "guidance_scale", "width", "height")
-MAX_SEED = 2**63 - 1  # the manifest's seed is int64
 MAX_NAME = 96
 
 
@@ -333,8 +334,8 @@ def parse_row(
         seed, problem = _integer(seed, "seed")
         if problem:
             problems.append(problem)
-        elif not 0 <= seed <= MAX_SEED:
-            problems.append(f"seed: {seed} outside 0..2**63-1")
+        elif rules.seed_problem(seed):
+            problems.append(f"seed: {rules.seed_problem(seed)}")
         else:
             known["seed"] = seed
 
@@ -346,19 +347,16 @@ def parse_row(
             continue
         if column == "guidance_scale":
             number, problem = _float(value, column)
-            if problem is None and number is not None and number < 0:
-                problem = f"guidance_scale: expected a number >= 0, got {number}"
+            if problem is None and number is not None and rules.guidance_problem(number):
+                problem = f"guidance_scale: {rules.guidance_problem(number)}"
             overrides[column] = getattr(sampler, column) if number is None else number
         else:
             number, problem = _integer(value, column)
             if problem == f"{column} is missing":  # NaN in a float column: not overridden
                 number, problem = getattr(sampler, column), None
-            if problem is None and column == "steps" and not 1 <= number <= MAX_STEPS:
-                problem = f"steps: expected 1..{MAX_STEPS}, got {number}"
-            if problem is None and column in ("width", "height") and (
-                number < SIZE_MULTIPLE or number > MAX_SIZE or number % SIZE_MULTIPLE
-            ):
-                problem = f"{column}: expected a multiple of {SIZE_MULTIPLE} in {SIZE_MULTIPLE}..{MAX_SIZE}, got {number}"
+            check = rules.steps_problem if column == "steps" else rules.size_problem
+            if problem is None and check(number):
+                problem = f"{column}: {check(number)}"
             overrides[column] = number if problem is None else getattr(sampler, column)
         if problem:
             problems.append(problem)
@@ -381,13 +379,8 @@ def parse_row(
                 problems.append(problem)
             elif strength is None:
                 problems.append("strength is required with init_image (img2img), expected a number in (0, 1]")
-            elif not 0.0 < strength <= 1.0:
-                problems.append(f"strength: {strength:g} outside (0, 1]")
-            elif int(overrides["steps"] * strength) < 1:
-                problems.append(
-                    f"strength: {strength:g} x {overrides['steps']} steps runs no denoising step "
-                    f"(needs int(steps * strength) >= 1)"
-                )
+            elif rules.strength_problem(strength, overrides["steps"]):
+                problems.append(f"strength: {rules.strength_problem(strength, overrides['steps'])}")
             else:
                 known["strength"] = strength
     else:

@@ -14,22 +14,17 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
+from sdcore import rules  # the limits shared with the manifest check and the pipeline (no torch)
+
 from .storage import is_s3, redact_uri
 
-# Mirrors sdcore.samplers (tests/test_jobs_spec.py checks they agree); kept here so validating a
-# spec does not import torch.
-SAMPLERS = ("ddpm", "ddim", "euler_a", "dpmpp_2m")
-KARRAS_SAMPLERS = ("dpmpp_2m",)
-MAX_STEPS = 999
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 FORMATS = ("png", "jpeg", "webp")
-SIZE_MULTIPLE = 8
-MAX_SIZE = 8192
 
 
 class SpecError(ValueError):
@@ -164,13 +159,6 @@ class _Checker:
             return default
         return value
 
-    def number(self, data: dict, key: str, path: str, default: float, lo: float):
-        value = data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < lo:
-            self.errors.append(f"{path}: expected a number >= {lo}, got {value!r}")
-            return default
-        return float(value)
-
     def boolean(self, data: dict, key: str, path: str, default: bool):
         value = data.get(key, default)
         if not isinstance(value, bool):
@@ -178,10 +166,12 @@ class _Checker:
             return default
         return value
 
-    def size(self, data: dict, key: str, path: str, default: int):
-        value = self.integer(data, key, path, default, SIZE_MULTIPLE, MAX_SIZE)
-        if value % SIZE_MULTIPLE:
-            self.errors.append(f"{path}: must be a multiple of {SIZE_MULTIPLE}, got {value}")
+    def rule(self, data: dict, key: str, path: str, default: Any, problem: Callable[[Any], str | None]):
+        """A value checked by one of sdcore.rules' `*_problem` functions."""
+        value = data.get(key, default)
+        message = problem(value)
+        if message:
+            self.errors.append(f"{path}: {message}")
             return default
         return value
 
@@ -224,18 +214,16 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
     s = c.section(data, "sampler", {"name", "steps", "guidance_scale", "width", "height", "karras"})
     d = SamplerSpec()
     sampler = SamplerSpec(
-        name=c.choice(s, "name", "sampler.name", SAMPLERS, d.name),
-        steps=c.integer(s, "steps", "sampler.steps", d.steps, 1, MAX_STEPS),
-        guidance_scale=c.number(s, "guidance_scale", "sampler.guidance_scale", d.guidance_scale, 0.0),
-        width=c.size(s, "width", "sampler.width", d.width),
-        height=c.size(s, "height", "sampler.height", d.height),
+        name=c.rule(s, "name", "sampler.name", d.name, rules.sampler_problem),
+        steps=c.rule(s, "steps", "sampler.steps", d.steps, rules.steps_problem),
+        guidance_scale=float(c.rule(s, "guidance_scale", "sampler.guidance_scale", d.guidance_scale, rules.guidance_problem)),
+        width=c.rule(s, "width", "sampler.width", d.width, rules.size_problem),
+        height=c.rule(s, "height", "sampler.height", d.height, rules.size_problem),
         karras=c.boolean(s, "karras", "sampler.karras", d.karras),
     )
-    if sampler.karras and sampler.name not in KARRAS_SAMPLERS:
-        errors.append(
-            f"sampler.karras: Karras sigmas apply only to {', '.join(KARRAS_SAMPLERS)}, "
-            f"not {sampler.name}"
-        )
+    problem = rules.karras_problem(sampler.karras, sampler.name)
+    if problem:
+        errors.append(f"sampler.karras: {problem}")
 
     e = c.section(data, "execution", {"workers", "batch_size", "shard_size", "device", "max_attempts", "cpu_threads", "batch_invariant"})
     d = ExecutionSpec()

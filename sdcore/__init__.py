@@ -1,6 +1,7 @@
 """sdcore: Stable Diffusion 1.x written from scratch in PyTorch (see README.md beside this file).
 
-The heavy entry points are imported on first use, so `import sdcore.config` stays cheap.
+The heavy entry points are imported on first use, so `import sdcore.config` and
+`import sdcore.rules` (the limits every check shares) stay cheap: neither imports torch.
 """
 
 __version__ = "0.1.0"
@@ -10,6 +11,7 @@ _LAZY = {
     "UNetConfig": "config",
     "VAEConfig": "config",
     "TextEncoderConfig": "config",
+    "GenerationRequest": "request",
     "Pipeline": "pipeline",
     "load_pipeline": "weights",
     "export_single_file": "weights",

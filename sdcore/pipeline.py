@@ -16,9 +16,7 @@ GPU, images equal only within float tolerance across batch sizes.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -27,66 +25,13 @@ from PIL import Image
 
 from .clip import CLIPTextModel
 from .config import ModelConfig
+from .request import GenerationRequest
 from .samplers import Sampler
 from .tokenizer import tokenize
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
 
-MAX_SEED = 2**64 - 1
 EMBEDDING_CACHE_SIZE = 4096
-
-
-@dataclass(frozen=True)
-class _Row:
-    """One validated request; index is its position in the caller's list."""
-
-    index: int
-    prompt: str
-    negative: str
-    seed: int
-    strength: float | None
-    init_image: Image.Image | None
-
-
-def _validate_row(index: int, row: Mapping[str, Any], schedule: Sampler) -> _Row:
-    where = f"row {index}"
-    prompt = row.get("prompt")
-    if not isinstance(prompt, str):
-        raise ValueError(f"{where}: 'prompt' must be a string, got {type(prompt).__name__}")
-    negative = row.get("negative") or ""
-    if not isinstance(negative, str):
-        raise ValueError(f"{where}: 'negative' must be a string, got {type(negative).__name__}")
-    seed = row.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"{where}: 'seed' must be an integer, got {seed!r}")
-    seed = int(seed)
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"{where}: 'seed' {seed} outside [0, 2**64 - 1]")
-    init_image = row.get("init_image")
-    strength = row.get("strength")
-    if init_image is not None:
-        if not isinstance(init_image, Image.Image):
-            raise ValueError(f"{where}: 'init_image' must be a PIL image")
-        if strength is None:
-            raise ValueError(f"{where}: img2img row needs a 'strength' in (0, 1]")
-        strength = float(strength)
-        if not (0.0 < strength <= 1.0):
-            raise ValueError(f"{where}: 'strength' {strength} outside (0, 1]")
-        try:
-            schedule.start_index(strength)
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
-    else:
-        strength = None  # a strength without an init image has nothing to act on
-    return _Row(index, prompt, negative, seed, strength, init_image)
-
-
-def _validate_size(width: int, height: int, multiple: int) -> None:
-    for name, value in (("width", width), ("height", height)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if value % multiple:
-            raise ValueError(f"{name} {value} is not a multiple of {multiple}")
 
 
 def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
@@ -165,7 +110,7 @@ class Pipeline:
     @torch.inference_mode()
     def generate(
         self,
-        rows: Sequence[Mapping[str, Any]],
+        requests: Sequence[GenerationRequest | Mapping[str, Any]],
         *,
         sampler: str,
         steps: int,
@@ -175,57 +120,76 @@ class Pipeline:
         karras: bool = False,
         batch_invariant: bool = True,
     ) -> list[Image.Image]:
-        """Images for `rows`, in row order; each is the image its row would get alone."""
-        schedule = Sampler(sampler, steps, karras)
-        _validate_size(width, height, self.size_multiple)
-        if not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
-        checked = [_validate_row(i, row, schedule) for i, row in enumerate(rows)]
-        if not checked:
-            return []
+        """Images for `requests`, in order; each is the image its request would get alone.
 
-        latents, starts, row_generators = [], [], []
-        for row in checked:
-            generator = torch.Generator("cpu").manual_seed(row.seed)
-            latents.append(self._initial_latent(row, schedule, generator, width, height))
-            starts.append(0 if row.strength is None else schedule.start_index(row.strength))
-            row_generators.append(generator)
+        The keyword settings apply to every request that does not set its own (see
+        `GenerationRequest`). Requests with equal settings share UNet forwards; mappings are
+        read with `GenerationRequest.from_mapping`. ValueError, naming the request's index, for
+        anything `sdcore.rules` refuses.
+        """
+        defaults = dict(sampler=sampler, karras=karras, steps=steps, guidance_scale=guidance_scale,
+                        width=width, height=height)
+        resolved = [self._resolve(i, request, defaults) for i, request in enumerate(requests)]
+        images: list[Image.Image | None] = [None] * len(resolved)
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(resolved):
+            groups.setdefault(request.settings_key(), []).append(index)
+        for indices in groups.values():
+            group_images = self._generate_group([resolved[i] for i in indices], batch_invariant)
+            for index, image in zip(indices, group_images):
+                images[index] = image
+        return images
 
-        images: list[Image.Image | None] = [None] * len(checked)
-        # Rows sharing a start step run through the UNet together.
+    def _resolve(self, index: int, request: GenerationRequest | Mapping[str, Any], defaults: dict) -> GenerationRequest:
+        try:
+            if not isinstance(request, GenerationRequest):
+                if not isinstance(request, Mapping):
+                    raise ValueError(f"expected a GenerationRequest or a mapping, got {type(request).__name__}")
+                request = GenerationRequest.from_mapping(request)
+            return request.resolve(defaults, self.size_multiple)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"request {index}: {exc}") from None
+
+    def _generate_group(self, group: list[GenerationRequest], batch_invariant: bool) -> list[Image.Image]:
+        """Images for requests that share every setting (one schedule, one size)."""
+        first = group[0]
+        schedule = Sampler(first.sampler, first.steps, first.karras)
+        latents, starts, generators = [], [], []
+        for request in group:
+            generator = torch.Generator("cpu").manual_seed(request.seed)
+            latents.append(self._initial_latent(request, schedule, generator))
+            starts.append(0 if request.strength is None else schedule.start_index(request.strength))
+            generators.append(generator)
+
+        images: list[Image.Image | None] = [None] * len(group)
+        # Requests sharing a start step run through the UNet together.
         for start in sorted(set(starts)):
-            group = [r for r, s in zip(checked, starts) if s == start]
-            x = torch.cat([latents[r.index] for r in group])
-            generators = [row_generators[r.index] for r in group]
-            denoise = self._denoiser(group, guidance_scale, batch_invariant)
-            x = schedule.run(denoise, x, generators, start_index=start)
-            for row, latent in zip(group, x.split(1)):
-                images[row.index] = self._decode(latent)
+            members = [i for i, s in enumerate(starts) if s == start]
+            x = torch.cat([latents[i] for i in members])
+            denoise = self._denoiser([group[i] for i in members], first.guidance_scale, batch_invariant)
+            x = schedule.run(denoise, x, [generators[i] for i in members], start_index=start)
+            for i, latent in zip(members, x.split(1)):
+                images[i] = self._decode(latent)
         return images
 
     def _initial_latent(
-        self,
-        row: _Row,
-        schedule: Sampler,
-        generator: torch.Generator,
-        width: int,
-        height: int,
+        self, request: GenerationRequest, schedule: Sampler, generator: torch.Generator
     ) -> torch.Tensor:
-        """The row's starting latent (1, 4, h, w), drawing from its generator in diffusers' order."""
+        """The request's starting latent (1, 4, h, w), drawing from its generator in diffusers' order."""
         factor = self.size_multiple
-        shape = (1, self.config.vae.latent_channels, height // factor, width // factor)
-        if row.init_image is None:
+        shape = (1, self.config.vae.latent_channels, request.height // factor, request.width // factor)
+        if request.init_image is None:
             noise = torch.randn(shape, generator=generator, dtype=self.dtype)
             return schedule.txt2img_latents(noise.to(self.device))
-        pixels = image_to_tensor(row.init_image, width, height).to(self.device, self.dtype)
+        pixels = image_to_tensor(request.init_image, request.width, request.height).to(self.device, self.dtype)
         mean, logvar = self.vae.encode(pixels)
         # Sample the VAE posterior: mean + std * N(0, I), the first draw of an img2img row.
         eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(self.device)
         init = (mean + torch.exp(0.5 * logvar) * eps) * self.config.vae.scaling_factor
         noise = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
-        return schedule.img2img_latents(init, noise, schedule.start_index(row.strength))
+        return schedule.img2img_latents(init, noise, schedule.start_index(request.strength))
 
-    def _denoiser(self, group: list[_Row], guidance_scale: float, batch_invariant: bool):
+    def _denoiser(self, group: list[GenerationRequest], guidance_scale: float, batch_invariant: bool):
         """ε(x, t) for a group of rows, with classifier-free guidance (Ho & Salimans 2022)."""
         cond = torch.cat([self.encode_prompt(r.prompt) for r in group])
         guided = guidance_scale > 1.0  # diffusers skips the unconditional pass at <= 1

@@ -26,13 +26,8 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from . import schedules
-
-SAMPLERS = ("ddpm", "ddim", "euler_a", "dpmpp_2m")
-KARRAS_SAMPLERS = ("dpmpp_2m",)  # diffusers' EulerAncestralDiscreteScheduler has no Karras sigmas
-# "leading" spacing with steps_offset 1 runs off the 1000-entry training table at 1000 steps
-# (DDPM/DDIM index alphas_cumprod[1000]), so the largest usable step count is 999.
-MAX_STEPS = schedules.NUM_TRAIN_TIMESTEPS - schedules.STEPS_OFFSET
+from . import rules, schedules
+from .rules import KARRAS_SAMPLERS, MAX_STEPS, SAMPLERS  # the limits live in sdcore.rules
 
 # denoise(model_input (B, C, H, W), t 0-dim float32) -> eps (B, C, H, W), guidance applied.
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,7 +38,7 @@ Callback = Callable[[int, int], None]
 # ----------------------------------------------------------------------------- schedule
 
 
-class _Schedule(NamedTuple):
+class Schedule(NamedTuple):
     """Everything a run needs, for one (name, steps, karras). Shared and read-only."""
 
     timesteps: torch.Tensor  # (N,) as the reference exposes them: int64, or float32 for euler_a
@@ -52,20 +47,21 @@ class _Schedule(NamedTuple):
 
 
 @functools.lru_cache(maxsize=128)
-def _schedule(name: str, steps: int, karras: bool) -> _Schedule:
-    alphas_cumprod = schedules._alphas_cumprod(*schedules._schedule_args())
+def build_schedule(name: str, steps: int, karras: bool = False) -> Schedule:
+    """The (memoised, shared: do not modify) schedule of one sampler configuration."""
+    alphas_cumprod = schedules.alphas_cumprod()
     if name in ("ddpm", "ddim"):
-        return _Schedule(schedules.leading_timesteps(steps), alphas_cumprod, None)
+        return Schedule(schedules.leading_timesteps(steps), alphas_cumprod, None)
     if name == "euler_a":
         timesteps = schedules.leading_timesteps(steps)
-        return _Schedule(timesteps.to(torch.float32), alphas_cumprod, schedules.sigmas_at(timesteps))
+        return Schedule(timesteps.to(torch.float32), alphas_cumprod, schedules.sigmas_at(timesteps))
     # dpmpp_2m
     if karras:
         timesteps, sigmas = schedules.karras_schedule(steps)
     else:
         timesteps = schedules.dpmsolver_leading_timesteps(steps)
         sigmas = schedules.sigmas_at(timesteps)
-    return _Schedule(timesteps, alphas_cumprod, sigmas)
+    return Schedule(timesteps, alphas_cumprod, sigmas)
 
 
 # ----------------------------------------------------------------------------- public object
@@ -84,23 +80,18 @@ class Sampler:
     karras: bool = False
 
     def __post_init__(self) -> None:
-        if self.name not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.name!r}; allowed: {', '.join(SAMPLERS)}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int):
-            raise ValueError(f"sampler steps must be an integer, got {self.steps!r}")
-        if not 1 <= self.steps <= MAX_STEPS:
-            raise ValueError(f"sampler steps must be in 1..{MAX_STEPS}, got {self.steps}")
-        if not isinstance(self.karras, bool):
-            raise ValueError(f"sampler karras must be true or false, got {self.karras!r}")
-        if self.karras and self.name not in KARRAS_SAMPLERS:
-            raise ValueError(
-                f"karras sigmas are not available for sampler {self.name!r} "
-                f"(only for: {', '.join(KARRAS_SAMPLERS)})"
-            )
+        checks = (
+            ("sampler", rules.sampler_problem(self.name)),
+            ("steps", rules.steps_problem(self.steps)),
+            ("karras", rules.karras_problem(self.karras, self.name)),
+        )
+        for what, problem in checks:
+            if problem:
+                raise ValueError(f"{what}: {problem}")
 
     @property
-    def _sched(self) -> _Schedule:
-        return _schedule(self.name, self.steps, self.karras)
+    def _sched(self) -> Schedule:
+        return build_schedule(self.name, self.steps, self.karras)
 
     def timesteps(self) -> torch.Tensor:
         """The reference scheduler's `timesteps` after `set_timesteps(steps)` (a fresh tensor):
@@ -184,11 +175,6 @@ class Sampler:
         return sample_dpmpp_2m(*args)
 
 
-def sampler_from_name(name: str, steps: int, karras: bool = False) -> Sampler:
-    """`Sampler(name, steps, karras)`, validated (ValueError with the allowed values)."""
-    return Sampler(name, steps, karras)
-
-
 # ----------------------------------------------------------------------------- loops
 
 
@@ -196,7 +182,7 @@ def sample_ddpm(
     denoise: Denoiser,
     x: torch.Tensor,
     generators: list[torch.Generator],
-    sched: _Schedule,
+    sched: Schedule,
     start: int = 0,
     callback: Callback | None = None,
 ) -> torch.Tensor:
@@ -240,7 +226,7 @@ def sample_ddim(
     denoise: Denoiser,
     x: torch.Tensor,
     generators: list[torch.Generator],
-    sched: _Schedule,
+    sched: Schedule,
     start: int = 0,
     callback: Callback | None = None,
 ) -> torch.Tensor:
@@ -277,7 +263,7 @@ def sample_euler_ancestral(
     denoise: Denoiser,
     x: torch.Tensor,
     generators: list[torch.Generator],
-    sched: _Schedule,
+    sched: Schedule,
     start: int = 0,
     callback: Callback | None = None,
 ) -> torch.Tensor:
@@ -316,7 +302,7 @@ def sample_dpmpp_2m(
     denoise: Denoiser,
     x: torch.Tensor,
     generators: list[torch.Generator],
-    sched: _Schedule,
+    sched: Schedule,
     start: int = 0,
     callback: Callback | None = None,
 ) -> torch.Tensor:

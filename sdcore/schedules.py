@@ -23,10 +23,10 @@ import functools
 
 import torch
 
-NUM_TRAIN_TIMESTEPS = 1000
+from .rules import NUM_TRAIN_TIMESTEPS, STEPS_OFFSET, img2img_steps
+
 BETA_START = 0.00085
 BETA_END = 0.012
-STEPS_OFFSET = 1
 KARRAS_RHO = 7.0
 
 
@@ -194,9 +194,10 @@ def karras_schedule(steps: int, rho: float = KARRAS_RHO, **schedule) -> tuple[to
 def img2img_start_index(steps: int, strength: float) -> int:
     """Index of the first timestep an img2img run denoises from.
 
-    The reference pipeline keeps the last `min(int(steps * strength), steps)` of the `steps`
-    timesteps, so the run starts at `steps - that`. Raises ValueError unless 0 < strength <= 1,
-    and when `steps * strength < 1` (no step would run).
+    The reference pipeline keeps the last `rules.img2img_steps(steps, strength)` =
+    `min(int(steps * strength), steps)` of the `steps` timesteps, so the run starts at
+    `steps - that`. Raises ValueError unless 0 < strength <= 1, and when `steps * strength < 1`
+    (no step would run).
     """
     if strength is None or isinstance(strength, (bool, str, bytes)):
         raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
@@ -204,14 +205,7 @@ def img2img_start_index(steps: int, strength: float) -> int:
         strength = float(strength)  # Python/numpy floats, 0-dim tensors: as a Python float
     except (TypeError, ValueError):
         raise ValueError(f"strength must be a number in (0, 1], got {strength!r}") from None
-    if not (0.0 < strength <= 1.0):  # also rejects NaN
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    init_timestep = min(int(steps * strength), steps)
-    if init_timestep == 0:
-        raise ValueError(
-            f"strength={strength} with steps={steps} leaves no denoising step "
-            f"(int(steps * strength) = 0); use strength >= {1 / steps:.6g} or more steps"
-        )
+    init_timestep = img2img_steps(steps, strength)  # the rule lives in sdcore.rules
     return max(steps - init_timestep, 0)
 
 

@@ -42,7 +42,8 @@ def test_default_ids_are_row_numbers(tmp_path):
 
 
 def test_duplicates_keep_their_first_row(tmp_path):
-    rows = [{"id": "x", "prompt": "a", "seed": 1}, {"id": "y", "prompt": "b", "seed": 2}, {"id": "x", "prompt": "c", "seed": 3}]
+    rows = [{"id": "x", "prompt": "a", "seed": 1}, {"id": "y", "prompt": "b", "seed": 2},
+            {"id": "x", "prompt": "c", "seed": 3}]
     manifest = load_manifest([str(write_manifest(tmp_path / "m.parquet", rows))])
     assert manifest.duplicates == {2: 0}
 
@@ -95,7 +96,8 @@ def test_extra_columns_are_ignored_and_reported(tmp_path):
 
 
 def row(**values):
-    base = {"prompt": "a cat", "negative": None, "seed": 5, "strength": None, "init_image": None, "init_image_uri": None}
+    base = {"prompt": "a cat", "negative": None, "seed": 5, "strength": None, "init_image": None,
+            "init_image_uri": None}
     return {**base, **values}
 
 
@@ -111,11 +113,11 @@ def row(**values):
         ({"init_image": "a.png", "init_image_uri": "/x/a.png"}, "strength is required with init_image"),
         ({"init_image": "a.png", "init_image_uri": "/x/a.png", "strength": 0.0}, "strength: 0 outside (0, 1]"),
         ({"init_image": "a.png", "init_image_uri": "/x/a.png", "strength": 1.5}, "strength: 1.5 outside (0, 1]"),
-        ({"init_image": "a.png", "init_image_uri": "/x/a.png", "strength": 0.05}, "runs no denoising step"),
+        ({"init_image": "a.png", "init_image_uri": "/x/a.png", "strength": 0.05}, "leaves no denoising step"),
         ({"init_image": ""}, "init_image is an empty string"),
-        ({"steps": 0}, "steps: expected 1..999, got 0"),
-        ({"width": 36}, "width: expected a multiple of 8"),
-        ({"guidance_scale": -1.0}, "guidance_scale: expected a number >= 0"),
+        ({"steps": 0}, "steps: expected an integer in 1..999, got 0"),
+        ({"width": 36}, "width: 36 is not a multiple of 8"),
+        ({"guidance_scale": -1.0}, "guidance_scale: expected a finite number >= 0"),
     ],
 )
 def test_row_problems(values, needle):
@@ -143,7 +145,8 @@ def test_good_rows_and_overrides():
     assert (request.steps, request.width, request.height, request.guidance_scale) == (4, 64, 32, 3.0)
     assert request.mode == "txt2img" and request.negative == "" and request.strength is None
     assert request.name == safe_name("a/b") != "a/b"
-    img, problem, _ = parse_row(1, row(init_image="i.png", init_image_uri="/m/i.png", strength=0.5), row_id="b", sampler=SAMPLER)
+    img2img = row(init_image="i.png", init_image_uri="/m/i.png", strength=0.5)
+    img, problem, _ = parse_row(1, img2img, row_id="b", sampler=SAMPLER)
     assert problem is None and img.mode == "img2img" and img.strength == 0.5
     # a strength without an init image has nothing to act on (as in sdcore)
     txt, problem, _ = parse_row(2, row(strength=3.0), row_id="c", sampler=SAMPLER)

@@ -8,6 +8,9 @@ from conftest import spec_dict, write_spec
 from jobs.spec import JobSpec, SpecError, load_spec, parse_spec
 
 
+BASE = {"manifest": "m.parquet", "output": "out", "model": {"weights": "builtin:tiny"}}
+
+
 def errors_of(data) -> str:
     with pytest.raises(SpecError) as info:
         parse_spec(data)
@@ -68,10 +71,10 @@ def test_every_problem_is_reported_with_its_key():
     for needle in [
         "extra: unknown key",
         "model.dtype: expected one of auto, float32, float16, bfloat16, got 'float64'",
-        "sampler.name: expected one of ddpm, ddim, euler_a, dpmpp_2m, got 'plms'",
+        "sampler.name: unknown sampler 'plms'; expected one of ddpm, ddim, euler_a, dpmpp_2m",
         "sampler.steps: expected an integer in 1..999, got 0",
-        "sampler.width: must be a multiple of 8, got 500",
-        "sampler.guidance_scale: expected a number >= 0.0, got 'high'",
+        "sampler.width: 500 is not a multiple of 8",
+        "sampler.guidance_scale: expected a finite number >= 0, got 'high'",
         "sampler.karras: expected true or false, got 'yes'",
         "execution.workers: expected 'auto' or an integer >= 1, got 0",
         "execution.batch_size: expected an integer in 1..4096, got True",
@@ -94,7 +97,7 @@ def test_every_problem_is_reported_with_its_key():
         ({"manifest": [], "output": "o", "model": {"weights": "w"}}, "manifest: expected a path/URI"),
         ({"manifest": "m.parquet", "output": "o", "model": "tiny"}, "model: expected a mapping"),
         ({"manifest": "m.parquet", "output": "o", "model": {"weights": "w"},
-          "sampler": {"name": "ddim", "karras": True}}, "sampler.karras: Karras sigmas apply only to dpmpp_2m"),
+          "sampler": {"name": "ddim", "karras": True}}, "sampler.karras: karras sigmas apply only to dpmpp_2m"),
     ],
 )
 def test_missing_and_wrong_keys(data, needle):
@@ -137,15 +140,22 @@ def test_credentials_are_redacted_in_the_resolved_spec(tmp_path):
     assert "secret" not in text and "token" not in text
 
 
-def test_samplers_match_sdcore():
-    pytest.importorskip("torch")
-    from sdcore import samplers
+def test_spec_takes_its_limits_from_sdcore_rules():
+    """The spec accepts exactly what the pipeline runs: names, step and size limits come from
+    sdcore.rules (one home), and checking a spec never imports torch."""
+    import subprocess
+    import sys
 
-    from jobs import spec
+    from sdcore import rules
 
-    assert spec.SAMPLERS == samplers.SAMPLERS
-    assert spec.KARRAS_SAMPLERS == samplers.KARRAS_SAMPLERS
-    assert spec.MAX_STEPS == samplers.MAX_STEPS
+    for name in rules.SAMPLERS:
+        assert parse_spec({**BASE, "sampler": {"name": name, "steps": rules.MAX_STEPS}}).sampler.name == name
+    for bad in ({"steps": rules.MAX_STEPS + 1}, {"width": rules.MAX_SIZE + rules.SIZE_MULTIPLE}, {"name": "plms"}):
+        with pytest.raises(SpecError):
+            parse_spec({**BASE, "sampler": bad})
+    code = "import sys, jobs.spec, jobs.manifest; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_load_spec_uses_file_stem_as_default_name(tmp_path):

@@ -119,7 +119,7 @@ MIXED_ROWS = [
     {"prompt": "a green square", "negative": "dark", "seed": 2},
     {"prompt": "a blue star", "seed": 3, "strength": 0.5, "init_image": init_image(1)},
     {"prompt": "a red circle", "seed": 4, "strength": 0.8, "init_image": init_image(2)},
-    {"prompt": "a yellow triangle", "seed": 2**63 + 5, "strength": 1.0, "init_image": init_image(3)},
+    {"prompt": "a yellow triangle", "seed": 2**63 - 1, "strength": 1.0, "init_image": init_image(3)},
 ]
 
 
@@ -153,18 +153,23 @@ def test_odd_latent_size_runs(ours):
 @pytest.mark.parametrize(
     "row, settings, message",
     [
-        ({"prompt": "x", "seed": 1}, {"width": 65}, "width 65 is not a multiple of 8"),
-        ({"prompt": "x", "seed": 1}, {"height": 0}, "height must be a positive integer"),
-        ({"prompt": "x", "seed": 1}, {"sampler": "plms"}, "plms"),
-        ({"prompt": "x", "seed": 1}, {"steps": 0}, "steps"),
-        ({"prompt": None, "seed": 1}, {}, "'prompt' must be a string"),
-        ({"prompt": "x", "seed": "7"}, {}, "'seed' must be an integer"),
-        ({"prompt": "x", "seed": -1}, {}, "'seed' -1 outside"),
-        ({"prompt": "x", "seed": 1, "strength": 0.0, "init_image": init_image(0)}, {}, "'strength' 0.0 outside (0, 1]"),
-        ({"prompt": "x", "seed": 1, "strength": 1.5, "init_image": init_image(0)}, {}, "'strength' 1.5 outside (0, 1]"),
-        ({"prompt": "x", "seed": 1, "init_image": init_image(0)}, {}, "needs a 'strength'"),
+        ({"prompt": "x", "seed": 1}, {"width": 65}, "request 0: width: 65 is not a multiple of 8"),
+        ({"prompt": "x", "seed": 1}, {"height": 0}, "height: expected a positive integer"),
+        ({"prompt": "x", "seed": 1}, {"sampler": "plms"}, "unknown sampler 'plms'"),
+        ({"prompt": "x", "seed": 1}, {"steps": 0}, "steps: expected an integer in 1..999, got 0"),
+        ({"prompt": "x", "seed": 1}, {"guidance_scale": float("nan")}, "guidance_scale: expected a finite number"),
+        ({"prompt": "x", "seed": 1, "steps": 1000}, {}, "steps: expected an integer in 1..999"),
+        ({"prompt": None, "seed": 1}, {}, "prompt: expected a string"),
+        ({"prompt": "x", "seed": "7"}, {}, "seed: expected an integer"),
+        ({"prompt": "x", "seed": -1}, {}, "seed: -1 outside 0..2**63-1"),
+        ({"prompt": "x", "seed": 2**63}, {}, "seed: 9223372036854775808 outside 0..2**63-1"),
+        ({"prompt": "x", "seed": 1, "strength": 0.0, "init_image": init_image(0)}, {}, "strength: 0 outside (0, 1]"),
+        ({"prompt": "x", "seed": 1, "strength": 1.5, "init_image": init_image(0)}, {}, "strength: 1.5 outside (0, 1]"),
+        ({"prompt": "x", "seed": 1, "init_image": init_image(0)}, {}, "needs a strength"),
         ({"prompt": "x", "seed": 1, "strength": 0.01, "init_image": init_image(0)}, {}, "leaves no denoising step"),
-        ({"prompt": "x", "seed": 1, "strength": 0.5, "init_image": "cat.png"}, {}, "must be a PIL image"),
+        ({"prompt": "x", "seed": 1, "strength": 0.5, "init_image": "cat.png"}, {}, "expected a PIL image"),
+        ({"prompt": "x", "seed": 1, "cfg": 3}, {}, "unknown request field(s): cfg"),
+        ({"prompt": "x", "seed": 1, "sampler": "euler_a", "karras": True}, {}, "karras: karras sigmas apply only to dpmpp_2m"),
     ],
 )
 def test_bad_input_is_a_clear_error(ours, row, settings, message):

@@ -26,7 +26,7 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from sdcore import schedules
-from sdcore.samplers import SAMPLERS, Sampler, _schedule, sampler_from_name
+from sdcore.samplers import SAMPLERS, Sampler, build_schedule
 from tests.reference import SD15_SCHEDULER_CONFIG
 
 REFERENCE = {
@@ -158,7 +158,7 @@ def test_timesteps_match_reference(name, karras, steps):
     assert ours.dtype == reference.timesteps.dtype
     assert torch.equal(ours, reference.timesteps)
     if name in ("euler_a", "dpmpp_2m"):
-        assert torch.equal(_schedule(name, steps, karras).sigmas, reference.sigmas)
+        assert torch.equal(build_schedule(name, steps, karras).sigmas, reference.sigmas)
 
 
 # ----------------------------------------------------------------------------- txt2img loops
@@ -375,7 +375,7 @@ def test_bad_arguments_raise_clear_errors():
 
 
 def test_sampler_is_frozen_and_hashable():
-    s = sampler_from_name("dpmpp_2m", 20, karras=True)
+    s = Sampler("dpmpp_2m", 20, karras=True)
     assert s == Sampler("dpmpp_2m", 20, True) and hash(s) == hash(Sampler("dpmpp_2m", 20, True))
     with pytest.raises(Exception):
         s.steps = 3  # type: ignore[misc]

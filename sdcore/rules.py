@@ -1,0 +1,117 @@
+"""What a generation request may ask for: one home for each rule, importable without torch.
+
+The job spec check (`jobs/spec.py`), the manifest row check (`jobs/manifest.py`) and the
+pipeline (`sdcore/pipeline.py`, `sdcore/samplers.py`) all take their limits from here, so a
+value the runner accepts is a value the pipeline accepts, and the other way round. Importing this
+module imports nothing heavy: validating a job spec or a million-row manifest never loads torch.
+
+Each `*_problem` function returns None for a good value, else a short description of what is
+wrong ("expected an integer in 1..999, got 0") for the caller to prefix with where the value came
+from (a spec key, a manifest column, a request index).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+SAMPLERS = ("ddpm", "ddim", "euler_a", "dpmpp_2m")
+# diffusers' EulerAncestralDiscreteScheduler has no Karras sigmas; DDPM/DDIM have none either.
+KARRAS_SAMPLERS = ("dpmpp_2m",)
+
+# The SD 1.x training schedule has 1000 timesteps. "Leading" spacing with steps_offset 1 runs
+# off the end of that table at 1000 steps (DDPM/DDIM index alphas_cumprod[1000]), so the largest
+# usable step count is 999.
+NUM_TRAIN_TIMESTEPS = 1000
+STEPS_OFFSET = 1
+MAX_STEPS = NUM_TRAIN_TIMESTEPS - STEPS_OFFSET
+
+# Seeds are stored as int64 (manifest column, record field, Parquet), so that is the range
+# everywhere, the library included: 0 .. 2**63 - 1.
+MAX_SEED = 2**63 - 1
+
+# Width and height are multiples of the VAE's downsampling factor (8 for SD 1.x checkpoints;
+# a model with another factor passes its own `multiple`), up to MAX_SIZE pixels a side.
+SIZE_MULTIPLE = 8
+MAX_SIZE = 8192
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def sampler_problem(name: Any) -> str | None:
+    """A sampler name sdcore can run."""
+    if not isinstance(name, str) or name not in SAMPLERS:
+        return f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}"
+    return None
+
+
+def karras_problem(karras: Any, sampler: str) -> str | None:
+    """The Karras-sigmas flag, for a known sampler name."""
+    if not isinstance(karras, bool):
+        return f"expected true or false, got {karras!r}"
+    if karras and sampler not in KARRAS_SAMPLERS:
+        return f"karras sigmas apply only to {', '.join(KARRAS_SAMPLERS)}, not {sampler}"
+    return None
+
+
+def steps_problem(steps: Any) -> str | None:
+    if not _is_integer(steps) or not 1 <= steps <= MAX_STEPS:
+        return f"expected an integer in 1..{MAX_STEPS}, got {steps!r}"
+    return None
+
+
+def seed_problem(seed: Any) -> str | None:
+    if not _is_integer(seed):
+        return f"expected an integer, got {type(seed).__name__} {seed!r}"
+    if not 0 <= seed <= MAX_SEED:
+        return f"{seed} outside 0..2**63-1"
+    return None
+
+
+def guidance_problem(scale: Any) -> str | None:
+    """Classifier-free guidance scale: any finite number >= 0 (<= 1 turns guidance off)."""
+    if not _is_number(scale) or not math.isfinite(scale) or scale < 0:
+        return f"expected a finite number >= 0, got {scale!r}"
+    return None
+
+
+def size_problem(value: Any, multiple: int = SIZE_MULTIPLE) -> str | None:
+    """One side of the image, in pixels."""
+    if not _is_integer(value) or value <= 0:
+        return f"expected a positive integer, got {value!r}"
+    if value % multiple:
+        return f"{value} is not a multiple of {multiple}"
+    if value > MAX_SIZE:
+        return f"{value} is larger than {MAX_SIZE}"
+    return None
+
+
+def strength_problem(strength: Any, steps: int) -> str | None:
+    """img2img strength with `steps` sampler steps: in (0, 1], and leaving at least one step."""
+    if not _is_number(strength):
+        return f"expected a number in (0, 1], got {strength!r}"
+    if not 0.0 < float(strength) <= 1.0:  # also rejects NaN
+        return f"{float(strength):g} outside (0, 1]"
+    if int(steps * float(strength)) < 1:
+        return (
+            f"{float(strength):g} x {steps} steps leaves no denoising step "
+            f"(int(steps * strength) = 0); use strength >= {1 / steps:.6g} or more steps"
+        )
+    return None
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """How many of the `steps` timesteps an img2img run denoises: diffusers' rule,
+    `min(int(steps * strength), steps)`. ValueError when the strength is out of range or
+    leaves no step (diffusers would then build an empty batch and fail)."""
+    problem = strength_problem(strength, steps)
+    if problem:
+        raise ValueError(f"strength {problem}")
+    return min(int(steps * float(strength)), steps)

@@ -1,0 +1,99 @@
+"""sdcore/request.py and sdcore/rules.py: the typed request `generate` takes, per-request settings,
+and the shared limits (no torch needed to check them)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sdcore
+from sdcore import GenerationRequest, rules
+
+SETTINGS = dict(sampler="ddim", karras=False, steps=4, guidance_scale=5.0, width=32, height=32)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return sdcore.load_pipeline("builtin:tiny")
+
+
+def picture(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((32, 32), Image.BILINEAR)
+
+
+def same(a: Image.Image, b: Image.Image) -> bool:
+    return np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_typed_request_and_mapping_give_the_same_image(pipe):
+    typed = pipe.generate([GenerationRequest("a red circle", seed=3, negative="blue")], **SETTINGS)[0]
+    mapping = pipe.generate([{"prompt": "a red circle", "seed": 3, "negative": "blue"}], **SETTINGS)[0]
+    assert same(typed, mapping)
+
+
+def test_per_request_settings_equal_separate_calls(pipe):
+    """A request's own settings override the call's, and a mixed call gives each request the image
+    a call with those settings as defaults gives it."""
+    init = picture(1)
+    mixed = [
+        GenerationRequest("a", seed=1),
+        GenerationRequest("b", seed=2, sampler="euler_a", steps=3),
+        GenerationRequest("c", seed=3, init_image=init, strength=0.5, guidance_scale=1.0),
+        GenerationRequest("d", seed=4, sampler="dpmpp_2m", karras=True, width=40, height=24),
+    ]
+    together = pipe.generate(mixed, **SETTINGS)
+    for request, image in zip(mixed, together):
+        own = {k: v for k, v in request.settings().items() if v is not None}
+        alone = pipe.generate([GenerationRequest(request.prompt, request.seed, init_image=request.init_image,
+                                                 strength=request.strength)], **{**SETTINGS, **own})[0]
+        assert same(image, alone), request
+    assert together[3].size == (40, 24)
+    assert not same(together[0], together[1])
+
+
+def test_txt2img_request_drops_its_strength():
+    assert GenerationRequest("x", seed=1, strength=0.3).strength is None
+    assert GenerationRequest("x", seed=1, init_image=picture(0), strength=0.3).mode == "img2img"
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"prompt": 3, "seed": 1}, "prompt: expected a string"),
+        ({"prompt": "x", "seed": True}, "seed: expected an integer"),
+        ({"prompt": "x", "seed": rules.MAX_SEED + 1}, "outside 0..2**63-1"),
+        ({"prompt": "x", "seed": 1, "init_image": picture(0)}, "needs a strength"),
+    ],
+)
+def test_bad_request_is_refused_when_made(fields, message):
+    with pytest.raises(ValueError, match=message.replace("*", r"\*").replace(".", r"\.")):
+        GenerationRequest(**fields)
+
+
+def test_resolve_applies_the_strength_rule_with_the_resolved_steps():
+    request = GenerationRequest("x", seed=1, init_image=picture(0), strength=0.2)
+    assert request.resolve({**SETTINGS, "steps": 10}).steps == 10  # int(10 * 0.2) = 2 steps run
+    with pytest.raises(ValueError, match="leaves no denoising step"):
+        request.resolve({**SETTINGS, "steps": 4})  # int(4 * 0.2) = 0
+    with pytest.raises(ValueError, match="leaves no denoising step"):
+        GenerationRequest("x", seed=1, init_image=picture(0), strength=0.2, steps=4).resolve({**SETTINGS, "steps": 10})
+
+
+def test_rules_are_the_diffusers_rules():
+    assert rules.img2img_steps(25, 0.6) == 15  # diffusers: int(25 * 0.6)
+    assert rules.img2img_steps(10, 1.0) == 10
+    assert rules.strength_problem(0.05, 10) and not rules.strength_problem(0.1, 10)
+    assert rules.MAX_STEPS == 999 and rules.MAX_SEED == 2**63 - 1
+    assert rules.size_problem(64) is None and rules.size_problem(60) and rules.size_problem(60, multiple=4) is None
+    assert rules.karras_problem(True, "dpmpp_2m") is None and rules.karras_problem(True, "ddim")
+
+
+def test_rules_import_no_torch():
+    code = "import sys, sdcore.rules; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
