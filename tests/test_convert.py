@@ -8,22 +8,31 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdcore.clip import CLIPTextModel
 from sdcore.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from sdcore.convert import (
+    CONV1X1,
+    CONV1X1_MODULES,
     IGNORED_KEYS,
     CheckpointError,
+    LayoutError,
     compvis_to_parts,
     detect_unsupported,
     infer_config,
     infer_config_from_parts,
+    mapping_rows,
     mapping_table,
+    module_shapes,
     parts_to_compvis,
 )
+from sdcore.unet import UNet2DConditionModel
+from sdcore.vae import AutoencoderKL
 from tests.reference import diffusers_models, sdcore_parts, text_encoder_state_dict
 
 CONFIGS = {
@@ -115,6 +124,33 @@ def test_table_matches_diffusers_models(name):
         actual = {key: tuple(t.shape) for key, t in parts[part].items()}
         assert expected == actual, part
     assert len({row.compvis for row in rows}) == len(rows)
+
+
+@pytest.mark.parametrize("cfg", [ModelConfig.sd15(), ModelConfig.tiny()], ids=["sd15", "tiny"])
+def test_table_covers_every_parameter_of_the_meta_built_modules(cfg):
+    with torch.device("meta"):
+        modules = {
+            "unet": UNet2DConditionModel(cfg.unet),
+            "vae": AutoencoderKL(cfg.vae),
+            "text_encoder": CLIPTextModel(cfg.text_encoder),
+        }
+    rows = mapping_table(cfg)
+    for part, module in modules.items():
+        params = {key: tuple(p.shape) for key, p in module.named_parameters()}
+        assert {key: tuple(t.shape) for key, t in module.state_dict().items()} == params, part  # no buffers
+        assert {row.key: row.shape for row in rows if row.part == part} == params, part
+    assert len({row.compvis for row in rows}) == len(rows)
+    conv1x1 = sorted(row.compvis for row in rows if row.transform == CONV1X1)
+    assert conv1x1 == sorted(f"{VAE}{module}.weight" for module in CONV1X1_MODULES)
+    assert all(row.compvis_shape == row.shape + (1, 1) for row in rows if row.transform == CONV1X1)
+
+
+def test_module_parameter_without_a_compvis_name_is_named():
+    cfg = ModelConfig.tiny()
+    shapes = module_shapes(cfg)
+    shapes["unet"]["down_blocks.0.resnets.0.extra.weight"] = (3,)
+    with pytest.raises(LayoutError, match=r"unet:down_blocks\.0\.resnets\.0\.extra\.weight"):
+        mapping_rows(cfg, shapes)
 
 
 def test_sd15_table_matches_diffusers_and_known_single_file_keys():
@@ -404,6 +440,24 @@ def test_wrong_shape(given):
     message = r"wrong shapes \(1\): .*attn1\.to_q\.weight \(32, 31\) != expected \(32, 32\)"
     with pytest.raises(CheckpointError, match=message):
         compvis_to_parts(compvis, CONFIGS["tiny"] if given else None)
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["inferred", "given"])
+def test_wrong_shape_of_a_conv1x1_weight(given):
+    compvis = _tiny_compvis()
+    key = VAE + "decoder.mid.attn_1.v.weight"
+    compvis[key] = compvis[key].reshape(64, 64)  # a Linear weight where CompVis has a 1x1 conv
+    expected = f"{key} (64, 64) != expected (64, 64, 1, 1)"
+    with pytest.raises(CheckpointError, match=rf"wrong shapes \(1\): {re.escape(expected)}") as e:
+        compvis_to_parts(compvis, CONFIGS["tiny"] if given else None)
+    assert e.value.mismatched == [expected]
+
+    parts = {p: dict(d) for p, d in _parts("tiny").items()}
+    key = "decoder.mid_block.attentions.0.to_v.weight"
+    parts["vae"][key] = parts["vae"][key].reshape(64, 64, 1, 1)  # a 1x1 conv where sdcore has a Linear
+    with pytest.raises(CheckpointError) as e:
+        parts_to_compvis(parts, CONFIGS["tiny"] if given else None)
+    assert e.value.mismatched == [f"vae:{key} (64, 64, 1, 1) != expected (64, 64)"]
 
 
 def test_not_a_tensor():
