@@ -3,7 +3,7 @@
 What is measured (the targets of the "built-in model that draws what it is told" issue):
 
 - held-out prompts: captions of (shape, colour, position) combinations never seen in training
-  (`sdcore.shapes.dataset`, split "heldout"), one seed per prompt, 64x64;
+  (`shapesworld.world`, split "heldout"), one seed per prompt, 64x64;
 - every sampler (ddpm 50, ddim 25, euler_a 25, dpmpp_2m 15) at guidance 5.0 and 7.5; "the
   chosen guidance" is the one where the four do best on average; DDIM 25 at 1.0 (no guidance)
   shows whether guidance matters;
@@ -12,7 +12,7 @@ What is measured (the targets of the "built-in model that draws what it is told"
   blue, and how often it is still a circle; and the same for any shape from any colour to any
   other colour.
 
-Every image is judged by the deterministic detector of `sdcore.shapes.evaluate`.
+Every image is judged by the deterministic detector of `shapesworld.evaluate`.
 
     .venv/bin/python bench/quality_shapes.py                 # ~15 min on 2 CPU cores
     .venv/bin/python bench/quality_shapes.py --n 40 --no-write   # a quick look
@@ -63,14 +63,14 @@ def _generate(task: tuple) -> list[np.ndarray]:
 
 
 def heldout_prompts(n: int) -> list[str]:
-    from sdcore.shapes.dataset import dataset
+    from shapesworld.world import dataset
 
     data = dataset(n, seed=PROMPT_SEED, split="heldout", tensors=False)
     return [data.scene(i)[1] for i in range(n)]
 
 
 def recolour_rows(n: int, any_colours: bool = False) -> list[dict]:
-    from sdcore.shapes.evaluate import recolour_rows as rows
+    from shapesworld.evaluate import recolour_rows as rows
 
     return rows(n, seed=PROMPT_SEED + (2 if any_colours else 1), any_colours=any_colours)
 
@@ -132,8 +132,8 @@ def main(argv=None) -> int:
         contact_sheet(load_pipeline(args.weights), args.sheet)
         return 0
 
-    from sdcore.shapes.evaluate import adherence
     from sdcore.weights import load_pipeline
+    from shapesworld.evaluate import adherence
 
     began = time.time()
     pipe = load_pipeline(args.weights)
@@ -180,10 +180,21 @@ def main(argv=None) -> int:
     report = write_report(args, pipe, results, timings, chosen, samplers, elapsed)
     print(report)
     if not args.no_write:
-        args.out.write_text(report)
+        args.out.write_text(report + kept_section(args.out))
         (args.out.with_suffix(".json")).write_text(json.dumps(
             {"chosen_guidance": chosen, "n": args.n, "results": results}, indent=1) + "\n")
     return 0
+
+
+def kept_section(path: Path, heading: str = "## Training experiments") -> str:
+    """The hand-written section `heading` of the report at `path` (to its end or the next
+    heading), with a blank line before it: a rewrite of the report keeps it."""
+    text = path.read_text() if path.exists() else ""
+    start = text.find("\n" + heading + "\n")
+    if start < 0:
+        return ""
+    end = text.find("\n## ", start + 1)
+    return "\n" + text[start + 1:end + 1 if end >= 0 else len(text)]
 
 
 def write_report(args, pipe, results, timings, chosen, samplers, elapsed) -> str:
@@ -204,10 +215,10 @@ def write_report(args, pipe, results, timings, chosen, samplers, elapsed) -> str
         f"{elapsed / 60:.0f} min.",
         "",
         f"{args.n} held-out prompts (shape/colour/position combinations never seen in "
-        "training, `sdcore.shapes.dataset` split `heldout`, prompt seed "
+        "training, `shapesworld.world` split `heldout`, prompt seed "
         f"{PROMPT_SEED}), one image each (seed = row index), 64x64, negative prompt \"\". "
-        "Judged by the deterministic detector `sdcore.shapes.detect` "
-        "(via `sdcore.shapes.evaluate.adherence`). \"all\" = colour, shape and position right "
+        "Judged by the deterministic detector `shapesworld.detect` "
+        "(via `shapesworld.evaluate.adherence`). \"all\" = colour, shape and position right "
         "together.",
         "",
         "| setting | colour | shape | position | size | background | all | s |",
@@ -290,8 +301,8 @@ def write_report(args, pipe, results, timings, chosen, samplers, elapsed) -> str
         "loosely, and guidance pulls the samples back to the prompt. Trained on exact captions, "
         "the previous model drew this world's prompts without help (96.7% at g1.0 vs 96.2% at "
         "g5.0). Colour and shape are not mislabelled: a model taught that colours in captions "
-        "can be wrong keeps the init's colour in img2img (see `sdcore/train.py`). In img2img "
-        f"recolouring, g1.0 keeps the init's colour ({pct(i2i_g1)} blue against "
+        "can be wrong keeps the init's colour in img2img (see Training experiments below). In "
+        f"img2img recolouring, g1.0 keeps the init's colour ({pct(i2i_g1)} blue against "
         f"{pct(i2i_chosen)} at g{chosen}).",
         *([f"- Samplers off by more than 5 points: {', '.join(lagging)}. With Karras sigmas "
            "DPM++ 2M 15 gives " + ", ".join(
@@ -299,10 +310,11 @@ def write_report(args, pipe, results, timings, chosen, samplers, elapsed) -> str
            + " (all); the uniform 15-step schedule at high guidance overshoots colours "
            "(e.g. orange comes out yellow)."] if lagging else []),
         "- img2img at strength 0.7 with DDIM 25 starts at t = 641. The model's latents have std "
-        "0.6 rather than SD's 1.0 (`sdcore/train.py`, `latent_std`): with unit-variance 16x16 "
-        "latents an object's colour is still plain at t = 641 and the first model kept the "
-        "init's colour (red->blue 29% at g5.0, 67% at g7.5). The red->blue circle meets the 80% "
-        "target at " + (", ".join(passing) if passing else "no measured guidance") + ".",
+        "0.6 rather than SD's 1.0 (`shapesworld/train/stages.py`, `latent_std`): with "
+        "unit-variance 16x16 latents an object's colour is still plain at t = 641 and the first "
+        "model kept the init's colour (red->blue 29% at g5.0, 67% at g7.5). The red->blue "
+        "circle meets the 80% target at "
+        + (", ".join(passing) if passing else "no measured guidance") + ".",
         "- Known defect: on gray backgrounds the decoder often paints a faint iridescent smudge "
         "beside the shape (see the contact sheet); it comes from the small VAE (it appears in "
         "plain reconstructions too) and is faint enough that the detector ignores it.",
@@ -317,7 +329,7 @@ def write_report(args, pipe, results, timings, chosen, samplers, elapsed) -> str
             "",
             f"`builtin:shapes` (`sdcore/builtin/shapes/`, config and training record in "
             f"`training.json`): trained by `{meta['command']}` on "
-            f"{meta['dataset']['n_images']} images of `sdcore.shapes` (dataset seed "
+            f"{meta['dataset']['n_images']} images of `shapesworld` (dataset seed "
             f"{meta['dataset']['seed']}, training split only) in {wall / 60:.0f} min on 1 "
             f"shared CPU core: VAE {meta['vae_steps']} steps (loss "
             f"{meta['vae_loss']['first']:.3f} -> {meta['vae_loss']['last50']:.3f}), UNet + text "
@@ -329,6 +341,11 @@ def write_report(args, pipe, results, timings, chosen, samplers, elapsed) -> str
         for key in ("training_sessions", "checkpoint_selection"):
             if key in meta:
                 lines += ["", f"{key.replace('_', ' ').capitalize()}: {meta[key]}"]
+        if meta["command"].startswith("python -m sdcore.train "):
+            lines += ["", ("`training.json` was recorded before the training code moved from "
+                           "`sdcore/` to `shapesworld/`: its `sdcore.train` is today's "
+                           "`shapesworld.train` (same options), and \"sdcore/train.py's "
+                           "docstring\" is the Training experiments section below.")]
     lines += [
         "",
         "Accuracies are over one image per prompt; with n = "

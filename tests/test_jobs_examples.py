@@ -45,7 +45,7 @@ def test_the_example_job_runs(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["complete"] and summary["ok"] == summary["total"] == 12, result.stdout
     # builtin:shapes draws what the example prompts ask for (judged from the PNGs' parameters)
-    from sdcore.shapes.evaluate import find_pngs, judge_files, summarize
+    from shapesworld.evaluate import find_pngs, judge_files, summarize
 
     judgements, unreadable = judge_files(find_pngs([str(tmp_path / "out")]))
     assert len(judgements) == 12 and not unreadable

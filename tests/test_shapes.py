@@ -13,12 +13,23 @@ import pytest
 import torch
 from PIL import Image, ImageFilter, PngImagePlugin
 
-from sdcore.shapes.dataset import (
-    BACKGROUNDS, COLOURS, HELD_OUT_COMBINATIONS, POSITIONS, SHAPES, SIZES, TEMPLATES, Scene,
-    dataset, is_held_out, parse_caption, render, sample_scene,
+from shapesworld.detect import NONE, detect
+from shapesworld.evaluate import adherence, format_table, main, prompt_from_png
+from shapesworld.world import (
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT_COMBINATIONS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    TEMPLATES,
+    Scene,
+    dataset,
+    is_held_out,
+    parse_caption,
+    render,
+    sample_scene,
 )
-from sdcore.shapes.detect import NONE, detect
-from sdcore.shapes.evaluate import adherence, format_table, main, prompt_from_png
 
 REPO = Path(__file__).resolve().parents[1]
 ATTRIBUTES = ("shape", "colour", "size", "position", "background")
@@ -218,7 +229,7 @@ def test_eval_command_prints_the_table(tmp_path, capsys):
     assert "skipped 1 PNGs" in printed.err and "wanted purple, saw green" in printed.err
 
     # The command a user types, end to end.
-    run = subprocess.run([sys.executable, "-m", "sdcore.eval", str(out), "--json"], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run([sys.executable, "-m", "shapesworld.eval", str(out), "--json"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 0, run.stderr
     assert '"position": 1.0' in run.stdout

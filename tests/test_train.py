@@ -1,5 +1,6 @@
-"""sdcore.train: a short run lowers both losses, a resumed run equals an uninterrupted one, and
-the shipped `builtin:shapes` loads with its config and reproduces its stored adherence figure."""
+"""shapesworld.train: a short run lowers both losses, a resumed run equals an uninterrupted one,
+the command line and the exported command agree with the shipped record, and the shipped
+`builtin:shapes` loads with its config and reproduces its stored adherence figure."""
 
 from __future__ import annotations
 
@@ -10,8 +11,14 @@ import pytest
 import torch
 
 from sdcore.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from sdcore.train import TrainConfig, _load, adherence_check, run
 from sdcore.weights import BUILTIN_DIR, load_pipeline
+from shapesworld.train.__main__ import build_parser, config_from_args
+from shapesworld.train.checkpoints import load_checkpoint
+from shapesworld.train.config import TrainConfig
+from shapesworld.train.data import mislabel_captions, training_captions
+from shapesworld.train.export import adherence_check, training_command
+from shapesworld.train.runs import run
+from shapesworld.world import Scene, is_held_out, parse_caption
 
 # The shapes recipe at a size that trains in seconds: 32x32 images, 2-level networks.
 MINI = ModelConfig(
@@ -40,10 +47,17 @@ def _mean(values):
     return sum(values) / len(values)
 
 
+def _same_run(a, b) -> bool:
+    """The runs in folders a and b have the same stage-2 losses and EMA UNet weights."""
+    a, b = load_checkpoint(a / "unet.pt"), load_checkpoint(b / "unet.pt")
+    return a["losses"] == b["losses"] and all(
+        torch.equal(tensor, b["ema_unet"][key]) for key, tensor in a["ema_unet"].items())
+
+
 def test_short_training_lowers_both_losses(tmp_path):
     summary = run(CFG, tmp_path, progress=False)
-    vae_losses = _load(tmp_path / "vae.pt")["losses"]
-    unet_losses = _load(tmp_path / "unet.pt")["losses"]
+    vae_losses = load_checkpoint(tmp_path / "vae.pt")["losses"]
+    unet_losses = load_checkpoint(tmp_path / "unet.pt")["losses"]
     assert len(vae_losses) == CFG.vae_steps and len(unet_losses) == CFG.unet_steps
     assert _mean(vae_losses[-10:]) < 0.85 * _mean(vae_losses[:10])
     assert _mean(unet_losses[-10:]) < _mean(unet_losses[:10])
@@ -57,10 +71,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     run(cfg, tmp_path / "whole", progress=False)
     run(replace(cfg, unet_steps=6), tmp_path / "split", progress=False)
     run(cfg, tmp_path / "split", resume=True, progress=False)
-    whole, split = _load(tmp_path / "whole" / "unet.pt"), _load(tmp_path / "split" / "unet.pt")
-    assert whole["losses"] == split["losses"]
-    for key, tensor in whole["ema_unet"].items():
-        assert torch.equal(tensor, split["ema_unet"][key]), key
+    assert _same_run(tmp_path / "whole", tmp_path / "split")
 
 
 def test_vae_from_reuses_stage_one_exactly(tmp_path):
@@ -71,10 +82,7 @@ def test_vae_from_reuses_stage_one_exactly(tmp_path):
     other_stage_two = replace(cfg, caption_dropout=0.5, latent_std=1.0, unet_lr=1e-4)
     run(other_stage_two, tmp_path / "donor", progress=False)
     run(cfg, tmp_path / "reused", progress=False, vae_from=tmp_path / "donor")
-    scratch, reused = _load(tmp_path / "scratch" / "unet.pt"), _load(tmp_path / "reused" / "unet.pt")
-    assert scratch["losses"] == reused["losses"]
-    for key, tensor in scratch["ema_unet"].items():
-        assert torch.equal(tensor, reused["ema_unet"][key]), key
+    assert _same_run(tmp_path / "scratch", tmp_path / "reused")
     with pytest.raises(ValueError, match="kl_weight"):
         run(replace(cfg, kl_weight=1.0), tmp_path / "refused", progress=False,
             vae_from=tmp_path / "donor")
@@ -87,19 +95,14 @@ def test_latent_std_sets_the_scaling_factor(tmp_path):
     unit = run(replace(cfg, latent_std=1.0), tmp_path / "unit", progress=False)
     small = run(replace(cfg, latent_std=0.6), tmp_path / "small", progress=False,
                 vae_from=tmp_path / "unit")
-    mean = _load(tmp_path / "unit" / "latents.pt")["mean"]
+    mean = load_checkpoint(tmp_path / "unit" / "latents.pt")["mean"]
     assert unit["scaling_factor"] == pytest.approx(1.0 / float(mean.std()))
     assert small["scaling_factor"] == pytest.approx(0.6 * unit["scaling_factor"])
 
 
 def test_caption_noise_mislabels_one_attribute_of_a_fixed_fraction():
-    from sdcore.shapes.dataset import Scene, dataset, is_held_out, parse_caption
-    from sdcore.train import mislabel_captions
-
     cfg = replace(CFG, n_train=2000, caption_noise=0.25)
-    data = dataset(cfg.n_train, seed=cfg.dataset_seed, split="train", size=cfg.size,
-                   tensors=False)
-    clean = [data.scene(i)[1] for i in range(cfg.n_train)]
+    clean = training_captions(cfg)
     noisy = mislabel_captions(cfg, clean)
     assert noisy == mislabel_captions(cfg, clean)  # fixed per image
     assert mislabel_captions(replace(cfg, caption_noise=0.0), clean) == clean
@@ -108,7 +111,7 @@ def test_caption_noise_mislabels_one_attribute_of_a_fixed_fraction():
     for before, after in changed:
         was, now = parse_caption(before), parse_caption(after)
         assert sum(was[k] != now[k] for k in was) == 1, (before, after)
-        assert [k for k in was if was[k] != now[k]][0] in ("colour", "shape", "position")
+        assert next(k for k in was if was[k] != now[k]) in ("colour", "shape", "position")
         assert not is_held_out(Scene(**now))
     # restricted to one attribute: only positions are named wrongly, as often
     only_position = mislabel_captions(replace(cfg, caption_noise_attributes=("position",)), clean)
@@ -122,12 +125,6 @@ def test_caption_noise_mislabels_one_attribute_of_a_fixed_fraction():
         replace(cfg, caption_noise=1.5)
     with pytest.raises(ValueError, match="caption_noise_min_t -1"):
         replace(cfg, caption_noise_min_t=-1)
-
-
-def _same_run(a, b) -> bool:
-    a, b = _load(a / "unet.pt"), _load(b / "unet.pt")
-    return a["losses"] == b["losses"] and all(
-        torch.equal(tensor, b["ema_unet"][key]) for key, tensor in a["ema_unet"].items())
 
 
 def test_caption_noise_applies_from_its_step_and_timestep_only(tmp_path):
@@ -145,13 +142,13 @@ def test_caption_noise_applies_from_its_step_and_timestep_only(tmp_path):
     assert _same_run(tmp_path / "clean", tmp_path / "never_step")
 
     run(noisy, tmp_path / "noisy", progress=False, vae_from=tmp_path / "clean")
-    clean_losses = _load(tmp_path / "clean" / "unet.pt")["losses"]
-    noisy_losses = _load(tmp_path / "noisy" / "unet.pt")["losses"]
+    clean_losses = load_checkpoint(tmp_path / "clean" / "unet.pt")["losses"]
+    noisy_losses = load_checkpoint(tmp_path / "noisy" / "unet.pt")["losses"]
     assert noisy_losses[:6] == clean_losses[:6] and noisy_losses[6:] != clean_losses[6:]
     # only rows with t >= min_t: a threshold in the middle gives a third, different run
     run(replace(noisy, caption_noise_min_t=500), tmp_path / "high_t", progress=False,
         vae_from=tmp_path / "clean")
-    high_t_losses = _load(tmp_path / "high_t" / "unet.pt")["losses"]
+    high_t_losses = load_checkpoint(tmp_path / "high_t" / "unet.pt")["losses"]
     assert high_t_losses[6:] not in (clean_losses[6:], noisy_losses[6:])
 
     # a clean run stopped at step 6 and resumed with the noisy config == the noisy run
@@ -159,6 +156,22 @@ def test_caption_noise_applies_from_its_step_and_timestep_only(tmp_path):
         vae_from=tmp_path / "clean")
     run(noisy, tmp_path / "continued", resume=True, progress=False)
     assert _same_run(tmp_path / "noisy", tmp_path / "continued")
+
+
+def test_shipped_command_is_what_export_writes_and_the_command_line_reads():
+    """The command in the shipped training.json is what `export` writes for its train_config,
+    and today's command line parses it back into that config. That file was recorded when the
+    trainer was `python -m sdcore.train` (same options), so the module path is compared apart."""
+    meta = json.loads((SHAPES_DIR / "training.json").read_text())
+    recorded = meta["train_config"]
+    shipped = TrainConfig(**{**recorded, "caption_noise_attributes":
+                             tuple(recorded["caption_noise_attributes"])})
+    command = training_command(shipped, vae_from="vae_stage_from" in meta)
+    old_prog, prog = "python -m sdcore.train ", "python -m shapesworld.train "
+    assert meta["command"].startswith(old_prog) and command.startswith(prog)
+    assert command[len(prog):] == meta["command"][len(old_prog):]
+    args = build_parser().parse_args(command[len(prog):].split())
+    assert config_from_args(args) == shipped and args.vae_from is not None
 
 
 def test_builtin_shapes_reproduces_its_stored_adherence():

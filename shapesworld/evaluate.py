@@ -3,8 +3,8 @@
 Used two ways:
 - `adherence(pairs)` returns per-attribute accuracies as a dict, for benchmarks and training
   curves;
-- `python -m sdcore.eval OUTPUT_OR_FOLDER_OR_PNG...` prints the table for images on disk. Each
-  PNG carries its prompt in the A1111-style "parameters" text chunk the job runner writes
+- `python -m shapesworld.eval OUTPUT_OR_FOLDER_OR_PNG...` prints the table for images on disk.
+  Each PNG carries its prompt in the A1111-style "parameters" text chunk the job runner writes
   (the prompt is everything before the "Negative prompt:" / "Steps:" lines).
   `--synthetic N` evaluates N ground-truth renders instead (the detector's own check).
 
@@ -17,15 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .dataset import dataset, parse_caption
 from .detect import NONE, Detection, detect
+from .world import dataset, parse_caption
 
 ATTRIBUTES = ("colour", "shape", "position", "size", "background")
 TARGETS = ("colour", "shape", "position")  # "all" requires these three
@@ -88,7 +88,7 @@ def recolour_rows(n: int, seed: int, any_colours: bool = False, strength: float 
     """img2img recolouring rows: a rendered red circle as `init_image` and a prompt for the
     same circle (size, position, background) in blue; with `any_colours`, a random shape in a
     random colour and a prompt for it in another colour. Row i has seed i."""
-    from .dataset import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, render
+    from .world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, render
 
     rng = np.random.default_rng(seed)
     rows = []
@@ -177,7 +177,7 @@ def judge_synthetic(n: int, seed: int, split: str, size: int, noise: float,
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sdcore.eval",
+        prog="python -m shapesworld.eval",
         description="Prompt adherence of shape-world images: colour, shape, position, size, "
                     "background accuracy against each PNG's prompt.",
     )

@@ -2,7 +2,7 @@
 
 Why deterministic rules and not a trained classifier: the evaluator must be trustworthy before
 any model exists, give the same answer everywhere, and be easy to audit when a number looks
-wrong. The world of `dataset.py` is simple enough for that. The detector fits the world's own
+wrong. The world of `world.py` is simple enough for that. The detector fits the world's own
 picture model, "background + one palette-coloured shape, maybe blurred", to the image:
 
 1. background = per-channel median of the outermost ring of pixels (shapes never touch it),
@@ -17,7 +17,7 @@ picture model, "background + one palette-coloured shape, maybe blurred", to the 
 4. coverage = each pixel near the blob projected onto `p - bg` (0 = background, 1 = shape). Its
    sum (the shape's area in pixels) and its centroid survive blur, which only moves mass around;
 5. shape = analysis by synthesis: for each of the four shapes, the square box with that area and
-   centroid is rendered with the dataset's renderer (sharp, and blurred by 0.75 and 1.5 px at
+   centroid is rendered with the world's renderer (sharp, and blurred by 0.75 and 1.5 px at
    64x64) and compared with the coverage by soft IoU; the best shape wins;
 6. size and position follow from the winning box: "large" when its side exceeds LARGE_SIDE of the
    image, position = the 3x3 grid cell holding its centre.
@@ -32,8 +32,16 @@ from functools import cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .dataset import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, SIZE_JITTER, SUPERSAMPLE
-from .dataset import draw_shape
+from .world import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZE_JITTER,
+    SIZES,
+    SUPERSAMPLE,
+    draw_shape,
+)
 
 NONE = "none"
 MIN_CONTRAST = 48.0  # RGB distance (0-255 scale) below which a pixel is background
@@ -211,7 +219,7 @@ def _geometry(shape: str) -> tuple[float, float]:
 
 def _template(shape: str, cx: float, cy: float, side: float, hw) -> np.ndarray:
     """Coverage in [0, 1], (H, W), of `shape` in the square box of `side` centred at (cx, cy)
-    (pixel units, pixel i spanning [i, i + 1)), anti-aliased like `dataset.render`."""
+    (pixel units, pixel i spanning [i, i + 1)), anti-aliased like `world.render`."""
     height, width = hw
     canvas = Image.new("L", (width * SUPERSAMPLE, height * SUPERSAMPLE), 0)
     draw_shape(ImageDraw.Draw(canvas), shape, cx * SUPERSAMPLE - 0.5, cy * SUPERSAMPLE - 0.5,
