@@ -9,30 +9,41 @@
   once in its constructor: one GPU each where the cluster has GPUs, else an equal share of the
   CPUs. Workers are used as soon as each is ready, so a job on a half-scheduled cluster still
   runs.
-- `RayDistributor.run()` hands shards out one at a time to whichever worker is free, so a slow
-  worker holds at most the shard it is on. A shard whose worker dies or raises is retried on
-  another (up to `max_attempts`); one that keeps failing is reported failed, not committed, and a
-  rerun retries it.
+- `RayDistributor.run()` is a small event loop (`_ShardLoop`): it hands shards out one at a time
+  to whichever worker is free, so a slow worker holds at most the shard it is on, and reacts to
+  each event Ray reports (worker started or failed to start, shard done, worker died, shard
+  raised). Whether a failed shard is tried again on another worker or given up (reported
+  failed, not committed, retried by a rerun) is decided by `retry.RetryPolicy` alone.
+
+The runner never imports Ray: it imports this module only once there is work to run, and gets
+Ray's version for job.json from `ray_version()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import ray
 
+from .progress import Outcome, ProgressState
 from .reader import ShardTask
+from .retry import RetryPolicy
 from .worker import ShardResult, ShardWorker, WorkerConfig, WorkerInfo, WorkerStartError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Raised for a call to an actor that Ray is restarting (Ray >= 2.2x; older versions queue the call).
+_ACTOR_UNAVAILABLE = getattr(ray.exceptions, "ActorUnavailableError", ())
+RESTART_POLL_S = 1.0  # how soon to ask a restarting worker again whether it is ready
 # Non-secret S3 settings that actors on other nodes should see like the driver does.
 # (Credentials are never forwarded: each node uses its own credentials chain.)
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
@@ -130,24 +141,6 @@ class _Progress:
         return dict(self.done)
 
 
-@dataclass
-class Outcome:
-    results: dict[str, ShardResult] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)  # shard -> last error
-    workers_ready: int = 0
-
-
-@dataclass
-class ProgressState:
-    rows_done: int  # rows of this run's shards that are finished (committed or in flight)
-    rows_total: int  # rows of this run's shards
-    shards_done: int
-    shards_failed: int
-    shards_total: int
-    workers: int
-    elapsed: float  # since the first worker was ready
-
-
 def _short_error(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None)
     if cause is not None and not isinstance(cause, ray.exceptions.RayError):
@@ -157,12 +150,18 @@ def _short_error(exc: BaseException) -> str:
 
 
 class RayDistributor:
-    def __init__(self, device: str = "auto", workers: int | str = "auto", max_attempts: int = 3,
-                 log: Callable[[str], None] = print, cpu_threads: int | str = "auto"):
+    def __init__(
+        self,
+        device: str = "auto",
+        workers: int | str = "auto",
+        max_attempts: int = 3,
+        log: Callable[[str], None] = print,
+        cpu_threads: int | str = "auto",
+    ):
         self.device_request = device
         self.cpu_threads = cpu_threads
         self.workers_request = workers
-        self.max_attempts = max_attempts
+        self.retry = RetryPolicy(max_attempts, log)
         self.log = log
         self.actors: list[Any] = []
         self.progress_actor = None
@@ -192,8 +191,10 @@ class RayDistributor:
         total = int(resources.get("CPU", 1)) or 1
         share = max(1, min(total // workers, largest))
         if workers > total:
-            self.log(f"[sdgen] note: {workers} workers asked for, the cluster has {total} CPUs; "
-                     "extra workers wait for free CPUs")
+            self.log(
+                f"[sdgen] note: {workers} workers asked for, the cluster has {total} CPUs; "
+                "extra workers wait for free CPUs"
+            )
         threads = self.cpu_threads if self.cpu_threads != "auto" else largest
         return device, workers, {"num_cpus": share}, threads
 
@@ -203,8 +204,10 @@ class RayDistributor:
         device, workers, options, threads = self.plan()
         config = replace(config, device=device, threads=threads)
         threads_note = f", {threads} torch thread(s)" if threads else ""
-        self.log(f"[sdgen] starting {workers} worker(s) on {device} "
-                 f"({', '.join(f'{k}={v}' for k, v in options.items())}{threads_note} each)")
+        self.log(
+            f"[sdgen] starting {workers} worker(s) on {device} "
+            f"({', '.join(f'{k}={v}' for k, v in options.items())}{threads_note} each)"
+        )
         actor_cls = ray.remote(_WorkerActor).options(
             max_restarts=2, max_task_retries=0, runtime_env=_actor_runtime_env(), **options
         )
@@ -221,122 +224,222 @@ class RayDistributor:
         progress_every: float = 10.0,
     ) -> Outcome:
         """Run every task; `on_ready(info)` is called once, for the first worker ready (it may
-        raise to abort before any shard is handed out)."""
-        queue = deque((task, 1) for task in tasks)
-        sizes = {task.shard_id: task.num_rows for task, _ in queue}
-        outcome = Outcome()
-        reference: WorkerInfo | None = None
-        starting = {actor.info.remote(): actor for actor in self.actors}
-        idle: list[Any] = []
-        inflight: dict[Any, tuple[Any, ShardTask, int]] = {}
-        start_errors: list[str] = []
-        first_ready_at: float | None = None
-        last_report = time.monotonic()
-        waiting_since = time.monotonic()
-
-        def report(force: bool = False) -> None:
-            nonlocal last_report
-            now = time.monotonic()
-            if not force and now - last_report < progress_every:
-                return
-            last_report = now
-            live = ray.get(self.progress_actor.snapshot.remote()) if inflight else {}
-            done_rows = sum(r.rows for r in outcome.results.values())
-            done_rows += sum(min(live.get(t.shard_id, 0), t.num_rows) for _, t, _ in inflight.values())
-            on_progress(ProgressState(
-                rows_done=done_rows,
-                rows_total=sum(sizes.values()),
-                shards_done=len(outcome.results),
-                shards_failed=len(outcome.failed),
-                shards_total=len(sizes),
-                workers=outcome.workers_ready,
-                elapsed=now - first_ready_at if first_ready_at else 0.0,
-            ))
-
-        while queue or inflight:
-            if not starting and not idle and not inflight:
-                reason = "; ".join(dict.fromkeys(start_errors)) or "every worker died"
-                if outcome.workers_ready == 0 and start_errors:
-                    raise WorkerStartError(reason)
-                for task, _ in queue:
-                    outcome.failed[task.shard_id] = f"no live workers left ({reason})"
-                break
-            while idle and queue:
-                actor = idle.pop()
-                task, attempt = queue.popleft()
-                inflight[actor.run.remote(task, attempt, self.progress_actor)] = (actor, task, attempt)
-
-            ready, _ = ray.wait(list(starting) + list(inflight), num_returns=1, timeout=1.0)
-            for ref in ready:
-                if ref in starting:
-                    actor = starting.pop(ref)
-                    try:
-                        error, info = ray.get(ref)
-                    except ray.exceptions.RayError as exc:
-                        error, info = _short_error(exc), None
-                    if error is not None:
-                        start_errors.append(error)
-                        self.log(f"[sdgen] a worker failed to start: {error}")
-                        ray.kill(actor)
-                        continue
-                    if reference is None:
-                        reference = info
-                        on_ready(info)  # may raise: nothing has been handed out yet
-                        first_ready_at = time.monotonic()
-                    elif info.model_fingerprint != reference.model_fingerprint:
-                        self.log(f"[sdgen] worker {info.worker} loaded different weights "
-                                 f"(fingerprint {info.model_fingerprint[:12]}); not used")
-                        ray.kill(actor)
-                        continue
-                    outcome.workers_ready += 1
-                    idle.append(actor)
-                    continue
-                actor, task, attempt = inflight.pop(ref)
-                try:
-                    result: ShardResult = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
-                    # The worker process died (crash, OOM, node lost): it restarts (reloading the
-                    # model) and rejoins through `starting`; the shard goes to the next free worker.
-                    self._retry(queue, outcome, task, attempt, f"worker died: {_short_error(exc)}")
-                    outcome.workers_ready -= 1
-                    starting[actor.info.remote()] = actor
-                    continue
-                except ray.exceptions.RayError as exc:
-                    self._retry(queue, outcome, task, attempt, _short_error(exc))
-                    idle.append(actor)
-                    continue
-                outcome.results[task.shard_id] = result
-                on_result(result)
-                idle.append(actor)
-                report(force=True)
-            if not ready and not outcome.workers_ready and time.monotonic() - waiting_since > 60:
-                waiting_since = time.monotonic()
-                self.log(f"[sdgen] waiting for workers to start ({len(starting)} pending: "
-                         "loading the model, or waiting for free GPUs/CPUs on the cluster)")
-            report()
-        return outcome
-
-    def _retry(self, queue: deque, outcome: Outcome, task: ShardTask, attempt: int, error: str) -> None:
-        if attempt < self.max_attempts:
-            self.log(f"[sdgen] {task.shard_id} attempt {attempt} failed ({error}); retrying")
-            queue.append((task, attempt + 1))
-        else:
-            self.log(f"[sdgen] {task.shard_id} failed after {attempt} attempt(s): {error}")
-            outcome.failed[task.shard_id] = error
+        raise to abort before any shard is handed out); `on_result` after each shard committed;
+        `on_progress` every `progress_every` seconds and after each shard."""
+        return _ShardLoop(self, tasks, on_ready, on_result, on_progress, progress_every).run()
 
     def shutdown(self) -> None:
-        for actor in self.actors:
-            try:
+        for actor in [*self.actors, self.progress_actor]:
+            if actor is None:
+                continue
+            with contextlib.suppress(Exception):  # the actor is already gone: nothing left to stop
                 ray.kill(actor)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
         self.actors = []
-        if self.progress_actor is not None:
-            try:
-                ray.kill(self.progress_actor)
-            except Exception:  # noqa: BLE001
-                pass
-            self.progress_actor = None
+        self.progress_actor = None
 
 
-__all__ = ["RayDistributor", "WorkerStartError", "connect", "describe_cluster", "disconnect"]
+class _ShardLoop:
+    """One `RayDistributor.run`: wait for the next Ray event, react to it, repeat until every
+    shard is committed or given up.
+
+    Workers move between `starting` (loading the model; a restarted one comes back here),
+    `restarting` (Ray is still bringing a dead one back), `idle` and `inflight` (running one
+    shard). The events: a worker started or failed to start, a shard done, a worker died
+    mid-shard, a shard raised. A failed attempt goes to the distributor's `RetryPolicy`, which
+    decides between another attempt and giving up.
+    """
+
+    def __init__(
+        self,
+        distributor: RayDistributor,
+        tasks: Iterable[ShardTask],
+        on_ready: Callable[[WorkerInfo], None],
+        on_result: Callable[[ShardResult], None],
+        on_progress: Callable[[ProgressState], None],
+        progress_every: float,
+    ):
+        self.retry, self.log, self.progress_actor = distributor.retry, distributor.log, distributor.progress_actor
+        self.on_ready, self.on_result, self.on_progress = on_ready, on_result, on_progress
+        self.progress_every = progress_every
+        self.queue: deque[tuple[ShardTask, int]] = deque((task, 1) for task in tasks)  # (task, attempt)
+        self.sizes = {task.shard_id: task.num_rows for task, _ in self.queue}
+        self.outcome = Outcome()
+        self.reference: WorkerInfo | None = None  # the first ready worker: the others must match its model
+        self.starting: dict[Any, Any] = {actor.info.remote(): actor for actor in distributor.actors}
+        self.restarting: list[tuple[float, Any]] = []  # (when to ask again, actor)
+        self.idle: list[Any] = []
+        self.inflight: dict[Any, tuple[Any, ShardTask, int]] = {}  # ref -> (actor, task, attempt)
+        self.start_errors: list[str] = []
+        self.last_report = self.waiting_since = time.monotonic()
+
+    def run(self) -> Outcome:
+        while self.queue or self.inflight:
+            if not (self.starting or self.restarting or self.idle or self.inflight):
+                self._no_workers_left()
+                break
+            self._ask_restarting()
+            self._hand_out()
+            ready = self._wait()
+            for ref in ready:
+                if ref in self.starting:
+                    self._worker_started(self.starting.pop(ref), ref)
+                else:
+                    self._shard_returned(ref)
+            if not ready:
+                self._still_waiting()
+            self._report()
+        return self.outcome
+
+    def _wait(self) -> list[Any]:
+        """The next finished call (a worker's `info` or a shard), or none within a second."""
+        refs = [*self.starting, *self.inflight]
+        if not refs:  # only restarting workers: nothing to wait on but the clock
+            time.sleep(RESTART_POLL_S / 4)
+            return []
+        ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+        return ready
+
+    def _hand_out(self) -> None:
+        """One shard to each idle worker: shards go out one at a time, so a slow worker holds
+        at most the shard it is on."""
+        while self.idle and self.queue:
+            actor = self.idle.pop()
+            task, attempt = self.queue.popleft()
+            self.inflight[actor.run.remote(task, attempt, self.progress_actor)] = (actor, task, attempt)
+
+    # -------------------------------------------------------------------------- worker events
+
+    def _worker_started(self, actor: Any, ref: Any) -> None:
+        try:
+            error, info = ray.get(ref)
+        except _ACTOR_UNAVAILABLE:
+            self._worker_restarting(actor)
+            return
+        except ray.exceptions.RayError as exc:
+            error, info = _short_error(exc), None
+        if error is not None:
+            self._worker_failed_to_start(actor, error)
+        elif self._same_model(actor, info):
+            self.outcome.workers_ready += 1
+            self.idle.append(actor)
+
+    def _same_model(self, actor: Any, info: WorkerInfo) -> bool:
+        """The first ready worker sets the job's model (`on_ready` may still refuse it); a later
+        one with other weights is not used."""
+        if self.reference is None:
+            self.reference = info
+            self.on_ready(info)  # may raise: nothing has been handed out yet
+            self.outcome.first_ready_at = time.monotonic()
+            return True
+        if info.model_fingerprint == self.reference.model_fingerprint:
+            return True
+        self.log(
+            f"[sdgen] worker {info.worker} loaded different weights "
+            f"(fingerprint {info.model_fingerprint[:12]}); not used"
+        )
+        ray.kill(actor)
+        return False
+
+    def _worker_restarting(self, actor: Any) -> None:
+        """Asked too soon after it died: Ray is still restarting the worker (its constructor
+        reloads the model). Not a start failure: ask again in a moment."""
+        self.restarting.append((time.monotonic() + RESTART_POLL_S, actor))
+
+    def _ask_restarting(self) -> None:
+        now = time.monotonic()
+        due = [actor for when, actor in self.restarting if when <= now]
+        self.restarting = [(when, actor) for when, actor in self.restarting if when > now]
+        for actor in due:
+            self.starting[actor.info.remote()] = actor
+
+    def _worker_failed_to_start(self, actor: Any, error: str) -> None:
+        self.start_errors.append(error)
+        self.log(f"[sdgen] a worker failed to start: {error}")
+        ray.kill(actor)
+
+    def _no_workers_left(self) -> None:
+        """No worker starting, idle or busy: raise if none ever started (a bad weights path is
+        one clear error), else give up the shards still queued."""
+        reason = "; ".join(dict.fromkeys(self.start_errors)) or "every worker died"
+        if self.outcome.workers_ready == 0 and self.start_errors:
+            raise WorkerStartError(reason)
+        for task, _ in self.queue:
+            self.outcome.failed[task.shard_id] = f"no live workers left ({reason})"
+
+    def _still_waiting(self) -> None:
+        if not self.outcome.workers_ready and time.monotonic() - self.waiting_since > 60:
+            self.waiting_since = time.monotonic()
+            self.log(
+                f"[sdgen] waiting for workers to start ({len(self.starting) + len(self.restarting)} pending: "
+                "loading the model, or waiting for free GPUs/CPUs on the cluster)"
+            )
+
+    # -------------------------------------------------------------------------- shard events
+
+    def _shard_returned(self, ref: Any) -> None:
+        actor, task, attempt = self.inflight.pop(ref)
+        try:
+            result: ShardResult = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            self._worker_died(actor, task, attempt, exc)
+        except ray.exceptions.RayError as exc:
+            self._shard_raised(actor, task, attempt, exc)
+        else:
+            self._shard_done(actor, task, result)
+
+    def _shard_done(self, actor: Any, task: ShardTask, result: ShardResult) -> None:
+        self.outcome.results[task.shard_id] = result
+        self.on_result(result)
+        self.idle.append(actor)
+        self._report(force=True)
+
+    def _worker_died(self, actor: Any, task: ShardTask, attempt: int, exc: BaseException) -> None:
+        """The worker process died (crash, OOM, node lost): Ray restarts it (reloading the
+        model) and it rejoins through `starting`; the shard goes to the next free worker."""
+        self._attempt_failed(task, attempt, f"worker died: {_short_error(exc)}")
+        self.outcome.workers_ready -= 1
+        self.starting[actor.info.remote()] = actor
+
+    def _shard_raised(self, actor: Any, task: ShardTask, attempt: int, exc: BaseException) -> None:
+        self._attempt_failed(task, attempt, _short_error(exc))
+        self.idle.append(actor)
+
+    def _attempt_failed(self, task: ShardTask, attempt: int, error: str) -> None:
+        next_attempt = self.retry.next_attempt(task.shard_id, attempt, error)
+        if next_attempt is None:
+            self.outcome.failed[task.shard_id] = error
+        else:
+            self.queue.append((task, next_attempt))
+
+    # -------------------------------------------------------------------------- progress
+
+    def _report(self, force: bool = False) -> None:
+        """A `ProgressState` to `on_progress`: after each shard, else every `progress_every` s.
+        Rows of shards in flight count as far as their workers have reported them."""
+        now = time.monotonic()
+        if not force and now - self.last_report < self.progress_every:
+            return
+        self.last_report = now
+        live = ray.get(self.progress_actor.snapshot.remote()) if self.inflight else {}
+        rows_done = sum(r.rows for r in self.outcome.results.values())
+        rows_done += sum(min(live.get(t.shard_id, 0), t.num_rows) for _, t, _ in self.inflight.values())
+        first_ready = self.outcome.first_ready_at
+        self.on_progress(
+            ProgressState(
+                rows_done=rows_done,
+                rows_total=sum(self.sizes.values()),
+                shards_done=len(self.outcome.results),
+                shards_failed=len(self.outcome.failed),
+                shards_total=len(self.sizes),
+                workers=self.outcome.workers_ready,
+                elapsed=now - first_ready if first_ready else 0.0,
+            )
+        )
+
+
+def ray_version() -> str:
+    """Ray's version, for job.json (the runner does not import Ray itself)."""
+    return ray.__version__
+
+
+__all__ = ["RayDistributor", "WorkerStartError", "connect", "describe_cluster", "disconnect", "ray_version"]

@@ -1,14 +1,14 @@
 """The output layout and its resume state.
 
-    OUTPUT/
-      job.json                    resolved spec, manifest + model fingerprints, versions
-      images/SHARD/NAME.EXT       one image per ok row
-      records/SHARD.parquet       one record per manifest row of the shard; written once, last:
-                                  the shard's completion marker
-      summary.json                counts, timings, throughput (rewritten at the end of each run)
-      partial/SHARD/*.parquet     records of batches of a shard not yet committed (after their
-                                  images); a rerun keeps them, so a crash loses at most the batch
-                                  in flight. Deleted once the shard's record file is written.
+OUTPUT/
+  job.json                    resolved spec, manifest + model fingerprints, versions
+  images/SHARD/NAME.EXT       one image per ok row
+  records/SHARD.parquet       one record per manifest row of the shard; written once, last:
+                              the shard's completion marker
+  summary.json                counts, timings, throughput (rewritten at the end of each run)
+  partial/SHARD/*.parquet     records of batches of a shard not yet committed (after their
+                              images); a rerun keeps them, so a crash loses at most the batch
+                              in flight. Deleted once the shard's record file is written.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from __future__ import annotations
 import io
 import json
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .provenance import RECORD_SCHEMA, records_table
+from .record import RECORD_SCHEMA, records_table
 from .storage import Storage, open_storage
 
 JOB_FILE = "job.json"
@@ -82,7 +83,9 @@ class Output:
     def committed_shards(self) -> set[str]:
         """Shards whose record file exists (listed, not probed one by one)."""
         keys = self.storage.list(RECORDS_DIR + "/")
-        return {k[len(RECORDS_DIR) + 1 : -len(".parquet")] for k in keys if k.endswith(".parquet") and k.count("/") == 1}
+        return {
+            k[len(RECORDS_DIR) + 1 : -len(".parquet")] for k in keys if k.endswith(".parquet") and k.count("/") == 1
+        }
 
     def commit_records(self, shard: str, records: Iterable[dict[str, Any]]) -> bool:
         """Write the shard's record file once; False when it was already there."""
@@ -91,11 +94,25 @@ class Output:
     def read_records(self, shard: str, columns: list[str] | None = None) -> pa.Table:
         return read_table(self.storage.read(self.record_key(shard)), columns)
 
-    def read_all_records(self, shards: Iterable[str], columns: list[str] | None = None, threads: int = 16) -> dict[str, pa.Table]:
+    def read_all_records(
+        self, shards: Iterable[str], columns: list[str] | None = None, threads: int = 16
+    ) -> dict[str, pa.Table]:
+        """shard -> its records, read in parallel (on S3 each file is one request's latency)."""
         shards = sorted(shards)
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
             tables = list(pool.map(lambda s: self.read_records(s, columns), shards))
         return dict(zip(shards, tables))
+
+    def count_records(self, shards: Iterable[str]) -> dict[str, dict[str, int]]:
+        """shard -> {"ok": n, "error": n} for committed shards.
+
+        What the run's summary and `status` report; it lives with the layout so that both read
+        the counts the same way, and it reads only the `status` column of each record file."""
+        counts = {}
+        for shard, table in self.read_all_records(shards, columns=["status"]).items():
+            statuses = table.column("status").to_pylist()
+            counts[shard] = {"ok": statuses.count("ok"), "error": len(statuses) - statuses.count("ok")}
+        return counts
 
     # -- partial records (per batch, before the shard commits)
     def write_partial(self, shard: str, records: list[dict[str, Any]]) -> None:

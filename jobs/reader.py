@@ -49,7 +49,9 @@ def shard_ranges(num_rows: int, shard_size: int) -> list[tuple[str, int, int]]:
     ]
 
 
-def read_shards(manifest: Manifest, shard_size: int, skip: frozenset[str] | set[str] = frozenset()) -> Iterator[ShardTask]:
+def read_shards(
+    manifest: Manifest, shard_size: int, skip: frozenset[str] | set[str] = frozenset()
+) -> Iterator[ShardTask]:
     """The manifest's shards in order, leaving out the ids in `skip` (already committed)."""
     for index, (sid, start, stop) in enumerate(shard_ranges(manifest.num_rows, shard_size)):
         if sid in skip:

@@ -14,31 +14,27 @@ new image is encoded exactly as the job encoded it and compared:
 Exit status 0 only when every requested image is identical or within tolerance.
 """
 
+import argparse
+import hashlib
+import io
+import math
 import os
 import sys
+from dataclasses import dataclass
+from typing import Any
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
-    sys.path[0] = os.path.dirname(_HERE)
-elif os.path.dirname(_HERE) not in sys.path:
-    sys.path.insert(0, os.path.dirname(_HERE))
+import numpy as np
+from PIL import Image
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import io  # noqa: E402
-import math  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from jobs.manifest import resolve_init_image  # noqa: E402
-from jobs.output import Output  # noqa: E402
-from jobs.provenance import a1111_parameters  # noqa: E402
-from jobs.storage import StorageError, read_uri, redact_uri  # noqa: E402
-from jobs.weights import resolve_weights  # noqa: E402
-from jobs.writer import encode_image  # noqa: E402
+from jobs.generation import generate_settings, generation_request
+from jobs.init_images import decode_init_image
+from jobs.manifest import resolve_init_image
+from jobs.output import Output
+from jobs.provenance import a1111_parameters
+from jobs.record import Record
+from jobs.storage import StorageError, read_uri, redact_uri
+from jobs.weights import resolve_weights
+from jobs.writer import encode_image
 
 DEFAULT_MIN_PSNR = 40.0
 
@@ -58,24 +54,27 @@ class Comparison:
     psnr: float | None = None
 
 
-def find_records(output: Output, ids: list[str], rows: list[int]) -> dict[str, dict[str, Any]]:
+def find_records(output: Output, ids: list[str], rows: list[int]) -> dict[str, Record]:
     """key ('id:X' or 'row:N') -> record, searching every committed record file."""
     wanted_ids, wanted_rows = set(ids), set(rows)
-    found: dict[str, dict[str, Any]] = {}
+    found: dict[str, Record] = {}
     shards = output.committed_shards()
     index = output.read_all_records(shards, columns=["row", "id"])
     for shard, table in sorted(index.items()):
-        hits = [i for i, (r, x) in enumerate(zip(table.column("row").to_pylist(), table.column("id").to_pylist()))
-                if x in wanted_ids or r in wanted_rows]
+        hits = [
+            i
+            for i, (r, x) in enumerate(zip(table.column("row").to_pylist(), table.column("id").to_pylist()))
+            if x in wanted_ids or r in wanted_rows
+        ]
         if not hits:
             continue
         records = output.read_records(shard).to_pylist()
         for i in hits:
-            record = records[i]
-            if record["id"] in wanted_ids:
-                found.setdefault(f"id:{record['id']}", record)  # first occurrence (duplicates are errors)
-            if record["row"] in wanted_rows:
-                found[f"row:{record['row']}"] = record
+            record = Record.from_dict(records[i])
+            if record.id in wanted_ids:
+                found.setdefault(f"id:{record.id}", record)  # first occurrence (duplicates are errors)
+            if record.row in wanted_rows:
+                found[f"row:{record.row}"] = record
     return found
 
 
@@ -87,8 +86,16 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 class Reproducer:
     """Loads each (weights, device, dtype) once and remakes records' images."""
 
-    def __init__(self, output: Output, *, weights: str | None = None, device: str | None = None,
-                 dtype: str | None = None, init_image: str | None = None, quality: int | None = None):
+    def __init__(
+        self,
+        output: Output,
+        *,
+        weights: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        init_image: str | None = None,
+        quality: int | None = None,
+    ):
         self.output = output
         self.weights_override = weights
         self.device = device
@@ -98,17 +105,17 @@ class Reproducer:
         self.quality = quality or job.get("spec", {}).get("image", {}).get("quality", 95)
         self._pipes: dict[tuple, Any] = {}
 
-    def pipeline(self, record: dict[str, Any]):
+    def pipeline(self, record: Record):
         import torch
 
         import sdcore
 
-        weights = self.weights_override or record["model_weights"]
-        device = self.device or (record["device"] if record["device"] != "cuda" or torch.cuda.is_available() else "cpu")
-        dtype = self.dtype or record["dtype"]
+        weights = self.weights_override or record.model_weights
+        device = self.device or (record.device if record.device != "cuda" or torch.cuda.is_available() else "cpu")
+        dtype = self.dtype or record.dtype
         key = (weights, device, dtype)
-        if torch.device(device).type == "cpu" and record.get("threads"):
-            torch.set_num_threads(int(record["threads"]))  # CPU sums depend on the thread count
+        if torch.device(device).type == "cpu" and record.threads:
+            torch.set_num_threads(int(record.threads))  # CPU sums depend on the thread count
         if key not in self._pipes:
             try:
                 pipe = sdcore.load_pipeline(resolve_weights(weights), device=device, dtype=dtype)
@@ -116,16 +123,16 @@ class Reproducer:
                 raise ReproduceError(f"cannot load the weights {redact_uri(weights)} ({exc}); pass --weights") from None
             self._pipes[key] = pipe
         pipe = self._pipes[key]
-        if pipe.fingerprint != record["model_fingerprint"]:
+        if pipe.fingerprint != record.model_fingerprint:
             raise ReproduceError(
                 f"weights {redact_uri(weights)} have fingerprint {pipe.fingerprint[:16]}…, the record "
-                f"says {record['model_fingerprint'][:16]}…: not the weights that made this image"
+                f"says {record.model_fingerprint[:16]}…: not the weights that made this image"
             )
         return pipe
 
-    def init_image(self, record: dict[str, Any]) -> Image.Image:
-        raw = record.get("init_image")
-        candidates = [self.init_image_override, record.get("init_image_uri"), raw]
+    def init_image(self, record: Record) -> Image.Image:
+        raw = record.init_image
+        candidates = [self.init_image_override, record.init_image_uri, raw]
         if raw and not os.path.isabs(raw) and "://" not in raw:
             # Moved since the job (or a `ray job submit` working dir that is gone): the manifest's
             # relative value, against the manifest folders named in job.json.
@@ -138,69 +145,86 @@ class Reproducer:
             except (FileNotFoundError, StorageError, OSError):
                 seen.append(f"{redact_uri(uri)} (not readable)")
                 continue
-            if hashlib.sha256(data).hexdigest() != record["init_image_sha256"]:
+            if hashlib.sha256(data).hexdigest() != record.init_image_sha256:
                 seen.append(f"{redact_uri(uri)} (different sha256)")
                 continue
-            return Image.open(io.BytesIO(data)).convert("RGB")
-        raise ReproduceError("init image with the recorded sha256 not found: tried " + ", ".join(seen)
-                             + "; pass --init-image")
+            return decode_init_image(data)
+        raise ReproduceError(
+            "init image with the recorded sha256 not found: tried " + ", ".join(seen) + "; pass --init-image"
+        )
 
-    def remake(self, record: dict[str, Any]) -> bytes:
+    def remake(self, record: Record) -> bytes:
+        """The record's image, made as the job made it (`jobs.generation`) and encoded alike."""
         pipe = self.pipeline(record)
-        row = {"prompt": record["prompt"], "negative": record["negative"] or "", "seed": int(record["seed"])}
-        if record["mode"] == "img2img":
-            row.update(init_image=self.init_image(record), strength=float(record["strength"]))
-        image = pipe.generate(
-            [row], sampler=record["sampler"], karras=bool(record["karras"]), steps=int(record["steps"]),
-            guidance_scale=float(record["guidance_scale"]), width=int(record["width"]), height=int(record["height"]),
-        )[0]
-        return encode_image(image, record["image_format"], a1111_parameters(record), self.quality)
+        init_image = self.init_image(record) if record.mode == "img2img" else None
+        image = pipe.generate([generation_request(record, init_image)], **generate_settings(record))[0]
+        return encode_image(image, record.image_format, a1111_parameters(record), self.quality)
 
-    def compare(self, record: dict[str, Any], min_psnr: float, exact: bool) -> tuple[Comparison, bytes | None]:
-        row, rid = record["row"], record["id"]
-        if record["status"] != "ok":
-            return Comparison(row, rid, "error", f"an error record, no image: {record['error']}", False), None
+    def compare(self, record: Record, min_psnr: float, exact: bool) -> tuple[Comparison, bytes | None]:
+        row, rid = record.row, record.id
+        if record.status != "ok":
+            return Comparison(row, rid, "error", f"an error record, no image: {record.error}", False), None
         try:
             data = self.remake(record)
         except ReproduceError as exc:
             return Comparison(row, rid, "error", str(exc), False), None
         digest = hashlib.sha256(data).hexdigest()
-        try:
-            stored = self.output.storage.read(record["image_path"])
-        except FileNotFoundError:
-            stored = None
-        if stored is None:
-            note = f"; the stored image {record['image_path']} is missing (--save-dir writes the new one)"
-        elif hashlib.sha256(stored).hexdigest() != record["image_sha256"]:
-            note = f"; WARNING: the stored image {record['image_path']} does not match its recorded sha256 (changed after the job)"
-        else:
-            note = ""
-        if digest == record["image_sha256"]:
+        stored, note = self.stored_image(record)
+        if digest == record.image_sha256:
             return Comparison(row, rid, "identical", f"sha256 {digest[:16]}…{note}", True, 0, math.inf), data
         if stored is None:
-            return Comparison(row, rid, "different", f"sha256 differs, no stored image to compare pixels with{note}", False), data
-        a = np.asarray(Image.open(io.BytesIO(stored)).convert("RGB"))
-        b = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-        if a.shape != b.shape:
-            return Comparison(row, rid, "different", f"size {b.shape[1]}x{b.shape[0]} vs stored {a.shape[1]}x{a.shape[0]}{note}", False), data
-        diff = int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
-        value = psnr(a, b)
-        if diff == 0:
-            return Comparison(row, rid, "pixel-identical", f"same pixels, file bytes differ (encoder version){note}",
-                              not exact, 0, math.inf), data
-        within = (not exact) and value >= min_psnr
-        verdict = "within tolerance" if within else "OUTSIDE tolerance"
-        rule = "identical only (--exact)" if exact else f"PSNR >= {min_psnr:g} dB"
-        return Comparison(row, rid, "different", f"max abs pixel diff {diff}, PSNR {value:.2f} dB: {verdict} ({rule}){note}",
-                          within, diff, value), data
+            detail = f"sha256 differs, no stored image to compare pixels with{note}"
+            return Comparison(row, rid, "different", detail, False), data
+        return compare_pixels(row, rid, stored, data, min_psnr, exact, note), data
+
+    def stored_image(self, record: Record) -> tuple[bytes | None, str]:
+        """The stored image's bytes (None when missing), and a note when it is missing or no
+        longer matches its record."""
+        try:
+            stored = self.output.storage.read(record.image_path)
+        except FileNotFoundError:
+            return None, f"; the stored image {record.image_path} is missing (--save-dir writes the new one)"
+        if hashlib.sha256(stored).hexdigest() != record.image_sha256:
+            return stored, (
+                f"; WARNING: the stored image {record.image_path} does not match its recorded sha256 "
+                "(changed after the job)"
+            )
+        return stored, ""
+
+
+def compare_pixels(
+    row: int, rid: str, stored: bytes, data: bytes, min_psnr: float, exact: bool, note: str
+) -> Comparison:
+    """A remade image whose bytes differ from the stored one, judged by its pixels."""
+    a = np.asarray(Image.open(io.BytesIO(stored)).convert("RGB"))
+    b = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    if a.shape != b.shape:
+        detail = f"size {b.shape[1]}x{b.shape[0]} vs stored {a.shape[1]}x{a.shape[0]}{note}"
+        return Comparison(row, rid, "different", detail, False)
+    diff = int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+    value = psnr(a, b)
+    if diff == 0:
+        detail = f"same pixels, file bytes differ (encoder version){note}"
+        return Comparison(row, rid, "pixel-identical", detail, not exact, 0, math.inf)
+    within = (not exact) and value >= min_psnr
+    verdict = "within tolerance" if within else "OUTSIDE tolerance"
+    rule = "identical only (--exact)" if exact else f"PSNR >= {min_psnr:g} dB"
+    detail = f"max abs pixel diff {diff}, PSNR {value:.2f} dB: {verdict} ({rule}){note}"
+    return Comparison(row, rid, "different", detail, within, diff, value)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="jobs/reproduce.py", description="Regenerate images from their records and compare.")
+    parser = argparse.ArgumentParser(
+        prog="jobs/reproduce.py", description="Regenerate images from their records and compare."
+    )
     parser.add_argument("output", help="the job's output folder or s3:// prefix")
     parser.add_argument("ids", nargs="*", metavar="ID", help="record id(s) to regenerate")
-    parser.add_argument("--row", type=int, action="append", default=[], help="select a record by manifest row (repeatable)")
-    parser.add_argument("--weights", help="load the weights from here instead of the recorded URI (fingerprint still checked)")
+    parser.add_argument(
+        "--row", type=int, action="append", default=[], help="select a record by manifest row (repeatable)"
+    )
+    parser.add_argument(
+        "--weights", help="load the weights from here instead of the recorded URI (fingerprint still checked)"
+    )
     parser.add_argument("--init-image", help="img2img: read the init image from here (sha256 still checked)")
     parser.add_argument("--device", help="device to run on (default: the recorded one when available, else cpu)")
     parser.add_argument("--dtype", help="float32 | float16 | bfloat16 (default: the recorded one)")
@@ -216,7 +240,9 @@ def main(argv=None) -> int:
         print(f"error: {output.uri}: no job.json here (not an sdgen output)", file=sys.stderr)
         return 2
     found = find_records(output, args.ids, args.row)
-    reproducer = Reproducer(output, weights=args.weights, device=args.device, dtype=args.dtype, init_image=args.init_image)
+    reproducer = Reproducer(
+        output, weights=args.weights, device=args.device, dtype=args.dtype, init_image=args.init_image
+    )
     all_passed = True
     for key in [f"id:{i}" for i in args.ids] + [f"row:{r}" for r in args.row]:
         record = found.get(key)
@@ -229,7 +255,7 @@ def main(argv=None) -> int:
         print(f"row {result.row} id {result.id!r}: {result.verdict}: {result.detail}", flush=True)
         if args.save_dir and data is not None:
             os.makedirs(args.save_dir, exist_ok=True)
-            path = os.path.join(args.save_dir, os.path.basename(record["image_path"]))
+            path = os.path.join(args.save_dir, os.path.basename(record.image_path))
             with open(path, "wb") as handle:
                 handle.write(data)
     return 0 if all_passed else 1

@@ -1,24 +1,29 @@
-"""`run.py`'s orchestration: spec -> manifest -> output state -> distributor -> summary.
+"""`sdgen run`'s orchestration, in three steps that `run_job` calls in order:
 
-Order of things, so that nothing is lost or duplicated across crashes and reruns:
-1. validate the spec and the manifest (no Ray, no model: errors come in seconds);
-2. read the output's job.json and refuse a different job (unless `overwrite`);
-3. list committed shards (their record files) and plan only the rest;
-4. start the workers; when the first has loaded the model, check its fingerprint against
-   job.json, then (over)write job.json — before any shard is handed out;
-5. run; 6. count every committed record and write summary.json.
+- `plan_job` (no Ray, no model: a bad job fails in seconds) validates the spec and the manifest,
+  reads the output's job.json and refuses a different job (unless `overwrite`), lists the
+  committed shards (their record files) and plans only the rest;
+- `execute` starts the workers through the distributor; when the first has loaded the model its
+  fingerprint is checked against job.json, then job.json is (over)written — before any shard is
+  handed out — and the shards run;
+- `summarise` counts every committed record, earlier runs included, for summary.json.
+
+That order is what keeps a job from losing or duplicating rows across crashes and reruns.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 from . import __version__
 from .manifest import Manifest, load_manifest
 from .output import JOB_FILE, SUMMARY_FILE, Output
-from .reader import num_shards, read_shards
+from .progress import Outcome, ProgressLog, duration
+from .reader import ShardTask, num_shards, read_shards
 from .spec import JobSpec, load_spec
 from .worker import ShardResult, ShardWorker, WorkerConfig, WorkerInfo
 
@@ -27,6 +32,290 @@ JOB_FORMAT = 1
 
 class JobConflict(RuntimeError):
     """The output holds a different job; the message lists the differences."""
+
+
+def _print_line(line: str) -> None:
+    print(line, flush=True)
+
+
+# -------------------------------------------------------------------------------------------- run
+
+
+def run_job(
+    spec: JobSpec | str,
+    *,
+    overwrite: bool = False,
+    address: str | None = None,
+    dry_run: bool = False,
+    log: Callable[[str], None] = _print_line,
+    worker_factory: Callable[[WorkerConfig], Any] = ShardWorker,
+    progress_every: float = 10.0,
+) -> dict[str, Any]:
+    """Run (or resume) a job; returns the summary (also written to OUTPUT/summary.json), or with
+    `dry_run` the plan's counts. Raises SpecError / ManifestError / JobConflict / WorkerStartError
+    before any work."""
+    plan = plan_job(spec, overwrite, log)
+    if dry_run:
+        return plan.dry_run_summary()
+    outcome = execute(plan, address=address, log=log, worker_factory=worker_factory, progress_every=progress_every)
+    summary = summarise(plan, outcome)
+    plan.output.write_json(SUMMARY_FILE, summary)
+    for line in summary_lines(summary):
+        log(line)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class JobPlan:
+    """Everything known before Ray starts: the job, what its output already holds, what to run."""
+
+    spec: JobSpec
+    manifest: Manifest
+    output: Output
+    existing: dict[str, Any] | None  # the output's job.json; None for a new output
+    overwrite: bool
+    committed: set[str]  # shards already committed by an earlier run: skipped
+    tasks: list[ShardTask]  # the shards to run
+    started_at: str  # when the run started (for summary.json)
+    started: float  # the same, time.monotonic()
+
+    @property
+    def total_shards(self) -> int:
+        return num_shards(self.manifest.num_rows, self.spec.execution.shard_size)
+
+    def dry_run_summary(self) -> dict[str, Any]:
+        return {
+            "total_rows": self.manifest.num_rows,
+            "shards": {"total": self.total_shards, "committed": len(self.committed), "to_run": len(self.tasks)},
+        }
+
+
+def plan_job(spec: JobSpec | str, overwrite: bool = False, log: Callable[[str], None] = _print_line) -> JobPlan:
+    """Steps 1-3: validate the spec and manifest, refuse a different job on the output, and plan
+    the shards not yet committed. No Ray, no model, so a bad job fails in seconds. Raises
+    SpecError / ManifestError / JobConflict; changes nothing but stale partial files."""
+    started_at, started = _now(), time.monotonic()
+    if not isinstance(spec, JobSpec):
+        spec = load_spec(spec)
+    manifest = load_manifest(spec.manifest)
+    _log_manifest(spec, manifest, log)
+    output = Output(spec.output)
+    existing = output.read_job()
+    committed = _committed_shards(output, existing, spec, manifest, overwrite)
+    tasks = list(read_shards(manifest, spec.execution.shard_size, skip=committed))
+    log(f"[sdgen] output {output.uri}: {len(committed)} shard(s) already committed, {len(tasks)} to run")
+    return JobPlan(spec, manifest, output, existing, overwrite, committed, tasks, started_at, started)
+
+
+def _log_manifest(spec: JobSpec, manifest: Manifest, log: Callable[[str], None]) -> None:
+    total = num_shards(manifest.num_rows, spec.execution.shard_size)
+    log(
+        f"[sdgen] job {spec.name!r}: {manifest.num_rows} rows from {', '.join(manifest.sources)} "
+        f"-> {total} shard(s) of {spec.execution.shard_size}"
+    )
+    if manifest.ignored_columns:
+        log(f"[sdgen] note: ignoring manifest columns {', '.join(manifest.ignored_columns)}")
+    for problem in manifest.bad_columns.values():
+        log(f"[sdgen] warning: {problem}; rows with a value there become error records")
+
+
+def _committed_shards(
+    output: Output, existing: dict[str, Any] | None, spec: JobSpec, manifest: Manifest, overwrite: bool
+) -> set[str]:
+    """The shards a rerun skips: none with `overwrite` (everything is redone), else those with a
+    record file, once the output is known to hold this same job. Partial files of committed
+    shards (left by a crash between commit and clean-up) are deleted."""
+    problems = check_job(existing, spec, manifest)
+    if problems and not overwrite:
+        raise JobConflict(conflict_message(output, problems))
+    if overwrite:
+        return set()
+    committed = output.committed_shards()
+    if existing is None and committed:
+        raise JobConflict(
+            f"output {output.uri} holds records but no {JOB_FILE}: not an sdgen output "
+            "(or a damaged one); use another output or pass --overwrite"
+        )
+    stale = [k for k in output.partial_keys() if k.split("/")[1] in committed]
+    if stale:
+        output.storage.delete(stale)
+    return committed
+
+
+# ---------------------------------------------------------------------------------------- execute
+
+
+class JobEvents:
+    """The runner's side of the distributor's callbacks: what a job does when its first worker
+    is ready (job.json) and when a shard is done (a log line). The distributor knows nothing of
+    jobs or outputs, only of workers and shards."""
+
+    def __init__(self, plan: JobPlan, log: Callable[[str], None], ray_version: str):
+        self.plan = plan
+        self.log = log
+        self.ray_version = ray_version
+
+    def first_worker_ready(self, info: WorkerInfo) -> None:
+        """Step 4, before any shard is handed out: the loaded model must be the one job.json
+        names (else JobConflict); then job.json is (over)written, so a crash from here on leaves
+        an output that resumes."""
+        plan, output = self.plan, self.plan.output
+        model_problems = [] if plan.overwrite else check_model(plan.existing, info)
+        if model_problems:
+            raise JobConflict(conflict_message(output, model_problems))
+        self._note_device_change(info)
+        if plan.overwrite:
+            self.log(f"[sdgen] --overwrite: deleting any previous job's records and images in {output.uri}")
+            output.clear()
+        versions = {**info.versions, "ray": self.ray_version}
+        output.write_job(
+            job_document(plan.spec, plan.manifest, info, None if plan.overwrite else plan.existing, versions)
+        )
+        self.log(
+            f"[sdgen] model {plan.spec.to_dict()['model']['weights']} fingerprint {info.model_fingerprint[:12]} "
+            f"{info.dtype} on {info.device} ({info.device_name})"
+        )
+
+    def _note_device_change(self, info: WorkerInfo) -> None:
+        """Device and thread count are not part of the job (images barely depend on them), but a
+        resume that changes them is worth a line."""
+        existing = self.plan.existing
+        before = (existing or {}).get("model", {})
+        if existing and (before.get("device"), before.get("threads")) != (info.device, info.threads):
+            self.log(
+                f"[sdgen] note: resuming on {info.device} ({info.threads or '-'} CPU threads); earlier "
+                f"shards ran on {before.get('device')} ({before.get('threads') or '-'}): their pixels may "
+                "differ slightly"
+            )
+
+    def shard_done(self, result: ShardResult) -> None:
+        extra = f", {result.reused} kept from an earlier attempt" if result.reused else ""
+        note = "" if result.committed else " (already committed by an earlier attempt)"
+        self.log(
+            f"[sdgen] {result.shard_id} done: {result.ok} ok, {result.error} error{extra} "
+            f"in {result.seconds:.1f}s on {result.worker}{note}"
+        )
+
+
+def worker_config(spec: JobSpec) -> WorkerConfig:
+    """What every worker of the job is built from (device and threads: set by the distributor)."""
+    return WorkerConfig(
+        weights=spec.model.weights,
+        output=spec.output,
+        sampler=spec.sampler,
+        dtype=spec.model.dtype,
+        batch_size=spec.execution.batch_size,
+        batch_invariant=spec.execution.batch_invariant,
+        image_format=spec.image.format,
+        quality=spec.image.quality,
+    )
+
+
+def execute(
+    plan: JobPlan,
+    *,
+    address: str | None = None,
+    log: Callable[[str], None] = _print_line,
+    worker_factory: Callable[[WorkerConfig], Any] = ShardWorker,
+    progress_every: float = 10.0,
+) -> Outcome:
+    """Steps 4-5: connect to Ray, start the workers, run the planned shards. Ray is imported only
+    here, so validation and dry runs never start it."""
+    if not plan.tasks:
+        log("[sdgen] nothing to do: every shard is committed")
+        return Outcome()
+    from .distributor import RayDistributor, connect, describe_cluster, disconnect, ray_version
+
+    embedded, where = connect(address)
+    log(f"[sdgen] running on {where}: {describe_cluster()}")
+    execution = plan.spec.execution
+    distributor = RayDistributor(
+        execution.device, execution.workers, execution.max_attempts, log, execution.cpu_threads
+    )
+    try:
+        distributor.start(worker_config(plan.spec), worker_factory)
+        events = JobEvents(plan, log, ray_version())
+        return distributor.run(
+            plan.tasks, events.first_worker_ready, events.shard_done, ProgressLog(log, progress_every), progress_every
+        )
+    finally:
+        distributor.shutdown()
+        disconnect(embedded)
+
+
+# -------------------------------------------------------------------------------------- summarise
+
+
+def summarise(plan: JobPlan, outcome: Outcome) -> dict[str, Any]:
+    """Step 6: the summary (summary.json) over the whole output, earlier runs included: the
+    counts are read back from the committed record files, not added up from this run."""
+    output, rows = plan.output, plan.manifest.num_rows
+    done = output.committed_shards()
+    counts = output.count_records(done)
+    ok = sum(c["ok"] for c in counts.values())
+    errors = sum(c["error"] for c in counts.values())
+    failed = {s: e for s, e in outcome.failed.items() if s not in done}
+    return {
+        "name": plan.spec.name,
+        "output": output.uri,
+        "complete": len(done) == plan.total_shards,
+        "total": rows,
+        "ok": ok,
+        "error": errors,
+        "missing": rows - ok - errors,
+        "shards": {
+            "total": plan.total_shards,
+            "done": len(done),
+            "failed": len(failed),
+            "pending": plan.total_shards - len(done) - len(failed),
+        },
+        "failed_shards": failed,
+        "run": _run_stats(plan, outcome),
+        "sdgen_version": __version__,
+    }
+
+
+def _run_stats(plan: JobPlan, outcome: Outcome) -> dict[str, Any]:
+    """This run alone. Throughput counts from the first worker ready, so model loading and
+    waiting for cluster nodes do not dilute it; reused rows (saved batches) are not work done."""
+    now = time.monotonic()
+    results = outcome.results.values()
+    generated = sum(r.generated for r in results)
+    gen_time = now - outcome.first_ready_at if outcome.first_ready_at is not None else 0.0
+    return {
+        "started_at": plan.started_at,
+        "finished_at": _now(),
+        "wall_s": round(now - plan.started, 3),
+        "shards_skipped": len(plan.committed),
+        "shards_run": len(outcome.results),
+        "rows_run": sum(r.rows for r in results),
+        "images_generated": generated,
+        "rows_reused": sum(r.reused for r in results),
+        "workers": outcome.workers_ready,
+        "generate_wall_s": round(gen_time, 3),
+        "rows_per_s": round(sum(r.rows - r.reused for r in results) / gen_time, 3) if gen_time > 0 else None,
+        "images_per_s": round(generated / gen_time, 3) if gen_time > 0 else None,
+    }
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The closing log lines: the state, the counts, then each failed shard with its error."""
+    shards, run = summary["shards"], summary["run"]
+    failed = summary["failed_shards"]
+    state = "complete" if summary["complete"] else f"INCOMPLETE ({len(failed)} shard(s) failed, rerun to retry)"
+    rate = run["rows_per_s"]
+    lines = [
+        f"[sdgen] {state}: {summary['ok']} ok, {summary['error']} error, {summary['missing']} missing of "
+        f"{summary['total']} rows; {shards['done']}/{shards['total']} shards; this run {run['rows_run']} rows in "
+        f"{duration(run['wall_s'])}" + (f" ({rate} rows/s after model load)" if rate else "")
+    ]
+    return lines + [f"[sdgen]   {shard}: {error}" for shard, error in sorted(failed.items())]
+
+
+# ------------------------------------------------------------------------------------- job.json
 
 
 def _now() -> str:
@@ -44,7 +333,11 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     a, b = _flatten(before), _flatten(now)
-    return [f"{key}: {a.get(key)!r} on disk, {b.get(key)!r} now" for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+    return [
+        f"{key}: {a.get(key)!r} on disk, {b.get(key)!r} now"
+        for key in sorted(set(a) | set(b))
+        if a.get(key) != b.get(key)
+    ]
 
 
 def check_job(existing: dict[str, Any] | None, spec: JobSpec, manifest: Manifest) -> list[str]:
@@ -59,12 +352,17 @@ def check_job(existing: dict[str, Any] | None, spec: JobSpec, manifest: Manifest
 
 
 def check_model(existing: dict[str, Any] | None, info: WorkerInfo) -> list[str]:
+    """Differences between the model recorded in an output and the one a worker loaded. Checked
+    on the loaded model, not the weights' path: the fingerprint is of the weights themselves, and
+    `dtype: auto` resolves per device."""
     if existing is None:
         return []
     model = existing.get("model", {})
     problems = []
     if model.get("fingerprint") != info.model_fingerprint:
-        problems.append(f"model fingerprint: {str(model.get('fingerprint'))[:16]}… on disk, {info.model_fingerprint[:16]}… now")
+        problems.append(
+            f"model fingerprint: {str(model.get('fingerprint'))[:16]}… on disk, {info.model_fingerprint[:16]}… now"
+        )
     if model.get("dtype") != info.dtype:
         problems.append(f"model dtype: {model.get('dtype')} on disk, {info.dtype} now (set model.dtype explicitly)")
     return problems
@@ -78,7 +376,12 @@ def conflict_message(output: Output, problems: list[str]) -> str:
     )
 
 
-def job_document(spec: JobSpec, manifest: Manifest, info: WorkerInfo, previous: dict[str, Any] | None, versions: dict[str, str]) -> dict[str, Any]:
+def job_document(
+    spec: JobSpec, manifest: Manifest, info: WorkerInfo, previous: dict[str, Any] | None, versions: dict[str, str]
+) -> dict[str, Any]:
+    """job.json: the resolved spec, what identifies the job (compared on every rerun), the
+    manifest's and model's fingerprints, where it ran, software versions. `previous` (the
+    output's old job.json, on a resume) keeps its creation time."""
     return {
         "format": JOB_FORMAT,
         "name": spec.name,
@@ -99,190 +402,27 @@ def job_document(spec: JobSpec, manifest: Manifest, info: WorkerInfo, previous: 
             "device_name": info.device_name,
             "threads": info.threads,
         },
-        "shards": {"size": spec.execution.shard_size, "count": num_shards(manifest.num_rows, spec.execution.shard_size)},
+        "shards": {
+            "size": spec.execution.shard_size,
+            "count": num_shards(manifest.num_rows, spec.execution.shard_size),
+        },
         "versions": versions,
         "created_at": (previous or {}).get("created_at") or _now(),
         "updated_at": _now(),
     }
 
 
-def count_records(output: Output, shards: set[str]) -> dict[str, dict[str, int]]:
-    """shard -> {"ok": n, "error": n} for committed shards."""
-    counts = {}
-    for shard, table in output.read_all_records(shards, columns=["status"]).items():
-        statuses = table.column("status").to_pylist()
-        counts[shard] = {"ok": statuses.count("ok"), "error": len(statuses) - statuses.count("ok")}
-    return counts
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def run_job(
-    spec: JobSpec | str,
-    *,
-    overwrite: bool = False,
-    address: str | None = None,
-    dry_run: bool = False,
-    log: Callable[[str], None] = lambda line: print(line, flush=True),
-    worker_factory: Callable[[WorkerConfig], Any] = ShardWorker,
-    progress_every: float = 10.0,
-) -> dict[str, Any]:
-    """Run (or resume) a job; returns the summary (also written to OUTPUT/summary.json).
-    Raises SpecError / ManifestError / JobConflict / WorkerStartError before any work."""
-    started_at, t0 = _now(), time.monotonic()
-    if not isinstance(spec, JobSpec):
-        spec = load_spec(spec)
-    manifest = load_manifest(spec.manifest)
-    total_shards = num_shards(manifest.num_rows, spec.execution.shard_size)
-    log(f"[sdgen] job {spec.name!r}: {manifest.num_rows} rows from {', '.join(manifest.sources)} "
-        f"-> {total_shards} shard(s) of {spec.execution.shard_size}")
-    if manifest.ignored_columns:
-        log(f"[sdgen] note: ignoring manifest columns {', '.join(manifest.ignored_columns)}")
-    for problem in manifest.bad_columns.values():
-        log(f"[sdgen] warning: {problem}; rows with a value there become error records")
-
-    output = Output(spec.output)
-    existing = output.read_job()
-    problems = check_job(existing, spec, manifest)
-    if problems and not overwrite:
-        raise JobConflict(conflict_message(output, problems))
-    committed = set() if overwrite else output.committed_shards()
-    if existing is None and committed and not overwrite:
-        raise JobConflict(f"output {output.uri} holds records but no {JOB_FILE}: not an sdgen output "
-                          "(or a damaged one); use another output or pass --overwrite")
-    if not overwrite:
-        stale = [k for k in output.partial_keys() if k.split("/")[1] in committed]
-        if stale:
-            output.storage.delete(stale)
-    tasks = list(read_shards(manifest, spec.execution.shard_size, skip=committed))
-    log(f"[sdgen] output {output.uri}: {len(committed)} shard(s) already committed, {len(tasks)} to run")
-    if dry_run:
-        return {"total_rows": manifest.num_rows, "shards": {"total": total_shards, "committed": len(committed), "to_run": len(tasks)}}
-
-    outcome_results: dict[str, ShardResult] = {}
-    failed: dict[str, str] = {}
-    workers_used = 0
-    first_ready: list[float] = []
-    if tasks:
-        from .distributor import RayDistributor, connect, describe_cluster, disconnect
-
-        embedded, where = connect(address)
-        log(f"[sdgen] running on {where}: {describe_cluster()}")
-        distributor = RayDistributor(spec.execution.device, spec.execution.workers, spec.execution.max_attempts,
-                                     log, spec.execution.cpu_threads)
-        try:
-            import ray
-
-            config = WorkerConfig(
-                weights=spec.model.weights,
-                output=spec.output,
-                sampler=spec.sampler,
-                dtype=spec.model.dtype,
-                batch_size=spec.execution.batch_size,
-                batch_invariant=spec.execution.batch_invariant,
-                image_format=spec.image.format,
-                quality=spec.image.quality,
-            )
-            distributor.start(config, worker_factory)
-
-            def on_ready(info: WorkerInfo) -> None:
-                model_problems = [] if overwrite else check_model(existing, info)
-                if model_problems:
-                    raise JobConflict(conflict_message(output, model_problems))
-                before = (existing or {}).get("model", {})
-                if existing and (before.get("device"), before.get("threads")) != (info.device, info.threads):
-                    log(f"[sdgen] note: resuming on {info.device} ({info.threads or '-'} CPU threads); earlier shards "
-                        f"ran on {before.get('device')} ({before.get('threads') or '-'}): their pixels may differ slightly")
-                if overwrite:
-                    log(f"[sdgen] --overwrite: deleting any previous job's records and images in {output.uri}")
-                    output.clear()
-                versions = {**info.versions, "ray": ray.__version__}
-                output.write_job(job_document(spec, manifest, info, None if overwrite else existing, versions))
-                log(f"[sdgen] model {spec.to_dict()['model']['weights']} fingerprint {info.model_fingerprint[:12]} "
-                    f"{info.dtype} on {info.device} ({info.device_name})")
-                first_ready.append(time.monotonic())
-
-            def on_result(result: ShardResult) -> None:
-                extra = f", {result.reused} kept from an earlier attempt" if result.reused else ""
-                note = "" if result.committed else " (already committed by an earlier attempt)"
-                log(f"[sdgen] {result.shard_id} done: {result.ok} ok, {result.error} error{extra} "
-                    f"in {result.seconds:.1f}s on {result.worker}{note}")
-
-            last_line = {"rows": -1, "at": 0.0}
-
-            def on_progress(p) -> None:
-                # A line when rows moved, else one a minute (so a long shard still shows life).
-                if p.rows_done == last_line["rows"] and time.monotonic() - last_line["at"] < max(60.0, progress_every):
-                    return
-                last_line.update(rows=p.rows_done, at=time.monotonic())
-                rate = p.rows_done / p.elapsed if p.elapsed > 0 else 0.0
-                eta = _duration((p.rows_total - p.rows_done) / rate) if rate > 0 else "?"
-                pct = 100.0 * p.rows_done / p.rows_total if p.rows_total else 100.0
-                log(f"[sdgen] {p.rows_done}/{p.rows_total} rows ({pct:.0f}%) | {rate:.2f} rows/s | ETA {eta} | "
-                    f"shards {p.shards_done}/{p.shards_total} done, {p.shards_failed} failed | {p.workers} worker(s)")
-
-            outcome = distributor.run(tasks, on_ready, on_result, on_progress, progress_every)
-            outcome_results, failed, workers_used = outcome.results, outcome.failed, outcome.workers_ready
-        finally:
-            distributor.shutdown()
-            disconnect(embedded)
-    else:
-        log("[sdgen] nothing to do: every shard is committed")
-
-    # Summary over the whole output, earlier runs included.
-    done = output.committed_shards()
-    counts = count_records(output, done)
-    ok = sum(c["ok"] for c in counts.values())
-    errors = sum(c["error"] for c in counts.values())
-    wall = time.monotonic() - t0
-    generated = sum(r.generated for r in outcome_results.values())
-    gen_time = time.monotonic() - first_ready[0] if first_ready else 0.0
-    failed = {s: e for s, e in failed.items() if s not in done}
-    summary = {
-        "name": spec.name,
-        "output": output.uri,
-        "complete": len(done) == total_shards,
-        "total": manifest.num_rows,
-        "ok": ok,
-        "error": errors,
-        "missing": manifest.num_rows - ok - errors,
-        "shards": {
-            "total": total_shards,
-            "done": len(done),
-            "failed": len(failed),
-            "pending": total_shards - len(done) - len(failed),
-        },
-        "failed_shards": failed,
-        "run": {
-            "started_at": started_at,
-            "finished_at": _now(),
-            "wall_s": round(wall, 3),
-            "shards_skipped": len(committed),
-            "shards_run": len(outcome_results),
-            "rows_run": sum(r.rows for r in outcome_results.values()),
-            "images_generated": generated,
-            "rows_reused": sum(r.reused for r in outcome_results.values()),
-            "workers": workers_used,
-            "generate_wall_s": round(gen_time, 3),
-            "rows_per_s": round(sum(r.rows - r.reused for r in outcome_results.values()) / gen_time, 3) if gen_time > 0 else None,
-            "images_per_s": round(generated / gen_time, 3) if gen_time > 0 else None,
-        },
-        "sdgen_version": __version__,
-    }
-    output.write_json(SUMMARY_FILE, summary)
-    state = "complete" if summary["complete"] else f"INCOMPLETE ({len(failed)} shard(s) failed, rerun to retry)"
-    rate = summary["run"]["rows_per_s"]
-    log(f"[sdgen] {state}: {ok} ok, {errors} error, {summary['missing']} missing of {manifest.num_rows} rows; "
-        f"{len(done)}/{total_shards} shards; this run {summary['run']['rows_run']} rows in {_duration(wall)}"
-        + (f" ({rate} rows/s after model load)" if rate else ""))
-    for shard, error in sorted(failed.items()):
-        log(f"[sdgen]   {shard}: {error}")
-    return summary
-
-
-__all__ = ["JobConflict", "run_job", "check_job", "check_model", "job_document", "count_records"]
+__all__ = [
+    "JobConflict",
+    "JobEvents",
+    "JobPlan",
+    "check_job",
+    "check_model",
+    "execute",
+    "job_document",
+    "plan_job",
+    "run_job",
+    "summarise",
+    "summary_lines",
+    "worker_config",
+]

@@ -10,7 +10,6 @@ do not (names, locations, worker count, batch size) is documented in README.md, 
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -193,14 +192,14 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
         errors.append("manifest: required key is missing")
     elif isinstance(manifest_value, str) and manifest_value.strip():
         manifests = [manifest_value]
-    elif isinstance(manifest_value, list) and manifest_value and all(
-        isinstance(m, str) and m.strip() for m in manifest_value
+    elif (
+        isinstance(manifest_value, list)
+        and manifest_value
+        and all(isinstance(m, str) and m.strip() for m in manifest_value)
     ):
         manifests = list(manifest_value)
     else:
-        errors.append(
-            f"manifest: expected a path/URI (or a non-empty list of them), got {manifest_value!r}"
-        )
+        errors.append(f"manifest: expected a path/URI (or a non-empty list of them), got {manifest_value!r}")
     for m in manifests:
         if not (m.endswith(".parquet") or any(ch in m for ch in "*?[")):
             errors.append(f"manifest: {redact_uri(m)!r} is not a .parquet file (or a glob of them)")
@@ -216,7 +215,9 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
     sampler = SamplerSpec(
         name=c.rule(s, "name", "sampler.name", d.name, rules.sampler_problem),
         steps=c.rule(s, "steps", "sampler.steps", d.steps, rules.steps_problem),
-        guidance_scale=float(c.rule(s, "guidance_scale", "sampler.guidance_scale", d.guidance_scale, rules.guidance_problem)),
+        guidance_scale=float(
+            c.rule(s, "guidance_scale", "sampler.guidance_scale", d.guidance_scale, rules.guidance_problem)
+        ),
         width=c.rule(s, "width", "sampler.width", d.width, rules.size_problem),
         height=c.rule(s, "height", "sampler.height", d.height, rules.size_problem),
         karras=c.boolean(s, "karras", "sampler.karras", d.karras),
@@ -225,7 +226,11 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
     if problem:
         errors.append(f"sampler.karras: {problem}")
 
-    e = c.section(data, "execution", {"workers", "batch_size", "shard_size", "device", "max_attempts", "cpu_threads", "batch_invariant"})
+    e = c.section(
+        data,
+        "execution",
+        {"workers", "batch_size", "shard_size", "device", "max_attempts", "cpu_threads", "batch_invariant"},
+    )
     d = ExecutionSpec()
     auto_ints = {}
     for key in ("workers", "cpu_threads"):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Show a job's progress: `python jobs/status.py OUTPUT [--all] [--json]`.
+"""Show a job's progress: `sdgen status OUTPUT [--all] [--json]` (or `python jobs/status.py ...`).
 
 Shards done / failed / pending and rows ok / error / not done, read from the output alone (record
 files, partial files, job.json, summary.json), so it works while a job runs, after it stopped,
@@ -8,22 +8,15 @@ gave up on it, `running` when some of its batches are saved but it is not commit
 `pending`.
 """
 
-import os
+from __future__ import annotations
+
+import argparse
+import json
 import sys
+from collections import Counter
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
-    sys.path[0] = os.path.dirname(_HERE)
-elif os.path.dirname(_HERE) not in sys.path:
-    sys.path.insert(0, os.path.dirname(_HERE))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-from collections import Counter  # noqa: E402
-
-from jobs.output import SUMMARY_FILE, Output  # noqa: E402
-from jobs.reader import shard_ranges  # noqa: E402
-from jobs.runner import count_records  # noqa: E402
+from jobs.output import SUMMARY_FILE, Output
+from jobs.reader import shard_ranges
 
 
 def job_status(uri: str) -> dict:
@@ -35,7 +28,7 @@ def job_status(uri: str) -> dict:
     summary = output.read_json(SUMMARY_FILE) or {}
     rows, size = job["manifest"]["rows"], job["shards"]["size"]
     done = output.committed_shards()
-    counts = count_records(output, done)
+    counts = output.count_records(done)
     partial_rows = Counter(k.split("/")[1] for k in output.partial_keys())
     failed = summary.get("failed_shards", {})
     shards = []
@@ -66,13 +59,19 @@ def job_status(uri: str) -> dict:
 
 
 def format_status(status: dict, show_all: bool = False) -> str:
+    """The text `status` prints: the totals, then a table of the shards worth a look (all of
+    them with `show_all`)."""
     rows, shards, model = status["rows"], status["shards"], status["model"]
     lines = [
         f"output  {status['output']}  (job {status['name']!r})",
-        f"model   {model.get('weights')}  fingerprint {str(model.get('fingerprint'))[:12]}  "
-        f"{model.get('dtype')} on {model.get('device')}",
-        f"shards  {shards['total']} total: {shards['done']} done, {shards['running']} running, "
-        f"{shards['failed']} failed, {shards['pending']} pending",
+        (
+            f"model   {model.get('weights')}  fingerprint {str(model.get('fingerprint'))[:12]}  "
+            f"{model.get('dtype')} on {model.get('device')}"
+        ),
+        (
+            f"shards  {shards['total']} total: {shards['done']} done, {shards['running']} running, "
+            f"{shards['failed']} failed, {shards['pending']} pending"
+        ),
         f"rows    {rows['total']} total: {rows['ok']} ok, {rows['error']} error, {rows['not_done']} not done",
         "state   " + ("complete" if status["complete"] else "incomplete (rerun the job to finish it)"),
     ]
@@ -80,19 +79,27 @@ def format_status(status: dict, show_all: bool = False) -> str:
     if listed:
         lines.append("")
         lines.append(f"{'shard':<14}{'state':<9}{'rows':>6}{'ok':>6}{'error':>7}  note")
-        for s in listed:
-            note = s.get("error") if s["state"] == "failed" else (
-                f"{s['partial_files']} batch file(s) saved" if s["state"] == "running" else "")
-            ok = s.get("ok", "")
-            err = s.get("error", "") if s["state"] == "done" else ""
-            lines.append(f"{s['shard']:<14}{s['state']:<9}{s['rows']:>6}{ok!s:>6}{err!s:>7}  {note or ''}".rstrip())
-        if not show_all and len(listed) < len(status["shard_list"]):
-            lines.append(f"({len(status['shard_list']) - len(listed)} done shard(s) without errors not shown; --all lists them)")
+        lines.extend(_shard_line(s) for s in listed)
+        hidden = len(status["shard_list"]) - len(listed)
+        if not show_all and hidden:
+            lines.append(f"({hidden} done shard(s) without errors not shown; --all lists them)")
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="jobs/status.py", description="Show an sdgen output's progress.")
+def _shard_line(s: dict) -> str:
+    note = (
+        s.get("error")
+        if s["state"] == "failed"
+        else (f"{s['partial_files']} batch file(s) saved" if s["state"] == "running" else "")
+    )
+    ok = s.get("ok", "")
+    err = s.get("error", "") if s["state"] == "done" else ""
+    return f"{s['shard']:<14}{s['state']:<9}{s['rows']:>6}{ok!s:>6}{err!s:>7}  {note or ''}".rstrip()
+
+
+def main(argv: list[str] | None = None, prog: str = "jobs/status.py") -> int:
+    """Exit status: 0 the job is complete, 1 it is not, 2 no sdgen output there (or unreadable)."""
+    parser = argparse.ArgumentParser(prog=prog, description="Show an sdgen output's progress.")
     parser.add_argument("output", help="the job's output folder or s3:// prefix")
     parser.add_argument("--all", action="store_true", help="list every shard, not only the unfinished or erroring ones")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -110,4 +117,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # `python jobs/status.py` imports `jobs` as installed (`make venv` installs this checkout
+    # editable); `sdgen status` is the same command.
     sys.exit(main())

@@ -52,9 +52,7 @@ def local_path(uri: str) -> str:
             raise StorageError(f"file:// URI with a host is not supported: {redact_uri(uri)}")
         return parts.path
     if "://" in uri:
-        raise StorageError(
-            f"unsupported URI scheme in {redact_uri(uri)!r}: expected a local path, file:// or s3://"
-        )
+        raise StorageError(f"unsupported URI scheme in {redact_uri(uri)!r}: expected a local path, file:// or s3://")
     return uri
 
 

@@ -3,42 +3,45 @@ images and one record per row — a bad row becomes an error record, never an ex
 
 Within a shard, rows with equal settings (steps, guidance, size: `RowRequest.batch_key`) are
 grouped and sent to `Pipeline.generate` `batch_size` at a time; each row's image depends only on
-its own seed and settings (sdcore's per-row generators), so grouping never changes an image. If a
-batch fails, its rows are retried one by one so that a single bad row cannot take its neighbours
-with it; a failure that hits every row alike (device lost, out of memory at batch size 1) is
-raised, and the shard is retried elsewhere by the distributor instead of being committed as
-errors.
+its own seed and settings (sdcore's per-row generators), so grouping never changes an image.
+Around that loop, each idea has its own module: the records (`record.py`: one `RecordBuilder` per
+worker), the generate call made from a record (`generation.py`, shared with `reproduce.py`), init
+images and their cache (`init_images.py`), and what happens when a batch fails (`isolation.py`:
+rows retried one by one; a failure of the worker rather than the rows is raised, and the
+distributor retries the shard elsewhere instead of committing it as errors).
 
 Nothing here knows about Ray.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
+import contextlib
 import os
 import platform
 import socket
 import time
-from collections import OrderedDict
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import groupby
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image
 
 from . import __version__
+from .generation import generate_settings, generation_request
+from .init_images import InitImageCache, InitImageError
+from .isolation import RowOutcome, generate_isolated
 from .manifest import RowRequest, parse_row
 from .output import Output
 from .provenance import a1111_parameters, software_versions
 from .reader import ShardTask
+from .record import Record, RecordBuilder
 from .spec import SamplerSpec
-from .storage import StorageError, read_uri, redact_uri
+from .storage import redact_uri
 from .weights import resolve_weights
 from .writer import ShardWriter
-
-INIT_IMAGE_CACHE = 64
 
 
 @dataclass(frozen=True)
@@ -83,10 +86,6 @@ class ShardResult:
     worker: str
 
 
-class InitImageError(Exception):
-    pass
-
-
 class WorkerStartError(RuntimeError):
     """No worker could be started (the message is the worker's own error, e.g. bad weights)."""
 
@@ -101,6 +100,20 @@ def device_name(device: Any) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine() or "cpu"
+
+
+def release_memory() -> None:
+    """Give cached CUDA memory back before a failed batch is retried row by row (best effort: a
+    broken device shows in the retries' own failures)."""
+    import torch
+
+    with contextlib.suppress(Exception):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 class ShardWorker:
@@ -133,57 +146,106 @@ class ShardWorker:
             versions=versions,
             threads=torch.get_num_threads() if pipeline.device.type == "cpu" else None,
         )
-        self._base = {
-            "sampler": config.sampler.name,
-            "karras": config.sampler.karras,
-            "model_weights": redact_uri(config.weights),
-            "model_fingerprint": pipeline.fingerprint,
-            "dtype": self._info.dtype,
-            "device": self._info.device,
-            "device_name": self._info.device_name,
-            "threads": self._info.threads,
-            "batch_invariant": config.batch_invariant,
-            "torch_version": versions.get("torch"),
-            "sdcore_version": versions.get("sdcore"),
-            "sdgen_version": __version__,
-            "worker": self.name,
-        }
-        self._output: Output | None = None  # opened on first use (cheap, but not needed to load)
-        self._init_images: OrderedDict[str, tuple[Image.Image, str]] = OrderedDict()
+        self.records = RecordBuilder(  # every record this worker makes comes from here
+            sampler=config.sampler.name,
+            karras=config.sampler.karras,
+            model_weights=redact_uri(config.weights),
+            model_fingerprint=pipeline.fingerprint,
+            dtype=self._info.dtype,
+            device=self._info.device,
+            device_name=self._info.device_name,
+            threads=self._info.threads,
+            batch_invariant=config.batch_invariant,
+            torch_version=versions.get("torch"),
+            sdcore_version=versions.get("sdcore"),
+            sdgen_version=__version__,
+            worker=self.name,
+        )
+        self.init_images = InitImageCache()
+        self._output: Output | None = None
 
     def info(self) -> WorkerInfo:
         return self._info
+
+    @property
+    def output(self) -> Output:
+        """The job's output, opened on first use (cheap, but not needed to load the model)."""
+        if self._output is None:
+            self._output = Output(self.config.output)
+        return self._output
 
     # ------------------------------------------------------------------------------ one shard
 
     def run(self, task: ShardTask, attempt: int = 1, progress: Callable[[int], None] | None = None) -> ShardResult:
         started = time.perf_counter()
-        if self._output is None:
-            self._output = Output(self.config.output)
-        output = self._output
-        writer = ShardWriter(output, task.shard_id, self.config.image_format, self.config.quality)
+        writer = ShardWriter(self.output, task.shard_id, self.config.image_format, self.config.quality)
         try:
-            return self._run(task, attempt, progress or (lambda done: None), output, writer, started)
+            return self._run(task, attempt, progress or (lambda done: None), writer, started)
         except BaseException:
             writer.abort()
             raise
 
-    def _run(self, task, attempt, progress, output, writer, started) -> ShardResult:
-        reused = output.read_partials(task.shard_id)
-        reused = {row: rec for row, rec in reused.items() if task.start <= row < task.stop}
+    def _run(
+        self, task: ShardTask, attempt: int, progress: Callable[[int], None], writer: ShardWriter, started: float
+    ) -> ShardResult:
+        statuses: Counter[str] = Counter()  # ok / error records handed to the writer
+
+        reused = self._saved_records(task)
         if reused:
-            attempt = max(attempt, 1 + max(int(r.get("attempt") or 1) for r in reused.values()))
-        counts = {"ok": 0, "error": 0}
+            # A rerun of the shard is a later attempt than any whose batches it keeps.
+            attempt = max(attempt, 1 + max(int(r.attempt or 1) for r in reused.values()))
         for record in reused.values():
-            writer.write({**record, "reused": True})
-            counts["ok" if record["status"] == "ok" else "error"] += 1
-        done = len(reused)
+            writer.keep(record)
+            statuses[record.status] += 1
+        progress(len(reused))
+
+        requests, rejected = self._check_rows(task, set(reused), attempt)
+        for record in rejected:
+            writer.write(record)
+            statuses[record.status] += 1
+        done = len(reused) + len(rejected)
         progress(done)
 
+        generated = 0
+        for batch in self._batches(requests):
+            for (record, image), request in zip(self._generate(batch, task.shard_id, attempt), batch):
+                if image is None:
+                    writer.write(record)
+                else:
+                    writer.write(record, image, name=request.name, parameters=a1111_parameters(record))
+                    generated += 1
+                statuses[record.status] += 1
+            writer.checkpoint()
+            done += len(batch)
+            progress(done)
+
+        committed = writer.close()
+        return ShardResult(
+            shard_id=task.shard_id,
+            rows=task.num_rows,
+            ok=statuses["ok"],
+            error=statuses["error"],
+            generated=generated,
+            reused=len(reused),
+            committed=committed,
+            attempt=attempt,
+            seconds=time.perf_counter() - started,
+            worker=self.name,
+        )
+
+    def _saved_records(self, task: ShardTask) -> dict[int, Record]:
+        """row -> record, from the shard's partial files (batches saved by an earlier attempt)."""
+        saved = self.output.read_partials(task.shard_id)
+        return {row: Record.from_dict(values) for row, values in saved.items() if task.start <= row < task.stop}
+
+    def _check_rows(self, task: ShardTask, skip: set[int], attempt: int) -> tuple[list[RowRequest], list[Record]]:
+        """The shard's rows not in `skip`, checked: requests to generate, and error records for
+        the rows that cannot be generated."""
         requests: list[RowRequest] = []
+        rejected: list[Record] = []
         for offset, raw in enumerate(task.rows.to_pylist()):
             row = task.start + offset
-            if row in reused:
+            if row in skip:
                 continue
             request, problem, known = parse_row(
                 row,
@@ -193,41 +255,14 @@ class ShardWorker:
                 duplicate_of=task.duplicates.get(row),
                 bad_columns=task.bad_columns,
             )
-            if problem is not None:
-                writer.write(self._error_record(known, problem, task.shard_id, attempt))
-                counts["error"] += 1
-                done += 1
-            else:
+            if problem is None:
                 requests.append(request)
-        progress(done)
-
-        generated = 0
-        for batch in self._batches(requests):
-            for record, image in self._generate(batch, task.shard_id, attempt):
-                if image is None:
-                    writer.write(record)
-                    counts["error"] += 1
-                else:
-                    writer.write(record, image, a1111_parameters(record))
-                    counts["ok"] += 1
-                    generated += 1
-            writer.checkpoint()
-            done += len(batch)
-            progress(done)
-
-        committed = writer.close()
-        return ShardResult(
-            shard_id=task.shard_id,
-            rows=task.num_rows,
-            ok=counts["ok"],
-            error=counts["error"],
-            generated=generated,
-            reused=len(reused),
-            committed=committed,
-            attempt=attempt,
-            seconds=time.perf_counter() - started,
-            worker=self.name,
-        )
+            else:
+                record = self.records.build(
+                    known, shard=task.shard_id, attempt=attempt, started_at=_now(), error=problem
+                )
+                rejected.append(record)
+        return requests, rejected
 
     def _batches(self, requests: list[RowRequest]) -> list[list[RowRequest]]:
         ordered = sorted(requests, key=lambda r: (r.batch_key(), r.row))
@@ -238,128 +273,54 @@ class ShardWorker:
             batches.extend(group[i : i + size] for i in range(0, len(group), size))
         return batches
 
-    # ------------------------------------------------------------------------------ records
-
-    def _record(self, request: RowRequest, shard: str, attempt: int) -> dict[str, Any]:
-        return {
-            **self._base,
-            "row": request.row,
-            "id": request.id,
-            "name": request.name,
-            "shard": shard,
-            "prompt": request.prompt,
-            "negative": request.negative,
-            "seed": request.seed,
-            "mode": request.mode,
-            "strength": request.strength,
-            "init_image": request.init_image,
-            "init_image_uri": redact_uri(request.init_image_uri) if request.init_image_uri else None,
-            "steps": request.steps,
-            "guidance_scale": request.guidance_scale,
-            "width": request.width,
-            "height": request.height,
-            "attempt": attempt,
-        }
-
-    def _error_record(self, known: dict[str, Any], problem: str, shard: str, attempt: int) -> dict[str, Any]:
-        record = {**self._base, **known, "shard": shard, "status": "error", "error": problem, "attempt": attempt}
-        if record.get("init_image_uri"):
-            record["init_image_uri"] = redact_uri(record["init_image_uri"])
-        record["mode"] = "img2img" if record.get("init_image_uri") else "txt2img"
-        record["started_at"] = datetime.now(timezone.utc)
-        return record
-
     # ------------------------------------------------------------------------------ generation
 
-    def _load_init_image(self, uri: str) -> tuple[Image.Image, str]:
-        cached = self._init_images.get(uri)
-        if cached is not None:
-            self._init_images.move_to_end(uri)
-            return cached
-        try:
-            data = read_uri(uri)
-        except FileNotFoundError:
-            raise InitImageError(f"init_image not found: {redact_uri(uri)}") from None
-        except (StorageError, OSError) as exc:
-            raise InitImageError(f"init_image {redact_uri(uri)}: cannot read ({exc})") from None
-        try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-            image = image.convert("RGB")
-        except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for corrupt files
-            raise InitImageError(f"init_image {redact_uri(uri)}: not a readable image ({type(exc).__name__}: {exc})") from None
-        entry = (image, hashlib.sha256(data).hexdigest())
-        self._init_images[uri] = entry
-        if len(self._init_images) > INIT_IMAGE_CACHE:
-            self._init_images.popitem(last=False)
-        return entry
-
-    def _generate(self, batch: list[RowRequest], shard: str, attempt: int) -> list[tuple[dict, Image.Image | None]]:
+    def _generate(self, batch: list[RowRequest], shard: str, attempt: int) -> list[tuple[Record, Image.Image | None]]:
         """(record, image or None) per row of the batch, in batch order."""
-        results: list[tuple[dict, Image.Image | None]] = []
-        ready: list[tuple[RowRequest, dict, dict]] = []  # request, record, sdcore row
-        for request in batch:
-            record = self._record(request, shard, attempt)
-            record["started_at"] = datetime.now(timezone.utc)
-            row = {"prompt": request.prompt, "negative": request.negative, "seed": request.seed}
-            if request.init_image_uri:
-                t0 = time.perf_counter()
-                try:
-                    image, sha = self._load_init_image(request.init_image_uri)
-                except InitImageError as exc:
-                    results.append(({**record, "status": "error", "error": str(exc)}, None))
-                    continue
-                record["init_image_sha256"] = sha
-                record["time_load_s"] = time.perf_counter() - t0
-                row.update(init_image=image, strength=request.strength)
-            ready.append((request, record, row))
+        prepared = [self._prepare(request, shard, attempt) for request in batch]  # (record, init image)
+        results: list[tuple[Record, Image.Image | None]] = [(record, None) for record, _ in prepared]
+        ready = [i for i, (record, _) in enumerate(prepared) if record.status == "ok"]
         if not ready:
             return results
-
-        settings = dict(
-            sampler=self.config.sampler.name,
-            karras=self.config.sampler.karras,
-            steps=int(ready[0][0].steps),
-            guidance_scale=float(ready[0][0].guidance_scale),
-            width=int(ready[0][0].width),
-            height=int(ready[0][0].height),
-            batch_invariant=self.config.batch_invariant,
+        # The rows of a batch share their settings (equal `batch_key`s, one sampler per worker).
+        settings = generate_settings(prepared[ready[0]][0])
+        outcomes = generate_isolated(
+            lambda requests: self.pipe.generate(requests, **settings),
+            [generation_request(record, init_image) for record, init_image in (prepared[i] for i in ready)],
+            before_retry=release_memory,
         )
-        t0 = time.perf_counter()
-        try:
-            images: list[Any] = self.pipe.generate([r for _, _, r in ready], **settings)
-            per_row = [(time.perf_counter() - t0) / len(ready)] * len(ready)
-        except Exception as batch_error:  # noqa: BLE001 - isolate the failing row(s)
-            if len(ready) == 1:
-                images, per_row = [batch_error], [time.perf_counter() - t0]
-            else:
-                self._release_memory()
-                images, per_row = [], []
-                for _, _, row in ready:
-                    t1 = time.perf_counter()
-                    try:
-                        images.append(self.pipe.generate([row], **settings)[0])
-                    except Exception as exc:  # noqa: BLE001
-                        images.append(exc)
-                    per_row.append(time.perf_counter() - t1)
-            failures = [x for x in images if isinstance(x, Exception)]
-            systemic = [x for x in failures if not isinstance(x, (ValueError, TypeError))]
-            if failures and len(systemic) == len(images):
-                raise systemic[0]
-        for (request, record, _), image, seconds in zip(ready, images, per_row):
-            record["time_generate_s"] = seconds
-            if isinstance(image, Exception):
-                message = f"generation failed: {type(image).__name__}: {image}"
-                results.append(({**record, "status": "error", "error": message}, None))
-            else:
-                results.append(({**record, "status": "ok", "error": None}, image))
+        for i, outcome in zip(ready, outcomes):
+            results[i] = _finish(prepared[i][0], outcome)
         return results
 
-    def _release_memory(self) -> None:
-        try:
-            import torch
+    def _prepare(self, request: RowRequest, shard: str, attempt: int) -> tuple[Record, Image.Image | None]:
+        """The row's record before generation, and its init image (img2img); an error record
+        when the init image cannot be used."""
+        started_at = _now()
+        init_image = error = sha256 = load_seconds = None
+        if request.init_image_uri:
+            t0 = time.perf_counter()
+            try:
+                loaded = self.init_images.load(request.init_image_uri)
+            except InitImageError as exc:
+                error = str(exc)
+            else:
+                init_image, sha256, load_seconds = loaded.image, loaded.sha256, time.perf_counter() - t0
+        record = self.records.build(
+            request,
+            shard=shard,
+            attempt=attempt,
+            started_at=started_at,
+            error=error,
+            init_image_sha256=sha256,
+            time_load_s=load_seconds,
+        )
+        return record, init_image
 
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except Exception:  # noqa: BLE001
-            pass
+
+def _finish(record: Record, outcome: RowOutcome) -> tuple[Record, Image.Image | None]:
+    """The record after generation, and its image (None when generation failed)."""
+    if outcome.error is not None:
+        error = outcome.error
+        return record.generated(outcome.seconds, f"generation failed: {type(error).__name__}: {error}"), None
+    return record.generated(outcome.seconds), outcome.image

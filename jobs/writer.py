@@ -2,9 +2,10 @@
 
 `ShardWriter.write(record, image)` encodes and commits the image (on a small thread pool, so a
 batch's images are encoded and uploaded in parallel) and keeps the record; `checkpoint()`, after
-each batch, waits for the batch's images and saves its records as a partial file; `close()`
-waits for every image, then writes the shard's record file — the completion marker — in one
-piece.
+each batch, waits for the batch's images, completes its records with their facts (path, sha256,
+write time: `Record.with_image`, on the calling thread; the pool never touches a record) and saves
+them as a partial file; `close()` waits for every image, then writes the shard's record file —
+the completion marker — in one piece.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import hashlib
 import io
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 from PIL import Image, PngImagePlugin
 
 from .output import Output
 from .provenance import FORMAT_EXTENSIONS
+from .record import Record, StoredImage
 
 EXIF_IFD = 0x8769
 EXIF_USER_COMMENT = 0x9286
@@ -67,54 +68,62 @@ class ShardWriter:
         self.extension = FORMAT_EXTENSIONS[image_format]
         self.quality = quality
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"write-{shard}")
-        self._pending: list[tuple[dict[str, Any], Future | None]] = []  # not yet checkpointed
-        self._records: list[dict[str, Any]] = []
-        self._futures: list[Future] = []
+        # Written since the last checkpoint, each with its image commit (None: no image).
+        self._pending: list[tuple[Record, Future[StoredImage] | None]] = []
+        self._complete: list[Record] = []  # the shard's records so far, image facts filled in
 
-    def _commit_image(self, record: dict[str, Any], image: Image.Image, parameters: str) -> None:
+    def _commit_image(self, image: Image.Image, name: str, parameters: str) -> StoredImage:
+        """Encode and write one image (on the pool); its facts for the record."""
         started = time.perf_counter()
         data = encode_image(image, self.format, parameters, self.quality)
-        key = self.output.image_key(self.shard, record["name"], self.extension)
+        key = self.output.image_key(self.shard, name, self.extension)
         self.output.storage.write(key, data)
-        record.update(
-            image_path=key,
-            image_uri=self.output.storage.url(key),
-            image_sha256=hashlib.sha256(data).hexdigest(),
-            image_format=self.format,
-            time_write_s=time.perf_counter() - started,
+        return StoredImage(
+            path=key,
+            uri=self.output.storage.url(key),
+            sha256=hashlib.sha256(data).hexdigest(),
+            format=self.format,
+            seconds=time.perf_counter() - started,
         )
 
-    def write(self, record: dict[str, Any], image: Image.Image | None = None, parameters: str | None = None) -> None:
-        """Keep `record`; with an image, commit it (asynchronously) and fill the image fields.
-        A record with `"reused": True` came from a partial file and is kept as it is."""
+    def write(self, record: Record, image: Image.Image | None = None, *, name: str = "", parameters: str = "") -> None:
+        """Keep `record`; with an image, commit it as `images/SHARD/NAME.EXT` (asynchronously),
+        carrying `parameters`. The record gets the image's facts at the next checkpoint."""
         future = None
         if image is not None:
-            future = self._pool.submit(self._commit_image, record, image, parameters or "")
-            self._futures.append(future)
+            if not name:
+                raise ValueError(f"row {record.row}: an image needs a file name")
+            future = self._pool.submit(self._commit_image, image, name, parameters)
         self._pending.append((record, future))
-        self._records.append(record)
+
+    def keep(self, record: Record) -> None:
+        """Keep a record saved in a partial file by an earlier attempt: it goes into the shard's
+        record file as it is, and is not saved again."""
+        self._complete.append(record)
+
+    def _settle(self) -> list[Record]:
+        """Wait for the pending images; the pending records, completed (raises if a write failed)."""
+        pending, self._pending = self._pending, []
+        settled = [record if future is None else record.with_image(future.result()) for record, future in pending]
+        self._complete.extend(settled)
+        return settled
 
     def checkpoint(self) -> None:
         """Save the records since the last checkpoint as a partial file, once their images are
         committed. It returns only when that is done, so a crash after it loses nothing of
         this batch: at most the batch being generated is ever lost."""
-        batch = [(r, f) for r, f in self._pending if not r.get("reused")]
-        self._pending = []
-        for _, future in batch:
-            if future is not None:
-                future.result()
-        if batch:
-            self.output.write_partial(self.shard, [_clean(r) for r, _ in batch])
+        settled = self._settle()
+        if settled:
+            self.output.write_partial(self.shard, [r.as_dict() for r in settled])
 
     def close(self) -> bool:
         """Wait for every image, then write the record file. False if the shard was already
         committed (by an earlier attempt that was thought lost). Raises if any write failed."""
         try:
-            for f in self._futures:
-                f.result()
+            self._settle()
         finally:
             self._pool.shutdown(wait=True)
-        committed = self.output.commit_records(self.shard, [_clean(r) for r in self._records])
+        committed = self.output.commit_records(self.shard, [r.as_dict() for r in self._complete])
         self.output.clear_partials(self.shard)
         return committed
 
@@ -122,7 +131,3 @@ class ShardWriter:
         """After a failure: let the image writes already queued finish (they are whole
         objects either way), commit nothing more."""
         self._pool.shutdown(wait=True)
-
-
-def _clean(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in record.items() if k not in ("name", "reused")}

@@ -78,8 +78,9 @@ def ray_local():
 
     paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
-             object_store_memory=100 * 1024 * 1024)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=True, object_store_memory=100 * 1024 * 1024
+    )
     yield ray
     ray.shutdown()
 
@@ -124,20 +125,26 @@ def small_rows(n: int, img2img_every: int = 0, init: str = "init/a.png") -> list
     rows = []
     for i in range(n):
         img2img = img2img_every and i % img2img_every == img2img_every - 1
-        rows.append({
-            "id": f"r{i:03d}",
-            "prompt": f"a shape number {i}",
-            "negative": "blurry" if i % 2 else "",
-            "seed": 1000 + i,
-            "strength": 0.75 if img2img else None,
-            "init_image": init if img2img else None,
-        })
+        rows.append(
+            {
+                "id": f"r{i:03d}",
+                "prompt": f"a shape number {i}",
+                "negative": "blurry" if i % 2 else "",
+                "seed": 1000 + i,
+                "strength": 0.75 if img2img else None,
+                "init_image": init if img2img else None,
+            }
+        )
     return rows
 
 
 MANIFEST_SCHEMA_FIELDS = [
-    ("id", "string"), ("prompt", "string"), ("negative", "string"),
-    ("seed", "int64"), ("strength", "float64"), ("init_image", "string"),
+    ("id", "string"),
+    ("prompt", "string"),
+    ("negative", "string"),
+    ("seed", "int64"),
+    ("strength", "float64"),
+    ("init_image", "string"),
 ]
 
 
@@ -187,17 +194,25 @@ def command_env(extra: dict | None = None) -> dict:
     return env
 
 
-def run_command(args: list[str], *, env: dict | None = None, timeout: float = 300, check: bool = True,
-                cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run_command(
+    args: list[str], *, env: dict | None = None, timeout: float = 300, check: bool = True, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
     """Run a command in its own session; on timeout every process of that session is killed."""
-    proc = subprocess.Popen(args, cwd=cwd, env=command_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=command_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_session(proc.pid)
         out, _ = proc.communicate()
-        raise AssertionError(f"{' '.join(args)} timed out after {timeout}s:\n{out}")
+        raise AssertionError(f"{' '.join(args)} timed out after {timeout}s:\n{out}") from None
     finally:
         kill_session(proc.pid)
     result = subprocess.CompletedProcess(args, proc.returncode, out, "")

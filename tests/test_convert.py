@@ -33,6 +33,7 @@ from sdcore.convert import (
 )
 from sdcore.unet import UNet2DConditionModel
 from sdcore.vae import AutoencoderKL
+
 from tests.reference import diffusers_models, sdcore_parts, text_encoder_state_dict
 
 CONFIGS = {
@@ -158,9 +159,7 @@ def test_sd15_table_matches_diffusers_and_known_single_file_keys():
     parts = sdcore_parts(*diffusers_models(cfg, device="meta"))  # shapes only, no memory
     rows = mapping_table(cfg)
     for part in ("unet", "vae", "text_encoder"):
-        assert {r.key: r.shape for r in rows if r.part == part} == {
-            k: tuple(t.shape) for k, t in parts[part].items()
-        }
+        assert {r.key: r.shape for r in rows if r.part == part} == {k: tuple(t.shape) for k, t in parts[part].items()}
     compvis = parts_to_compvis(parts, cfg)
     shapes = {k: tuple(t.shape) for k, t in compvis.items()}
     assert len(shapes) == 1131  # 686 UNet + 248 VAE + 196 CLIP + position_ids, as in SD 1.5 files
@@ -521,9 +520,7 @@ def test_refuses_sdxl():
         compvis_to_parts(compvis)
 
 
-@pytest.mark.parametrize(
-    "channels, what", [(9, "inpainting"), (8, "instruct-pix2pix"), (5, "depth")]
-)
+@pytest.mark.parametrize("channels, what", [(9, "inpainting"), (8, "instruct-pix2pix"), (5, "depth")])
 @pytest.mark.parametrize("ema", [False, True], ids=["main", "ema-only"])
 def test_refuses_unet_input_variants(channels, what, ema):
     compvis = _tiny_compvis()

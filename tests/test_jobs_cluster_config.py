@@ -36,10 +36,11 @@ def test_cpu_head_and_autoscaling_gpu_workers_that_install_the_project():
 
 
 def test_a_broken_config_is_rejected():
+    import jsonschema
     import pytest
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     config = load()
     config["available_node_types"]["gpu"]["min_workers"] = "zero"
-    with pytest.raises(Exception):
+    with pytest.raises(jsonschema.ValidationError, match="zero"):
         validate_config(prepare_config(config))

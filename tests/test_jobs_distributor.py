@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import small_rows, write_manifest
 from jobs.manifest import load_manifest
 from jobs.reader import read_shards
 from jobs.worker import ShardResult, WorkerConfig, WorkerInfo, WorkerStartError
+
+from conftest import small_rows, write_manifest
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,7 +53,8 @@ class StandIn:
         time.sleep(2.0 if self.slow else 0.05)
         if progress:
             progress(task.num_rows)
-        return ShardResult(task.shard_id, task.num_rows, task.num_rows, 0, task.num_rows, 0, True, attempt, 0.0, self.name)
+        rows = task.num_rows
+        return ShardResult(task.shard_id, rows, rows, 0, rows, 0, True, attempt, 0.0, self.name)
 
 
 def tasks_for(tmp_path, shards: int):

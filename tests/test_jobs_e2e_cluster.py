@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from jobs.output import Output
+
 from conftest import (
     PYTHON,
     REPO,
@@ -22,7 +24,6 @@ from conftest import (
     write_manifest,
     write_spec,
 )
-from jobs.output import Output
 
 RAY = str(Path(PYTHON).parent / "ray")
 
@@ -45,11 +46,26 @@ def ray_cluster(tmp_path_factory):
     from conftest import command_env
 
     proc = subprocess.Popen(
-        [RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
-         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
-         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-         "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
-        cwd=REPO, env=command_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            RAY,
+            "start",
+            "--head",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--ray-client-server-port={client}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            "--num-cpus=2",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ],
+        cwd=REPO,
+        env=command_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
     out, _ = proc.communicate(timeout=180)
@@ -67,12 +83,14 @@ def test_ray_job_submit_runs_the_job_on_the_cluster(ray_cluster, tmp_path):
     address, _, env = ray_cluster
     init_image(tmp_path / "data" / "init" / "a.png")
     manifest = write_manifest(tmp_path / "data" / "m.parquet", small_rows(4, img2img_every=2), manifest_schema())
-    spec = write_spec(tmp_path / "job.yaml", spec_dict(str(manifest), str(tmp_path / "out"),
-                                                      execution={"workers": 1, "batch_size": 2, "shard_size": 2}))
+    spec = write_spec(
+        tmp_path / "job.yaml",
+        spec_dict(str(manifest), str(tmp_path / "out"), execution={"workers": 1, "batch_size": 2, "shard_size": 2}),
+    )
     result = run_command(
-        [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--",
-         "python", "jobs/run.py", str(spec)],
-        env=env, timeout=400,
+        [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "python", "jobs/run.py", str(spec)],
+        env=env,
+        timeout=400,
     )
     assert "succeeded" in result.stdout, result.stdout
     assert "complete: 4 ok, 0 error, 0 missing of 4 rows" in result.stdout
@@ -91,7 +109,11 @@ def test_ray_address_from_the_environment_is_used(ray_cluster, tmp_path):
     _, gcs_address, env = ray_cluster
     manifest = write_manifest(tmp_path / "m.parquet", small_rows(2), manifest_schema())
     spec = write_spec(tmp_path / "job.yaml", spec_dict(str(manifest), str(tmp_path / "out")))
-    result = run_command([PYTHON, str(REPO / "jobs" / "run.py"), str(spec)], env={**env, "RAY_ADDRESS": gcs_address},
-                         cwd=tmp_path, timeout=300)
+    result = run_command(
+        [PYTHON, str(REPO / "jobs" / "run.py"), str(spec)],
+        env={**env, "RAY_ADDRESS": gcs_address},
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert f"running on the Ray cluster at {gcs_address}" in result.stdout
     assert "complete: 2 ok, 0 error, 0 missing of 2 rows" in result.stdout

@@ -10,9 +10,10 @@ import json
 import pytest
 from PIL import Image
 
-from conftest import PYTHON, init_image, manifest_schema, run_command, small_rows, spec_dict, write_manifest, write_spec
 from jobs.output import Output
-from jobs.provenance import RECORD_FIELDS
+from jobs.record import RECORD_FIELDS
+
+from conftest import PYTHON, init_image, manifest_schema, run_command, small_rows, spec_dict, write_manifest, write_spec
 
 # Fields an error record may leave empty, and those only img2img rows fill.
 ERROR_ONLY = {"error"}
@@ -21,8 +22,10 @@ IMG2IMG_ONLY = {"strength", "init_image", "init_image_uri", "init_image_sha256",
 
 def all_records(out):
     output = Output(str(out))
-    return sorted((r for t in output.read_all_records(output.committed_shards()).values() for r in t.to_pylist()),
-                  key=lambda r: r["row"])
+    return sorted(
+        (r for t in output.read_all_records(output.committed_shards()).values() for r in t.to_pylist()),
+        key=lambda r: r["row"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +35,10 @@ def finished_job(tmp_path_factory):
     rows = small_rows(7, img2img_every=3)  # rows 2 and 5 are img2img
     rows.append({"id": "bad", "prompt": None, "negative": "", "seed": 1, "strength": None, "init_image": None})
     manifest = write_manifest(tmp / "data" / "m.parquet", rows, manifest_schema())
-    spec = write_spec(tmp / "job.yaml", spec_dict(str(manifest), str(tmp / "out"),
-                                                 execution={"workers": 1, "batch_size": 2, "shard_size": 3}))
+    spec = write_spec(
+        tmp / "job.yaml",
+        spec_dict(str(manifest), str(tmp / "out"), execution={"workers": 1, "batch_size": 2, "shard_size": 3}),
+    )
     result = run_command([PYTHON, "jobs/run.py", str(spec), "--progress-every", "1"], timeout=400)
     return tmp, spec, result
 
@@ -55,8 +60,11 @@ def test_every_row_has_exactly_one_complete_record(finished_job):
         if r["status"] == "error":
             assert r["id"] == "bad" and r["error"] == "prompt is missing"
             continue
-        missing = [f for f in RECORD_FIELDS if r[f] is None and f not in ERROR_ONLY
-                   and not (r["mode"] == "txt2img" and f in IMG2IMG_ONLY)]
+        missing = [
+            f
+            for f in RECORD_FIELDS
+            if r[f] is None and f not in ERROR_ONLY and not (r["mode"] == "txt2img" and f in IMG2IMG_ONLY)
+        ]
         assert missing == [], (r["id"], missing)
         data = (tmp / "out" / r["image_path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == r["image_sha256"]
@@ -97,7 +105,9 @@ def test_reproduce_reports_differences_and_a_changed_stored_image(finished_job):
     tmp, _, _ = finished_job
     out = str(tmp / "out")
     # Another dtype: not identical; how far it is, and the verdict under each tolerance.
-    loose = run_command([PYTHON, "jobs/reproduce.py", out, "r001", "--dtype", "bfloat16", "--min-psnr", "0"], check=False)
+    loose = run_command(
+        [PYTHON, "jobs/reproduce.py", out, "r001", "--dtype", "bfloat16", "--min-psnr", "0"], check=False
+    )
     assert loose.returncode == 0 and "different: max abs pixel diff" in loose.stdout and "PSNR" in loose.stdout
     assert "within tolerance (PSNR >= 0 dB)" in loose.stdout
     exact = run_command([PYTHON, "jobs/reproduce.py", out, "r001", "--dtype", "bfloat16", "--exact"], check=False)

@@ -22,14 +22,20 @@ def test_a_job_entirely_on_s3(s3, tmp_path, tiny_pipe):
     init = init_image(tmp_path / "init" / "a.png")
     client.upload_file(str(init), bucket, "in/init/a.png")
     rows = small_rows(5, img2img_every=2)  # rows 1 and 3 are img2img from init/a.png
-    rows.append({"id": "lost", "prompt": "x", "negative": "", "seed": 1, "strength": 0.5, "init_image": "init/missing.png"})
+    rows.append(
+        {"id": "lost", "prompt": "x", "negative": "", "seed": 1, "strength": 0.5, "init_image": "init/missing.png"}
+    )
     manifest = write_manifest(tmp_path / "m.parquet", rows, manifest_schema())
     client.upload_file(str(manifest), bucket, "in/m.parquet")
     export_single_file(tiny_pipe, tmp_path / "tiny.safetensors")
     client.upload_file(str(tmp_path / "tiny.safetensors"), bucket, "models/tiny.safetensors")
 
-    spec = spec_dict(f"s3://{bucket}/in/m.parquet", f"s3://{bucket}/out", model={"weights": f"s3://{bucket}/models/tiny.safetensors"},
-                     execution={"workers": 1, "batch_size": 2, "shard_size": 4})
+    spec = spec_dict(
+        f"s3://{bucket}/in/m.parquet",
+        f"s3://{bucket}/out",
+        model={"weights": f"s3://{bucket}/models/tiny.safetensors"},
+        execution={"workers": 1, "batch_size": 2, "shard_size": 4},
+    )
     spec_path = write_spec(tmp_path / "job.yaml", spec)
     cache = {"SDGEN_CACHE_DIR": str(tmp_path / "cache")}
     result = run_command([PYTHON, "jobs/run.py", str(spec_path)], env={**env, **cache}, timeout=400)
@@ -41,7 +47,10 @@ def test_a_job_entirely_on_s3(s3, tmp_path, tiny_pipe):
 
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"])
     assert "out/job.json" in keys and "out/summary.json" in keys
-    assert [k for k in keys if k.startswith("out/records/")] == ["out/records/shard-00000.parquet", "out/records/shard-00001.parquet"]
+    assert [k for k in keys if k.startswith("out/records/")] == [
+        "out/records/shard-00000.parquet",
+        "out/records/shard-00001.parquet",
+    ]
     assert not [k for k in keys if k.startswith("out/partial/")]
     records = []
     for key in ("out/records/shard-00000.parquet", "out/records/shard-00001.parquet"):

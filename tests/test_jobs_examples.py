@@ -8,9 +8,10 @@ import sys
 
 import yaml
 
-from conftest import PYTHON, REPO, run_command, write_spec
 from jobs.manifest import load_manifest
 from jobs.spec import load_spec
+
+from conftest import PYTHON, REPO, run_command, write_spec
 
 
 def test_make_example_recreates_the_committed_files(tmp_path):
@@ -32,8 +33,11 @@ def test_example_specs_validate_and_the_manifest_has_both_modes():
     manifest = load_manifest(list(spec.manifest))
     modes = ["img2img" if v else "txt2img" for v in manifest.table.column("init_image_uri").to_pylist()]
     assert modes.count("img2img") >= 2 and modes.count("txt2img") >= 2
-    assert all((REPO / "manifests" / "init").joinpath(p.rsplit("/", 1)[1]).exists()
-               for p in manifest.table.column("init_image").to_pylist() if p)
+    assert all(
+        (REPO / "manifests" / "init").joinpath(p.rsplit("/", 1)[1]).exists()
+        for p in manifest.table.column("init_image").to_pylist()
+        if p
+    )
     s3 = load_spec(REPO / "manifests" / "example-s3.yaml")
     assert s3.manifest[0].startswith("s3://") and s3.output.startswith("s3://")
 

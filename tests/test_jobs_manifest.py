@@ -7,9 +7,10 @@ import hashlib
 import pyarrow as pa
 import pytest
 
-from conftest import manifest_schema, small_rows, write_manifest
 from jobs.manifest import ManifestError, load_manifest, parse_row, resolve_init_image, safe_name
 from jobs.spec import SamplerSpec
+
+from conftest import manifest_schema, small_rows, write_manifest
 
 SAMPLER = SamplerSpec(steps=10, width=32, height=32)
 
@@ -20,8 +21,12 @@ def test_loads_rows_fingerprint_and_resolves_init_images(tmp_path):
     assert manifest.num_rows == 4
     assert manifest.fingerprint == hashlib.sha256(path.read_bytes()).hexdigest()
     assert manifest.ids == ["r000", "r001", "r002", "r003"]
-    assert manifest.table.column("init_image_uri").to_pylist() == [None, str(tmp_path / "m" / "init/a.png"), None,
-                                                                    str(tmp_path / "m" / "init/a.png")]
+    assert manifest.table.column("init_image_uri").to_pylist() == [
+        None,
+        str(tmp_path / "m" / "init/a.png"),
+        None,
+        str(tmp_path / "m" / "init/a.png"),
+    ]
     assert manifest.duplicates == {} and manifest.bad_columns == {}
 
 
@@ -42,8 +47,11 @@ def test_default_ids_are_row_numbers(tmp_path):
 
 
 def test_duplicates_keep_their_first_row(tmp_path):
-    rows = [{"id": "x", "prompt": "a", "seed": 1}, {"id": "y", "prompt": "b", "seed": 2},
-            {"id": "x", "prompt": "c", "seed": 3}]
+    rows = [
+        {"id": "x", "prompt": "a", "seed": 1},
+        {"id": "y", "prompt": "b", "seed": 2},
+        {"id": "x", "prompt": "c", "seed": 3},
+    ]
     manifest = load_manifest([str(write_manifest(tmp_path / "m.parquet", rows))])
     assert manifest.duplicates == {2: 0}
 
@@ -96,8 +104,14 @@ def test_extra_columns_are_ignored_and_reported(tmp_path):
 
 
 def row(**values):
-    base = {"prompt": "a cat", "negative": None, "seed": 5, "strength": None, "init_image": None,
-            "init_image_uri": None}
+    base = {
+        "prompt": "a cat",
+        "negative": None,
+        "seed": 5,
+        "strength": None,
+        "init_image": None,
+        "init_image_uri": None,
+    }
     return {**base, **values}
 
 

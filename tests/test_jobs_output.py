@@ -16,8 +16,13 @@ def test_committed_shards_and_partials(tmp_path):
     assert output.committed_shards() == set() and output.read_job() is None
     assert output.commit_records("shard-00000", [{"row": 0, "id": "a", "status": "ok"}])
     output.write_partial("shard-00001", [{"row": 3, "id": "d", "status": "ok", "attempt": 1}])
-    output.write_partial("shard-00001", [{"row": 4, "id": "e", "status": "error", "attempt": 1},
-                                         {"row": 3, "id": "d-again", "status": "ok", "attempt": 2}])
+    output.write_partial(
+        "shard-00001",
+        [
+            {"row": 4, "id": "e", "status": "error", "attempt": 1},
+            {"row": 3, "id": "d-again", "status": "ok", "attempt": 2},
+        ],
+    )
     assert output.committed_shards() == {"shard-00000"}
     partials = output.read_partials("shard-00001")
     assert sorted(partials) == [3, 4]
@@ -34,3 +39,16 @@ def test_job_json_roundtrip_and_clear(tmp_path):
     output.commit_records("shard-00000", [{"row": 0, "id": "a", "status": "ok"}])
     output.clear()
     assert output.storage.list() == []
+
+
+def test_count_records_per_committed_shard(tmp_path):
+    output = Output(str(tmp_path))
+    output.commit_records(
+        "shard-00000", [{"row": 0, "id": "a", "status": "ok"}, {"row": 1, "id": "b", "status": "error", "error": "x"}]
+    )
+    output.commit_records("shard-00001", [{"row": 2, "id": "c", "status": "ok"}])
+    assert output.count_records(output.committed_shards()) == {
+        "shard-00000": {"ok": 1, "error": 1},
+        "shard-00001": {"ok": 1, "error": 0},
+    }
+    assert output.count_records([]) == {}

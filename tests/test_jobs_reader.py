@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from conftest import small_rows, write_manifest
 from jobs.manifest import load_manifest
 from jobs.reader import read_shards, shard_id, shard_ranges
+
+from conftest import small_rows, write_manifest
 
 
 def test_shard_ids_are_deterministic_and_sortable():
@@ -28,7 +29,11 @@ def test_read_shards_slices_rows_and_skips_committed(tmp_path):
     manifest = load_manifest([str(write_manifest(tmp_path / "m.parquet", rows))])
     tasks = list(read_shards(manifest, 3))
     assert [t.shard_id for t in tasks] == ["shard-00000", "shard-00001", "shard-00002"]
-    assert [t.rows.column("id").to_pylist() for t in tasks] == [["r000", "r001", "r002"], ["r003", "r004", "r001"], ["r006"]]
+    assert [t.rows.column("id").to_pylist() for t in tasks] == [
+        ["r000", "r001", "r002"],
+        ["r003", "r004", "r001"],
+        ["r006"],
+    ]
     assert tasks[1].duplicates == {5: 1} and tasks[0].duplicates == {}
     assert tasks[1].ids == ("r003", "r004", "r001")
     again = list(read_shards(manifest, 3, skip={"shard-00001"}))

@@ -9,13 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import init_image, manifest_schema, small_rows, write_manifest
 from jobs.manifest import load_manifest
 from jobs.output import Output
 from jobs.reader import read_shards
 from jobs.reproduce import Reproducer, find_records, main
 from jobs.spec import SamplerSpec
 from jobs.worker import ShardWorker, WorkerConfig
+
+from conftest import init_image, manifest_schema, small_rows, write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +28,20 @@ def made(tmp_path_factory, tiny_pipe):
     weights = tmp / "tiny.safetensors"
     export_single_file(tiny_pipe, weights)
     init_image(tmp / "m" / "init" / "a.png")
-    manifest = load_manifest([str(write_manifest(tmp / "m" / "m.parquet", small_rows(3, img2img_every=2), manifest_schema()))])
-    config = WorkerConfig(weights=str(weights), output=str(tmp / "out"), sampler=SamplerSpec(steps=2, width=32, height=32),
-                          dtype="float32", threads=1)
+    rows = small_rows(3, img2img_every=2)
+    manifest = load_manifest([str(write_manifest(tmp / "m" / "m.parquet", rows, manifest_schema()))])
+    config = WorkerConfig(
+        weights=str(weights),
+        output=str(tmp / "out"),
+        sampler=SamplerSpec(steps=2, width=32, height=32),
+        dtype="float32",
+        threads=1,
+    )
     worker = ShardWorker(config, pipeline=tiny_pipe)
     for task in read_shards(manifest, 3):
         worker.run(task)
-    Output(str(tmp / "out")).write_job({"spec": {"image": {"quality": 95}}, "manifest": {"sources": [str(tmp / "m" / "m.parquet")]}})
+    job = {"spec": {"image": {"quality": 95}}, "manifest": {"sources": [str(tmp / "m" / "m.parquet")]}}
+    Output(str(tmp / "out")).write_job(job)
     return tmp
 
 
@@ -43,7 +51,7 @@ def record(made, rid):
 
 def test_find_records_by_id_and_row(made):
     found = find_records(Output(str(made / "out")), ["r001", "nope"], [2])
-    assert set(found) == {"id:r001", "row:2"} and found["row:2"]["id"] == "r002"
+    assert set(found) == {"id:r001", "row:2"} and found["row:2"].id == "r002"
 
 
 def test_identical_txt2img_and_img2img(made):
@@ -51,12 +59,12 @@ def test_identical_txt2img_and_img2img(made):
     for rid in ("r000", "r001"):
         result, data = reproducer.compare(record(made, rid), 40.0, exact=True)
         assert (result.verdict, result.passed) == ("identical", True), result.detail
-        assert data == (made / "out" / record(made, rid)["image_path"]).read_bytes()
+        assert data == (made / "out" / record(made, rid).image_path).read_bytes()
 
 
 def test_other_weights_are_refused_by_fingerprint(made, tmp_path):
     state = load_file(str(made / "tiny.safetensors"))
-    key = sorted(state)[0]
+    key = min(state)
     state[key] = state[key] + 1e-3
     other = tmp_path / "other.safetensors"
     from safetensors import safe_open
@@ -82,9 +90,10 @@ def test_moved_weights_and_init_image(made, tmp_path):
         result, _ = with_weights.compare(rec, 40.0, False)
         assert result.verdict == "error" and "init image with the recorded sha256 not found" in result.detail
         wrong = init_image(tmp_path / "wrong.png", color=(0, 0, 255))
-        result, _ = Reproducer(output, weights=str(moved / "tiny.safetensors"), init_image=str(wrong)).compare(rec, 40.0, False)
+        moved_weights = str(moved / "tiny.safetensors")
+        result, _ = Reproducer(output, weights=moved_weights, init_image=str(wrong)).compare(rec, 40.0, False)
         assert "different sha256" in result.detail
-        right = Reproducer(output, weights=str(moved / "tiny.safetensors"), init_image=str(moved / "m" / "init" / "a.png"))
+        right = Reproducer(output, weights=moved_weights, init_image=str(moved / "m" / "init" / "a.png"))
         assert right.compare(rec, 40.0, True)[0].verdict == "identical"
     finally:
         (made / "tiny.hidden").rename(made / "tiny.safetensors")
@@ -94,7 +103,8 @@ def test_moved_weights_and_init_image(made, tmp_path):
 def test_cli(made, capsys):
     assert main([str(made / "out"), "r002", "--save-dir", str(made / "again")]) == 0
     assert "row 2 id 'r002': identical" in capsys.readouterr().out
-    assert (made / "again" / "r002.png").read_bytes() == (made / "out" / record(made, "r002")["image_path"]).read_bytes()
+    stored = (made / "out" / record(made, "r002").image_path).read_bytes()
+    assert (made / "again" / "r002.png").read_bytes() == stored
     assert main([str(made / "out"), "missing-id"]) == 1
     with pytest.raises(SystemExit):
         main([str(made / "out")])

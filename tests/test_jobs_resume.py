@@ -11,24 +11,53 @@ import signal
 import subprocess
 import time
 
-from conftest import PYTHON, REPO, command_env, kill_session, manifest_schema, run_command, small_rows, spec_dict, write_manifest, write_spec
 from jobs.output import Output
+
+from conftest import (
+    PYTHON,
+    REPO,
+    command_env,
+    kill_session,
+    manifest_schema,
+    run_command,
+    small_rows,
+    spec_dict,
+    write_manifest,
+    write_spec,
+)
 
 
 def snapshot(folder):
-    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
 
 
 def test_kill_the_driver_then_resume(tmp_path):
     rows = 24
     manifest = write_manifest(tmp_path / "m.parquet", small_rows(rows), manifest_schema())
     # 12 shards of 2 rows, 1 row a batch, 20 steps a row: slow enough to stop partway.
-    spec = write_spec(tmp_path / "job.yaml", spec_dict(str(manifest), str(tmp_path / "out"), sampler={"steps": 20},
-                                                      execution={"workers": 1, "batch_size": 1, "shard_size": 2}))
+    spec = write_spec(
+        tmp_path / "job.yaml",
+        spec_dict(
+            str(manifest),
+            str(tmp_path / "out"),
+            sampler={"steps": 20},
+            execution={"workers": 1, "batch_size": 1, "shard_size": 2},
+        ),
+    )
     out = tmp_path / "out"
-    driver = subprocess.Popen([PYTHON, "jobs/run.py", str(spec)], cwd=REPO, env=command_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    driver = subprocess.Popen(
+        [PYTHON, "jobs/run.py", str(spec)],
+        cwd=REPO,
+        env=command_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -47,7 +76,9 @@ def test_kill_the_driver_then_resume(tmp_path):
     done_before = output.committed_shards()
     assert 2 <= len(done_before) < rows // 2
     before = {k: v for k, v in snapshot(out).items() if k.startswith(("records/", "images/"))}
-    saved_rows = {row for shard in {k.split("/")[1] for k in output.partial_keys()} for row in output.read_partials(shard)}
+    saved_rows = {
+        row for shard in {k.split("/")[1] for k in output.partial_keys()} for row in output.read_partials(shard)
+    }
 
     result = run_command([PYTHON, "jobs/run.py", str(spec)], timeout=400)
     assert f"{len(done_before)} shard(s) already committed, {rows // 2 - len(done_before)} to run" in result.stdout

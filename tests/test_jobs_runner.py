@@ -6,12 +6,13 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from conftest import init_image, manifest_schema, small_rows, spec_dict, write_manifest, write_spec
 from jobs.manifest import ManifestError, load_manifest
 from jobs.output import Output
-from jobs.runner import JobConflict, check_model, run_job
+from jobs.runner import JobConflict, check_model, job_document, plan_job, run_job, summary_lines
 from jobs.spec import load_spec
 from jobs.worker import WorkerInfo
+
+from conftest import init_image, manifest_schema, small_rows, spec_dict, write_manifest, write_spec
 
 
 def run(tmp_path, spec, name="spec.yaml", **kwargs):
@@ -35,12 +36,27 @@ def test_bad_rows_become_error_records_and_the_rest_completes(tmp_path, ray_loca
         {"id": "zero", "prompt": "x", "seed": 3, "strength": 0.0, "init_image": "init/ok.png", "steps": None},
         {"id": "too-strong", "prompt": "x", "seed": 4, "strength": 1.5, "init_image": "init/ok.png", "steps": None},
         {"id": "missing-init", "prompt": "x", "seed": 5, "strength": 0.5, "init_image": "init/none.png", "steps": None},
-        {"id": "corrupt-init", "prompt": "x", "seed": 6, "strength": 0.5, "init_image": "init/corrupt.png", "steps": None},
+        {
+            "id": "corrupt-init",
+            "prompt": "x",
+            "seed": 6,
+            "strength": 0.5,
+            "init_image": "init/corrupt.png",
+            "steps": None,
+        },
         {"id": "good-1", "prompt": "duplicate", "seed": 7, "strength": None, "init_image": None, "steps": None},
         {"id": "good-2", "prompt": "a square", "seed": 8, "strength": 0.5, "init_image": "init/ok.png", "steps": None},
     ]
-    schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()),
-                        ("strength", pa.float64()), ("init_image", pa.string()), ("steps", pa.string())])
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("prompt", pa.string()),
+            ("seed", pa.int64()),
+            ("strength", pa.float64()),
+            ("init_image", pa.string()),
+            ("steps", pa.string()),
+        ]
+    )
     manifest = write_manifest(tmp_path / "m" / "m.parquet", rows, schema)
     summary, lines = run(tmp_path, spec_dict(str(manifest), str(tmp_path / "out"), execution={"shard_size": 3}))
     assert summary["complete"] and (summary["ok"], summary["error"], summary["total"]) == (1, 7, 8)
@@ -63,8 +79,9 @@ def test_images_do_not_depend_on_workers_batch_size_or_shard_size(tmp_path, ray_
     init_image(tmp_path / "m" / "init" / "a.png")
     manifest = write_manifest(tmp_path / "m" / "m.parquet", small_rows(6, img2img_every=3), manifest_schema())
     pngs = []
-    for i, execution in enumerate([{"workers": 1, "batch_size": 1, "shard_size": 2},
-                                   {"workers": 2, "batch_size": 3, "shard_size": 5}]):
+    for i, execution in enumerate(
+        [{"workers": 1, "batch_size": 1, "shard_size": 2}, {"workers": 2, "batch_size": 3, "shard_size": 5}]
+    ):
         out = tmp_path / f"out-{i}"
         summary, _ = run(tmp_path, spec_dict(str(manifest), str(out), execution=execution), name=f"s{i}.yaml")
         assert summary["complete"] and summary["ok"] == 6
@@ -83,8 +100,13 @@ def test_a_different_job_on_an_existing_output_is_refused(tmp_path, ray_local):
     assert job["spec"]["sampler"]["steps"] == 3 and job["versions"]["torch"] and job["versions"]["sdcore"]
 
     # Workers, batch size, name: not part of the job's identity; every shard is already done.
-    summary, lines = run(tmp_path, {**spec_dict(str(manifest), str(tmp_path / "out"),
-                                                execution={"workers": 2, "batch_size": 1}), "name": "renamed"})
+    summary, lines = run(
+        tmp_path,
+        {
+            **spec_dict(str(manifest), str(tmp_path / "out"), execution={"workers": 2, "batch_size": 1}),
+            "name": "renamed",
+        },
+    )
     assert summary["complete"] and summary["run"]["shards_run"] == 0
     assert any("nothing to do" in line for line in lines)
 
@@ -95,7 +117,7 @@ def test_a_different_job_on_an_existing_output_is_refused(tmp_path, ray_local):
         run(tmp_path, spec)
     assert "--overwrite" in str(info.value)
 
-    summary, lines = run(tmp_path, spec_dict(str(manifest), str(tmp_path / "out"), sampler={"steps": 2}), overwrite=True)
+    summary, _ = run(tmp_path, spec_dict(str(manifest), str(tmp_path / "out"), sampler={"steps": 2}), overwrite=True)
     assert summary["complete"] and summary["total"] == 3
     assert {r["steps"] for r in records_of(tmp_path / "out")} == {2}
 
@@ -111,7 +133,7 @@ def test_model_changes_are_refused():
 
 def test_dry_run_and_invalid_manifest(tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", small_rows(5), manifest_schema())
-    summary, lines = run(tmp_path, spec_dict(str(manifest), str(tmp_path / "out")), dry_run=True)
+    summary, _ = run(tmp_path, spec_dict(str(manifest), str(tmp_path / "out")), dry_run=True)
     assert summary["shards"] == {"total": 2, "committed": 0, "to_run": 2}
     assert not (tmp_path / "out").exists()
     write_manifest(tmp_path / "bad.parquet", [{"prompt": "a"}])
@@ -123,3 +145,52 @@ def test_spec_paths_are_resolved(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = load_spec(write_spec(tmp_path / "s.yaml", spec_dict("m.parquet", "out")))
     assert spec.manifest == (str(tmp_path / "m.parquet"),) and spec.output == str(tmp_path / "out")
+
+
+def test_plan_skips_committed_shards_and_keeps_partials_of_the_rest(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", small_rows(5), manifest_schema())
+    spec = load_spec(write_spec(tmp_path / "s.yaml", spec_dict(str(manifest), str(tmp_path / "out"))))
+    output = Output(spec.output)
+    info = WorkerInfo("w", "f" * 64, "float32", "cpu", "cpu", {})
+    output.write_job(job_document(spec, load_manifest(spec.manifest), info, None, {}))
+    output.commit_records("shard-00000", [{"row": r, "id": f"r{r}", "status": "ok"} for r in range(3)])
+    output.write_partial("shard-00000", [{"row": 0, "id": "r0", "status": "ok"}])  # left by a crash after commit
+    output.write_partial("shard-00001", [{"row": 3, "id": "r3", "status": "ok"}])  # a saved batch: kept
+    lines = []
+    plan = plan_job(spec, log=lines.append)
+    assert plan.committed == {"shard-00000"} and [t.shard_id for t in plan.tasks] == ["shard-00001"]
+    assert [k.split("/")[1] for k in output.partial_keys()] == ["shard-00001"]
+    assert lines[-1].endswith("1 shard(s) already committed, 1 to run")
+    assert plan.dry_run_summary() == {"total_rows": 5, "shards": {"total": 2, "committed": 1, "to_run": 1}}
+
+    again = plan_job(spec, overwrite=True, log=lines.append)  # nothing is deleted before the model is checked
+    assert again.committed == set() and len(again.tasks) == 2 and output.committed_shards() == {"shard-00000"}
+
+
+def test_records_without_job_json_are_refused(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", small_rows(2), manifest_schema())
+    Output(str(tmp_path / "out")).commit_records("shard-00000", [{"row": 0, "id": "a", "status": "ok"}])
+    with pytest.raises(JobConflict, match="holds records but no job.json"):
+        plan_job(
+            str(write_spec(tmp_path / "s.yaml", spec_dict(str(manifest), str(tmp_path / "out")))), log=lambda line: None
+        )
+
+
+def test_summary_lines():
+    summary = {
+        "complete": False,
+        "ok": 5,
+        "error": 1,
+        "missing": 2,
+        "total": 8,
+        "shards": {"total": 3, "done": 2, "failed": 1, "pending": 0},
+        "failed_shards": {"shard-00002": "RuntimeError: boom"},
+        "run": {"rows_run": 6, "wall_s": 75.2, "rows_per_s": 0.5},
+    }
+    assert summary_lines(summary) == [
+        (
+            "[sdgen] INCOMPLETE (1 shard(s) failed, rerun to retry): 5 ok, 1 error, 2 missing of 8 rows; 2/3 shards; "
+            "this run 6 rows in 1m15s (0.5 rows/s after model load)"
+        ),
+        "[sdgen]   shard-00002: RuntimeError: boom",
+    ]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import spec_dict, write_spec
 from jobs.spec import JobSpec, SpecError, load_spec, parse_spec
 
+from conftest import spec_dict, write_spec
 
 BASE = {"manifest": "m.parquet", "output": "out", "model": {"weights": "builtin:tiny"}}
 
@@ -18,7 +18,9 @@ def errors_of(data) -> str:
 
 
 def test_minimal_spec_gets_defaults(tmp_path):
-    spec = parse_spec({"manifest": "m.parquet", "output": "out", "model": {"weights": "builtin:tiny"}}, base_dir=tmp_path)
+    spec = parse_spec(
+        {"manifest": "m.parquet", "output": "out", "model": {"weights": "builtin:tiny"}}, base_dir=tmp_path
+    )
     assert isinstance(spec, JobSpec)
     assert spec.manifest == (str(tmp_path / "m.parquet"),)
     assert spec.output == str(tmp_path / "out")
@@ -54,20 +56,28 @@ image:
     path.write_text(text)
     spec = load_spec(path)
     assert spec.name == "example"
-    assert spec.to_dict()["sampler"] == {"name": "ddim", "steps": 25, "guidance_scale": 7.5, "width": 512,
-                                         "height": 512, "karras": False}
+    assert spec.to_dict()["sampler"] == {
+        "name": "ddim",
+        "steps": 25,
+        "guidance_scale": 7.5,
+        "width": 512,
+        "height": 512,
+        "karras": False,
+    }
 
 
 def test_every_problem_is_reported_with_its_key():
-    message = errors_of({
-        "manifest": "m.parquet",
-        "output": "out",
-        "model": {"weights": "builtin:tiny", "dtype": "float64"},
-        "sampler": {"name": "plms", "steps": 0, "width": 500, "guidance_scale": "high", "karras": "yes"},
-        "execution": {"workers": 0, "batch_size": True, "shard_size": 1.5, "colour": 1, "batch_invariant": "no"},
-        "image": {"format": "gif"},
-        "extra": 1,
-    })
+    message = errors_of(
+        {
+            "manifest": "m.parquet",
+            "output": "out",
+            "model": {"weights": "builtin:tiny", "dtype": "float64"},
+            "sampler": {"name": "plms", "steps": 0, "width": 500, "guidance_scale": "high", "karras": "yes"},
+            "execution": {"workers": 0, "batch_size": True, "shard_size": 1.5, "colour": 1, "batch_invariant": "no"},
+            "image": {"format": "gif"},
+            "extra": 1,
+        }
+    )
     for needle in [
         "extra: unknown key",
         "model.dtype: expected one of auto, float32, float16, bfloat16, got 'float64'",
@@ -96,8 +106,15 @@ def test_every_problem_is_reported_with_its_key():
         ({"manifest": "m.csv", "output": "o", "model": {"weights": "w"}}, "not a .parquet file"),
         ({"manifest": [], "output": "o", "model": {"weights": "w"}}, "manifest: expected a path/URI"),
         ({"manifest": "m.parquet", "output": "o", "model": "tiny"}, "model: expected a mapping"),
-        ({"manifest": "m.parquet", "output": "o", "model": {"weights": "w"},
-          "sampler": {"name": "ddim", "karras": True}}, "sampler.karras: karras sigmas apply only to dpmpp_2m"),
+        (
+            {
+                "manifest": "m.parquet",
+                "output": "o",
+                "model": {"weights": "w"},
+                "sampler": {"name": "ddim", "karras": True},
+            },
+            "sampler.karras: karras sigmas apply only to dpmpp_2m",
+        ),
     ],
 )
 def test_missing_and_wrong_keys(data, needle):
@@ -115,8 +132,14 @@ def test_not_a_mapping_and_bad_yaml(tmp_path):
 
 
 def test_manifest_list_glob_and_s3_paths_kept(tmp_path):
-    spec = parse_spec({"manifest": ["a.parquet", "s3://b/m/*.parquet"], "output": "s3://b/out/",
-                       "model": {"weights": "s3://b/w.safetensors"}}, base_dir=tmp_path)
+    spec = parse_spec(
+        {
+            "manifest": ["a.parquet", "s3://b/m/*.parquet"],
+            "output": "s3://b/out/",
+            "model": {"weights": "s3://b/w.safetensors"},
+        },
+        base_dir=tmp_path,
+    )
     assert spec.manifest == (str(tmp_path / "a.parquet"), "s3://b/m/*.parquet")
     assert spec.output == "s3://b/out"
     assert spec.model.weights == "s3://b/w.safetensors"
@@ -124,8 +147,10 @@ def test_manifest_list_glob_and_s3_paths_kept(tmp_path):
 
 def test_identity_leaves_out_locations_workers_and_batch(tmp_path):
     a = parse_spec(spec_dict("a.parquet", "out1"), base_dir=tmp_path)
-    b = parse_spec(spec_dict("elsewhere/a.parquet", "out2", name="other",
-                             execution={"workers": 4, "batch_size": 7}), base_dir=tmp_path)
+    b = parse_spec(
+        spec_dict("elsewhere/a.parquet", "out2", name="other", execution={"workers": 4, "batch_size": 7}),
+        base_dir=tmp_path,
+    )
     assert a.identity() == b.identity()
     c = parse_spec(spec_dict("a.parquet", "out1", sampler={"steps": 4}), base_dir=tmp_path)
     assert c.identity() != a.identity()
@@ -134,8 +159,13 @@ def test_identity_leaves_out_locations_workers_and_batch(tmp_path):
 
 
 def test_credentials_are_redacted_in_the_resolved_spec(tmp_path):
-    spec = parse_spec({"manifest": "s3://key:secret@b/m.parquet?token=abc", "output": "s3://b/o",
-                       "model": {"weights": "builtin:tiny"}})
+    spec = parse_spec(
+        {
+            "manifest": "s3://key:secret@b/m.parquet?token=abc",
+            "output": "s3://b/o",
+            "model": {"weights": "builtin:tiny"},
+        }
+    )
     text = str(spec.to_dict())
     assert "secret" not in text and "token" not in text
 

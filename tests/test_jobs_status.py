@@ -10,9 +10,17 @@ from jobs.status import format_status, job_status, main
 
 def make_output(tmp_path):
     output = Output(str(tmp_path))
-    output.write_job({"name": "t", "manifest": {"rows": 7}, "shards": {"size": 2, "count": 4},
-                      "model": {"weights": "builtin:tiny", "fingerprint": "ab" * 32, "dtype": "float32", "device": "cpu"}})
-    output.commit_records("shard-00000", [{"row": 0, "id": "a", "status": "ok"}, {"row": 1, "id": "b", "status": "error", "error": "x"}])
+    output.write_job(
+        {
+            "name": "t",
+            "manifest": {"rows": 7},
+            "shards": {"size": 2, "count": 4},
+            "model": {"weights": "builtin:tiny", "fingerprint": "ab" * 32, "dtype": "float32", "device": "cpu"},
+        }
+    )
+    output.commit_records(
+        "shard-00000", [{"row": 0, "id": "a", "status": "ok"}, {"row": 1, "id": "b", "status": "error", "error": "x"}]
+    )
     output.write_partial("shard-00001", [{"row": 2, "id": "c", "status": "ok"}])
     output.write_json(SUMMARY_FILE, {"failed_shards": {"shard-00002": "RuntimeError: boom", "shard-00000": "old"}})
     return output
@@ -24,7 +32,12 @@ def test_job_status_counts(tmp_path):
     assert status["rows"] == {"total": 7, "ok": 1, "error": 1, "not_done": 5}
     assert status["shards"] == {"total": 4, "done": 1, "running": 1, "failed": 1, "pending": 1}
     states = {s["shard"]: s["state"] for s in status["shard_list"]}
-    assert states == {"shard-00000": "done", "shard-00001": "running", "shard-00002": "failed", "shard-00003": "pending"}
+    assert states == {
+        "shard-00000": "done",
+        "shard-00001": "running",
+        "shard-00002": "failed",
+        "shard-00003": "pending",
+    }
     assert status["complete"] is False
     text = format_status(status)
     assert "shards  4 total: 1 done, 1 running, 1 failed, 1 pending" in text
@@ -39,3 +52,10 @@ def test_cli_exit_codes_and_json(tmp_path, capsys):
     assert data["shards"]["done"] == 1
     assert main([str(tmp_path / "nothing-here")]) == 2
     assert "no job.json" in capsys.readouterr().err
+
+
+def test_all_lists_every_shard(tmp_path, capsys):
+    make_output(tmp_path)
+    assert "shard-00000" in format_status(job_status(str(tmp_path)), show_all=True)
+    assert main([str(tmp_path), "--all"], prog="sdgen status") == 1
+    assert ["shard-00000", "done"] in [line.split()[:2] for line in capsys.readouterr().out.splitlines()]

@@ -77,7 +77,10 @@ def test_single_uris_and_globs_local(tmp_path):
     write_uri(f"file://{tmp_path}/m/b.parquet", b"b")
     assert read_uri(str(tmp_path / "m" / "b.parquet")) == b"b"
     assert uri_exists(str(tmp_path / "m" / "a.parquet"))
-    assert expand_uris(str(tmp_path / "m" / "*.parquet")) == [str(tmp_path / "m" / "a.parquet"), str(tmp_path / "m" / "b.parquet")]
+    assert expand_uris(str(tmp_path / "m" / "*.parquet")) == [
+        str(tmp_path / "m" / "a.parquet"),
+        str(tmp_path / "m" / "b.parquet"),
+    ]
     assert expand_uris(str(tmp_path / "m" / "a.parquet")) == [str(tmp_path / "m" / "a.parquet")]
 
 
@@ -85,7 +88,10 @@ def test_single_uris_and_globs_s3(s3):
     bucket, client, _ = s3
     for key in ("m/part-1.parquet", "m/part-0.parquet", "m/other.txt", "n/part-2.parquet"):
         client.put_object(Bucket=bucket, Key=key, Body=key.encode())
-    assert expand_uris(f"s3://{bucket}/m/part-*.parquet") == [f"s3://{bucket}/m/part-0.parquet", f"s3://{bucket}/m/part-1.parquet"]
+    assert expand_uris(f"s3://{bucket}/m/part-*.parquet") == [
+        f"s3://{bucket}/m/part-0.parquet",
+        f"s3://{bucket}/m/part-1.parquet",
+    ]
     assert read_uri(f"s3://{bucket}/m/other.txt") == b"m/other.txt"
     assert not uri_exists(f"s3://{bucket}/m/nothing")
     with pytest.raises(FileNotFoundError, match="no such object"):

@@ -49,9 +49,8 @@ def test_missing_s3_weights(s3, tmp_path):
 
 def test_s3_weights_load_in_sdcore(s3, tmp_path, tiny_pipe):
     """A single-file checkpoint on S3 loads with the same fingerprint as its source."""
-    from sdcore.weights import export_single_file
-
     import sdcore
+    from sdcore.weights import export_single_file
 
     bucket, client, _ = s3
     file = tmp_path / "tiny.safetensors"

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import init_image, manifest_schema, small_rows, write_manifest
 from jobs.manifest import load_manifest
 from jobs.output import Output
 from jobs.reader import read_shards
@@ -17,12 +16,21 @@ from jobs.spec import SamplerSpec
 from jobs.worker import ShardWorker, WorkerConfig
 from jobs.writer import read_parameters
 
+from conftest import init_image, manifest_schema, small_rows, write_manifest
+
 SAMPLER = SamplerSpec(name="ddim", steps=2, guidance_scale=7.5, width=32, height=32)
 
 
 def make_worker(tiny_pipe, output, batch_size=2, pipeline=None, batch_invariant=True):
-    config = WorkerConfig(weights="builtin:tiny", output=str(output), sampler=SAMPLER, dtype="float32",
-                          batch_size=batch_size, batch_invariant=batch_invariant, name="test-worker")
+    config = WorkerConfig(
+        weights="builtin:tiny",
+        output=str(output),
+        sampler=SAMPLER,
+        dtype="float32",
+        batch_size=batch_size,
+        batch_invariant=batch_invariant,
+        name="test-worker",
+    )
     return ShardWorker(config, pipeline=pipeline or tiny_pipe)
 
 
@@ -32,6 +40,10 @@ def one_shard(tmp_path, rows, name="m"):
     return task
 
 
+def img2img_row(row_id, strength, init):
+    return {"id": row_id, "prompt": "x", "negative": "", "seed": 1, "strength": strength, "init_image": init}
+
+
 @pytest.fixture
 def mixed_task(tmp_path):
     init_image(tmp_path / "m" / "init" / "a.png")
@@ -39,10 +51,10 @@ def mixed_task(tmp_path):
     rows = small_rows(4, img2img_every=2)  # rows 1 and 3 are img2img from init/a.png
     rows += [
         {"id": "no-prompt", "prompt": None, "negative": "", "seed": 1, "strength": None, "init_image": None},
-        {"id": "zero-strength", "prompt": "x", "negative": "", "seed": 1, "strength": 0.0, "init_image": "init/a.png"},
-        {"id": "big-strength", "prompt": "x", "negative": "", "seed": 1, "strength": 1.5, "init_image": "init/a.png"},
-        {"id": "missing-init", "prompt": "x", "negative": "", "seed": 1, "strength": 0.5, "init_image": "init/none.png"},
-        {"id": "corrupt-init", "prompt": "x", "negative": "", "seed": 1, "strength": 0.5, "init_image": "init/corrupt.png"},
+        img2img_row("zero-strength", 0.0, "init/a.png"),
+        img2img_row("big-strength", 1.5, "init/a.png"),
+        img2img_row("missing-init", 0.5, "init/none.png"),
+        img2img_row("corrupt-init", 0.5, "init/corrupt.png"),
         {"id": "r000", "prompt": "dup", "negative": "", "seed": 9, "strength": None, "init_image": None},
     ]
     return one_shard(tmp_path, rows)
@@ -76,14 +88,27 @@ def test_a_shard_with_good_and_bad_rows(tmp_path, tiny_pipe, mixed_task):
         params = read_parameters(data)
         assert params.startswith(r["prompt"]) and f"Seed: {r['seed']}" in params and "Size: 32x32" in params
         assert f"Model hash: {tiny_pipe.fingerprint[:10]}" in params
-        for key in ("model_fingerprint", "dtype", "device", "torch_version", "sdcore_version", "worker",
-                    "started_at", "time_generate_s", "time_write_s", "sampler", "steps", "guidance_scale"):
+        for key in (
+            "model_fingerprint",
+            "dtype",
+            "device",
+            "torch_version",
+            "sdcore_version",
+            "worker",
+            "started_at",
+            "time_generate_s",
+            "time_write_s",
+            "sampler",
+            "steps",
+            "guidance_scale",
+        ):
             assert r[key] is not None, key
         assert r["model_fingerprint"] == tiny_pipe.fingerprint and r["worker"] == "test-worker"
         assert r["attempt"] == 1 and r["dtype"] == "float32" and r["device"] == "cpu"
         assert r["batch_invariant"] is True
     assert records["r001"]["mode"] == "img2img" and records["r001"]["init_image_sha256"] == init_sha
-    assert "Denoising strength: 0.75" in read_parameters((tmp_path / "out" / records["r001"]["image_path"]).read_bytes())
+    img2img_image = (tmp_path / "out" / records["r001"]["image_path"]).read_bytes()
+    assert "Denoising strength: 0.75" in read_parameters(img2img_image)
     assert records["r000"]["mode"] == "txt2img" and records["r000"]["init_image_sha256"] is None
 
 
@@ -128,7 +153,7 @@ class Failing:
             raise self.always
         if self.crash_after is not None and self.calls > self.crash_after:
             raise KeyboardInterrupt("simulated crash")  # not an Exception: nothing catches it
-        if any(r["seed"] == self.bad_seed for r in rows):
+        if any(r.seed == self.bad_seed for r in rows):
             raise ValueError(f"seed {self.bad_seed} is cursed")
         return self.pipe.generate(rows, **kwargs)
 
@@ -159,7 +184,8 @@ def test_a_crash_loses_at_most_the_batch_in_flight(tmp_path, tiny_pipe):
 def test_a_failing_row_does_not_take_its_batch_with_it(tmp_path, tiny_pipe):
     task = one_shard(tmp_path, small_rows(3))
     bad_seed = 1001
-    result = make_worker(tiny_pipe, tmp_path / "out", batch_size=3, pipeline=Failing(tiny_pipe, bad_seed=bad_seed)).run(task)
+    failing = Failing(tiny_pipe, bad_seed=bad_seed)
+    result = make_worker(tiny_pipe, tmp_path / "out", batch_size=3, pipeline=failing).run(task)
     assert (result.ok, result.error) == (2, 1)
     records = Output(str(tmp_path / "out")).read_records("shard-00000").to_pylist()
     bad = [r for r in records if r["status"] == "error"]
@@ -168,7 +194,8 @@ def test_a_failing_row_does_not_take_its_batch_with_it(tmp_path, tiny_pipe):
 
 def test_a_failure_on_every_row_fails_the_shard_instead_of_committing_errors(tmp_path, tiny_pipe):
     task = one_shard(tmp_path, small_rows(3))
-    worker = make_worker(tiny_pipe, tmp_path / "out", pipeline=Failing(tiny_pipe, always=RuntimeError("CUDA error: device lost")))
+    failing = Failing(tiny_pipe, always=RuntimeError("CUDA error: device lost"))
+    worker = make_worker(tiny_pipe, tmp_path / "out", pipeline=failing)
     with pytest.raises(RuntimeError, match="device lost"):
         worker.run(task)
     assert Output(str(tmp_path / "out")).committed_shards() == set()

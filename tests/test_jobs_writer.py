@@ -2,20 +2,55 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
+from datetime import datetime, timezone
 
 import pytest
 from PIL import Image
 
 from jobs.output import Output
+from jobs.record import RecordBuilder
+from jobs.storage import LocalStorage
 from jobs.writer import ShardWriter, encode_image, read_parameters
 
 PARAMS = "a cat\nNegative prompt: dog\nSteps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 1, Size: 32x32, Model hash: abc"
+BUILDER = RecordBuilder(
+    sampler="ddim",
+    karras=False,
+    model_weights="builtin:tiny",
+    model_fingerprint="ab" * 32,
+    dtype="float32",
+    device="cpu",
+    device_name="x86_64",
+    threads=1,
+    batch_invariant=True,
+    torch_version="2.13.0",
+    sdcore_version="0.1.0",
+    sdgen_version="0.1.0",
+    worker="test",
+)
 
 
 def picture(color=(10, 200, 30)):
     return Image.new("RGB", (32, 32), color)
+
+
+def record(row, row_id, error=None):
+    """A row's record as the worker hands it to the writer (no image fields yet)."""
+    fields = {
+        "row": row,
+        "id": row_id,
+        "prompt": "a cat",
+        "negative": "",
+        "seed": 1,
+        "steps": 3,
+        "guidance_scale": 7.5,
+        "width": 32,
+        "height": 32,
+    }
+    return BUILDER.build(fields, shard="shard-00000", attempt=1, started_at=datetime.now(timezone.utc), error=error)
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
@@ -49,16 +84,14 @@ class RecordingStorage:
 
 
 def test_shard_writer_commits_images_then_partials_then_records(tmp_path):
-    from jobs.storage import LocalStorage
-
     storage = RecordingStorage(LocalStorage(str(tmp_path)))
     output = Output(str(tmp_path), storage=storage)
     writer = ShardWriter(output, "shard-00000")
     for i in range(3):
-        writer.write({"row": i, "id": f"i{i}", "name": f"i{i}", "status": "ok"}, picture((i, i, i)), PARAMS)
-    writer.write({"row": 3, "id": "bad", "status": "error", "error": "prompt is missing"})
+        writer.write(record(i, f"i{i}"), picture((i, i, i)), name=f"i{i}", parameters=PARAMS)
+    writer.write(record(3, "bad", error="prompt is missing"))
     writer.checkpoint()
-    writer.write({"row": 4, "id": "i4", "name": "i4", "status": "ok"}, picture(), PARAMS)
+    writer.write(record(4, "i4"), picture(), name="i4", parameters=PARAMS)
     assert writer.close() is True
 
     order = storage.order
@@ -82,17 +115,15 @@ def test_shard_writer_commits_images_then_partials_then_records(tmp_path):
 def test_a_second_commit_of_the_same_shard_is_refused(tmp_path):
     output = Output(str(tmp_path))
     first = ShardWriter(output, "shard-00001")
-    first.write({"row": 0, "id": "a", "status": "error", "error": "x"})
+    first.write(record(0, "a", error="x"))
     assert first.close() is True
     second = ShardWriter(output, "shard-00001")
-    second.write({"row": 0, "id": "a", "status": "error", "error": "y"})
+    second.write(record(0, "a", error="y"))
     assert second.close() is False
     assert output.read_records("shard-00001").column("error").to_pylist() == ["x"]
 
 
 def test_failed_image_write_fails_the_shard_and_commits_nothing(tmp_path):
-    from jobs.storage import LocalStorage
-
     class Broken(RecordingStorage):
         def write(self, key, data, *, exclusive=False):
             if key.startswith("images/"):
@@ -101,7 +132,47 @@ def test_failed_image_write_fails_the_shard_and_commits_nothing(tmp_path):
 
     output = Output(str(tmp_path), storage=Broken(LocalStorage(str(tmp_path))))
     writer = ShardWriter(output, "shard-00000")
-    writer.write({"row": 0, "id": "a", "name": "a", "status": "ok"}, picture(), PARAMS)
+    writer.write(record(0, "a"), picture(), name="a", parameters=PARAMS)
     with pytest.raises(OSError, match="disk full"):
         writer.close()
     assert output.committed_shards() == set()
+
+
+def test_the_writer_does_not_change_the_records_it_is_given(tmp_path):
+    """Image facts reach the committed record through a new record, made on the calling thread."""
+    output = Output(str(tmp_path))
+    writer = ShardWriter(output, "shard-00000")
+    given = [record(0, "a"), record(1, "b", error="prompt is missing")]
+    before = copy.deepcopy(given)
+    writer.write(given[0], picture(), name="a", parameters=PARAMS)
+    writer.write(given[1])
+    writer.checkpoint()
+    assert writer.close() is True
+    assert given == before and given[0].image_path is None and given[0].time_write_s is None
+    committed = output.read_records("shard-00000").to_pylist()
+    assert committed[0]["image_path"] == "images/shard-00000/a.png" and committed[0]["time_write_s"] >= 0
+    assert committed[0]["prompt"] == given[0].prompt and committed[1]["image_path"] is None
+
+
+def test_kept_records_are_committed_as_they_are_and_not_saved_again(tmp_path):
+    storage = RecordingStorage(LocalStorage(str(tmp_path)))
+    output = Output(str(tmp_path), storage=storage)
+    saved = record(0, "a", error="from an earlier attempt")
+    writer = ShardWriter(output, "shard-00000")
+    writer.keep(saved)
+    writer.checkpoint()
+    assert not [k for k in storage.order if k.startswith("partial/")]
+    writer.write(record(1, "b"), picture(), name="b", parameters=PARAMS)
+    writer.checkpoint()
+    assert writer.close() is True
+    partials = [k for k in storage.order if k.startswith("partial/")]
+    assert len(partials) == 1 and partials[0].startswith("partial/shard-00000/000000000001-")
+    committed = output.read_records("shard-00000").to_pylist()
+    assert [r["row"] for r in committed] == [0, 1] and committed[0]["error"] == "from an earlier attempt"
+
+
+def test_an_image_needs_a_name(tmp_path):
+    writer = ShardWriter(Output(str(tmp_path)), "shard-00000")
+    with pytest.raises(ValueError, match="row 0: an image needs a file name"):
+        writer.write(record(0, "a"), picture())
+    writer.abort()

@@ -13,10 +13,13 @@ TRAINING_AND_EVALUATION = ("shapesworld", "sdcore.train", "sdcore.eval", "sdcore
 
 
 def test_loading_a_model_imports_no_training_or_evaluation_code():
-    code = ("import sdcore, sys; sdcore.load_pipeline('builtin:shapes'); "
-            f"print(sorted(m for m in sys.modules if m.startswith({TRAINING_AND_EVALUATION!r})))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=300, check=False)
+    code = (
+        "import sdcore, sys; sdcore.load_pipeline('builtin:shapes'); "
+        f"print(sorted(m for m in sys.modules if m.startswith({TRAINING_AND_EVALUATION!r})))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 

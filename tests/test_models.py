@@ -15,6 +15,7 @@ from sdcore.config import ModelConfig, UNetConfig, VAEConfig
 from sdcore.unet import UNet2DConditionModel
 from sdcore.vae import AutoencoderKL
 from sdcore.weights import random_parts
+
 from tests.reference import clip_kwargs, diffusers_models, sdcore_parts, transformers_text_state_dict
 
 TOLERANCE = 1e-4  # relative error, float32

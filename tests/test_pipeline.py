@@ -19,6 +19,7 @@ from PIL import Image
 import sdcore
 from sdcore.config import ModelConfig
 from sdcore.tokenizer import get_tokenizer
+
 from tests.reference import SD15_SCHEDULER_CONFIG, save_diffusers_folder
 
 MAX_PIXEL_DIFF = 2  # out of 255
@@ -107,10 +108,17 @@ def test_no_guidance_matches_diffusers(ours, reference):
     """guidance_scale <= 1 runs the conditional branch only, as diffusers does."""
     txt2img, _ = reference
     txt2img.scheduler = DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG)
-    expected = txt2img("a square", num_inference_steps=4, guidance_scale=1.0, width=32, height=32,
-                       generator=torch.Generator("cpu").manual_seed(3)).images[0]
-    got = ours.generate([{"prompt": "a square", "seed": 3}], sampler="ddim", steps=4, guidance_scale=1.0,
-                        width=32, height=32)[0]
+    expected = txt2img(
+        "a square",
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        width=32,
+        height=32,
+        generator=torch.Generator("cpu").manual_seed(3),
+    ).images[0]
+    got = ours.generate(
+        [{"prompt": "a square", "seed": 3}], sampler="ddim", steps=4, guidance_scale=1.0, width=32, height=32
+    )[0]
     assert max_diff(expected, got) <= MAX_PIXEL_DIFF
 
 
@@ -145,8 +153,9 @@ def test_repeated_prompts_are_encoded_once(ours):
 
 def test_odd_latent_size_runs(ours):
     """Any multiple of 8 works, including sizes whose latent does not halve evenly."""
-    image = ours.generate([{"prompt": "x", "seed": 0}], sampler="ddim", steps=2, guidance_scale=5.0,
-                          width=40, height=24)[0]
+    image = ours.generate(
+        [{"prompt": "x", "seed": 0}], sampler="ddim", steps=2, guidance_scale=5.0, width=40, height=24
+    )[0]
     assert image.size == (40, 24)
 
 
@@ -169,7 +178,11 @@ def test_odd_latent_size_runs(ours):
         ({"prompt": "x", "seed": 1, "strength": 0.01, "init_image": init_image(0)}, {}, "leaves no denoising step"),
         ({"prompt": "x", "seed": 1, "strength": 0.5, "init_image": "cat.png"}, {}, "expected a PIL image"),
         ({"prompt": "x", "seed": 1, "cfg": 3}, {}, "unknown request field(s): cfg"),
-        ({"prompt": "x", "seed": 1, "sampler": "euler_a", "karras": True}, {}, "karras: karras sigmas apply only to dpmpp_2m"),
+        (
+            {"prompt": "x", "seed": 1, "sampler": "euler_a", "karras": True},
+            {},
+            "karras: karras sigmas apply only to dpmpp_2m",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error(ours, row, settings, message):
@@ -183,15 +196,25 @@ def test_bad_input_is_a_clear_error(ours, row, settings, message):
 def test_reduced_precision_matches_diffusers(model_folder, dtype):
     """The dtype users run on GPUs: same weights cast the same way, same image as diffusers."""
     reference_pipe = StableDiffusionPipeline.from_pretrained(
-        model_folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+        model_folder,
+        torch_dtype=dtype,
+        safety_checker=None,
+        requires_safety_checker=False,
         tokenizer=get_tokenizer(),
     )
     reference_pipe.set_progress_bar_config(disable=True)
     reference_pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(SD15_SCHEDULER_CONFIG)
     ours = sdcore.load_pipeline(model_folder, dtype=dtype)
     assert ours.dtype == dtype
-    expected = reference_pipe("a red circle", num_inference_steps=5, guidance_scale=7.5, width=64, height=64,
-                              generator=torch.Generator("cpu").manual_seed(3)).images[0]
-    got = ours.generate([{"prompt": "a red circle", "seed": 3}], sampler="euler_a", steps=5,
-                        guidance_scale=7.5, width=64, height=64)[0]
+    expected = reference_pipe(
+        "a red circle",
+        num_inference_steps=5,
+        guidance_scale=7.5,
+        width=64,
+        height=64,
+        generator=torch.Generator("cpu").manual_seed(3),
+    ).images[0]
+    got = ours.generate(
+        [{"prompt": "a red circle", "seed": 3}], sampler="euler_a", steps=5, guidance_scale=7.5, width=64, height=64
+    )[0]
     assert max_diff(expected, got) <= MAX_PIXEL_DIFF

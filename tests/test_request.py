@@ -49,8 +49,10 @@ def test_per_request_settings_equal_separate_calls(pipe):
     together = pipe.generate(mixed, **SETTINGS)
     for request, image in zip(mixed, together):
         own = {k: v for k, v in request.settings().items() if v is not None}
-        alone = pipe.generate([GenerationRequest(request.prompt, request.seed, init_image=request.init_image,
-                                                 strength=request.strength)], **{**SETTINGS, **own})[0]
+        alone = pipe.generate(
+            [GenerationRequest(request.prompt, request.seed, init_image=request.init_image, strength=request.strength)],
+            **{**SETTINGS, **own},
+        )[0]
         assert same(image, alone), request
     assert together[3].size == (40, 24)
     assert not same(together[0], together[1])

@@ -82,17 +82,27 @@ def test_captions_parse_back_to_the_scene():
         scene = sample_scene(rng, "all")
         for template in range(len(TEMPLATES)):
             assert parse_caption(scene.caption(template)) == scene.attributes()
-    every = [Scene(s, c, z, p, b) for s, c, z, p, b in
-             itertools.product(SHAPES, COLOURS, SIZES, POSITIONS, BACKGROUNDS)]
+    every = [
+        Scene(s, c, z, p, b) for s, c, z, p, b in itertools.product(SHAPES, COLOURS, SIZES, POSITIONS, BACKGROUNDS)
+    ]
     assert all(parse_caption(s.caption(1)) == s.attributes() for s in every)
 
 
 def test_parse_caption_is_tolerant_and_says_what_is_missing():
     assert parse_caption("A big purple STAR, centre, grey background") == {
-        "shape": "star", "colour": "purple", "size": "large", "position": "center",
-        "background": "gray"}
+        "shape": "star",
+        "colour": "purple",
+        "size": "large",
+        "position": "center",
+        "background": "gray",
+    }
     assert parse_caption("a blue circle") == {
-        "shape": "circle", "colour": "blue", "size": None, "position": None, "background": None}
+        "shape": "circle",
+        "colour": "blue",
+        "size": None,
+        "position": None,
+        "background": None,
+    }
     # The background's colour word is not the shape's colour.
     assert parse_caption("a white background with a triangle")["colour"] is None
 
@@ -111,8 +121,7 @@ def test_held_out_split_is_disjoint_and_compositional():
     assert all(is_held_out(s) for s in held)
     assert len({(s.shape, s.colour, s.position) for s in held}) > 12
     # Every pair of attributes of every held-out combination is seen in training.
-    train = {(s, c, p) for s, c, p in itertools.product(SHAPES, COLOURS, POSITIONS)
-             } - set(HELD_OUT_COMBINATIONS)
+    train = {(s, c, p) for s, c, p in itertools.product(SHAPES, COLOURS, POSITIONS)} - set(HELD_OUT_COMBINATIONS)
     for s, c, p in HELD_OUT_COMBINATIONS:
         assert any(t[:2] == (s, c) for t in train)
         assert any((t[0], t[2]) == (s, p) for t in train)
@@ -150,10 +159,13 @@ def test_detector_works_at_other_resolutions():
 # (blur sigma in px, pixel noise sigma of 255, lowest accepted accuracy per attribute).
 # Measured on 1000 renders: the first 100% everywhere; the second shape 90.6% (small stars
 # blur into blobs), size 99.8%, the rest 100%.
-@pytest.mark.parametrize("blur, noise, bars", [
-    (1.0, 20.0, dict.fromkeys(ATTRIBUTES, 0.95)),
-    (1.6, 30.0, {**dict.fromkeys(ATTRIBUTES, 0.95), "shape": 0.85}),
-])
+@pytest.mark.parametrize(
+    "blur, noise, bars",
+    [
+        (1.0, 20.0, dict.fromkeys(ATTRIBUTES, 0.95)),
+        (1.6, 30.0, {**dict.fromkeys(ATTRIBUTES, 0.95), "shape": 0.85}),
+    ],
+)
 def test_detector_degrades_gracefully_on_blurred_noisy_renders(blur, noise, bars):
     rng = np.random.default_rng(0)
     noisy = []
@@ -229,7 +241,13 @@ def test_eval_command_prints_the_table(tmp_path, capsys):
     assert "skipped 1 PNGs" in printed.err and "wanted purple, saw green" in printed.err
 
     # The command a user types, end to end.
-    run = subprocess.run([sys.executable, "-m", "shapesworld.eval", str(out), "--json"], cwd=REPO,
-                         capture_output=True, text=True, timeout=60, check=False)
+    run = subprocess.run(
+        [sys.executable, "-m", "shapesworld.eval", str(out), "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr
     assert '"position": 1.0' in run.stdout

@@ -22,15 +22,31 @@ from shapesworld.world import Scene, is_held_out, parse_caption
 
 # The shapes recipe at a size that trains in seconds: 32x32 images, 2-level networks.
 MINI = ModelConfig(
-    unet=UNetConfig(block_out_channels=(16, 32), attention_levels=(False, True),
-                    layers_per_block=1, num_heads=2, cross_attention_dim=32, norm_num_groups=8),
+    unet=UNetConfig(
+        block_out_channels=(16, 32),
+        attention_levels=(False, True),
+        layers_per_block=1,
+        num_heads=2,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+    ),
     vae=VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8),
-    text_encoder=TextEncoderConfig(hidden_size=32, intermediate_size=64, num_layers=1,
-                                   num_heads=2),
+    text_encoder=TextEncoderConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2),
 )
-CFG = TrainConfig(n_train=64, size=32, vae_steps=120, vae_batch=8, unet_steps=40, unet_batch=16,
-                  warmup=5, vae_lr=3e-3, unet_lr=1e-3, log_every=10, checkpoint_every=10,
-                  model=MINI.to_dict())
+CFG = TrainConfig(
+    n_train=64,
+    size=32,
+    vae_steps=120,
+    vae_batch=8,
+    unet_steps=40,
+    unet_batch=16,
+    warmup=5,
+    vae_lr=3e-3,
+    unet_lr=1e-3,
+    log_every=10,
+    checkpoint_every=10,
+    model=MINI.to_dict(),
+)
 SHAPES_DIR = BUILTIN_DIR / "shapes"
 
 
@@ -51,7 +67,8 @@ def _same_run(a, b) -> bool:
     """The runs in folders a and b have the same stage-2 losses and EMA UNet weights."""
     a, b = load_checkpoint(a / "unet.pt"), load_checkpoint(b / "unet.pt")
     return a["losses"] == b["losses"] and all(
-        torch.equal(tensor, b["ema_unet"][key]) for key, tensor in a["ema_unet"].items())
+        torch.equal(tensor, b["ema_unet"][key]) for key, tensor in a["ema_unet"].items()
+    )
 
 
 def test_short_training_lowers_both_losses(tmp_path):
@@ -84,8 +101,7 @@ def test_vae_from_reuses_stage_one_exactly(tmp_path):
     run(cfg, tmp_path / "reused", progress=False, vae_from=tmp_path / "donor")
     assert _same_run(tmp_path / "scratch", tmp_path / "reused")
     with pytest.raises(ValueError, match="kl_weight"):
-        run(replace(cfg, kl_weight=1.0), tmp_path / "refused", progress=False,
-            vae_from=tmp_path / "donor")
+        run(replace(cfg, kl_weight=1.0), tmp_path / "refused", progress=False, vae_from=tmp_path / "donor")
     with pytest.raises(ValueError, match="already holds a stage-2 checkpoint"):
         run(cfg, tmp_path / "scratch", progress=False, vae_from=tmp_path / "donor")
 
@@ -93,8 +109,7 @@ def test_vae_from_reuses_stage_one_exactly(tmp_path):
 def test_latent_std_sets_the_scaling_factor(tmp_path):
     cfg = replace(CFG, vae_steps=6, unet_steps=1, checkpoint_every=6)
     unit = run(replace(cfg, latent_std=1.0), tmp_path / "unit", progress=False)
-    small = run(replace(cfg, latent_std=0.6), tmp_path / "small", progress=False,
-                vae_from=tmp_path / "unit")
+    small = run(replace(cfg, latent_std=0.6), tmp_path / "small", progress=False, vae_from=tmp_path / "unit")
     mean = load_checkpoint(tmp_path / "unit" / "latents.pt")["mean"]
     assert unit["scaling_factor"] == pytest.approx(1.0 / float(mean.std()))
     assert small["scaling_factor"] == pytest.approx(0.6 * unit["scaling_factor"])
@@ -134,10 +149,10 @@ def test_caption_noise_applies_from_its_step_and_timestep_only(tmp_path):
     cfg = replace(CFG, vae_steps=6, unet_steps=12, checkpoint_every=6)
     noisy = replace(cfg, caption_noise=0.5, caption_noise_from_step=6)
     run(cfg, tmp_path / "clean", progress=False)
-    run(replace(noisy, caption_noise_min_t=1000), tmp_path / "never_t", progress=False,
-        vae_from=tmp_path / "clean")
-    run(replace(noisy, caption_noise_from_step=12), tmp_path / "never_step", progress=False,
-        vae_from=tmp_path / "clean")
+    run(replace(noisy, caption_noise_min_t=1000), tmp_path / "never_t", progress=False, vae_from=tmp_path / "clean")
+    run(
+        replace(noisy, caption_noise_from_step=12), tmp_path / "never_step", progress=False, vae_from=tmp_path / "clean"
+    )
     assert _same_run(tmp_path / "clean", tmp_path / "never_t")
     assert _same_run(tmp_path / "clean", tmp_path / "never_step")
 
@@ -146,14 +161,12 @@ def test_caption_noise_applies_from_its_step_and_timestep_only(tmp_path):
     noisy_losses = load_checkpoint(tmp_path / "noisy" / "unet.pt")["losses"]
     assert noisy_losses[:6] == clean_losses[:6] and noisy_losses[6:] != clean_losses[6:]
     # only rows with t >= min_t: a threshold in the middle gives a third, different run
-    run(replace(noisy, caption_noise_min_t=500), tmp_path / "high_t", progress=False,
-        vae_from=tmp_path / "clean")
+    run(replace(noisy, caption_noise_min_t=500), tmp_path / "high_t", progress=False, vae_from=tmp_path / "clean")
     high_t_losses = load_checkpoint(tmp_path / "high_t" / "unet.pt")["losses"]
     assert high_t_losses[6:] not in (clean_losses[6:], noisy_losses[6:])
 
     # a clean run stopped at step 6 and resumed with the noisy config == the noisy run
-    run(replace(cfg, unet_steps=6), tmp_path / "continued", progress=False,
-        vae_from=tmp_path / "clean")
+    run(replace(cfg, unet_steps=6), tmp_path / "continued", progress=False, vae_from=tmp_path / "clean")
     run(noisy, tmp_path / "continued", resume=True, progress=False)
     assert _same_run(tmp_path / "noisy", tmp_path / "continued")
 
@@ -164,13 +177,12 @@ def test_shipped_command_is_what_export_writes_and_the_command_line_reads():
     trainer was `python -m sdcore.train` (same options), so the module path is compared apart."""
     meta = json.loads((SHAPES_DIR / "training.json").read_text())
     recorded = meta["train_config"]
-    shipped = TrainConfig(**{**recorded, "caption_noise_attributes":
-                             tuple(recorded["caption_noise_attributes"])})
+    shipped = TrainConfig(**{**recorded, "caption_noise_attributes": tuple(recorded["caption_noise_attributes"])})
     command = training_command(shipped, vae_from="vae_stage_from" in meta)
     old_prog, prog = "python -m sdcore.train ", "python -m shapesworld.train "
     assert meta["command"].startswith(old_prog) and command.startswith(prog)
-    assert command[len(prog):] == meta["command"][len(old_prog):]
-    args = build_parser().parse_args(command[len(prog):].split())
+    assert command[len(prog) :] == meta["command"][len(old_prog) :]
+    args = build_parser().parse_args(command[len(prog) :].split())
     assert config_from_args(args) == shipped and args.vae_from is not None
 
 

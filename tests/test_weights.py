@@ -15,6 +15,7 @@ import sdcore
 from sdcore.config import ModelConfig
 from sdcore.convert import CheckpointError, parts_to_compvis
 from sdcore.weights import load_builtin
+
 from tests.reference import save_diffusers_folder
 
 SETTINGS = dict(sampler="euler_a", steps=3, guidance_scale=7.0, width=32, height=32)
@@ -118,7 +119,9 @@ def test_builtin_tiny_is_deterministic():
     assert all(np.array_equal(x, y) for x, y in zip(pixels(a), pixels(b)))
 
 
-@pytest.mark.parametrize("dtype, expected", [(None, torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "dtype, expected", [(None, torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)]
+)
 def test_dtypes(dtype, expected):
     pipe = sdcore.load_pipeline("builtin:tiny", dtype=dtype)
     assert pipe.dtype == expected

@@ -1,0 +1,120 @@
+"""The `sdgen` command (a console script, `[project.scripts]` in pyproject.toml):
+
+    sdgen run SPEC [--overwrite] [--address ADDR] [--dry-run] [--progress-every SECONDS]
+    sdgen status OUTPUT [--all] [--json]
+    sdgen reproduce OUTPUT ID [ID ...] [options]
+
+Each subcommand keeps the options, output and exit status of its script under jobs/ —
+`python jobs/run.py`, `python jobs/status.py`, `python jobs/reproduce.py` run the same code —
+so `sdgen` only picks the command and hands it the rest of the arguments. Each command's module
+is imported only when chosen: `sdgen status` never imports Ray or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+
+
+def run_main(argv: Sequence[str], prog: str = "sdgen run") -> int:
+    """`sdgen run`. Exit status: 0 every shard committed (rows may still be error records),
+    1 some shards failed (rerun to retry them), 2 the spec, manifest or output was refused
+    before any work, 130 interrupted."""
+    parser = argparse.ArgumentParser(prog=prog, description="Run or resume an sdgen job (see jobs/README.md).")
+    parser.add_argument("spec", help="job spec YAML (e.g. manifests/example.yaml)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="if OUTPUT holds a different job, delete its images and records and start again",
+    )
+    parser.add_argument(
+        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate the spec, manifest and output, print the plan, run nothing"
+    )
+    parser.add_argument(
+        "--progress-every",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds between progress lines (default 10)",
+    )
+    args = parser.parse_args(argv)
+
+    # Imported after parsing, so that --help and usage errors come at once.
+    from .manifest import ManifestError
+    from .runner import JobConflict, run_job
+    from .spec import SpecError
+    from .storage import StorageError
+    from .worker import WorkerStartError
+
+    try:
+        summary = run_job(
+            args.spec,
+            overwrite=args.overwrite,
+            address=args.address,
+            dry_run=args.dry_run,
+            progress_every=args.progress_every,
+        )
+    except (SpecError, ManifestError, JobConflict, WorkerStartError, StorageError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: committed shards are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    if args.dry_run:
+        return 0
+    return 0 if summary["complete"] else 1
+
+
+def status_main(argv: Sequence[str]) -> int:
+    from .status import main
+
+    return main(list(argv), prog="sdgen status")
+
+
+def reproduce_main(argv: Sequence[str]) -> int:
+    from .reproduce import main
+
+    return main(list(argv))
+
+
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "run": (run_main, "run or resume a job from its spec (YAML); rerun to resume"),
+    "status": (status_main, "show an output's progress: shards done / running / failed / pending, row counts"),
+    "reproduce": (reproduce_main, "regenerate images from their records and compare them with the stored ones"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The top level, for `sdgen --help` and usage errors; a command parses its own arguments."""
+    parser = argparse.ArgumentParser(
+        prog="sdgen",
+        description="Distributed, reproducible Stable Diffusion 1.x batch generation (see jobs/README.md).",
+        epilog="`sdgen COMMAND --help` shows a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"sdgen {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, summary) in COMMANDS.items():
+        commands.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`sdgen COMMAND ARGS...`: the command's exit status (2 for a usage error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        command, _ = COMMANDS[argv[0]]
+        return command(argv[1:])
+    parser = _parser()
+    parser.parse_args(argv)  # no command first: prints the help, the version or a usage error, and exits
+    parser.print_usage(sys.stderr)  # the command was not first (e.g. after `--`)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The one place a record becomes a `Pipeline.generate` call.
+
+The worker makes each image from its row's record through these two functions, and
+`reproduce.py` remakes it from the stored record through the same two, so what a record says and
+what was run cannot drift apart:
+
+    images = pipe.generate([generation_request(record, init_image)], **generate_settings(record))
+
+`generation_request` is the per-row part (prompt, negative prompt, seed, init image, strength);
+`generate_settings` the settings a batch shares (rows of one batch have equal settings, see
+`RowRequest.batch_key`, so the worker takes them from the batch's first record).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PIL import Image
+
+from sdcore import GenerationRequest
+
+from .record import Record
+
+
+def generation_request(record: Record, init_image: Image.Image | None = None) -> GenerationRequest:
+    """The request for the record's image. `init_image` is the decoded init image of an img2img
+    record (the file whose sha256 the record holds) and must be None for a txt2img record."""
+    img2img = record.mode == "img2img"
+    if img2img != (init_image is not None):
+        raise ValueError(f"row {record.row}: a {record.mode} record needs {'an' if img2img else 'no'} init image")
+    return GenerationRequest(
+        prompt=record.prompt,
+        negative=record.negative or "",
+        seed=int(record.seed),
+        init_image=init_image,
+        strength=float(record.strength) if img2img else None,
+    )
+
+
+def generate_settings(record: Record) -> dict[str, Any]:
+    """The keyword settings of `Pipeline.generate` for the record's image."""
+    return {
+        "sampler": record.sampler,
+        "karras": bool(record.karras),
+        "steps": int(record.steps),
+        "guidance_scale": float(record.guidance_scale),
+        "width": int(record.width),
+        "height": int(record.height),
+        "batch_invariant": bool(record.batch_invariant),
+    }
+
+
+__all__ = ["generate_settings", "generation_request"]

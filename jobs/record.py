@@ -1,0 +1,230 @@
+"""The record: one per manifest row, `ok` or `error`, holding everything needed to remake its image.
+
+`Record`'s fields are the record schema: each field's type names its Arrow type (`Int32`,
+`String | None`, ...), and `RECORD_SCHEMA` (the Parquet columns of `records/SHARD.parquet` and of
+partial files) is read off the dataclass, so the two cannot drift. Column names, order and types
+are those of every output written so far; a partial file with other columns is not resumed
+(`Output.read_partials`), so change them only knowingly.
+
+A worker makes its records with one `RecordBuilder` (the fields that are the same for every row
+of the worker: model, device, versions, sampler) and its `build` method; a record is then only
+completed, never edited in place: `generated` adds the generate() outcome, `with_image` the facts
+of the committed image, each returning a new record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any
+
+import pyarrow as pa
+
+from .manifest import RowRequest
+from .storage import redact_uri
+
+# A field's type names its Parquet column's Arrow type.
+Int64 = Annotated[int, pa.int64()]
+Int32 = Annotated[int, pa.int32()]
+Float64 = Annotated[float, pa.float64()]
+Bool = Annotated[bool, pa.bool_()]
+String = Annotated[str, pa.string()]
+Timestamp = Annotated[datetime, pa.timestamp("ms", tz="UTC")]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Record:
+    """One manifest row's record. Field order is column order; a field without a default is set
+    in every record the builder makes (`| None` there: the value itself may be null)."""
+
+    row: Int64  # manifest row index: the record's key
+    id: String | None  # None only in an "id is missing" error record
+    shard: String
+    status: String  # ok | error
+    error: String | None = None
+    prompt: String | None = None
+    negative: String | None = None
+    seed: Int64 | None = None
+    mode: String  # txt2img | img2img
+    strength: Float64 | None = None
+    init_image: String | None = None  # as written in the manifest
+    init_image_uri: String | None = None  # resolved (redacted) URI that was read
+    init_image_sha256: String | None = None
+    sampler: String
+    karras: Bool
+    steps: Int32
+    guidance_scale: Float64
+    width: Int32
+    height: Int32
+    model_weights: String  # redacted URI the weights were loaded from
+    model_fingerprint: String  # sha256 of the weights (sdcore canonical order)
+    dtype: String
+    device: String  # cpu | cuda | ...
+    device_name: String
+    threads: Int32 | None  # torch intra-op threads on CPU (CPU results depend on it)
+    batch_invariant: Bool  # false: the image may differ from a lone remake by float noise
+    torch_version: String | None
+    sdcore_version: String | None
+    sdgen_version: String
+    image_path: String | None = None  # relative to the output root
+    image_uri: String | None = None
+    image_sha256: String | None = None  # of the committed file's bytes
+    image_format: String | None = None
+    attempt: Int32
+    worker: String
+    started_at: Timestamp
+    time_load_s: Float64 | None = None  # reading the init image
+    time_generate_s: Float64 | None = None  # this row's share of its batch's generate()
+    time_write_s: Float64 | None = None  # encoding and committing the image
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Record:
+        """A record read back from Parquet (`table.to_pylist()` rows); missing columns are null."""
+        return cls(**{name: values.get(name) for name in RECORD_FIELDS})
+
+    def as_dict(self) -> dict[str, Any]:
+        """Column name -> value, in column order (the form `records_table` and Output take)."""
+        return {name: getattr(self, name) for name in RECORD_FIELDS}
+
+    def generated(self, seconds: float, error: str | None = None) -> Record:
+        """This record after its generate() call: the row's share of the call's time, and the
+        failure, if the row has no image."""
+        return dataclasses.replace(self, time_generate_s=seconds, status=_status(error), error=error)
+
+    def with_image(self, image: StoredImage) -> Record:
+        """This record with the facts of its committed image."""
+        return dataclasses.replace(
+            self,
+            image_path=image.path,
+            image_uri=image.uri,
+            image_sha256=image.sha256,
+            image_format=image.format,
+            time_write_s=image.seconds,
+        )
+
+
+def _arrow_type(hint: Any) -> pa.DataType:
+    """The Arrow type in a field's annotation: `Int32` -> int32, `String | None` -> string."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    (arrow_type,) = hint.__metadata__
+    return arrow_type
+
+
+def _schema() -> pa.Schema:
+    hints = typing.get_type_hints(Record, include_extras=True)
+    return pa.schema([(f.name, _arrow_type(hints[f.name])) for f in dataclasses.fields(Record)])
+
+
+RECORD_SCHEMA = _schema()
+RECORD_FIELDS = tuple(RECORD_SCHEMA.names)
+
+
+def records_table(records: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Records as dicts (`Record.as_dict`; missing fields are null) -> a RECORD_SCHEMA table,
+    sorted by row."""
+    rows = sorted(records, key=lambda r: r["row"])
+    columns = {
+        name: pa.array([r.get(name) for r in rows], type=RECORD_SCHEMA.field(name).type) for name in RECORD_FIELDS
+    }
+    return pa.table(columns, schema=RECORD_SCHEMA)
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """What committing one image established (`ShardWriter`): where it is and what it holds."""
+
+    path: str  # key relative to the output root
+    uri: str
+    sha256: str  # of the file's bytes
+    format: str  # png | jpeg | webp
+    seconds: float  # encoding and writing it
+
+
+# The manifest fields of a row, as `parse_row` reads them: a `RowRequest` holds all of them, the
+# `known` fields of a rejected row those that could be read.
+ROW_FIELDS = (
+    "row",
+    "id",
+    "prompt",
+    "negative",
+    "seed",
+    "strength",
+    "init_image",
+    "init_image_uri",
+    "steps",
+    "guidance_scale",
+    "width",
+    "height",
+)
+
+
+@dataclass(frozen=True)
+class RecordBuilder:
+    """Makes a worker's records. It holds the fields equal for every row the worker makes (its
+    model, device, software and sampler), so `build` needs only the row and what happened to it."""
+
+    sampler: str
+    karras: bool
+    model_weights: str  # redacted
+    model_fingerprint: str
+    dtype: str
+    device: str
+    device_name: str
+    threads: int | None
+    batch_invariant: bool
+    torch_version: str | None
+    sdcore_version: str | None
+    sdgen_version: str
+    worker: str
+
+    def build(
+        self,
+        row: RowRequest | Mapping[str, Any],
+        *,
+        shard: str,
+        attempt: int,
+        started_at: datetime,
+        error: str | None = None,
+        init_image_sha256: str | None = None,
+        time_load_s: float | None = None,
+    ) -> Record:
+        """The record of one manifest row: `row` is its checked request, or for a rejected row
+        the fields `parse_row` could read; `error` makes it an error record. The image and the
+        generate() time are added later (`Record.with_image`, `Record.generated`)."""
+        fields = _row_fields(row)
+        uri = fields["init_image_uri"]
+        fields["init_image_uri"] = redact_uri(uri) if uri else uri
+        return Record(
+            **dataclasses.asdict(self),
+            **fields,
+            shard=shard,
+            status=_status(error),
+            error=error,
+            mode="img2img" if uri else "txt2img",
+            init_image_sha256=init_image_sha256,
+            attempt=attempt,
+            started_at=started_at,
+            time_load_s=time_load_s,
+        )
+
+
+def _row_fields(row: RowRequest | Mapping[str, Any]) -> dict[str, Any]:
+    """ROW_FIELDS of a request, or of a rejected row's readable fields (absent ones are null)."""
+    if isinstance(row, RowRequest):
+        return {name: getattr(row, name) for name in ROW_FIELDS}
+    unknown = set(row) - set(ROW_FIELDS)
+    if unknown:
+        raise ValueError(f"not manifest row fields: {', '.join(sorted(unknown))}")
+    return {name: row.get(name) for name in ROW_FIELDS}
+
+
+def _status(error: str | None) -> str:
+    return "ok" if error is None else "error"
+
+
+__all__ = ["RECORD_FIELDS", "RECORD_SCHEMA", "ROW_FIELDS", "Record", "RecordBuilder", "StoredImage", "records_table"]

@@ -1,0 +1,39 @@
+"""jobs/init_images.py: init images are read once, named in every error, and kept in an LRU cache."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from jobs.init_images import InitImageCache, InitImageError, read_init_image
+
+from conftest import init_image
+
+
+def test_an_init_image_is_rgb_with_the_sha256_of_its_file(tmp_path):
+    path = init_image(tmp_path / "a.png")
+    loaded = read_init_image(str(path))
+    assert loaded.image.mode == "RGB" and loaded.image.size == (32, 32)
+    assert loaded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_problems_name_the_image(tmp_path):
+    with pytest.raises(InitImageError, match=r"init_image not found: .*none\.png"):
+        read_init_image(str(tmp_path / "none.png"))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(InitImageError, match=r"init_image .*bad\.png: not a readable image \(UnidentifiedImageError"):
+        read_init_image(str(tmp_path / "bad.png"))
+
+
+def test_the_cache_keeps_the_most_recently_used(tmp_path):
+    paths = [str(init_image(tmp_path / f"{i}.png", color=(i, 0, 0))) for i in range(3)]
+    cache = InitImageCache(capacity=2)
+    first = cache.load(paths[0])
+    cache.load(paths[1])
+    assert cache.load(paths[0]) is first  # a hit, and now the most recent
+    cache.load(paths[2])  # evicts paths[1]
+    assert len(cache) == 2 and cache.load(paths[0]) is first
+    (tmp_path / "1.png").unlink()
+    with pytest.raises(InitImageError, match="not found"):
+        cache.load(paths[1])
