@@ -1,11 +1,11 @@
 # The two set-up commands of the README:
 #   make run    build .venv and run the example job (local Ray, local disk, built-in model)
-#   make test   build .venv with the test extras and run the test suite
+#   make test   build .venv with the test extras, lint (ruff) and run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SPEC ?= manifests/example.yaml
 
-.PHONY: run test bench venv
+.PHONY: run test lint bench venv
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,7 +27,11 @@ venv: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(PY) jobs/run.py $(SPEC)
 
-test: $(VENV)/.installed-test
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-test

@@ -27,6 +27,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
 from sdcore.config import ModelConfig  # noqa: E402
 from sdcore.tokenizer import get_tokenizer  # noqa: E402
 from sdcore.weights import assemble, random_parts  # noqa: E402
+
 from tests.reference import SD15_SCHEDULER_CONFIG, clip_kwargs, diffusers_models, transformers_text_state_dict  # noqa: E402
 
 PROMPTS = ["a red circle at the top left", "a small blue star", "a large green square", "a purple triangle"]
@@ -41,8 +42,13 @@ def reference_pipeline(config: ModelConfig, parts) -> StableDiffusionPipeline:
     text = CLIPTextModel(CLIPTextConfig(**clip_kwargs(config))).eval()
     text.load_state_dict(transformers_text_state_dict(parts["text_encoder"], text))
     pipe = StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=text, tokenizer=get_tokenizer(), unet=unet.eval(),
-        scheduler=DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        vae=vae.eval(),
+        text_encoder=text,
+        tokenizer=get_tokenizer(),
+        unet=unet.eval(),
+        scheduler=DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -58,8 +64,7 @@ def time_case(name: str, config: ModelConfig, *, images: int, batch: int, steps:
 
     # one warm-up image each (allocator, oneDNN kernel selection)
     ours.generate(rows[:1], **settings)
-    ref(PROMPTS[0], num_inference_steps=steps, width=size, height=size,
-        generator=torch.Generator("cpu").manual_seed(0))
+    ref(PROMPTS[0], num_inference_steps=steps, width=size, height=size, generator=torch.Generator("cpu").manual_seed(0))
 
     results = {}
     for mode, invariant in (("sdcore", True), ("sdcore (batch_invariant=False)", False)):
@@ -71,8 +76,12 @@ def time_case(name: str, config: ModelConfig, *, images: int, batch: int, steps:
     for i in range(0, images, batch):
         chunk = rows[i : i + batch]
         ref(
-            [r["prompt"] for r in chunk], num_inference_steps=steps, width=size, height=size,
-            guidance_scale=7.5, generator=[torch.Generator("cpu").manual_seed(r["seed"]) for r in chunk],
+            [r["prompt"] for r in chunk],
+            num_inference_steps=steps,
+            width=size,
+            height=size,
+            guidance_scale=7.5,
+            generator=[torch.Generator("cpu").manual_seed(r["seed"]) for r in chunk],
         )
     results["diffusers"] = images / (time.perf_counter() - start)
     return {"case": name, "images": images, "batch": batch, "steps": steps, "size": size, **results}
@@ -83,9 +92,13 @@ def main() -> None:
     parser.add_argument("--full-steps", type=int, default=4)
     parser.add_argument("--full-size", type=int, default=256)
     parser.add_argument("--skip-full", action="store_true")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch threads (use 1 when other work shares the cores: "
-                             "oversubscribed OpenMP threads spin and distort timings)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch threads (use 1 when other work shares the cores: "
+        "oversubscribed OpenMP threads spin and distort timings)",
+    )
     parser.add_argument("--note", default="", help="free text recorded with the results")
     parser.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
     args = parser.parse_args()
@@ -94,14 +107,23 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = [time_case("builtin:tiny", ModelConfig.tiny(), images=16, batch=4, steps=20, size=64)]
     if not args.skip_full:
-        rows.append(time_case("SD 1.5 architecture (random weights)", ModelConfig.sd15(), images=2,
-                              batch=2, steps=args.full_steps, size=args.full_size))
+        rows.append(
+            time_case(
+                "SD 1.5 architecture (random weights)",
+                ModelConfig.sd15(),
+                images=2,
+                batch=2,
+                steps=args.full_steps,
+                size=args.full_size,
+            )
+        )
 
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"\n## {when} — {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}, float32, DDIM, guidance 7.5. {args.note}\n",
-        "| case | images | batch | steps | size | sdcore img/s | sdcore batched img/s | diffusers img/s | sdcore / diffusers |",
+        "| case | images | batch | steps | size | sdcore img/s | sdcore batched img/s | diffusers img/s "
+        "| sdcore / diffusers |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

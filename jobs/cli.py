@@ -80,7 +80,7 @@ def status_main(argv: Sequence[str]) -> int:
 def reproduce_main(argv: Sequence[str]) -> int:
     from .reproduce import main
 
-    return main(list(argv))
+    return main(list(argv), prog="sdgen reproduce")
 
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {

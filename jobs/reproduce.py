@@ -213,10 +213,8 @@ def compare_pixels(
     return Comparison(row, rid, "different", detail, within, diff, value)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="jobs/reproduce.py", description="Regenerate images from their records and compare."
-    )
+def main(argv: list[str] | None = None, prog: str = "jobs/reproduce.py") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Regenerate images from their records and compare.")
     parser.add_argument("output", help="the job's output folder or s3:// prefix")
     parser.add_argument("ids", nargs="*", metavar="ID", help="record id(s) to regenerate")
     parser.add_argument(

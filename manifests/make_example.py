@@ -57,15 +57,43 @@ def example_rows() -> list[dict]:
         ("yellow-square", "a small yellow square at the bottom on a white background", 8),
     ]
     for rid, prompt, seed in txt:
-        rows.append({"id": rid, "prompt": prompt, "negative": "blurry", "seed": seed, "strength": None, "init_image": None})
+        rows.append(
+            {"id": rid, "prompt": prompt, "negative": "blurry", "seed": seed, "strength": None, "init_image": None}
+        )
     img = [
-        ("red-circle-to-blue", "a large blue circle in the center on a white background", 11, 0.6, "init/red-circle.png"),
-        ("green-square-to-yellow", "a large yellow square in the center on a white background", 12, 0.75, "init/green-square.png"),
-        ("blue-triangle-to-red", "a large red triangle in the center on a white background", 13, 0.5, "init/blue-triangle.png"),
-        ("gradient-to-circle", "a large green circle in the center on a white background", 14, 0.9, "init/gradient.png"),
+        (
+            "red-circle-to-blue",
+            "a large blue circle in the center on a white background",
+            11,
+            0.6,
+            "init/red-circle.png",
+        ),
+        (
+            "green-square-to-yellow",
+            "a large yellow square in the center on a white background",
+            12,
+            0.75,
+            "init/green-square.png",
+        ),
+        (
+            "blue-triangle-to-red",
+            "a large red triangle in the center on a white background",
+            13,
+            0.5,
+            "init/blue-triangle.png",
+        ),
+        (
+            "gradient-to-circle",
+            "a large green circle in the center on a white background",
+            14,
+            0.9,
+            "init/gradient.png",
+        ),
     ]
     for rid, prompt, seed, strength, init in img:
-        rows.append({"id": rid, "prompt": prompt, "negative": "", "seed": seed, "strength": strength, "init_image": init})
+        rows.append(
+            {"id": rid, "prompt": prompt, "negative": "", "seed": seed, "strength": strength, "init_image": init}
+        )
     return rows
 
 

@@ -112,7 +112,6 @@ class CLIPTextModel(nn.Module):
         """Token ids (B, 77) -> last hidden state (B, 77, D)."""
         if ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(
-                f"{ids.shape[1]} tokens exceed the text encoder's "
-                f"{self.config.max_position_embeddings} positions"
+                f"{ids.shape[1]} tokens exceed the text encoder's {self.config.max_position_embeddings} positions"
             )
         return self.text_model(ids)

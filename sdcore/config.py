@@ -39,16 +39,14 @@ class UNetConfig:
         levels = len(self.block_out_channels)
         if len(self.attention_levels) != levels:
             raise ValueError(
-                f"UNetConfig.attention_levels has {len(self.attention_levels)} entries, "
-                f"block_out_channels has {levels}"
+                f"UNetConfig.attention_levels has {len(self.attention_levels)} entries, block_out_channels has {levels}"
             )
         if not isinstance(self.num_heads, int) and len(self.num_heads) != levels:
             raise ValueError(f"UNetConfig.num_heads needs one entry per level ({levels})")
         for channels in self.block_out_channels:
             if channels % self.norm_num_groups:
                 raise ValueError(
-                    f"UNetConfig: {channels} channels not divisible by "
-                    f"norm_num_groups={self.norm_num_groups}"
+                    f"UNetConfig: {channels} channels not divisible by norm_num_groups={self.norm_num_groups}"
                 )
 
     @property
@@ -130,9 +128,7 @@ class ModelConfig:
                 cross_attention_dim=32,
             ),
             vae=VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1),
-            text_encoder=TextEncoderConfig(
-                hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4
-            ),
+            text_encoder=TextEncoderConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4),
         )
 
     def to_dict(self) -> dict:

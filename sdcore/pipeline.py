@@ -127,8 +127,9 @@ class Pipeline:
         read with `GenerationRequest.from_mapping`. ValueError, naming the request's index, for
         anything `sdcore.rules` refuses.
         """
-        defaults = dict(sampler=sampler, karras=karras, steps=steps, guidance_scale=guidance_scale,
-                        width=width, height=height)
+        defaults = dict(
+            sampler=sampler, karras=karras, steps=steps, guidance_scale=guidance_scale, width=width, height=height
+        )
         resolved = [self._resolve(i, request, defaults) for i, request in enumerate(requests)]
         images: list[Image.Image | None] = [None] * len(resolved)
         groups: dict[tuple, list[int]] = {}
@@ -213,9 +214,7 @@ class Pipeline:
                 return denoise_batch(x, t, context)
             # One fixed-shape forward per row (see the module docstring).
             per_row = context.view(2 if guided else 1, len(group), *context.shape[1:])
-            return torch.cat(
-                [denoise_batch(x[i : i + 1], t, per_row[:, i]) for i in range(len(group))]
-            )
+            return torch.cat([denoise_batch(x[i : i + 1], t, per_row[:, i]) for i in range(len(group))])
 
         return denoise
 

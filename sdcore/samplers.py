@@ -27,7 +27,6 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from . import rules, schedules
-from .rules import KARRAS_SAMPLERS, MAX_STEPS, SAMPLERS  # the limits live in sdcore.rules
 
 # denoise(model_input (B, C, H, W), t 0-dim float32) -> eps (B, C, H, W), guidance applied.
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -118,9 +117,7 @@ class Sampler:
             return noise * (sigma_max**2 + 1) ** 0.5
         return noise * 1.0
 
-    def img2img_latents(
-        self, init_latents: torch.Tensor, noise: torch.Tensor, start_index: int
-    ) -> torch.Tensor:
+    def img2img_latents(self, init_latents: torch.Tensor, noise: torch.Tensor, start_index: int) -> torch.Tensor:
         """Forward-diffuse clean latents to timestep `timesteps[start_index]` (a new tensor).
 
         VP (ddpm, ddim): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (Ho et al.
@@ -160,8 +157,7 @@ class Sampler:
         """
         if len(generators) != latents.shape[0]:
             raise ValueError(
-                f"need one generator per latent row: {len(generators)} generators, "
-                f"{latents.shape[0]} rows"
+                f"need one generator per latent row: {len(generators)} generators, {latents.shape[0]} rows"
             )
         sched = self._sched
         start = _check_start(start_index, len(sched.timesteps))

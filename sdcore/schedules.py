@@ -83,7 +83,7 @@ def leading_timesteps(
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
     steps_offset: int = STEPS_OFFSET,
 ) -> torch.Tensor:
-    """"Leading" spacing (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
+    """ "Leading" spacing (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
     are Flawed", Table 2): t_i = i * (T // steps) + offset for i = steps-1 .. 0, descending.
 
     SD 1.5 (offset 1), 25 steps: 961, 921, ..., 41, 1. Shape (steps,), int64.
@@ -107,9 +107,7 @@ def dpmsolver_leading_timesteps(
     _check_steps(steps, num_train_timesteps)
     ratio = num_train_timesteps // (steps + 1)
     if ratio == 0:
-        raise ValueError(
-            f"steps={steps}: DPM-Solver's leading spacing needs steps + 1 <= {num_train_timesteps}"
-        )
+        raise ValueError(f"steps={steps}: DPM-Solver's leading spacing needs steps + 1 <= {num_train_timesteps}")
     return torch.arange(steps, 0, -1, dtype=torch.int64) * ratio + steps_offset
 
 
@@ -227,4 +225,3 @@ def _check_steps(steps: int, num_train_timesteps: int) -> None:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if steps > num_train_timesteps:
         raise ValueError(f"steps must be <= {num_train_timesteps} (training timesteps), got {steps}")
-

@@ -27,9 +27,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     t: (B,) float -> (B, dim) float32
     """
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    )
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     # (B, 1) * (1, half) -> (B, half)
     angles = t.float()[:, None] * freqs[None, :]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
@@ -101,8 +99,7 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Conv2d(channels, channels, 1)
             self.proj_out = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(channels, heads, cfg.cross_attention_dim)
-            for _ in range(cfg.transformer_layers)
+            BasicTransformerBlock(channels, heads, cfg.cross_attention_dim) for _ in range(cfg.transformer_layers)
         )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -148,13 +145,9 @@ class UNetLevel(nn.Module):
     ):
         super().__init__()
         block = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, temb_channels=cfg.time_embed_dim)
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_ch, out_channels, **block) for in_ch in resnet_in_channels
-        )
+        self.resnets = nn.ModuleList(ResnetBlock2D(in_ch, out_channels, **block) for in_ch in resnet_in_channels)
         if attention:
-            self.attentions = nn.ModuleList(
-                SpatialTransformer(out_channels, heads, cfg) for _ in resnet_in_channels
-            )
+            self.attentions = nn.ModuleList(SpatialTransformer(out_channels, heads, cfg) for _ in resnet_in_channels)
         if resample == "down":
             self.downsamplers = nn.ModuleList([Downsample2D(out_channels, asymmetric_pad=False)])
         elif resample == "up":

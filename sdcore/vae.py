@@ -62,8 +62,7 @@ class VAEBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, resample: str | None):
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, groups=groups, eps=VAE_NORM_EPS)
-            for i in range(layers)
+            ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, groups=groups, eps=VAE_NORM_EPS) for i in range(layers)
         )
         if resample == "down":
             self.downsamplers = nn.ModuleList([Downsample2D(out_ch, asymmetric_pad=True)])
@@ -90,9 +89,7 @@ class Encoder(nn.Module):
         for level, out_ch in enumerate(channels):
             in_ch = channels[max(level - 1, 0)]
             last = level == len(channels) - 1
-            self.down_blocks.append(
-                VAEBlock(in_ch, out_ch, cfg.layers_per_block, groups, None if last else "down")
-            )
+            self.down_blocks.append(VAEBlock(in_ch, out_ch, cfg.layers_per_block, groups, None if last else "down"))
         self.mid_block = VAEMidBlock(channels[-1], groups)
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=VAE_NORM_EPS)
         self.conv_out = nn.Conv2d(channels[-1], 2 * cfg.latent_channels, 3, padding=1)
@@ -119,9 +116,7 @@ class Decoder(nn.Module):
         for level, out_ch in enumerate(channels):
             in_ch = channels[max(level - 1, 0)]
             last = level == len(channels) - 1
-            self.up_blocks.append(
-                VAEBlock(in_ch, out_ch, cfg.layers_per_block + 1, groups, None if last else "up")
-            )
+            self.up_blocks.append(VAEBlock(in_ch, out_ch, cfg.layers_per_block + 1, groups, None if last else "up"))
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=VAE_NORM_EPS)
         self.conv_out = nn.Conv2d(channels[-1], cfg.out_channels, 3, padding=1)
 

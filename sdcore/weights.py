@@ -81,14 +81,11 @@ def _check_and_load(model: torch.nn.Module, state: dict[str, torch.Tensor], part
     if missing:
         raise CheckpointError(f"{part}: missing key {missing[0]!r} ({len(missing)} missing in all)")
     if unexpected:
-        raise CheckpointError(
-            f"{part}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all)"
-        )
+        raise CheckpointError(f"{part}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
     for key, tensor in expected.items():
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise CheckpointError(
-                f"{part}: {key!r} has shape {tuple(state[key].shape)}, "
-                f"the config expects {tuple(tensor.shape)}"
+                f"{part}: {key!r} has shape {tuple(state[key].shape)}, the config expects {tuple(tensor.shape)}"
             )
     # Copy into the module's own freshly allocated parameters rather than `assign=True`: tensors
     # from a safetensors/pickle buffer can sit at any offset, and CPU kernels take different
@@ -109,9 +106,7 @@ def assemble(
     device = torch.device(device)
     target = resolve_dtype(dtype, device)
     parts = dict(parts)
-    parts["text_encoder"] = {
-        k: v for k, v in parts["text_encoder"].items() if k not in IGNORED_TEXT_KEYS
-    }
+    parts["text_encoder"] = {k: v for k, v in parts["text_encoder"].items() if k not in IGNORED_TEXT_KEYS}
     fp = fingerprint(parts)
     with torch.device("meta"):
         models = build_models(config)
@@ -119,9 +114,7 @@ def assemble(
         model.to_empty(device="cpu")
         _check_and_load(model, parts[part], part)
         model.to(device=device, dtype=target)
-    return Pipeline(
-        config, models["unet"], models["vae"], models["text_encoder"], fingerprint=fp, source=source
-    )
+    return Pipeline(config, models["unet"], models["vae"], models["text_encoder"], fingerprint=fp, source=source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,20 +156,25 @@ def _read_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return _read_pickle_checkpoint(path), {}
 
 
-def _unpack_token_table(state: dict[str, torch.Tensor], config: ModelConfig | None,
-                        path: Path) -> None:
+def _unpack_token_table(state: dict[str, torch.Tensor], config: ModelConfig | None, path: Path) -> None:
     """Replace a packed token table (rows + ids, see PACKED_ROWS_KEY) by the full one, in place."""
     if PACKED_ROWS_KEY not in state:
         return
     rows, ids = state.pop(PACKED_ROWS_KEY), state.pop(PACKED_IDS_KEY, None)
     if config is None or ids is None or TOKEN_TABLE_KEY in state:
-        raise CheckpointError(f"{path}: a packed token table needs its ids, the config in the "
-                              "metadata, and no full table beside it")
+        raise CheckpointError(
+            f"{path}: a packed token table needs its ids, the config in the metadata, and no full table beside it"
+        )
     vocab = config.text_encoder.vocab_size
-    if ids.dim() != 1 or rows.shape != (len(ids), config.text_encoder.hidden_size) or (
-            len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab)):
-        raise CheckpointError(f"{path}: packed token table has rows {tuple(rows.shape)} and "
-                              f"ids {tuple(ids.shape)}, not matching a {vocab}-token vocabulary")
+    if (
+        ids.dim() != 1
+        or rows.shape != (len(ids), config.text_encoder.hidden_size)
+        or (len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab))
+    ):
+        raise CheckpointError(
+            f"{path}: packed token table has rows {tuple(rows.shape)} and "
+            f"ids {tuple(ids.shape)}, not matching a {vocab}-token vocabulary"
+        )
     table = torch.zeros(vocab, rows.shape[1], dtype=rows.dtype)
     table[ids.long()] = rows
     state[TOKEN_TABLE_KEY] = table
@@ -215,8 +213,7 @@ def _unet_config(cfg: dict, where: Path) -> UNetConfig:
         raise CheckpointError(f"{where}: UNet has extra embeddings — an SDXL-style model, not SD 1.x")
     if cfg.get("cross_attention_dim", 768) != 768 and cfg.get("cross_attention_dim") in (1024, 2048):
         raise CheckpointError(
-            f"{where}: cross_attention_dim {cfg['cross_attention_dim']} — an SD 2.x/SDXL model, "
-            "not SD 1.x"
+            f"{where}: cross_attention_dim {cfg['cross_attention_dim']} — an SD 2.x/SDXL model, not SD 1.x"
         )
     down = cfg.get("down_block_types", [])
     kinds = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
@@ -380,8 +377,7 @@ def load_pipeline(weights: str | os.PathLike, device: str | torch.device = "cpu"
     return assemble(config, parts, source=weights, device=device, dtype=dtype)
 
 
-def export_single_file(pipe: Pipeline, path: str | os.PathLike,
-                       token_rows: list[int] | None = None) -> None:
+def export_single_file(pipe: Pipeline, path: str | os.PathLike, token_rows: list[int] | None = None) -> None:
     """Write the pipeline's weights as one CompVis-layout .safetensors file.
 
     A1111, ComfyUI and diffusers' `from_single_file` read it; sdcore reads back the exact

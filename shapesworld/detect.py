@@ -116,8 +116,7 @@ def detect(image) -> Detection:
         sharp = _template(shape, cx, box_cy, side, (height, width))
         for sigma in TEMPLATE_BLURS:
             template = _blur(sharp, sigma * scale)
-            iou = float(np.minimum(template, target).sum()
-                        / max(np.maximum(template, target).sum(), 1e-6))
+            iou = float(np.minimum(template, target).sum() / max(np.maximum(template, target).sum(), 1e-6))
             if best is None or iou > best[0]:
                 best = (iou, shape, side, box_cy)
     iou, shape, side, box_cy = best
@@ -125,8 +124,7 @@ def detect(image) -> Detection:
     row = min(max(int(box_cy / height * 3), 0), 2)
     col = min(max(int(cx / width * 3), 0), 2)
     size = "large" if side > LARGE_SIDE * height else "small"
-    return Detection(shape, colour_name, size, POSITIONS[3 * row + col], background, iou,
-                     side / height)
+    return Detection(shape, colour_name, size, POSITIONS[3 * row + col], background, iou, side / height)
 
 
 # ---------------------------------------------------------------- helpers
@@ -142,10 +140,7 @@ def _as_array(image) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.float32)
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise TypeError(
-            f"detect() wants a PIL image or a uint8 (H, W, 3) array, got {array.dtype} "
-            f"{array.shape}"
-        )
+        raise TypeError(f"detect() wants a PIL image or a uint8 (H, W, 3) array, got {array.dtype} {array.shape}")
     return array.astype(np.float32)
 
 
@@ -159,8 +154,7 @@ def _explain_colour(observed: np.ndarray, bg: np.ndarray) -> tuple[str, np.ndarr
     best = None
     for name, p in zip(COLOURS, _PALETTE):
         direction = p - bg
-        a = float(np.clip((observed - bg) @ direction / max(direction @ direction, 1.0),
-                          0.4, 1.0))
+        a = float(np.clip((observed - bg) @ direction / max(direction @ direction, 1.0), 0.4, 1.0))
         residual = float(np.linalg.norm(observed - (bg + a * direction)))
         if best is None or residual < best[0]:
             best = (residual, name, p)
@@ -222,8 +216,7 @@ def _template(shape: str, cx: float, cy: float, side: float, hw) -> np.ndarray:
     (pixel units, pixel i spanning [i, i + 1)), anti-aliased like `world.render`."""
     height, width = hw
     canvas = Image.new("L", (width * SUPERSAMPLE, height * SUPERSAMPLE), 0)
-    draw_shape(ImageDraw.Draw(canvas), shape, cx * SUPERSAMPLE - 0.5, cy * SUPERSAMPLE - 0.5,
-               side * SUPERSAMPLE, 255)
+    draw_shape(ImageDraw.Draw(canvas), shape, cx * SUPERSAMPLE - 0.5, cy * SUPERSAMPLE - 0.5, side * SUPERSAMPLE, 255)
     small = canvas.resize((width, height), Image.Resampling.BOX)
     return np.asarray(small, dtype=np.float32) / 255.0
 

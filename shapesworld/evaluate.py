@@ -62,8 +62,7 @@ def judge(image, prompt: str, name: str = "") -> Judgement:
 
 def summarize(judgements: Sequence[Judgement]) -> dict:
     """Accuracy per attribute (None where no prompt named it), with the counts behind it."""
-    result: dict = {"n": len(judgements),
-                    "no_shape": sum(j.detection.shape == NONE for j in judgements)}
+    result: dict = {"n": len(judgements), "no_shape": sum(j.detection.shape == NONE for j in judgements)}
     counts = {}
     for attribute in ATTRIBUTES:
         scored = [j.correct[attribute] for j in judgements if attribute in j.correct]
@@ -83,8 +82,7 @@ def adherence(pairs: Iterable[tuple]) -> dict:
     return summarize([judge(image, prompt) for image, prompt in pairs])
 
 
-def recolour_rows(n: int, seed: int, any_colours: bool = False, strength: float = 0.7,
-                  size: int = 64) -> list[dict]:
+def recolour_rows(n: int, seed: int, any_colours: bool = False, strength: float = 0.7, size: int = 64) -> list[dict]:
     """img2img recolouring rows: a rendered red circle as `init_image` and a prompt for the
     same circle (size, position, background) in blue; with `any_colours`, a random shape in a
     random colour and a prompt for it in another colour. Row i has seed i."""
@@ -159,8 +157,7 @@ def judge_files(files: Sequence[Path]) -> tuple[list[Judgement], list[Path]]:
     return judgements, unprompted
 
 
-def judge_synthetic(n: int, seed: int, split: str, size: int, noise: float,
-                    blur: float) -> list[Judgement]:
+def judge_synthetic(n: int, seed: int, split: str, size: int, noise: float, blur: float) -> list[Judgement]:
     """Ground-truth renders (optionally blurred, then noised) judged against their captions."""
     rng = np.random.default_rng(seed)
     judgements = []
@@ -179,36 +176,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m shapesworld.eval",
         description="Prompt adherence of shape-world images: colour, shape, position, size, "
-                    "background accuracy against each PNG's prompt.",
+        "background accuracy against each PNG's prompt.",
     )
-    parser.add_argument("paths", nargs="*",
-                        help="job OUTPUT folders, image folders or PNG files (searched "
-                             "recursively for *.png with a 'parameters' text chunk)")
-    parser.add_argument("--synthetic", type=int, metavar="N",
-                        help="instead, judge N ground-truth renders (detector self-check)")
+    parser.add_argument(
+        "paths",
+        nargs="*",
+        help="job OUTPUT folders, image folders or PNG files (searched "
+        "recursively for *.png with a 'parameters' text chunk)",
+    )
+    parser.add_argument(
+        "--synthetic", type=int, metavar="N", help="instead, judge N ground-truth renders (detector self-check)"
+    )
     parser.add_argument("--split", default="heldout", choices=("train", "heldout", "all"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--noise", type=float, default=0.0,
-                        help="gaussian pixel noise sigma (0-255 scale) for --synthetic")
-    parser.add_argument("--blur", type=float, default=0.0,
-                        help="gaussian blur sigma in pixels at 64x64 for --synthetic")
-    parser.add_argument("--errors", type=int, default=0, metavar="K",
-                        help="also list up to K images with a wrong attribute")
+    parser.add_argument(
+        "--noise", type=float, default=0.0, help="gaussian pixel noise sigma (0-255 scale) for --synthetic"
+    )
+    parser.add_argument(
+        "--blur", type=float, default=0.0, help="gaussian blur sigma in pixels at 64x64 for --synthetic"
+    )
+    parser.add_argument(
+        "--errors", type=int, default=0, metavar="K", help="also list up to K images with a wrong attribute"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
 
     if args.synthetic is not None:
-        judgements = judge_synthetic(args.synthetic, args.seed, args.split, args.size,
-                                     args.noise, args.blur)
+        judgements = judge_synthetic(args.synthetic, args.seed, args.split, args.size, args.noise, args.blur)
     elif args.paths:
         try:
             judgements, unprompted = judge_files(find_pngs(args.paths))
         except FileNotFoundError as error:
             parser.error(str(error))
         if unprompted:
-            print(f"skipped {len(unprompted)} PNGs without a 'parameters' prompt, e.g. "
-                  f"{unprompted[0]}", file=sys.stderr)
+            print(
+                f"skipped {len(unprompted)} PNGs without a 'parameters' prompt, e.g. {unprompted[0]}", file=sys.stderr
+            )
         if not judgements:
             print("no PNGs with a prompt found", file=sys.stderr)
             return 1
@@ -219,8 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     wrong = [j for j in judgements if not all(j.correct.values())]
     for j in wrong[: args.errors]:
-        mistakes = ", ".join(f"{a}: wanted {j.wanted[a]}, saw {j.detection.attributes()[a]}"
-                             for a, ok in j.correct.items() if not ok)
+        mistakes = ", ".join(
+            f"{a}: wanted {j.wanted[a]}, saw {j.detection.attributes()[a]}" for a, ok in j.correct.items() if not ok
+        )
         print(f"{j.name}: {j.prompt!r} -> {mistakes}", file=sys.stderr)
     return 0
 

@@ -63,9 +63,15 @@ SIZE_JITTER = 0.05
 
 # Row-major 3x3 grid: index = 3 * row + col.
 POSITIONS = (
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
 )
 # Where the shape centre sits along one axis for grid column/row 0, 1, 2.
 _GRID_CENTRES = (0.22, 0.5, 0.78)
@@ -217,8 +223,7 @@ def shape_polygon(shape: str, cx: float, cy: float, side: float) -> list[tuple[f
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, side: float,
-               fill) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, side: float, fill) -> None:
     """Draw `shape` on `draw` in PIL pixel coordinates (no anti-aliasing: the caller
     supersamples)."""
     points = shape_polygon(shape, cx, cy, side)
@@ -237,15 +242,21 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     cx, cy, side = scene.box()
     # Pixel (i, j) covers [i, i+1): scale fractions to the big canvas; ImageDraw fills the
     # pixels whose centres lie inside, so shift by -0.5 to keep the shape centred.
-    draw_shape(ImageDraw.Draw(image), scene.shape, cx * big - 0.5, cy * big - 0.5, side * big,
-               COLOURS[scene.colour])
+    draw_shape(ImageDraw.Draw(image), scene.shape, cx * big - 0.5, cy * big - 0.5, side * big, COLOURS[scene.colour])
     return image.resize((size, size), Image.Resampling.BOX)
 
 
 # ---------------------------------------------------------------- captions back to attributes
 
-_SYNONYMS = {"grey": "gray", "centre": "center", "middle": "center", "big": "large",
-             "tiny": "small", "rectangle": "square", "ball": "circle"}
+_SYNONYMS = {
+    "grey": "gray",
+    "centre": "center",
+    "middle": "center",
+    "big": "large",
+    "tiny": "small",
+    "rectangle": "square",
+    "ball": "circle",
+}
 
 
 def parse_caption(text: str) -> dict[str, str | None]:
@@ -260,7 +271,7 @@ def parse_caption(text: str) -> dict[str, str | None]:
     match = re.search(r"\b(" + "|".join(BACKGROUNDS) + r") background\b", text)
     if match:
         background = match.group(1)
-        text = text[: match.start()] + text[match.end():]  # its colour word is not the shape's
+        text = text[: match.start()] + text[match.end() :]  # its colour word is not the shape's
     words = text.split()
 
     def first(options) -> str | None:
@@ -305,8 +316,7 @@ class ShapesDataset:
     Item `i` is drawn from `np.random.default_rng([seed, split_code, i])`, so it is the same
     whatever the dataset length, the access order or the number of loader workers."""
 
-    def __init__(self, n: int, seed: int = 0, split: str = "train", size: int = 64,
-                 tensors: bool = True):
+    def __init__(self, n: int, seed: int = 0, split: str = "train", size: int = 64, tensors: bool = True):
         if split not in _SPLIT_CODES:
             raise ValueError(f"split must be one of {sorted(_SPLIT_CODES)}, not {split!r}")
         self.n, self.seed, self.split, self.size, self.tensors = n, seed, split, size, tensors
@@ -331,8 +341,7 @@ class ShapesDataset:
         return (self[i] for i in range(self.n))
 
 
-def dataset(n: int, seed: int = 0, split: str = "train", size: int = 64,
-            tensors: bool = True) -> ShapesDataset:
+def dataset(n: int, seed: int = 0, split: str = "train", size: int = 64, tensors: bool = True) -> ShapesDataset:
     """`n` reproducible `(image, caption)` pairs; image is a (3, size, size) float32 tensor in
     [-1, 1] (or a PIL image with `tensors=False`)."""
     return ShapesDataset(n, seed, split, size, tensors)

@@ -116,4 +116,3 @@ def parts_to_compvis(
     # (T,) -> (1, T), int64
     out[POSITION_IDS] = torch.arange(config.text_encoder.max_position_embeddings, dtype=torch.int64)[None]
     return out
-

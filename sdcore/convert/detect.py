@@ -18,8 +18,10 @@ from .sources import unwrap
 # (key prefix, what a checkpoint holding such keys is), checked in order.
 UNSUPPORTED_MARKERS = (  # fmt: skip
     ("conditioner.embedders.", "an SDXL checkpoint (text encoders under conditioner.embedders.*)"),
-    ("cond_stage_model.model.",
-     "a Stable Diffusion 2.x checkpoint (OpenCLIP ViT-H text encoder under cond_stage_model.model.*)"),
+    (
+        "cond_stage_model.model.",
+        "a Stable Diffusion 2.x checkpoint (OpenCLIP ViT-H text encoder under cond_stage_model.model.*)",
+    ),
     (UNET_PREFIX + "label_emb.", "a class-conditioned UNet (label_emb.*: SDXL, unCLIP, x4 upscaler)"),
     (EMA_PREFIX + "diffusion_modellabel_emb", "a class-conditioned UNet (label_emb.*: SDXL, unCLIP, x4 upscaler)"),
     ("control_model.", "a ControlNet"),
@@ -70,9 +72,7 @@ def detect_unsupported(sd: Mapping[str, object]) -> str | None:
     latent_channels = latent[1] if latent and len(latent) == 4 else 4
     if conv_in and len(conv_in) == 4 and conv_in[1] != latent_channels:
         what = UNET_INPUT_VARIANTS.get(conv_in[1], f"a UNet variant taking {conv_in[1]} input channels")
-        return _unsupported(
-            f"{what}: {conv_in_key} has shape {conv_in}, the VAE latent has {latent_channels} channels"
-        )
+        return _unsupported(f"{what}: {conv_in_key} has shape {conv_in}, the VAE latent has {latent_channels} channels")
 
     # cross-attention to_k (C, context width): 1024 is OpenCLIP ViT-H (SD 2.x), 768 CLIP ViT-L
     to_k_key = UNET_PREFIX + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"
@@ -83,7 +83,5 @@ def detect_unsupported(sd: Mapping[str, object]) -> str | None:
     if to_k and len(to_k) == 2 and to_k[1] == 1024 and (tokens is None or tokens[-1] != 1024):
         linear = shape(UNET_PREFIX + "middle_block.1.proj_in.weight")
         proj = ", linear proj_in" if linear and len(linear) == 2 else ""
-        return _unsupported(
-            f"a Stable Diffusion 2.x checkpoint (cross-attention width 1024 in {to_k_key}{proj})"
-        )
+        return _unsupported(f"a Stable Diffusion 2.x checkpoint (cross-attention width 1024 in {to_k_key}{proj})")
     return None

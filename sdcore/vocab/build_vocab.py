@@ -39,8 +39,8 @@ def byte_symbols() -> list[str]:
     Bytes that are already visible Latin-1 characters stand for themselves; the others (control
     characters, space, soft hyphen...) take code points 256, 257, ... in byte order.
     """
-    visible = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(
-        range(ord("®"), ord("ÿ") + 1)
+    visible = (
+        set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
     )
     symbols, extra = {}, 0
     for b in range(256):

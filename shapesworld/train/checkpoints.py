@@ -39,17 +39,24 @@ class RunLog:
         return [json.loads(line) for line in self.path.read_text().splitlines()]
 
 
-def stage_state(modules: dict, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                losses: list[float], step: int, **extra) -> dict:
+def stage_state(
+    modules: dict, optimizer: torch.optim.Optimizer, generator: torch.Generator, losses: list[float], step: int, **extra
+) -> dict:
     """A stage's checkpoint: each module's weights under its name, the optimizer and generator
     states, the losses so far and the step, then `extra`."""
-    return {**{name: module.state_dict() for name, module in modules.items()},
-            "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-            "losses": losses, "step": step, **extra}
+    return {
+        **{name: module.state_dict() for name, module in modules.items()},
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "losses": losses,
+        "step": step,
+        **extra,
+    }
 
 
-def restore_stage(state: dict, modules: dict, optimizer: torch.optim.Optimizer,
-                  generator: torch.Generator) -> tuple[list[float], int]:
+def restore_stage(
+    state: dict, modules: dict, optimizer: torch.optim.Optimizer, generator: torch.Generator
+) -> tuple[list[float], int]:
     """Load a `stage_state` checkpoint into `modules`, `optimizer` and `generator`; returns the
     losses so far and the step to continue from."""
     for name, module in modules.items():

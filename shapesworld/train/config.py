@@ -43,20 +43,36 @@ class TrainConfig:
     model: dict = field(default_factory=lambda: shapes_config().to_dict())
 
     # the fields stage 1 (the VAE and its latents) depends on
-    VAE_FIELDS = ("seed", "dataset_seed", "n_train", "size", "vae_steps", "vae_batch", "vae_lr",
-                  "kl_weight", "foreground_weight", "initial_logvar", "warmup", "grad_clip")
+    VAE_FIELDS = (
+        "seed",
+        "dataset_seed",
+        "n_train",
+        "size",
+        "vae_steps",
+        "vae_batch",
+        "vae_lr",
+        "kl_weight",
+        "foreground_weight",
+        "initial_logvar",
+        "warmup",
+        "grad_clip",
+    )
 
     def __post_init__(self) -> None:
         # checked here so that a bad value fails before 30000 images are rendered
         if not 0.0 <= self.caption_noise < 1.0:
             raise ValueError(f"caption_noise {self.caption_noise}: must be in [0, 1)")
         if not 0 <= self.caption_noise_min_t <= schedules.NUM_TRAIN_TIMESTEPS:
-            raise ValueError(f"caption_noise_min_t {self.caption_noise_min_t}: must be in "
-                             f"[0, {schedules.NUM_TRAIN_TIMESTEPS}]")
+            raise ValueError(
+                f"caption_noise_min_t {self.caption_noise_min_t}: must be in [0, {schedules.NUM_TRAIN_TIMESTEPS}]"
+            )
         if not self.caption_noise_attributes or any(
-                a not in MISLABEL_ATTRIBUTES for a in self.caption_noise_attributes):
-            raise ValueError(f"caption_noise_attributes {list(self.caption_noise_attributes)}: "
-                             f"choose from {list(MISLABEL_ATTRIBUTES)}")
+            a not in MISLABEL_ATTRIBUTES for a in self.caption_noise_attributes
+        ):
+            raise ValueError(
+                f"caption_noise_attributes {list(self.caption_noise_attributes)}: "
+                f"choose from {list(MISLABEL_ATTRIBUTES)}"
+            )
 
     def vae_stage(self) -> dict:
         """What stage 1's result depends on: two runs with equal values train the same VAE."""

@@ -33,8 +33,7 @@ from .config import MISLABEL_ATTRIBUTES, TrainConfig
 
 def render_training_set(cfg: TrainConfig) -> tuple[torch.Tensor, list[str]]:
     """The fixed training set: (N, 3, H, W) uint8 images and their captions."""
-    data = dataset(cfg.n_train, seed=cfg.dataset_seed, split="train", size=cfg.size,
-                   tensors=False)
+    data = dataset(cfg.n_train, seed=cfg.dataset_seed, split="train", size=cfg.size, tensors=False)
     images = torch.empty(cfg.n_train, 3, cfg.size, cfg.size, dtype=torch.uint8)
     captions = []
     for i in range(cfg.n_train):
@@ -47,8 +46,7 @@ def render_training_set(cfg: TrainConfig) -> tuple[torch.Tensor, list[str]]:
 
 def training_captions(cfg: TrainConfig) -> list[str]:
     """The clean captions of the training set, without rendering it."""
-    data = dataset(cfg.n_train, seed=cfg.dataset_seed, split="train", size=cfg.size,
-                   tensors=False)
+    data = dataset(cfg.n_train, seed=cfg.dataset_seed, split="train", size=cfg.size, tensors=False)
     return [data.scene(i)[1] for i in range(cfg.n_train)]
 
 
@@ -61,11 +59,9 @@ def mislabel_captions(cfg: TrainConfig, captions: list[str]) -> list[str]:
     images the caption fits (p(c|x)), and this is the regime in which it matters."""
     if cfg.caption_noise <= 0:
         return list(captions)
-    data = dataset(len(captions), seed=cfg.dataset_seed, split="train", size=cfg.size,
-                   tensors=False)
+    data = dataset(len(captions), seed=cfg.dataset_seed, split="train", size=cfg.size, tensors=False)
     values = {"colour": list(COLOURS), "shape": list(SHAPES), "position": list(POSITIONS)}
-    choices = {name: values[name] for name in MISLABEL_ATTRIBUTES
-               if name in cfg.caption_noise_attributes}
+    choices = {name: values[name] for name in MISLABEL_ATTRIBUTES if name in cfg.caption_noise_attributes}
     rng = np.random.default_rng([cfg.dataset_seed, 17])
     noisy = list(captions)
     for i in range(len(captions)):
@@ -110,8 +106,9 @@ def image_batch(images: torch.Tensor, batch: int, generator: torch.Generator) ->
     return to_unit(images[index])
 
 
-def latent_batch(latents: tuple[torch.Tensor, torch.Tensor], batch: int, scaling_factor: float,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_batch(
+    latents: tuple[torch.Tensor, torch.Tensor], batch: int, scaling_factor: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 2's latents: the image indices (B,) drawn with replacement, and a fresh draw from
     each one's VAE posterior, scaled by `scaling_factor`: (B, 4, h, w)."""
     mean_all, std_all = latents
@@ -135,11 +132,11 @@ class CaptionTokens:
         unique = sorted(set(captions + noisy_captions))
         row = {c: i for i, c in enumerate(unique)}
         index = torch.tensor([row[c] for c in captions + noisy_captions])
-        return cls(tokenize(unique), index[:len(captions)], index[len(captions):],
-                   tokenize([""])[0])
+        return cls(tokenize(unique), index[: len(captions)], index[len(captions) :], tokenize([""])[0])
 
-    def batch(self, cfg: TrainConfig, index: torch.Tensor, t: torch.Tensor, step: int,
-              generator: torch.Generator) -> torch.Tensor:
+    def batch(
+        self, cfg: TrainConfig, index: torch.Tensor, t: torch.Tensor, step: int, generator: torch.Generator
+    ) -> torch.Tensor:
         """Token ids (B, 77) of images `index` at timesteps `t` in UNet step `step`: the
         mislabelled caption where caption noise applies (t >= caption_noise_min_t, from step
         caption_noise_from_step on), "" for a `caption_dropout` share drawn from `generator`."""

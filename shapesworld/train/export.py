@@ -24,8 +24,7 @@ from .runs import git_commit, pipeline_from_run
 # A small, fixed adherence figure stored with the shipped weights and re-measured by the tests:
 # 12 held-out prompts and 6 img2img recolourings (red circle -> blue, strength 0.7), DDIM 10
 # steps, guidance 7.5, one seed each.
-CHECK = {"n": 12, "prompt_seed": 7, "sampler": "ddim", "steps": 10, "guidance_scale": 7.5,
-         "recolour_n": 6}
+CHECK = {"n": 12, "prompt_seed": 7, "sampler": "ddim", "steps": 10, "guidance_scale": 7.5, "recolour_n": 6}
 
 
 def adherence_check(pipe, check: dict = CHECK) -> dict:
@@ -33,11 +32,15 @@ def adherence_check(pipe, check: dict = CHECK) -> dict:
     {"settings", "prompts", "counts", "recolour_counts"}."""
     data = dataset(check["n"], seed=check["prompt_seed"], split="heldout", tensors=False)
     prompts = [data.scene(i)[1] for i in range(check["n"])]
-    settings = {"sampler": check["sampler"], "steps": check["steps"],
-                "guidance_scale": check["guidance_scale"], "width": 64, "height": 64}
+    settings = {
+        "sampler": check["sampler"],
+        "steps": check["steps"],
+        "guidance_scale": check["guidance_scale"],
+        "width": 64,
+        "height": 64,
+    }
     images = pipe.generate([{"prompt": p, "seed": i} for i, p in enumerate(prompts)], **settings)
-    result = {"settings": dict(check), "prompts": prompts,
-              "counts": adherence(zip(images, prompts))["counts"]}
+    result = {"settings": dict(check), "prompts": prompts, "counts": adherence(zip(images, prompts))["counts"]}
     rows = recolour_rows(check.get("recolour_n", 0), seed=check["prompt_seed"] + 1)
     if rows:
         images = pipe.generate(rows, **settings)
@@ -55,7 +58,8 @@ def training_command(cfg: TrainConfig, vae_from: bool) -> str:
         f"--caption-noise-min-t {cfg.caption_noise_min_t} "
         f"--caption-noise-from-step {cfg.caption_noise_from_step} "
         f"--caption-noise-attributes {','.join(cfg.caption_noise_attributes)}"
-        + (" --vae-from VAE_RUN" if vae_from else ""))
+        + (" --vae-from VAE_RUN" if vae_from else "")
+    )
 
 
 def wall_seconds(records: list[dict]) -> dict[str, float]:
@@ -88,8 +92,9 @@ def training_commit(out: Path) -> str:
     return json.loads(summary.read_text()).get("git_commit", "unknown")
 
 
-def training_record(out: Path, pipe, cfg: TrainConfig, unet_state: dict, dtype: torch.dtype,
-                    token_ids: list[int]) -> dict:
+def training_record(
+    out: Path, pipe, cfg: TrainConfig, unet_state: dict, dtype: torch.dtype, token_ids: list[int]
+) -> dict:
     """`training.json` for the run in `out`, without the adherence check."""
     vae_state = load_checkpoint(out / "vae.pt")
     unet_losses, vae_losses = unet_state["losses"], vae_state["losses"]
@@ -97,21 +102,31 @@ def training_record(out: Path, pipe, cfg: TrainConfig, unet_state: dict, dtype: 
     vae_from = vae_from_source(records)
     return {
         "model": "builtin:shapes",
-        "dataset": {"module": "shapesworld.world", "seed": cfg.dataset_seed,
-                    "split": "train", "n_images": cfg.n_train, "size": cfg.size},
+        "dataset": {
+            "module": "shapesworld.world",
+            "seed": cfg.dataset_seed,
+            "split": "train",
+            "n_images": cfg.n_train,
+            "size": cfg.size,
+        },
         "train_seed": cfg.seed,
-        **({"vae_stage_from": f"stage 1 (VAE) taken with --vae-from from the run in {vae_from}, "
-                              "trained there with identical stage-1 settings"}
-           if vae_from else {}),
+        **(
+            {
+                "vae_stage_from": f"stage 1 (VAE) taken with --vae-from from the run in {vae_from}, "
+                "trained there with identical stage-1 settings"
+            }
+            if vae_from
+            else {}
+        ),
         "vae_steps": int(vae_state["step"]),
         "unet_steps": int(unet_state["step"]),
         "vae_loss": {"first": vae_losses[0], "last50": float(np.mean(vae_losses[-50:]))},
-        "unet_loss": {"first50": float(np.mean(unet_losses[:50])),
-                      "last200": float(np.mean(unet_losses[-200:]))},
+        "unet_loss": {"first50": float(np.mean(unet_losses[:50])), "last200": float(np.mean(unet_losses[-200:]))},
         "wall_seconds": wall_seconds(records),
-        "weights": "EMA of UNet and text encoder; stored as " + str(dtype).replace("torch.", "")
-                   + f"; token table: the {len(token_ids)} rows of the training captions' "
-                   "tokens, others zero",
+        "weights": "EMA of UNet and text encoder; stored as "
+        + str(dtype).replace("torch.", "")
+        + f"; token table: the {len(token_ids)} rows of the training captions' "
+        "tokens, others zero",
         "scaling_factor": float(unet_state["scaling_factor"]),
         # the commit that trained (summary.json), and the one that exported
         "git_commit": training_commit(out),
@@ -122,8 +137,7 @@ def training_record(out: Path, pipe, cfg: TrainConfig, unet_state: dict, dtype: 
     }
 
 
-def export(out: Path, target: Path, *, dtype: torch.dtype = torch.float16,
-           extra: dict | None = None) -> Path:
+def export(out: Path, target: Path, *, dtype: torch.dtype = torch.float16, extra: dict | None = None) -> Path:
     """Ship the run in `out` as `target/model.safetensors` (CompVis layout, config in the
     metadata, weights in `dtype`) plus `target/training.json` (with `extra` added)."""
     pipe, cfg, unet_state = pipeline_from_run(out)

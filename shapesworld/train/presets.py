@@ -24,7 +24,5 @@ def shapes_config(scaling_factor: float = 1.0) -> ModelConfig:
             norm_num_groups=16,
             scaling_factor=scaling_factor,
         ),
-        text_encoder=TextEncoderConfig(
-            hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4
-        ),
+        text_encoder=TextEncoderConfig(hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4),
     )

@@ -36,8 +36,9 @@ from .stages import encode_latents, scaling_factor_for, train_unet, train_vae
 def git_commit() -> str:
     """HEAD of the repository this package lives in ("unknown" outside git)."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -62,13 +63,14 @@ def reuse_vae_stage(cfg: TrainConfig, source: Path, out: Path) -> None:
     saved = load_config(source)
     if saved.vae_stage() != cfg.vae_stage():
         differ = sorted(k for k, v in cfg.vae_stage().items() if saved.vae_stage().get(k) != v)
-        raise ValueError(f"--vae-from {source}: its VAE stage was trained with other settings "
-                         f"({', '.join(differ)})")
+        raise ValueError(f"--vae-from {source}: its VAE stage was trained with other settings ({', '.join(differ)})")
     if int(load_checkpoint(source / "vae.pt")["step"]) != cfg.vae_steps:
         raise ValueError(f"--vae-from {source}: its VAE stage is not finished")
     if (out / "unet.pt").exists():  # stage 2 would silently continue that older run
-        raise ValueError(f"--vae-from: {out} already holds a stage-2 checkpoint (unet.pt); "
-                         "use a new --out, or --resume to continue it")
+        raise ValueError(
+            f"--vae-from: {out} already holds a stage-2 checkpoint (unet.pt); "
+            "use a new --out, or --resume to continue it"
+        )
     out.mkdir(parents=True, exist_ok=True)
     for name in ("vae.pt", "latents.pt"):
         shutil.copyfile(source / name, out / name)
@@ -79,8 +81,7 @@ def reuse_vae_stage(cfg: TrainConfig, source: Path, out: Path) -> None:
             log.write(**record)
 
 
-def stage_one_latents(vae, images: torch.Tensor, path: Path,
-                      resume: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def stage_one_latents(vae, images: torch.Tensor, path: Path, resume: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every training image: read from `path` when resuming a run
     that has them, else encoded with `vae` and saved there."""
     if resume and path.exists():
@@ -91,8 +92,9 @@ def stage_one_latents(vae, images: torch.Tensor, path: Path,
     return mean, std
 
 
-def summarize(commit: str, began: float, scaling_factor: float, vae_losses: list[float],
-              unet_losses: list[float]) -> dict:
+def summarize(
+    commit: str, began: float, scaling_factor: float, vae_losses: list[float], unet_losses: list[float]
+) -> dict:
     """What `summary.json` says about a finished run."""
     return {
         "git_commit": commit,  # the code that trained (HEAD when the run began)
@@ -105,8 +107,9 @@ def summarize(commit: str, began: float, scaling_factor: float, vae_losses: list
     }
 
 
-def run(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = True,
-        vae_from: Path | None = None) -> dict:
+def run(
+    cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = True, vae_from: Path | None = None
+) -> dict:
     """Both stages; returns a summary (also written to `out/summary.json`). With `vae_from`,
     stage 1 is taken from that run (see `reuse_vae_stage`)."""
     if vae_from is not None and not (resume and (out / "vae.pt").exists()):
@@ -121,8 +124,9 @@ def run(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = T
     vae, vae_losses = train_vae(cfg, out, images, resume=resume, progress=progress)
     mean, std = stage_one_latents(vae, images, out / "latents.pt", resume)
     scaling_factor = scaling_factor_for(mean, cfg.latent_std)
-    _, _, unet_losses = train_unet(cfg, out, (mean, std), scaling_factor, captions,
-                                   noisy_captions, resume=resume, progress=progress)
+    _, _, unet_losses = train_unet(
+        cfg, out, (mean, std), scaling_factor, captions, noisy_captions, resume=resume, progress=progress
+    )
     summary = summarize(commit_at_start, began, scaling_factor, vae_losses, unet_losses)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -136,6 +140,5 @@ def pipeline_from_run(out: Path, *, ema: bool = True):
     unet_state = load_checkpoint(out / "unet.pt")
     prefix = "ema_" if ema else ""
     config = cfg.model_config(float(unet_state["scaling_factor"]))
-    parts = {"vae": vae_state, "unet": unet_state[prefix + "unet"],
-             "text_encoder": unet_state[prefix + "text_encoder"]}
+    parts = {"vae": vae_state, "unet": unet_state[prefix + "unet"], "text_encoder": unet_state[prefix + "text_encoder"]}
     return assemble(config, parts, source=str(out)), cfg, unet_state

@@ -65,8 +65,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
     return lr
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params,
-                   grad_clip: float) -> None:
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params, grad_clip: float) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -76,8 +75,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params,
 def progress_bar(total: int, initial: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, mininterval=5,
-                dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, mininterval=5, dynamic_ncols=True)
 
 
 def due(step: int, every: int, last: int) -> bool:
@@ -107,8 +105,9 @@ def new_vae(cfg: TrainConfig) -> AutoencoderKL:
     return vae
 
 
-def vae_loss(vae: AutoencoderKL, x: torch.Tensor, cfg: TrainConfig,
-             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def vae_loss(
+    vae: AutoencoderKL, x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage 1's objective on images x (B, 3, H, W): (loss, reconstruction term, KL term)."""
     mean, logvar = vae.encode(x)  # (B, 4, H/f, W/f) each
     eps = torch.randn(mean.shape, generator=generator)
@@ -124,8 +123,9 @@ def vae_loss(vae: AutoencoderKL, x: torch.Tensor, cfg: TrainConfig,
     return rec + cfg.kl_weight * kl, rec, kl
 
 
-def train_vae(cfg: TrainConfig, out: Path, images: torch.Tensor, *, resume: bool,
-              progress: bool = True) -> tuple[AutoencoderKL, list[float]]:
+def train_vae(
+    cfg: TrainConfig, out: Path, images: torch.Tensor, *, resume: bool, progress: bool = True
+) -> tuple[AutoencoderKL, list[float]]:
     """Stage 1: the KL autoencoder on uint8 images (N, 3, H, W), checkpointed to `out/vae.pt`.
     Returns the trained VAE and its per-step losses."""
     path = out / "vae.pt"
@@ -154,10 +154,17 @@ def train_vae(cfg: TrainConfig, out: Path, images: torch.Tensor, *, resume: bool
         losses.append(loss.item())
         bar.update(1)
         if due(step, cfg.log_every, cfg.vae_steps):
-            recent = float(np.mean(losses[-cfg.log_every:]))
+            recent = float(np.mean(losses[-cfg.log_every :]))
             bar.set_postfix(loss=f"{recent:.4f}", rec=f"{rec.item():.4f}", kl=f"{kl.item():.2f}")
-            log.write(phase="vae", step=step, loss=recent, rec=rec.item(), kl=kl.item(), lr=lr,
-                      seconds=round(time.time() - start, 1))
+            log.write(
+                phase="vae",
+                step=step,
+                loss=recent,
+                rec=rec.item(),
+                kl=kl.item(),
+                lr=lr,
+                seconds=round(time.time() - start, 1),
+            )
         if due(step, cfg.checkpoint_every, cfg.vae_steps):
             checkpoint()
     bar.close()
@@ -199,8 +206,7 @@ def min_snr_weights(alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.clamp(snr, max=gamma) / snr
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-              alpha_bar: torch.Tensor) -> torch.Tensor:
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I) (Ho et al. 2020, eq. 4), x0 (B, 4, h, w)."""
     a = alpha_bar[t].view(len(t), 1, 1, 1)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -215,9 +221,17 @@ def update_ema(pairs: list, step: int, max_decay: float) -> None:
             ema_p.lerp_(p, 1 - decay)
 
 
-def train_unet(cfg: TrainConfig, out: Path, latents: tuple[torch.Tensor, torch.Tensor],
-               scaling_factor: float, captions: list[str], noisy_captions: list[str], *,
-               resume: bool, progress: bool = True):
+def train_unet(
+    cfg: TrainConfig,
+    out: Path,
+    latents: tuple[torch.Tensor, torch.Tensor],
+    scaling_factor: float,
+    captions: list[str],
+    noisy_captions: list[str],
+    *,
+    resume: bool,
+    progress: bool = True,
+):
     """Stage 2: UNet + text encoder with ε-prediction on SD 1.5's schedule, caption dropout and
     Min-SNR weighting, checkpointed to `out/unet.pt`. `noisy_captions` (see
     `data.mislabel_captions`) replace `captions` for the rows with t >= cfg.caption_noise_min_t
@@ -230,16 +244,14 @@ def train_unet(cfg: TrainConfig, out: Path, latents: tuple[torch.Tensor, torch.T
     params = list(unet.parameters()) + list(text.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + 2)
-    modules = {"unet": unet, "text_encoder": text, "ema_unet": ema_unet,
-               "ema_text_encoder": ema_text}
+    modules = {"unet": unet, "text_encoder": text, "ema_unet": ema_unet, "ema_text_encoder": ema_text}
     losses: list[float] = []
     step = 0
     if resume and path.exists():
         losses, step = restore_stage(load_checkpoint(path), modules, optimizer, generator)
 
     def checkpoint() -> None:
-        save_checkpoint(stage_state(modules, optimizer, generator, losses, step,
-                                    scaling_factor=scaling_factor), path)
+        save_checkpoint(stage_state(modules, optimizer, generator, losses, step, scaling_factor=scaling_factor), path)
 
     tokens = CaptionTokens.build(captions, noisy_captions)
     alpha_bar = schedules.alphas_cumprod()  # (1000,) SD 1.5 scaled-linear
@@ -266,10 +278,11 @@ def train_unet(cfg: TrainConfig, out: Path, latents: tuple[torch.Tensor, torch.T
         losses.append(per_row.mean().item())  # unweighted ε-MSE: comparable across runs
         bar.update(1)
         if due(step, cfg.log_every, cfg.unet_steps):
-            recent = float(np.mean(losses[-cfg.log_every:]))
+            recent = float(np.mean(losses[-cfg.log_every :]))
             bar.set_postfix(loss=f"{recent:.4f}")
-            log.write(phase="unet", step=step, loss=recent, weighted=loss.item(), lr=lr,
-                      seconds=round(time.time() - start, 1))
+            log.write(
+                phase="unet", step=step, loss=recent, weighted=loss.item(), lr=lr, seconds=round(time.time() - start, 1)
+            )
         if due(step, cfg.checkpoint_every, cfg.unet_steps):
             checkpoint()
     bar.close()
