@@ -4,7 +4,8 @@ The worker makes each image from its row's record through these two functions, a
 `reproduce.py` remakes it from the stored record through the same two, so what a record says and
 what was run cannot drift apart:
 
-    images = pipe.generate([generation_request(record, init_image)], **generate_settings(record))
+    images = pipe.generate([generation_request(record, init_image)], **generate_settings(record),
+                           **recorded_slots(record))
 
 `generation_request` is the per-row part (prompt, negative prompt, seed, init image, strength);
 `generate_settings` the settings a batch shares (rows of one batch have equal settings, see
@@ -38,8 +39,10 @@ def generation_request(record: Record, init_image: Image.Image | None = None) ->
 
 
 def generate_settings(record: Record) -> dict[str, Any]:
-    """The keyword settings of `Pipeline.generate` for the record's image."""
-    return {
+    """The keyword settings of `Pipeline.generate` for the record's image: the sampler
+    settings, and the shape of the UNet forwards (`fixed_batch` rows; records written before
+    fixed-shape batching have none and name their mode by `batch_invariant`)."""
+    settings: dict[str, Any] = {
         "sampler": record.sampler,
         "karras": bool(record.karras),
         "steps": int(record.steps),
@@ -48,6 +51,17 @@ def generate_settings(record: Record) -> dict[str, Any]:
         "height": int(record.height),
         "batch_invariant": bool(record.batch_invariant),
     }
+    if record.batch_rows:
+        settings["fixed_batch"] = int(record.batch_rows)
+    return settings
 
 
-__all__ = ["generate_settings", "generation_request"]
+def recorded_slots(record: Record) -> dict[str, Any]:
+    """To remake one record's image alone: put its row back in the slot it had (fillers take the
+    other slots of the forward). Empty for records without a recorded placement."""
+    if not record.batch_rows or record.batch_slot is None:
+        return {}
+    return {"slots": [int(record.batch_slot)]}
+
+
+__all__ = ["generate_settings", "generation_request", "recorded_slots"]

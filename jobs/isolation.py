@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -28,15 +28,17 @@ class RowOutcome:
     image: Image.Image | None
     error: Exception | None
     seconds: float  # this row's share of the generate() time
+    placement: Any = None  # where the row sat in its UNet forwards (sdcore.pipeline.Placement)
 
 
 def generate_isolated(
-    generate: Callable[[list[R]], list[Image.Image]],
+    generate: Callable[[list[R]], list[tuple[Image.Image, Any]]],
     requests: Sequence[R],
     before_retry: Callable[[], None] = lambda: None,
 ) -> list[RowOutcome]:
-    """One outcome per request, in order. `before_retry` runs once before a failed batch is
-    retried row by row (e.g. to release GPU memory)."""
+    """One outcome per request, in order. `generate` returns (image, placement) per request
+    (`Pipeline.generate_placed`). `before_retry` runs once before a failed batch is retried row
+    by row (e.g. to release GPU memory)."""
     requests = list(requests)
     started = time.perf_counter()
     try:
@@ -50,16 +52,16 @@ def generate_isolated(
         _raise_if_systemic(outcomes)
         return outcomes
     share = (time.perf_counter() - started) / len(requests)
-    return [RowOutcome(image, None, share) for image in images]
+    return [RowOutcome(image, None, share, placement) for image, placement in images]
 
 
-def _generate_one(generate: Callable[[list[R]], list[Image.Image]], request: R) -> RowOutcome:
+def _generate_one(generate: Callable[[list[R]], list[tuple[Image.Image, Any]]], request: R) -> RowOutcome:
     started = time.perf_counter()
     try:
-        image = generate([request])[0]
+        image, placement = generate([request])[0]
     except Exception as exc:  # noqa: BLE001 - the row's own failure, recorded
         return RowOutcome(None, exc, time.perf_counter() - started)
-    return RowOutcome(image, None, time.perf_counter() - started)
+    return RowOutcome(image, None, time.perf_counter() - started, placement)
 
 
 def _raise_if_systemic(outcomes: list[RowOutcome]) -> None:

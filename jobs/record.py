@@ -80,6 +80,11 @@ class Record:
     time_load_s: Float64 | None = None  # reading the init image
     time_generate_s: Float64 | None = None  # this row's share of its batch's generate()
     time_write_s: Float64 | None = None  # encoding and committing the image
+    # The UNet forwards that made the image (see sdcore.pipeline.Placement): `batch_rows` rows
+    # per forward, this row in `batch_slot`. Rebuilding that shape with the row in that slot
+    # remakes its bits. Null in records written before fixed-shape batching.
+    batch_rows: Int32 | None = None
+    batch_slot: Int32 | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Record:
@@ -90,10 +95,12 @@ class Record:
         """Column name -> value, in column order (the form `records_table` and Output take)."""
         return {name: getattr(self, name) for name in RECORD_FIELDS}
 
-    def generated(self, seconds: float, error: str | None = None) -> Record:
-        """This record after its generate() call: the row's share of the call's time, and the
-        failure, if the row has no image."""
-        return dataclasses.replace(self, time_generate_s=seconds, status=_status(error), error=error)
+    def generated(self, seconds: float, error: str | None = None, placement: Any = None) -> Record:
+        """This record after its generate() call: the row's share of the call's time, the
+        failure, if the row has no image, and where the row sat in its forwards (a
+        `sdcore.pipeline.Placement`, when it has an image)."""
+        placed = {} if placement is None else {"batch_rows": placement.rows, "batch_slot": placement.slot}
+        return dataclasses.replace(self, time_generate_s=seconds, status=_status(error), error=error, **placed)
 
     def with_image(self, image: StoredImage) -> Record:
         """This record with the facts of its committed image."""
@@ -177,6 +184,7 @@ class RecordBuilder:
     device_name: str
     threads: int | None
     batch_invariant: bool
+    batch_rows: int  # rows per UNet forward: 1 with batch_invariant, else the batch size
     torch_version: str | None
     sdcore_version: str | None
     sdgen_version: str

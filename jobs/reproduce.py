@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from jobs.generation import generate_settings, generation_request
+from jobs.generation import generate_settings, generation_request, recorded_slots
 from jobs.init_images import decode_init_image
 from jobs.manifest import resolve_init_image
 from jobs.output import Output
@@ -157,7 +157,8 @@ class Reproducer:
         """The record's image, made as the job made it (`jobs.generation`) and encoded alike."""
         pipe = self.pipeline(record)
         init_image = self.init_image(record) if record.mode == "img2img" else None
-        image = pipe.generate([generation_request(record, init_image)], **generate_settings(record))[0]
+        request = generation_request(record, init_image)
+        image = pipe.generate([request], **generate_settings(record), **recorded_slots(record))[0]
         return encode_image(image, record.image_format, a1111_parameters(record), self.quality)
 
     def compare(self, record: Record, min_psnr: float, exact: bool) -> tuple[Comparison, bytes | None]:

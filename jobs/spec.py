@@ -56,10 +56,11 @@ class ExecutionSpec:
     # torch threads per CPU worker. CPU float results depend on the thread count, so it is one
     # number for every worker of a job (never cores / workers). auto: the CPUs of the largest node.
     cpu_threads: int | str = "auto"
-    # true: the UNet runs each row's guidance pair on its own, so images are bit-identical
-    # whatever the batching; false: a whole batch per forward pass (faster on GPUs, images
-    # equal across batch sizes only within float tolerance). See sdcore/pipeline.py.
-    batch_invariant: bool = True
+    # false (default): every UNet forward runs batch_size rows (a short batch is padded), and a
+    # row's bits depend only on its own inputs and its slot, which its record keeps: reproduce
+    # is identical at full batched speed. true: one row's guidance pair per forward, images the
+    # same whatever the batch size too (slower). See sdcore/pipeline.py.
+    batch_invariant: bool = False
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ class WorkerConfig:
     dtype: str = "auto"
     device: str = "cpu"  # cpu | cuda (resolved by the distributor)
     batch_size: int = 8
-    batch_invariant: bool = True  # see ExecutionSpec.batch_invariant
+    batch_invariant: bool = False  # see ExecutionSpec.batch_invariant
     image_format: str = "png"
     quality: int = 95
     threads: int | None = None  # torch intra-op threads on CPU (same for every worker of a job)
@@ -156,6 +156,9 @@ class ShardWorker:
             device_name=self._info.device_name,
             threads=self._info.threads,
             batch_invariant=config.batch_invariant,
+            # Every UNet forward runs this many rows (a short batch is padded), so each image's
+            # bits depend on its slot, not on its neighbours; one row per forward when invariant.
+            batch_rows=1 if config.batch_invariant else config.batch_size,
             torch_version=versions.get("torch"),
             sdcore_version=versions.get("sdcore"),
             sdgen_version=__version__,
@@ -285,7 +288,7 @@ class ShardWorker:
         # The rows of a batch share their settings (equal `batch_key`s, one sampler per worker).
         settings = generate_settings(prepared[ready[0]][0])
         outcomes = generate_isolated(
-            lambda requests: self.pipe.generate(requests, **settings),
+            lambda requests: self.pipe.generate_placed(requests, **settings),
             [generation_request(record, init_image) for record, init_image in (prepared[i] for i in ready)],
             before_retry=release_memory,
         )
@@ -323,4 +326,4 @@ def _finish(record: Record, outcome: RowOutcome) -> tuple[Record, Image.Image | 
     if outcome.error is not None:
         error = outcome.error
         return record.generated(outcome.seconds, f"generation failed: {type(error).__name__}: {error}"), None
-    return record.generated(outcome.seconds), outcome.image
+    return record.generated(outcome.seconds, placement=outcome.placement), outcome.image

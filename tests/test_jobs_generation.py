@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from jobs.generation import generate_settings, generation_request
+from jobs.generation import generate_settings, generation_request, recorded_slots
 from jobs.init_images import read_init_image
 from jobs.manifest import load_manifest
 from jobs.output import Output
@@ -48,7 +48,8 @@ def test_the_record_remakes_the_workers_image(made, tiny_pipe):
     assert [r.mode for r in records] == ["txt2img", "img2img", "txt2img", "img2img", "txt2img"]
     for record in records:
         init = read_init_image(record.init_image_uri).image if record.mode == "img2img" else None
-        image = tiny_pipe.generate([generation_request(record, init)], **generate_settings(record))[0]
+        request = generation_request(record, init)
+        image = tiny_pipe.generate([request], **generate_settings(record), **recorded_slots(record))[0]
         data = encode_image(image, record.image_format, a1111_parameters(record))
         assert data == output.storage.read(record.image_path), (record.id, record.sampler)
 
@@ -72,8 +73,13 @@ def test_the_settings_and_request_come_from_the_record(made):
         "guidance_scale": 7.5,
         "width": 32,
         "height": 32,
-        "batch_invariant": True,
+        "batch_invariant": False,
+        "fixed_batch": 3,  # the worker's batch size: every forward ran 3 rows
     }
+    # Rows fill the slots of their forward in order; img2img rows (their own start step) run in
+    # their own forward, padded to 3 rows.
+    assert [(r.batch_rows, r.batch_slot) for r in records] == [(3, 0), (3, 0), (3, 1), (3, 0), (3, 0)]
+    assert recorded_slots(txt2img) == {"slots": [0]}
     request = generation_request(txt2img)
     assert (request.prompt, request.negative, request.seed, request.init_image, request.strength) == (
         txt2img.prompt,

@@ -9,7 +9,8 @@ from jobs.isolation import generate_isolated
 
 
 class FakeGenerate:
-    """Makes one image per request (an int); `fail(requests)` returns an exception to raise."""
+    """Makes one (image, placement) per request (an int); `fail(requests)` returns an exception to
+    raise. The placement is the request's position in the call, as a fixed-shape batch has it."""
 
     def __init__(self, fail=lambda requests: None):
         self.fail, self.calls = fail, []
@@ -19,7 +20,7 @@ class FakeGenerate:
         error = self.fail(requests)
         if error is not None:
             raise error
-        return [Image.new("L", (1, 1), r) for r in requests]
+        return [(Image.new("L", (1, 1), r), slot) for slot, r in enumerate(requests)]
 
 
 def test_a_good_batch_is_one_call_with_the_time_shared():
@@ -28,6 +29,7 @@ def test_a_good_batch_is_one_call_with_the_time_shared():
     assert generate.calls == [[1, 2, 3]]
     assert [o.image.getpixel((0, 0)) for o in outcomes] == [1, 2, 3] and all(o.error is None for o in outcomes)
     assert len({o.seconds for o in outcomes}) == 1
+    assert [o.placement for o in outcomes] == [0, 1, 2]
 
 
 def test_a_bad_row_is_isolated_and_its_neighbours_keep_their_images():
@@ -36,6 +38,7 @@ def test_a_bad_row_is_isolated_and_its_neighbours_keep_their_images():
     outcomes = generate_isolated(generate, [1, 2, 3], before_retry=lambda: retries.append(1))
     assert generate.calls == [[1, 2, 3], [1], [2], [3]] and retries == [1]
     assert [o.image is None for o in outcomes] == [False, True, False]
+    assert [o.placement for o in outcomes] == [0, None, 0]  # retried alone: the slot of that call
     assert isinstance(outcomes[1].error, ValueError) and str(outcomes[1].error) == "cursed"
 
 

@@ -20,6 +20,7 @@ BUILDER = RecordBuilder(
     device_name="NVIDIA A10G",
     threads=None,
     batch_invariant=True,
+    batch_rows=1,
     torch_version="2.13.0",
     sdcore_version="0.1.0",
     sdgen_version="0.1.0",

@@ -53,6 +53,8 @@ COLUMNS = [
     ("time_load_s", pa.float64()),
     ("time_generate_s", pa.float64()),
     ("time_write_s", pa.float64()),
+    ("batch_rows", pa.int32()),
+    ("batch_slot", pa.int32()),
 ]
 
 # Python type of a field -> the Arrow types its column may have.
@@ -74,6 +76,7 @@ BUILDER = RecordBuilder(
     device_name="x86_64",
     threads=2,
     batch_invariant=True,
+    batch_rows=1,
     torch_version="2.13.0",
     sdcore_version="0.1.0",
     sdgen_version="0.1.0",

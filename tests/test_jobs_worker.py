@@ -124,7 +124,8 @@ def test_images_do_not_depend_on_batch_size(tmp_path, tiny_pipe):
 
 
 def test_batched_forward_mode_is_recorded_and_close(tmp_path, tiny_pipe):
-    """batch_invariant=False batches rows through the UNet: same images up to float noise."""
+    """batch_invariant=False runs fixed-shape forwards of batch_size rows (recorded per row); the
+    images equal the one-row-per-forward ones up to float noise."""
     task = one_shard(tmp_path, small_rows(4))
     pixels = {}
     for invariant in (True, False):
@@ -132,6 +133,9 @@ def test_batched_forward_mode_is_recorded_and_close(tmp_path, tiny_pipe):
         make_worker(tiny_pipe, out, batch_size=4, batch_invariant=invariant).run(task)
         records = Output(str(out)).read_records("shard-00000").to_pylist()
         assert {r["batch_invariant"] for r in records} == {invariant}
+        assert [(r["batch_rows"], r["batch_slot"]) for r in records] == (
+            [(1, 0)] * 4 if invariant else [(4, 0), (4, 1), (4, 2), (4, 3)]
+        )
         pixels[invariant] = [np.asarray(Image.open(out / r["image_path"]), dtype=np.int16) for r in records]
     for exact, batched in zip(pixels[True], pixels[False]):
         assert np.abs(exact - batched).max() <= 2
@@ -147,7 +151,7 @@ class Failing:
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
-    def generate(self, rows, **kwargs):
+    def generate_placed(self, rows, **kwargs):  # what the worker calls
         self.calls += 1
         if self.always is not None:
             raise self.always
@@ -155,7 +159,7 @@ class Failing:
             raise KeyboardInterrupt("simulated crash")  # not an Exception: nothing catches it
         if any(r.seed == self.bad_seed for r in rows):
             raise ValueError(f"seed {self.bad_seed} is cursed")
-        return self.pipe.generate(rows, **kwargs)
+        return self.pipe.generate_placed(rows, **kwargs)
 
 
 def test_a_crash_loses_at_most_the_batch_in_flight(tmp_path, tiny_pipe):

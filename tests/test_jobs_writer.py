@@ -26,6 +26,7 @@ BUILDER = RecordBuilder(
     device_name="x86_64",
     threads=1,
     batch_invariant=True,
+    batch_rows=1,
     torch_version="2.13.0",
     sdcore_version="0.1.0",
     sdgen_version="0.1.0",
