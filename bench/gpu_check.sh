@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# GPU check (bench/gpu_check.py), for a machine with a CUDA torch, transformers, safetensors,
+# pyarrow and pillow but no network, no diffusers, no ftfy, no Ray. Pure-Python wheels it lacks
+# are installed from a local folder first (default .whl/ in the repository root), made on a
+# machine with PyPI access:
+#   pip download --no-deps --only-binary=:all: -d .whl diffusers ftfy wcwidth importlib_metadata zipp
+# Usage: bash bench/gpu_check.sh [WHEEL_DIR] [-- gpu_check.py options]; finishes in about 5 minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+wheels="${1:-.whl}"
+if compgen -G "$wheels/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu-check-site "$wheels"/*.whl
+  export PYTHONPATH="/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+shift $(( $# > 0 ? 1 : 0 ))
+[ "${1:-}" = "--" ] && shift
+export PYTHONUNBUFFERED=1
+timeout 600 python3 bench/gpu_check.py "$@"
