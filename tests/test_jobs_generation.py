@@ -76,9 +76,9 @@ def test_the_settings_and_request_come_from_the_record(made):
         "batch_invariant": False,
         "fixed_batch": 3,  # the worker's batch size: every forward ran 3 rows
     }
-    # Rows fill the slots of their forward in order; img2img rows (their own start step) run in
-    # their own forward, padded to 3 rows.
-    assert [(r.batch_rows, r.batch_slot) for r in records] == [(3, 0), (3, 0), (3, 1), (3, 0), (3, 0)]
+    # The worker batches rows that start at the same step: txt2img rows 0, 2, 4 fill one forward,
+    # the img2img rows 1 and 3 (strength 0.75) another, padded to 3 rows.
+    assert [(r.batch_rows, r.batch_slot) for r in records] == [(3, 0), (3, 0), (3, 1), (3, 1), (3, 2)]
     assert recorded_slots(txt2img) == {"slots": [0]}
     request = generation_request(txt2img)
     assert (request.prompt, request.negative, request.seed, request.init_image, request.strength) == (

@@ -165,7 +165,10 @@ def test_good_rows_and_overrides():
     # a strength without an init image has nothing to act on (as in sdcore)
     txt, problem, _ = parse_row(2, row(strength=3.0), row_id="c", sampler=SAMPLER)
     assert problem is None and txt.strength is None
-    assert request.batch_key() != img.batch_key() and img.batch_key() == txt.batch_key()
+    # Batches group equal settings and equal start steps: img2img at 0.5 of 10 steps starts at step 5.
+    assert request.batch_key() != img.batch_key() and img.batch_key() != txt.batch_key()
+    assert (txt.start_step(), img.start_step()) == (0, 5)
+    assert img.batch_key()[:4] == txt.batch_key()[:4]
 
 
 def test_safe_names_are_safe_and_distinct():
