@@ -80,6 +80,9 @@ class Record:
     time_load_s: Float64 | None = None  # reading the init image
     time_generate_s: Float64 | None = None  # this row's share of its batch's generate()
     time_write_s: Float64 | None = None  # encoding and committing the image
+    # The worker's CUDA_VISIBLE_DEVICES (Ray gives each GPU worker its own GPU): with `worker`
+    # and `device`, which GPU of which node made the image. None on CPU-only workers.
+    cuda_visible_devices: String | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Record:
@@ -181,6 +184,7 @@ class RecordBuilder:
     sdcore_version: str | None
     sdgen_version: str
     worker: str
+    cuda_visible_devices: str | None = None
 
     def build(
         self,

@@ -53,6 +53,7 @@ COLUMNS = [
     ("time_load_s", pa.float64()),
     ("time_generate_s", pa.float64()),
     ("time_write_s", pa.float64()),
+    ("cuda_visible_devices", pa.string()),  # appended by issue 13 (which GPU made the image)
 ]
 
 # Python type of a field -> the Arrow types its column may have.
