@@ -80,8 +80,9 @@ class Record:
     time_load_s: Float64 | None = None  # reading the init image
     time_generate_s: Float64 | None = None  # this row's share of its batch's generate()
     time_write_s: Float64 | None = None  # encoding and committing the image
-    # The worker's CUDA_VISIBLE_DEVICES (Ray gives each GPU worker its own GPU): with `worker`
-    # and `device`, which GPU of which node made the image. None on CPU-only workers.
+    # The worker's CUDA_VISIBLE_DEVICES as it saw it (Ray sets it to the one GPU it gives each GPU
+    # worker): with `worker` and `device`, which GPU of which node made the image. None when unset
+    # or empty (CPU workers).
     cuda_visible_devices: String | None = None
 
     @classmethod
