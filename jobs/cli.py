@@ -34,6 +34,14 @@ def run_main(argv: Sequence[str], prog: str = "sdgen run") -> int:
         "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)"
     )
     parser.add_argument(
+        "--base-dir",
+        default=None,
+        metavar="DIR",
+        help="relative paths in the spec are relative to DIR (default: the current directory); under "
+        '`ray job submit` on a cluster on this machine, --base-dir "$PWD" makes them mean your checkout '
+        "instead of Ray's temporary copy of the working dir",
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="validate the spec, manifest and output, print the plan, run nothing"
     )
     parser.add_argument(
@@ -48,13 +56,13 @@ def run_main(argv: Sequence[str], prog: str = "sdgen run") -> int:
     # Imported after parsing, so that --help and usage errors come at once.
     from .manifest import ManifestError
     from .runner import JobConflict, run_job
-    from .spec import SpecError
+    from .spec import SpecError, load_spec
     from .storage import StorageError
     from .worker import WorkerStartError
 
     try:
         summary = run_job(
-            args.spec,
+            load_spec(args.spec, base_dir=args.base_dir) if args.base_dir else args.spec,
             overwrite=args.overwrite,
             address=args.address,
             dry_run=args.dry_run,

@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import time
 import traceback
 from collections import deque
@@ -34,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from .cluster import ClusterLayout
 from .progress import Outcome, ProgressState
 from .reader import ShardTask
 from .retry import RetryPolicy
@@ -78,6 +81,12 @@ def describe_cluster() -> str:
     return f"{nodes} node(s), {int(resources.get('CPU', 0))} CPUs, {int(resources.get('GPU', 0))} GPUs"
 
 
+def cluster_layout() -> ClusterLayout:
+    """The driver's node and every alive node's resources (for `cluster.check_output_shared`)."""
+    nodes = {n["NodeID"]: dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")}
+    return ClusterLayout(driver_node=ray.get_runtime_context().get_node_id(), nodes=nodes)
+
+
 def disconnect(started: bool) -> None:
     if started and ray.is_initialized():
         ray.shutdown()
@@ -112,6 +121,8 @@ class _WorkerActor:
     def __init__(self, factory: Callable[[WorkerConfig], Any], config: WorkerConfig):
         self.error = None
         self.worker = None
+        if config.name is None:  # host:pid@node IP: which node of the cluster made a record
+            config = replace(config, name=f"{socket.gethostname()}:{os.getpid()}@{ray.util.get_node_ip_address()}")
         try:
             self.worker = factory(config)
         except Exception as exc:  # noqa: BLE001 - reported through info()
@@ -185,6 +196,11 @@ class RayDistributor:
         if workers == "auto":
             workers = max(1, gpus) if device == "cuda" else 1
         if device == "cuda":
+            if workers > gpus:
+                self.log(
+                    f"[sdgen] note: {workers} workers asked for, the cluster has {gpus} GPU(s) now; "
+                    f"{workers - gpus} wait for a free GPU (a node still to come), the job runs on those that start"
+                )
             return device, workers, {"num_gpus": 1, "num_cpus": 1}, None
         node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
         largest = max(node_cpus or [1]) or 1
@@ -212,7 +228,9 @@ class RayDistributor:
             max_restarts=2, max_task_retries=0, runtime_env=_actor_runtime_env(), **options
         )
         self.actors = [actor_cls.remote(factory, replace(config, name=None)) for _ in range(workers)]
-        self.progress_actor = ray.remote(_Progress).options(num_cpus=0).remote()
+        # On the driver's node: a node lost mid-job must not take the job's progress with it.
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self.progress_actor = ray.remote(_Progress).options(num_cpus=0, scheduling_strategy=here).remote()
         return device
 
     def run(

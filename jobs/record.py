@@ -85,6 +85,10 @@ class Record:
     # remakes its bits. Null in records written before fixed-shape batching.
     batch_rows: Int32 | None = None
     batch_slot: Int32 | None = None
+    # The worker's CUDA_VISIBLE_DEVICES as it saw it (Ray sets it to the one GPU it gives each GPU
+    # worker): with `worker` and `device`, which GPU of which node made the image. None when unset
+    # or empty (CPU workers).
+    cuda_visible_devices: String | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Record:
@@ -189,6 +193,7 @@ class RecordBuilder:
     sdcore_version: str | None
     sdgen_version: str
     worker: str
+    cuda_visible_devices: str | None = None
 
     def build(
         self,

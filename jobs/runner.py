@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import __version__
+from .cluster import check_output_shared, check_paths_where_submitted
 from .manifest import Manifest, load_manifest
 from .output import JOB_FILE, SUMMARY_FILE, Output
 from .progress import Outcome, ProgressLog, duration
@@ -100,6 +101,7 @@ def plan_job(spec: JobSpec | str, overwrite: bool = False, log: Callable[[str], 
     started_at, started = _now(), time.monotonic()
     if not isinstance(spec, JobSpec):
         spec = load_spec(spec)
+    check_paths_where_submitted(spec)  # under `ray job submit`: nothing in Ray's temporary working dir
     manifest = load_manifest(spec.manifest)
     _log_manifest(spec, manifest, log)
     output = Output(spec.output)
@@ -227,7 +229,7 @@ def execute(
     if not plan.tasks:
         log("[sdgen] nothing to do: every shard is committed")
         return Outcome()
-    from .distributor import RayDistributor, connect, describe_cluster, disconnect, ray_version
+    from .distributor import RayDistributor, cluster_layout, connect, describe_cluster, disconnect, ray_version
 
     embedded, where = connect(address)
     log(f"[sdgen] running on {where}: {describe_cluster()}")
@@ -236,6 +238,7 @@ def execute(
         execution.device, execution.workers, execution.max_attempts, log, execution.cpu_threads
     )
     try:
+        check_output_shared(plan.spec, cluster_layout(), execution.device)  # before any worker starts
         distributor.start(worker_config(plan.spec), worker_factory)
         events = JobEvents(plan, log, ray_version())
         return distributor.run(

@@ -61,6 +61,9 @@ class ExecutionSpec:
     # is identical at full batched speed. true: one row's guidance pair per forward, images the
     # same whatever the batch size too (slower). See sdcore/pipeline.py.
     batch_invariant: bool = False
+    # true: a local `output` is on storage every node mounts (NFS, EFS...); without it a local
+    # output is refused on a cluster whose workers run on other nodes (jobs/cluster.py).
+    shared_output: bool = False
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,16 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
     e = c.section(
         data,
         "execution",
-        {"workers", "batch_size", "shard_size", "device", "max_attempts", "cpu_threads", "batch_invariant"},
+        {
+            "workers",
+            "batch_size",
+            "shard_size",
+            "device",
+            "max_attempts",
+            "cpu_threads",
+            "batch_invariant",
+            "shared_output",
+        },
     )
     d = ExecutionSpec()
     auto_ints = {}
@@ -249,6 +261,7 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
         max_attempts=c.integer(e, "max_attempts", "execution.max_attempts", d.max_attempts, 1, 100),
         cpu_threads=auto_ints["cpu_threads"],
         batch_invariant=c.boolean(e, "batch_invariant", "execution.batch_invariant", d.batch_invariant),
+        shared_output=c.boolean(e, "shared_output", "execution.shared_output", d.shared_output),
     )
 
     i = c.section(data, "image", {"format", "quality"})
@@ -270,9 +283,10 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
     )
 
 
-def load_spec(path: str | os.PathLike) -> JobSpec:
-    """Read and validate a YAML job spec. Relative paths in it are relative to the current
-    directory (the repository root in the examples), as for every other command-line path."""
+def load_spec(path: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> JobSpec:
+    """Read and validate a YAML job spec. Relative paths in it are relative to `base_dir`,
+    default the current directory (the repository root in the examples), as for every other
+    command-line path."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -282,4 +296,4 @@ def load_spec(path: str | os.PathLike) -> JobSpec:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML ({exc})") from None
-    return parse_spec(data, default_name=path.stem)
+    return parse_spec(data, default_name=path.stem, base_dir=base_dir)

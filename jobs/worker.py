@@ -163,6 +163,7 @@ class ShardWorker:
             sdcore_version=versions.get("sdcore"),
             sdgen_version=__version__,
             worker=self.name,
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES") or None,
         )
         self.init_images = InitImageCache()
         self._output: Output | None = None

@@ -257,3 +257,96 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray nodes of our own (`ray start`), for the multi-node and GPU-placement tests
+
+RAY = str(Path(PYTHON).parent / "ray")
+
+
+def ray_node_env(token: str, extra: dict | None = None) -> dict:
+    """The environment a test's own Ray nodes and their clients share: token auth on (as on a
+    real cluster), `python` in the job entrypoint meaning this venv's."""
+    return {
+        "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        **(extra or {}),
+    }
+
+
+class RayNode:
+    """One `ray start` node with its own ports and temp dir. `stop()` kills the processes of the
+    session it was started in (never `ray stop`, which would stop every Ray on the machine)."""
+
+    def __init__(self, env: dict, *, head_address: str | None = None, ip: str = "127.0.0.1", args=()):
+        self.temp = Path(f"/tmp/sdgen-ray-{uuid.uuid4().hex[:8]}")  # short: socket paths have a length limit
+        self.ip = ip
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        command = [
+            RAY,
+            "start",
+            f"--node-ip-address={ip}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--temp-dir={self.temp}",
+            "--disable-usage-stats",
+            *args,
+        ]
+        if head_address is None:
+            command += [
+                "--head",
+                f"--port={self.gcs_port}",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={free_port()}",
+                "--dashboard-host=127.0.0.1",
+                "--include-dashboard=true",
+            ]
+        else:
+            command += [f"--address={head_address}"]
+        self.proc = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=command_env(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            out, _ = self.proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError("`ray start` did not finish in 180 s") from None
+        if self.proc.returncode != 0:
+            self.stop()
+            raise AssertionError(f"`ray start` failed:\n{out}")
+
+    @property
+    def gcs(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def log_tail(self, chars: int = 3000) -> str:
+        """The end of this node's Ray logs that tell why a worker did not start (for failures)."""
+        logs = self.temp / "session_latest" / "logs"
+        parts = []
+        for path in (
+            sorted(logs.glob("*.err"))
+            + sorted(logs.glob("worker-*.out"))
+            + sorted(logs.glob("python-core-worker-*.log"))
+            + [logs / "raylet.out"]
+        ):
+            if path.is_file() and path.stat().st_size:
+                parts.append(f"--- {path.name}\n{path.read_text(errors='replace')[-chars:]}")
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        import shutil
+
+        kill_session(self.proc.pid)
+        shutil.rmtree(self.temp, ignore_errors=True)

@@ -117,3 +117,23 @@ def test_ray_address_from_the_environment_is_used(ray_cluster, tmp_path):
     )
     assert f"running on the Ray cluster at {gcs_address}" in result.stdout
     assert "complete: 2 ok, 0 error, 0 missing of 2 rows" in result.stdout
+
+
+def test_relative_paths_under_ray_job_submit_are_refused_before_any_work(ray_cluster, tmp_path):
+    """`ray job submit --working-dir .` runs the driver in Ray's temporary copy of the working
+    dir: a relative output there would vanish with the copy, so the job is refused and says what
+    to write instead; `--base-dir "$PWD"` makes the same spec mean this checkout."""
+    address, _, env = ray_cluster
+    manifest = write_manifest(tmp_path / "m.parquet", small_rows(2), manifest_schema())
+    spec = write_spec(tmp_path / "job.yaml", spec_dict(str(manifest), "outputs/sdgen-test-relative"))
+    submit = [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "python", "jobs/run.py"]
+    result = run_command([*submit, str(spec)], env=env, timeout=300, check=False)
+    assert result.returncode == 1, result.stdout  # the job failed (run.py exit 2: refused)
+    assert "output: 'outputs/sdgen-test-relative' resolves inside Ray's temporary copy" in result.stdout
+    assert "s3://bucket/prefix" in result.stdout and "--base-dir" in result.stdout
+    assert "starting" not in result.stdout  # refused before any worker started
+
+    base = tmp_path / "checkout"
+    result = run_command([*submit, str(spec), "--base-dir", str(base)], env=env, timeout=300)
+    assert "complete: 2 ok, 0 error, 0 missing of 2 rows" in result.stdout
+    assert Output(str(base / "outputs" / "sdgen-test-relative")).committed_shards() == {"shard-00000"}

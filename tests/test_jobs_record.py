@@ -55,6 +55,7 @@ COLUMNS = [
     ("time_write_s", pa.float64()),
     ("batch_rows", pa.int32()),
     ("batch_slot", pa.int32()),
+    ("cuda_visible_devices", pa.string()),  # which GPU made the image
 ]
 
 # Python type of a field -> the Arrow types its column may have.

@@ -191,3 +191,19 @@ def test_spec_takes_its_limits_from_sdcore_rules():
 def test_load_spec_uses_file_stem_as_default_name(tmp_path):
     path = write_spec(tmp_path / "my-job.yaml", {k: v for k, v in spec_dict("m.parquet", "o").items() if k != "name"})
     assert load_spec(path).name == "my-job"
+
+
+def test_load_spec_base_dir_anchors_relative_paths(tmp_path, monkeypatch):
+    """`sdgen run SPEC --base-dir DIR`: relative paths mean DIR, not the current directory (under
+    `ray job submit`, Ray's temporary copy of the working dir)."""
+    path = tmp_path / "job.yaml"
+    path.write_text("manifest: m.parquet\noutput: out\nmodel: {weights: w.safetensors}\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_spec(path).output == str(tmp_path / "out")
+    spec = load_spec(path, base_dir="/data/checkout")
+    assert (spec.manifest, spec.output, spec.model.weights) == (
+        ("/data/checkout/m.parquet",),
+        "/data/checkout/out",
+        "/data/checkout/w.safetensors",
+    )
+    assert spec.execution.shared_output is False
