@@ -27,7 +27,7 @@ def test_minimal_spec_gets_defaults(tmp_path):
     assert spec.model.dtype == "auto"
     assert (spec.sampler.name, spec.sampler.steps, spec.sampler.width) == ("ddim", 25, 512)
     assert (spec.execution.workers, spec.execution.batch_size, spec.execution.shard_size) == ("auto", 8, 1000)
-    assert spec.execution.batch_invariant is True
+    assert spec.execution.batch_invariant is False  # fixed-shape exact batches by default
     assert spec.image.format == "png"
 
 
