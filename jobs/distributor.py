@@ -35,6 +35,7 @@ from typing import Any
 
 import ray
 
+from .faults import inject_fault, worker_restarts
 from .progress import Outcome, ProgressState
 from .reader import ShardTask
 from .retry import RetryPolicy
@@ -125,6 +126,8 @@ class _WorkerActor:
         def report(done: int) -> None:
             progress.update.remote(task.shard_id, done)
 
+        inject_fault(task.shard_id, attempt)  # test hook ($SDGEN_FAULT_KILL); nothing otherwise
+
         return self.worker.run(task, attempt, report)
 
 
@@ -208,8 +211,13 @@ class RayDistributor:
             f"[sdgen] starting {workers} worker(s) on {device} "
             f"({', '.join(f'{k}={v}' for k, v in options.items())}{threads_note} each)"
         )
+        # A dead worker (killed, OOM, segfault) is restarted by Ray, enough times for a shard
+        # that kills its worker on every attempt to be given up without losing the worker.
         actor_cls = ray.remote(_WorkerActor).options(
-            max_restarts=2, max_task_retries=0, runtime_env=_actor_runtime_env(), **options
+            max_restarts=worker_restarts(self.retry.max_attempts),
+            max_task_retries=0,
+            runtime_env=_actor_runtime_env(),
+            **options,
         )
         self.actors = [actor_cls.remote(factory, replace(config, name=None)) for _ in range(workers)]
         self.progress_actor = ray.remote(_Progress).options(num_cpus=0).remote()
