@@ -39,8 +39,8 @@ def generate_finite(pipe: Any, requests: Sequence[Any], **settings: Any) -> list
 
     def unet_in(module, inputs):
         step = step_of(inputs)
-        if not _finite(inputs[0]):
-            raise NonFiniteError(f"non-finite values at step {step} (latents into the UNet)")
+        if not _finite(inputs[0]):  # made by the previous step's update (step 0: the initial latents)
+            raise NonFiniteError(f"non-finite values at step {step - 1} (latents after it)")
 
     def unet_out(module, inputs, output):
         if not _finite(output):

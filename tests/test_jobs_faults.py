@@ -132,7 +132,7 @@ def test_workers_killed_come_back_and_a_poison_shard_fails_alone(tmp_path):
     first = run_command(
         [PYTHON, "jobs/run.py", str(spec)], env={"SDGEN_FAULT_KILL": "shard-00000@1,shard-00002@1"}, timeout=300
     )
-    assert first.stdout.count("worker died") == 2, first.stdout
+    assert first.stdout.count("failed (worker died") == 2, first.stdout
     assert_exactly_once(str(out), ids)
 
     # A shard that kills its worker on every attempt: failed with the reason, the rest commits,
@@ -165,7 +165,7 @@ def test_every_worker_killed_once(tmp_path):
     result = run_command(
         [PYTHON, "jobs/run.py", str(spec)], env={"SDGEN_FAULT_KILL": "shard-00000@1,shard-00001@1"}, timeout=300
     )
-    assert result.stdout.count("worker died") == 2, result.stdout
+    assert result.stdout.count("failed (worker died") == 2, result.stdout
     assert_exactly_once(str(out), [r["id"] for r in rows])
 
 
