@@ -35,6 +35,7 @@ from typing import Any
 
 import ray
 
+from .exit_codes import install_sigterm
 from .faults import inject_fault, worker_restarts
 from .progress import Outcome, ProgressState
 from .reader import ShardTask
@@ -70,6 +71,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> tuple[bo
         logging_level=logging.WARNING,
         log_to_driver=True,
     )
+    install_sigterm()  # ray.init replaced it with one that aborts: SIGTERM must shut Ray down
     return True, "an embedded local Ray (no cluster address given)"
 
 

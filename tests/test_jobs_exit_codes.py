@@ -4,6 +4,7 @@ environment, and `status` / `run --dry-run` exit right every time (the SIGABRT a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,42 @@ def test_bad_input_and_environment_give_one_line_not_a_traceback(tmp_path, s3):
         assert result.returncode == 2, (what, result.stdout)
         errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
         assert len(errors) == 1, (what, result.stdout)
+
+
+def test_sigterm_stops_the_run_and_its_embedded_ray(tmp_path):
+    """SIGTERM (as Ctrl-C) of the driver: exit 130, the embedded Ray it started shut down (no
+    process of its session left), the lease released; status then says interrupted or pending."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import REPO, command_env, kill_session, session_pids
+
+    manifest = write_manifest(tmp_path / "m.parquet", small_rows(30), manifest_schema())
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "job.yaml", spec_dict(str(manifest), str(out), execution={"batch_size": 1}))
+    log = tmp_path / "run.log"
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(
+            [PYTHON, "jobs/run.py", str(spec)], cwd=REPO, env=command_env(), stdout=handle,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while "model builtin:tiny" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "model builtin:tiny" in log.read_text(), log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130, log.read_text()
+        deadline = time.monotonic() + 20
+        while session_pids(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = session_pids(proc.pid)
+        assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:100] for p in left]
+    finally:
+        kill_session(proc.pid)
+    text = log.read_text()
+    assert "interrupted" in text and "Traceback" not in text
+    assert not (out / "lease.json").exists()
+    status = run_command([PYTHON, "jobs/status.py", str(out)], check=False)
+    assert status.returncode == 1 and "0 running" in status.stdout

@@ -26,14 +26,14 @@ def _key(name: str) -> str:
     return name.casefold()  # what a case-insensitive file system compares
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(ADVERSARIAL, min_size=2, max_size=8, unique=True))
 def test_distinct_ids_get_distinct_names(ids):
     names = [safe_name(i) for i in ids]
     assert len({_key(n) for n in names}) == len(ids), dict(zip(ids, names))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(ADVERSARIAL)
 def test_names_are_safe_file_names(row_id):
     name = safe_name(row_id)
