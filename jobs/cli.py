@@ -17,13 +17,19 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
+from .exit_codes import INCOMPLETE, INFRASTRUCTURE, OK, REFUSED, TABLE, InfrastructureFault, finish, guarded, one_line
+from .redact import redact_text
 
 
 def run_main(argv: Sequence[str], prog: str = "sdgen run") -> int:
-    """`sdgen run`. Exit status: 0 every shard committed (rows may still be error records),
-    1 some shards failed (rerun to retry them), 2 the spec, manifest or output was refused
-    before any work, 130 interrupted."""
-    parser = argparse.ArgumentParser(prog=prog, description="Run or resume an sdgen job (see jobs/README.md).")
+    """`sdgen run`: the exit codes of `exit_codes.TABLE` (0 complete, 1 some shards failed,
+    2 refused before any work, 3 stopped by an infrastructure fault, 130 interrupted)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Run or resume an sdgen job (see jobs/README.md).",
+        epilog=TABLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("spec", help="job spec YAML (e.g. manifests/example.yaml)")
     parser.add_argument(
         "--overwrite",
@@ -51,9 +57,19 @@ def run_main(argv: Sequence[str], prog: str = "sdgen run") -> int:
         metavar="SECONDS",
         help="seconds between progress lines (default 10)",
     )
+    parser.add_argument(
+        "--break-lease",
+        action="store_true",
+        help="take over the output's lease even if another run seems to hold it (only when you know it is gone)",
+    )
+    parser.add_argument("--debug", action="store_true", help="print a traceback for unexpected errors")
     args = parser.parse_args(argv)
+    return guarded(lambda: _run(args), args.debug)
 
+
+def _run(args: argparse.Namespace) -> int:
     # Imported after parsing, so that --help and usage errors come at once.
+    from .lease import LeaseHeld, LeaseLost
     from .manifest import ManifestError
     from .runner import JobConflict, run_job
     from .spec import SpecError, load_spec
@@ -67,16 +83,18 @@ def run_main(argv: Sequence[str], prog: str = "sdgen run") -> int:
             address=args.address,
             dry_run=args.dry_run,
             progress_every=args.progress_every,
+            break_lease=args.break_lease,
         )
-    except (SpecError, ManifestError, JobConflict, WorkerStartError, StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: committed shards are kept; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except (InfrastructureFault, LeaseLost) as exc:
+        print(f"error: {one_line(exc, 2000)}", file=sys.stderr, flush=True)
+        print("committed work is kept; rerun the same command to resume", file=sys.stderr, flush=True)
+        return INFRASTRUCTURE
+    except (SpecError, ManifestError, JobConflict, WorkerStartError, StorageError, LeaseHeld, OSError) as exc:
+        print(f"error: {one_line(redact_text(str(exc)), 4000)}", file=sys.stderr, flush=True)
+        return REFUSED
     if args.dry_run:
-        return 0
-    return 0 if summary["complete"] else 1
+        return OK
+    return OK if summary["complete"] else INCOMPLETE
 
 
 def status_main(argv: Sequence[str]) -> int:
@@ -103,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdgen",
         description="Distributed, reproducible Stable Diffusion 1.x batch generation (see jobs/README.md).",
-        epilog="`sdgen COMMAND --help` shows a command's options.",
+        epilog="`sdgen COMMAND --help` shows a command's options.\n\n" + TABLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sdgen {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -124,5 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def console() -> None:
+    """The `sdgen` console script: `main`, then `exit_codes.finish` (no interpreter teardown)."""
+    finish(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -38,6 +38,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .cluster import ClusterLayout
+from .exit_codes import install_sigterm
+from .faults import inject_fault, worker_restarts
 from .progress import Outcome, ProgressState
 from .reader import ShardTask
 from .retry import RetryPolicy
@@ -72,6 +74,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> tuple[bo
         logging_level=logging.WARNING,
         log_to_driver=True,
     )
+    install_sigterm()  # ray.init replaced it with one that aborts: SIGTERM must shut Ray down
     return True, "an embedded local Ray (no cluster address given)"
 
 
@@ -135,6 +138,8 @@ class _WorkerActor:
     def run(self, task: ShardTask, attempt: int, progress: Any) -> ShardResult:
         def report(done: int) -> None:
             progress.update.remote(task.shard_id, done)
+
+        inject_fault(task.shard_id, attempt)  # test hook ($SDGEN_FAULT_KILL); nothing otherwise
 
         return self.worker.run(task, attempt, report)
 
@@ -224,8 +229,13 @@ class RayDistributor:
             f"[sdgen] starting {workers} worker(s) on {device} "
             f"({', '.join(f'{k}={v}' for k, v in options.items())}{threads_note} each)"
         )
+        # A dead worker (killed, OOM, segfault) is restarted by Ray, enough times for a shard
+        # that kills its worker on every attempt to be given up without losing the worker.
         actor_cls = ray.remote(_WorkerActor).options(
-            max_restarts=2, max_task_retries=0, runtime_env=_actor_runtime_env(), **options
+            max_restarts=worker_restarts(self.retry.max_attempts),
+            max_task_retries=0,
+            runtime_env=_actor_runtime_env(),
+            **options,
         )
         self.actors = [actor_cls.remote(factory, replace(config, name=None)) for _ in range(workers)]
         # On the driver's node: a node lost mid-job must not take the job's progress with it.

@@ -1,26 +1,49 @@
-"""Init images (img2img): read, decoded and kept in a small LRU cache by the worker.
+"""Init images (img2img): read under caps, decoded, and kept in a small cache by the worker.
 
-Manifests often reuse one init image for many rows, so a worker keeps the last `capacity` decoded
-images by URI. A problem with an init image is an `InitImageError` whose message names the image
-(redacted) and becomes the row's error record; it never fails the shard.
+Bounded: only a regular file or an S3 object is read (a FIFO, device or folder is the row's
+error, never a hang), at most `max_bytes` of it (S3 reads time out: `storage.s3_client`), and
+an image over `max_pixels` is refused before its pixels are decoded. Manifests often reuse one
+init image for many rows, so a worker keeps recently decoded images by URI, at most
+`cache_bytes` of decoded pixels (least recently used goes first).
+
+A permanent problem with an init image (missing, not a regular file, too large, not an image,
+out of memory decoding it) is an `InitImageError` whose message names the image (redacted): the
+row's error record. A transient one (`TransientStorageError`: S3 5xx, throttling, timeouts after
+boto3's retries) is raised as it is: it fails the shard, which is retried, never committed as
+errors (see `faults.py`).
+
+The caps are settings of the worker's environment: `SDGEN_INIT_MAX_BYTES` (default 50 MB),
+`SDGEN_INIT_MAX_PIXELS` (default 4096×4096) and `SDGEN_INIT_CACHE_BYTES` (default 256 MB).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from PIL import Image
 
-from .storage import StorageError, read_uri, redact_uri
+from .storage import StorageError, TransientStorageError, read_uri, redact_uri
 
-DEFAULT_CAPACITY = 64
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 4096 * 4096
+DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+DEFAULT_CAPACITY = 64  # images, besides the byte budget
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
 
 
 class InitImageError(Exception):
-    """An init image that cannot be used (missing, unreadable, not an image)."""
+    """An init image that cannot be used (missing, unreadable, not an image, over a cap)."""
 
 
 @dataclass(frozen=True)
@@ -28,38 +51,59 @@ class InitImage:
     image: Image.Image  # RGB, as the pipeline takes it
     sha256: str  # of the file's bytes: what the record holds and reproduce checks
 
-
-def decode_init_image(data: bytes) -> Image.Image:
-    """An init image file's bytes -> an RGB image (the job's and reproduce's one decoding)."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert("RGB")
+    @property
+    def nbytes(self) -> int:
+        return self.image.width * self.image.height * 3
 
 
-def read_init_image(uri: str) -> InitImage:
-    """Read and decode the init image at `uri`; InitImageError naming it otherwise."""
+def decode_init_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """An init image file's bytes -> an RGB image (the job's and reproduce's one decoding).
+    With `max_pixels`, a larger image is refused from its header, before decoding."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data))
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise InitImageError(f"{image.width}x{image.height} pixels, over the cap of {max_pixels}")
+        image.load()
+        return image.convert("RGB")
+
+
+def read_init_image(uri: str, max_bytes: int | None = None, max_pixels: int | None = None) -> InitImage:
+    """Read and decode the init image at `uri` under the caps; InitImageError naming it
+    otherwise (TransientStorageError passes through)."""
+    max_bytes = max_bytes or _env_int("SDGEN_INIT_MAX_BYTES", DEFAULT_MAX_BYTES)
+    max_pixels = max_pixels or _env_int("SDGEN_INIT_MAX_PIXELS", DEFAULT_MAX_PIXELS)
+    where = redact_uri(uri)
     try:
-        data = read_uri(uri)
+        data = read_uri(uri, max_bytes=max_bytes)
+    except TransientStorageError:
+        raise
     except FileNotFoundError:
-        raise InitImageError(f"init_image not found: {redact_uri(uri)}") from None
-    except (StorageError, OSError) as exc:
-        raise InitImageError(f"init_image {redact_uri(uri)}: cannot read ({exc})") from None
+        raise InitImageError(f"init_image not found: {where}") from None
+    except (StorageError, OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in the path
+        raise InitImageError(f"init_image {where}: cannot read ({str(exc)[:200]})") from None
     try:
-        image = decode_init_image(data)
+        image = decode_init_image(data, max_pixels)
+    except InitImageError as exc:
+        raise InitImageError(f"init_image {where}: {exc}") from None
+    except MemoryError:
+        raise InitImageError(f"init_image {where}: out of memory decoding it") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for corrupt files
         raise InitImageError(
-            f"init_image {redact_uri(uri)}: not a readable image ({type(exc).__name__}: {exc})"
+            f"init_image {where}: not a readable image ({type(exc).__name__}: {str(exc)[:200]})"
         ) from None
     return InitImage(image, hashlib.sha256(data).hexdigest())
 
 
 class InitImageCache:
-    """The last `capacity` init images read, by URI (least recently used goes first). Failures
-    are not cached: a row naming a missing image tries again."""
+    """Recently read init images by URI, at most `capacity` of them and `max_bytes` of decoded
+    pixels (least recently used goes first). Failures are not cached."""
 
-    def __init__(self, capacity: int = DEFAULT_CAPACITY):
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, max_bytes: int | None = None):
         self.capacity = capacity
+        self.max_bytes = max_bytes or _env_int("SDGEN_INIT_CACHE_BYTES", DEFAULT_CACHE_BYTES)
         self._images: OrderedDict[str, InitImage] = OrderedDict()
+        self.nbytes = 0
 
     def load(self, uri: str) -> InitImage:
         cached = self._images.get(uri)
@@ -67,13 +111,26 @@ class InitImageCache:
             self._images.move_to_end(uri)
             return cached
         loaded = read_init_image(uri)
-        self._images[uri] = loaded
-        if len(self._images) > self.capacity:
-            self._images.popitem(last=False)
+        if loaded.nbytes <= self.max_bytes:
+            self._images[uri] = loaded
+            self.nbytes += loaded.nbytes
+            while len(self._images) > self.capacity or self.nbytes > self.max_bytes:
+                _, old = self._images.popitem(last=False)
+                self.nbytes -= old.nbytes
         return loaded
 
     def __len__(self) -> int:
         return len(self._images)
 
 
-__all__ = ["DEFAULT_CAPACITY", "InitImage", "InitImageCache", "InitImageError", "decode_init_image", "read_init_image"]
+__all__ = [
+    "DEFAULT_CACHE_BYTES",
+    "DEFAULT_CAPACITY",
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_PIXELS",
+    "InitImage",
+    "InitImageCache",
+    "InitImageError",
+    "decode_init_image",
+    "read_init_image",
+]

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from sdcore import rules  # the limits shared with the spec check and the pipeline (no torch)
 
+from .rows import UNDECODABLE, column_values
 from .spec import SamplerSpec
 from .storage import (
     StorageError,
@@ -177,7 +178,7 @@ def load_manifest(sources: Sequence[str]) -> Manifest:
 
     # Ids: the id column as strings, or the row number; duplicates keep their first row.
     if "id" in known:
-        ids = [None if v is None else str(v) for v in table.column("id").to_pylist()]
+        ids = [None if v is None or v is UNDECODABLE else str(v) for v in column_values(table.column("id"))]
     else:
         ids = [str(i) for i in range(table.num_rows)]
     first: dict[str, int] = {}
@@ -192,7 +193,7 @@ def load_manifest(sources: Sequence[str]) -> Manifest:
 
     # Init images resolved against their own manifest file's folder.
     if "init_image" in known and "init_image" not in bad_columns:
-        values = table.column("init_image").to_pylist()
+        values = column_values(table.column("init_image"))
         resolved: list[str | None] = []
         offset = 0
         for uri, count in per_row_source:
@@ -217,16 +218,28 @@ def load_manifest(sources: Sequence[str]) -> Manifest:
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_HASH_HEX = 16  # 64 bits of the id's sha256: no accidental collision among billions of ids
+_HASHED = re.compile(rf"-[0-9a-f]{{{_HASH_HEX}}}$")
 
 
 def safe_name(row_id: str) -> str:
-    """A file name for `row_id`: itself when it is already safe (letters, digits, `._-`, not
-    starting with a dot, at most 96 chars), else a cleaned prefix plus 10 hex of its sha256, so
-    distinct ids never share a name."""
-    if row_id and _SAFE.search(row_id) is None and not row_id.startswith(".") and len(row_id) <= MAX_NAME:
+    """A file name for `row_id`, injective: distinct ids never share a name, even on a
+    case-insensitive file system. The id itself when it is already safe (lower-case letters,
+    digits, `._-`, not starting with a dot, at most 96 chars, not ending like a hashed name),
+    else a cleaned prefix plus `-` and 16 hex of the id's sha256 (of its exact UTF-8 bytes, so
+    ids differing in case or Unicode normalisation differ)."""
+    if (
+        row_id
+        and _SAFE.search(row_id) is None
+        and row_id == row_id.lower()
+        and not row_id.startswith(".")
+        and len(row_id) <= MAX_NAME
+        and _HASHED.search(row_id) is None
+    ):
         return row_id
-    cleaned = _SAFE.sub("_", row_id).lstrip(".")[: MAX_NAME - 11] or "id"
-    return f"{cleaned}-{hashlib.sha256(row_id.encode()).hexdigest()[:10]}"
+    digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_HEX]
+    cleaned = _SAFE.sub("_", row_id).lstrip(".")[: MAX_NAME - _HASH_HEX - 1] or "id"
+    return f"{cleaned}-{digest}"
 
 
 @dataclass(frozen=True)

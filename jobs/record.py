@@ -25,6 +25,7 @@ from typing import Annotated, Any
 import pyarrow as pa
 
 from .manifest import RowRequest
+from .redact import redact_text
 from .storage import redact_uri
 
 # A field's type names its Parquet column's Arrow type.
@@ -212,6 +213,8 @@ class RecordBuilder:
         fields = _row_fields(row)
         uri = fields["init_image_uri"]
         fields["init_image_uri"] = redact_uri(uri) if uri else uri
+        if isinstance(fields.get("init_image"), str):  # as in the manifest, less any credentials in it
+            fields["init_image"] = redact_uri(redact_text(fields["init_image"]))
         return Record(
             **dataclasses.asdict(self),
             **fields,

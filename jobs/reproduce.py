@@ -15,6 +15,7 @@ Exit status 0 only when every requested image is identical or within tolerance.
 """
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import math
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from jobs.exit_codes import TABLE, finish, guarded
 from jobs.generation import generate_settings, generation_request, recorded_slots
 from jobs.init_images import decode_init_image
 from jobs.manifest import resolve_init_image
@@ -171,12 +173,14 @@ class Reproducer:
             return Comparison(row, rid, "error", str(exc), False), None
         digest = hashlib.sha256(data).hexdigest()
         stored, note = self.stored_image(record)
+        intact = not note  # the stored image exists and matches its recorded sha256
         if digest == record.image_sha256:
-            return Comparison(row, rid, "identical", f"sha256 {digest[:16]}…{note}", True, 0, math.inf), data
+            return Comparison(row, rid, "identical", f"sha256 {digest[:16]}…{note}", intact, 0, math.inf), data
         if stored is None:
             detail = f"sha256 differs, no stored image to compare pixels with{note}"
             return Comparison(row, rid, "different", detail, False), data
-        return compare_pixels(row, rid, stored, data, min_psnr, exact, note), data
+        result = compare_pixels(row, rid, stored, data, min_psnr, exact, note)
+        return dataclasses.replace(result, passed=result.passed and intact), data
 
     def stored_image(self, record: Record) -> tuple[bytes | None, str]:
         """The stored image's bytes (None when missing), and a note when it is missing or no
@@ -215,7 +219,12 @@ def compare_pixels(
 
 
 def main(argv: list[str] | None = None, prog: str = "jobs/reproduce.py") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="Regenerate images from their records and compare.")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Regenerate images from their records and compare.",
+        epilog=TABLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("output", help="the job's output folder or s3:// prefix")
     parser.add_argument("ids", nargs="*", metavar="ID", help="record id(s) to regenerate")
     parser.add_argument(
@@ -230,10 +239,14 @@ def main(argv: list[str] | None = None, prog: str = "jobs/reproduce.py") -> int:
     parser.add_argument("--min-psnr", type=float, default=DEFAULT_MIN_PSNR, help="tolerance in dB (default 40)")
     parser.add_argument("--exact", action="store_true", help="accept only identical images")
     parser.add_argument("--save-dir", help="also write the regenerated images here")
+    parser.add_argument("--debug", action="store_true", help="print a traceback for unexpected errors")
     args = parser.parse_args(argv)
     if not args.ids and not args.row:
         parser.error("give at least one ID (or --row N)")
+    return guarded(lambda: _main(args), args.debug)
 
+
+def _main(args: argparse.Namespace) -> int:
     output = Output(args.output)
     if output.read_job() is None:
         print(f"error: {output.uri}: no job.json here (not an sdgen output)", file=sys.stderr)
@@ -261,4 +274,4 @@ def main(argv: list[str] | None = None, prog: str = "jobs/reproduce.py") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -25,5 +25,6 @@ if __name__ == "__main__":
         sys.path.insert(0, root)
 
     from jobs.cli import run_main
+    from jobs.exit_codes import finish
 
-    sys.exit(run_main(sys.argv[1:], prog="jobs/run.py"))
+    finish(run_main(sys.argv[1:], prog="jobs/run.py"))

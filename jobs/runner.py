@@ -21,6 +21,8 @@ from typing import Any
 
 from . import __version__
 from .cluster import check_output_shared, check_paths_where_submitted
+from .faults import infrastructure_faults
+from .lease import held_output
 from .manifest import Manifest, load_manifest
 from .output import JOB_FILE, SUMMARY_FILE, Output
 from .progress import Outcome, ProgressLog, duration
@@ -51,16 +53,24 @@ def run_job(
     log: Callable[[str], None] = _print_line,
     worker_factory: Callable[[WorkerConfig], Any] = ShardWorker,
     progress_every: float = 10.0,
+    break_lease: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) a job; returns the summary (also written to OUTPUT/summary.json), or with
-    `dry_run` the plan's counts. Raises SpecError / ManifestError / JobConflict / WorkerStartError
-    before any work."""
-    plan = plan_job(spec, overwrite, log)
+    """Run (or resume) a job, holding the output's lease (`lease.py`; `break_lease` takes over
+    a live one); returns the summary (also written to OUTPUT/summary.json), or with
+    `dry_run` the plan's counts. Raises SpecError / ManifestError / JobConflict / LeaseHeld /
+    WorkerStartError before any work, InfrastructureFault after."""
     if dry_run:
-        return plan.dry_run_summary()
-    outcome = execute(plan, address=address, log=log, worker_factory=worker_factory, progress_every=progress_every)
-    summary = summarise(plan, outcome)
-    plan.output.write_json(SUMMARY_FILE, summary)
+        return plan_job(spec, overwrite, log).dry_run_summary()
+    if not isinstance(spec, JobSpec):
+        spec = load_spec(spec)
+    with held_output(spec.output, break_lease=break_lease, log=log):  # before anything is written
+        plan = plan_job(spec, overwrite, log)
+        with infrastructure_faults():  # from here on a storage fault stops the run (exit 3)
+            outcome = execute(
+                plan, address=address, log=log, worker_factory=worker_factory, progress_every=progress_every
+            )
+            summary = summarise(plan, outcome)
+            plan.output.write_json(SUMMARY_FILE, summary)
     for line in summary_lines(summary):
         log(line)
     return summary

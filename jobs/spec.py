@@ -11,6 +11,7 @@ do not (names, locations, worker count, batch size) is documented in README.md, 
 from __future__ import annotations
 
 import os
+import reprlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -143,14 +144,14 @@ class _Checker:
                 self.errors.append(f"{path}: required key is missing")
             return default
         if not isinstance(value, str) or not value.strip():
-            self.errors.append(f"{path}: expected a non-empty string, got {value!r}")
+            self.errors.append(f"{path}: expected a non-empty string, got {_short(value)}")
             return default
         return value
 
     def choice(self, data: dict, key: str, path: str, choices: tuple, default: Any):
         value = data.get(key, default)
         if value not in choices or isinstance(value, bool):
-            self.errors.append(f"{path}: expected one of {', '.join(choices)}, got {value!r}")
+            self.errors.append(f"{path}: expected one of {', '.join(choices)}, got {_short(value)}")
             return default
         return value
 
@@ -158,22 +159,26 @@ class _Checker:
         value = data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
             span = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
-            self.errors.append(f"{path}: expected an integer {span}, got {value!r}")
+            self.errors.append(f"{path}: expected an integer {span}, got {_short(value)}")
             return default
         return value
 
     def boolean(self, data: dict, key: str, path: str, default: bool):
         value = data.get(key, default)
         if not isinstance(value, bool):
-            self.errors.append(f"{path}: expected true or false, got {value!r}")
+            self.errors.append(f"{path}: expected true or false, got {_short(value)}")
             return default
         return value
 
     def rule(self, data: dict, key: str, path: str, default: Any, problem: Callable[[Any], str | None]):
         """A value checked by one of sdcore.rules' `*_problem` functions."""
         value = data.get(key, default)
-        message = problem(value)
+        if isinstance(value, (list, dict, tuple, set)):  # never repr'd whole: an alias bomb
+            message = f"expected a single value, got {_short(value)}"
+        else:
+            message = problem(value)
         if message:
+            message = message if len(message) <= 300 else message[:299] + "…"
             self.errors.append(f"{path}: {message}")
             return default
         return value
@@ -203,7 +208,7 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
     ):
         manifests = list(manifest_value)
     else:
-        errors.append(f"manifest: expected a path/URI (or a non-empty list of them), got {manifest_value!r}")
+        errors.append(f"manifest: expected a path/URI (or a non-empty list of them), got {_short(manifest_value)}")
     for m in manifests:
         if not (m.endswith(".parquet") or any(ch in m for ch in "*?[")):
             errors.append(f"manifest: {redact_uri(m)!r} is not a .parquet file (or a glob of them)")
@@ -249,7 +254,7 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
     for key in ("workers", "cpu_threads"):
         value = e.get(key, "auto")
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            errors.append(f"execution.{key}: expected 'auto' or an integer >= 1, got {value!r}")
+            errors.append(f"execution.{key}: expected 'auto' or an integer >= 1, got {_short(value)}")
             value = "auto"
         auto_ints[key] = value
     workers = auto_ints["workers"]
@@ -283,15 +288,27 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
     )
 
 
+_REPR = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+
+
+def _short(value: Any) -> str:
+    """`repr(value)` cut short: a YAML alias bomb expands to gigabytes when repr'd in full."""
+    return _REPR.repr(value)
+
+
 def load_spec(path: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> JobSpec:
     """Read and validate a YAML job spec. Relative paths in it are relative to `base_dir`,
     default the current directory (the repository root in the examples), as for every other
     command-line path."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(f"cannot read job spec {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"job spec {path} is not UTF-8 text (byte {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

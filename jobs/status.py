@@ -4,8 +4,9 @@
 Shards done / failed / pending and rows ok / error / not done, read from the output alone (record
 files, partial files, job.json, summary.json), so it works while a job runs, after it stopped,
 and on s3:// outputs. A shard is `done` when its record file exists, `failed` when the last run
-gave up on it, `running` when some of its batches are saved but it is not committed, else
-`pending`.
+gave up on it, `running` when some of its batches are saved but it is not committed and a run
+holds the output's lease, `interrupted` the same without a live lease (the run stopped; a rerun
+resumes it), else `pending`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import json
 import sys
 from collections import Counter
 
+from jobs.exit_codes import TABLE, finish, guarded, one_line
+from jobs.lease import live_lease
 from jobs.output import SUMMARY_FILE, Output
 from jobs.reader import shard_ranges
+from jobs.redact import redact_text
 
 
 def job_status(uri: str) -> dict:
@@ -31,6 +35,7 @@ def job_status(uri: str) -> dict:
     counts = output.count_records(done)
     partial_rows = Counter(k.split("/")[1] for k in output.partial_keys())
     failed = summary.get("failed_shards", {})
+    running = live_lease(output.storage) is not None  # a run holds the output now
     shards = []
     for shard, start, stop in shard_ranges(rows, size):
         entry = {"shard": shard, "rows": stop - start}
@@ -39,7 +44,9 @@ def job_status(uri: str) -> dict:
         elif shard in failed:
             entry.update(state="failed", error=failed[shard])
         elif shard in partial_rows:
-            entry.update(state="running", partial_files=partial_rows[shard])
+            # Batches saved but not committed: being worked on while a run holds the lease,
+            # else left by a run that stopped (interrupted, killed); a rerun resumes it.
+            entry.update(state="running" if running else "interrupted", partial_files=partial_rows[shard])
         else:
             entry.update(state="pending")
         shards.append(entry)
@@ -51,7 +58,11 @@ def job_status(uri: str) -> dict:
         "name": job.get("name"),
         "model": job.get("model", {}),
         "rows": {"total": rows, "ok": ok, "error": error, "not_done": rows - ok - error},
-        "shards": {"total": len(shards), **{k: states.get(k, 0) for k in ("done", "running", "failed", "pending")}},
+        "shards": {
+            "total": len(shards),
+            **{k: states.get(k, 0) for k in ("done", "running", "interrupted", "failed", "pending")},
+        },
+        "running": running,
         "complete": states.get("done", 0) == len(shards),
         "last_run": summary.get("run"),
         "shard_list": shards,
@@ -70,7 +81,7 @@ def format_status(status: dict, show_all: bool = False) -> str:
         ),
         (
             f"shards  {shards['total']} total: {shards['done']} done, {shards['running']} running, "
-            f"{shards['failed']} failed, {shards['pending']} pending"
+            f"{shards['interrupted']} interrupted, {shards['failed']} failed, {shards['pending']} pending"
         ),
         f"rows    {rows['total']} total: {rows['ok']} ok, {rows['error']} error, {rows['not_done']} not done",
         "state   " + ("complete" if status["complete"] else "incomplete (rerun the job to finish it)"),
@@ -78,7 +89,7 @@ def format_status(status: dict, show_all: bool = False) -> str:
     listed = [s for s in status["shard_list"] if show_all or s["state"] != "done" or s.get("error", 0)]
     if listed:
         lines.append("")
-        lines.append(f"{'shard':<14}{'state':<9}{'rows':>6}{'ok':>6}{'error':>7}  note")
+        lines.append(f"{'shard':<14}{'state':<12}{'rows':>6}{'ok':>6}{'error':>7}  note")
         lines.extend(_shard_line(s) for s in listed)
         hidden = len(status["shard_list"]) - len(listed)
         if not show_all and hidden:
@@ -90,24 +101,34 @@ def _shard_line(s: dict) -> str:
     note = (
         s.get("error")
         if s["state"] == "failed"
-        else (f"{s['partial_files']} batch file(s) saved" if s["state"] == "running" else "")
+        else (f"{s['partial_files']} batch file(s) saved" if s["state"] in ("running", "interrupted") else "")
     )
     ok = s.get("ok", "")
     err = s.get("error", "") if s["state"] == "done" else ""
-    return f"{s['shard']:<14}{s['state']:<9}{s['rows']:>6}{ok!s:>6}{err!s:>7}  {note or ''}".rstrip()
+    return f"{s['shard']:<14}{s['state']:<12}{s['rows']:>6}{ok!s:>6}{err!s:>7}  {note or ''}".rstrip()
 
 
 def main(argv: list[str] | None = None, prog: str = "jobs/status.py") -> int:
     """Exit status: 0 the job is complete, 1 it is not, 2 no sdgen output there (or unreadable)."""
-    parser = argparse.ArgumentParser(prog=prog, description="Show an sdgen output's progress.")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Show an sdgen output's progress.",
+        epilog=TABLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("output", help="the job's output folder or s3:// prefix")
     parser.add_argument("--all", action="store_true", help="list every shard, not only the unfinished or erroring ones")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
+    parser.add_argument("--debug", action="store_true", help="print a traceback for unexpected errors")
     args = parser.parse_args(argv)
+    return guarded(lambda: _main(args), args.debug)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         status = job_status(args.output)
-    except (FileNotFoundError, OSError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (FileNotFoundError, OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+        print(f"error: {one_line(redact_text(str(exc)))}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(status, indent=2))
@@ -119,4 +140,4 @@ def main(argv: list[str] | None = None, prog: str = "jobs/status.py") -> int:
 if __name__ == "__main__":
     # `python jobs/status.py` imports `jobs` as installed (`make venv` installs this checkout
     # editable); `sdgen status` is the same command.
-    sys.exit(main())
+    finish(main())

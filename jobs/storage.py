@@ -22,11 +22,22 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlsplit, urlunsplit
 
+from .redact import redact_text
+
 TEMP_MARK = ".tmp-"
 
 
 class StorageError(RuntimeError):
     """An object could not be read or written (message names the redacted URI)."""
+
+
+class TransientStorageError(StorageError):
+    """A fault worth trying again later (5xx, throttling, reset, timeout) that outlasted boto3's
+    own retries: never a row's permanent result (see `faults.py`)."""
+
+
+class TooLargeError(StorageError):
+    """An object over the size cap the caller gave (a permanent fault)."""
 
 
 def is_s3(uri: str) -> bool:
@@ -94,7 +105,13 @@ def s3_client():
             import boto3
             from botocore.config import Config
 
-            config = Config(retries={"mode": "standard", "max_attempts": 8})
+            # Transient faults (5xx, SlowDown, throttling, resets, timeouts) are retried by boto3
+            # with bounded exponential backoff and full jitter; a stalled endpoint times out.
+            config = Config(
+                retries={"mode": "standard", "max_attempts": int(os.environ.get("SDGEN_S3_ATTEMPTS", 8))},
+                connect_timeout=float(os.environ.get("SDGEN_S3_TIMEOUT", 20)),
+                read_timeout=float(os.environ.get("SDGEN_S3_TIMEOUT", 20)),
+            )
             client = boto3.session.Session().client("s3", config=config)
             _CLIENTS.clear()
             _CLIENTS[pid] = client
@@ -111,6 +128,12 @@ def _s3_error(exc: Exception, uri: str) -> Exception:
     """A boto3 exception as FileNotFoundError / StorageError naming the redacted URI."""
     from botocore.exceptions import ClientError, NoCredentialsError
 
+    from .faults import is_transient
+
+    if isinstance(exc, (StorageError, FileNotFoundError)):
+        return exc
+    if is_transient(exc):
+        return TransientStorageError(f"{redact_uri(uri)}: transient S3 fault: {_describe(exc)}")
     if isinstance(exc, NoCredentialsError):
         return StorageError(f"{redact_uri(uri)}: no AWS credentials found (boto3 credential chain)")
     if isinstance(exc, ClientError):
@@ -119,9 +142,18 @@ def _s3_error(exc: Exception, uri: str) -> Exception:
             return FileNotFoundError(f"{redact_uri(uri)}: no such object")
         if code == "NoSuchBucket":
             return FileNotFoundError(f"{redact_uri(uri)}: no such bucket")
-        message = exc.response.get("Error", {}).get("Message", "")
+        message = redact_text(exc.response.get("Error", {}).get("Message", ""))
         return StorageError(f"{redact_uri(uri)}: S3 error {code} {message}".rstrip())
-    return StorageError(f"{redact_uri(uri)}: {type(exc).__name__}: {exc}")
+    return StorageError(f"{redact_uri(uri)}: {_describe(exc)}")
+
+
+def _describe(exc: Exception) -> str:
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        return redact_text(f"S3 error {error.get('Code', '')} {error.get('Message', '')}".rstrip())
+    return f"{type(exc).__name__}: {redact_text(str(exc))[:300]}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,8 +168,10 @@ class Storage:
     def url(self, key: str) -> str:
         raise NotImplementedError
 
-    def read(self, key: str) -> bytes:
-        """The object's bytes; FileNotFoundError when absent."""
+    def read(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; FileNotFoundError when absent. With `max_bytes`, only a regular
+        file or an object is read (a FIFO or device is refused, not waited on), and one larger
+        than `max_bytes` is a TooLargeError."""
         raise NotImplementedError
 
     def write(self, key: str, data: bytes, *, exclusive: bool = False) -> bool:
@@ -171,9 +205,11 @@ class LocalStorage(Storage):
     def url(self, key: str) -> str:
         return str(self._path(key))
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str, max_bytes: int | None = None) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            if max_bytes is None:
+                return self._path(key).read_bytes()
+            return _read_regular_file(self._path(key), max_bytes)
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.url(key)}: no such file") from None
         except IsADirectoryError:
@@ -233,6 +269,33 @@ class LocalStorage(Storage):
                 parent = parent.parent
 
 
+def _read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """At most `max_bytes` of a regular file. Opened with O_NONBLOCK so a FIFO never blocks the
+    open; anything but a regular file (FIFO, device, socket, folder) is refused."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise StorageError(f"{path}: {kind}")
+        if info.st_size > max_bytes:
+            raise TooLargeError(f"{path}: {info.st_size} bytes, over the cap of {max_bytes}")
+        chunks, total = [], 0
+        while total <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > max_bytes:
+            raise TooLargeError(f"{path}: over the cap of {max_bytes} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 class S3Storage(Storage):
     def __init__(self, uri: str):
         self.bucket, prefix = split_s3(uri)
@@ -245,9 +308,19 @@ class S3Storage(Storage):
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str, max_bytes: int | None = None) -> bytes:
         try:
-            return s3_client().get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            response = s3_client().get_object(Bucket=self.bucket, Key=self._key(key))
+            if max_bytes is not None:
+                size = int(response.get("ContentLength") or 0)
+                if size > max_bytes:
+                    response["Body"].close()
+                    raise TooLargeError(f"{self.url(key)}: {size} bytes, over the cap of {max_bytes}")
+                data = response["Body"].read(max_bytes + 1)
+                if len(data) > max_bytes:
+                    raise TooLargeError(f"{self.url(key)}: over the cap of {max_bytes} bytes")
+                return data
+            return response["Body"].read()
         except Exception as exc:  # noqa: BLE001 - re-raised with a clean message
             raise _s3_error(exc, self.url(key)) from None
 
@@ -326,10 +399,10 @@ def _split(uri: str) -> tuple[Storage, str]:
     return LocalStorage(str(path.parent)), path.name
 
 
-def read_uri(uri: str) -> bytes:
-    """The bytes of one object (local path, file:// or s3://)."""
+def read_uri(uri: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of one object (local path, file:// or s3://); see `Storage.read`."""
     storage, key = _split(uri)
-    return storage.read(key)
+    return storage.read(key, max_bytes)
 
 
 def write_uri(uri: str, data: bytes) -> None:

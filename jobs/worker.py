@@ -34,10 +34,12 @@ from .generation import generate_settings, generation_request
 from .init_images import InitImageCache, InitImageError
 from .isolation import RowOutcome, generate_isolated
 from .manifest import RowRequest, parse_row
+from .numerics import generate_finite
 from .output import Output
 from .provenance import a1111_parameters, software_versions
 from .reader import ShardTask
 from .record import Record, RecordBuilder
+from .rows import table_rows, undecodable_columns
 from .spec import SamplerSpec
 from .storage import redact_uri
 from .weights import resolve_weights
@@ -247,10 +249,13 @@ class ShardWorker:
         the rows that cannot be generated."""
         requests: list[RowRequest] = []
         rejected: list[Record] = []
-        for offset, raw in enumerate(task.rows.to_pylist()):
+        for offset, raw in enumerate(table_rows(task.rows)):
             row = task.start + offset
             if row in skip:
                 continue
+            undecodable = undecodable_columns(raw)  # e.g. invalid UTF-8: this row's error only
+            if undecodable:
+                raw = {k: None if k in undecodable else v for k, v in raw.items()}
             request, problem, known = parse_row(
                 row,
                 raw,
@@ -259,6 +264,8 @@ class ShardWorker:
                 duplicate_of=task.duplicates.get(row),
                 bad_columns=task.bad_columns,
             )
+            if undecodable:
+                problem = f"invalid UTF-8 (not readable) in column(s) {', '.join(undecodable)}"
             if problem is None:
                 requests.append(request)
             else:
@@ -289,7 +296,7 @@ class ShardWorker:
         # The rows of a batch share their settings (equal `batch_key`s, one sampler per worker).
         settings = generate_settings(prepared[ready[0]][0])
         outcomes = generate_isolated(
-            lambda requests: self.pipe.generate_placed(requests, **settings),
+            lambda requests: generate_finite(self.pipe, requests, **settings),  # NaN/Inf: the row's error
             [generation_request(record, init_image) for record, init_image in (prepared[i] for i in ready)],
             before_retry=release_memory,
         )

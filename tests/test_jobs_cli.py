@@ -49,7 +49,7 @@ def test_status(tmp_path):
     make_output(tmp_path / "out")
     result = sdgen("status", str(tmp_path / "out"))
     assert result.returncode == 1  # incomplete
-    assert "shards  2 total: 1 done, 0 running, 1 failed, 0 pending" in result.stdout
+    assert "shards  2 total: 1 done, 0 running, 0 interrupted, 1 failed, 0 pending" in result.stdout
     data = json.loads(sdgen("status", str(tmp_path / "out"), "--json").stdout)
     assert data["rows"] == {"total": 4, "ok": 2, "error": 0, "not_done": 2}
     # The script does the same, from any working directory.

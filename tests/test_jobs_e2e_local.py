@@ -90,7 +90,7 @@ def test_job_and_summary_files(finished_job):
 def test_status_command(finished_job):
     tmp, _, _ = finished_job
     result = run_command([PYTHON, "jobs/status.py", str(tmp / "out")])
-    assert "shards  3 total: 3 done, 0 running, 0 failed, 0 pending" in result.stdout
+    assert "shards  3 total: 3 done, 0 running, 0 interrupted, 0 failed, 0 pending" in result.stdout
     assert "rows    8 total: 7 ok, 1 error, 0 not done" in result.stdout
     assert "complete" in result.stdout
 

@@ -37,3 +37,30 @@ def test_the_cache_keeps_the_most_recently_used(tmp_path):
     (tmp_path / "1.png").unlink()
     with pytest.raises(InitImageError, match="not found"):
         cache.load(paths[1])
+
+
+def test_only_regular_files_under_the_caps_are_read(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo.png")  # opened without blocking, then refused
+    for uri in (str(tmp_path / "fifo.png"), "/dev/zero", str(tmp_path)):
+        with pytest.raises(InitImageError, match="not a regular file|a directory|cannot read"):
+            read_init_image(uri)
+    big = init_image(tmp_path / "big.png", size=64)
+    with pytest.raises(InitImageError, match="64x64 pixels, over the cap of 1000"):
+        read_init_image(str(big), max_pixels=1000)
+    with pytest.raises(InitImageError, match="over the cap of 100"):
+        read_init_image(str(big), max_bytes=100)
+    with pytest.raises(InitImageError, match="cannot read"):
+        read_init_image(str(tmp_path / "a\x00.png"))
+
+
+def test_the_cache_is_bounded_in_bytes(tmp_path):
+    paths = [str(init_image(tmp_path / f"{i}.png", size=32)) for i in range(4)]
+    cache = InitImageCache(capacity=64, max_bytes=2 * 32 * 32 * 3)  # two decoded images
+    for path in paths:
+        cache.load(path)
+    assert len(cache) == 2 and cache.nbytes <= cache.max_bytes
+    huge = InitImageCache(max_bytes=100)  # an image larger than the whole budget is not kept
+    huge.load(paths[0])
+    assert len(huge) == 0

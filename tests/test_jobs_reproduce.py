@@ -109,3 +109,18 @@ def test_cli(made, capsys):
     with pytest.raises(SystemExit):
         main([str(made / "out")])
     assert torch.get_num_threads() >= 1
+
+
+def test_a_tampered_or_deleted_stored_image_fails(made, capsys):
+    path = made / "out" / record(made, "r000").image_path
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original + b"tampered")
+        assert main([str(made / "out"), "r000"]) == 1
+        assert "does not match its recorded sha256" in capsys.readouterr().out
+        path.unlink()
+        assert main([str(made / "out"), "r000"]) == 1
+        assert "is missing" in capsys.readouterr().out
+    finally:
+        path.write_bytes(original)
+    assert main([str(made / "out"), "r000"]) == 0

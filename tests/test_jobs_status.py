@@ -30,19 +30,32 @@ def test_job_status_counts(tmp_path):
     make_output(tmp_path)
     status = job_status(str(tmp_path))
     assert status["rows"] == {"total": 7, "ok": 1, "error": 1, "not_done": 5}
-    assert status["shards"] == {"total": 4, "done": 1, "running": 1, "failed": 1, "pending": 1}
+    # Batches saved, not committed, and no run holds the output: the run was interrupted.
+    assert status["shards"] == {"total": 4, "done": 1, "running": 0, "interrupted": 1, "failed": 1, "pending": 1}
+    assert status["running"] is False
     states = {s["shard"]: s["state"] for s in status["shard_list"]}
     assert states == {
         "shard-00000": "done",
-        "shard-00001": "running",
+        "shard-00001": "interrupted",
         "shard-00002": "failed",
         "shard-00003": "pending",
     }
     assert status["complete"] is False
     text = format_status(status)
-    assert "shards  4 total: 1 done, 1 running, 1 failed, 1 pending" in text
+    assert "shards  4 total: 1 done, 0 running, 1 interrupted, 1 failed, 1 pending" in text
     assert "rows    7 total: 1 ok, 1 error, 5 not done" in text
     assert "RuntimeError: boom" in text and "shard-00003" in text
+
+
+def test_a_shard_with_saved_batches_is_running_while_a_run_holds_the_lease(tmp_path):
+    from jobs.lease import OutputLease
+
+    make_output(tmp_path)
+    with OutputLease.acquire(str(tmp_path), log=lambda s: None):
+        status = job_status(str(tmp_path))
+    assert status["running"] is True
+    assert {s["shard"]: s["state"] for s in status["shard_list"]}["shard-00001"] == "running"
+    assert job_status(str(tmp_path))["shard_list"][1]["state"] == "interrupted"  # released
 
 
 def test_cli_exit_codes_and_json(tmp_path, capsys):

@@ -1,0 +1,273 @@
+"""One writer per output: the run's lease on its output.
+
+A run takes the lease before it writes anything to the output, renews it while it runs (a
+heartbeat thread) and releases it at the end. The lease is one small JSON object, `lease.json`
+at the output's root, created exclusively (local: `link(2)` of a temp file, which fails if the
+file exists; S3: `PUT` with `If-None-Match: *`). It names its holder (host, pid, start time) and
+when it was last renewed.
+
+A second run finds the object and is refused at once (`LeaseHeld`, naming the holder). A lease
+whose holder stopped renewing it (a crashed or killed driver) expires `ttl` seconds after its
+last renewal, and the next run takes it over; on the same host a lease whose pid is no longer
+alive is stale at once. `break_lease=True` (`sdgen run --break-lease`) takes it over regardless,
+for the impatient who know the holder is gone.
+
+Expiry compares the wall clocks of the holder and of the next run: hosts sharing an output
+should keep their clocks in sync (NTP), well within the ttl.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from .exit_codes import one_line
+from .storage import Storage, StorageError, open_storage, redact_uri
+
+LEASE_FILE = "lease.json"
+DEFAULT_TTL_S = 120.0  # a lease not renewed for this long is stale
+
+
+def lease_ttl() -> float:
+    """The lease's time to live: `$SDGEN_LEASE_TTL` seconds, default 120."""
+    try:
+        return max(0.2, float(os.environ.get("SDGEN_LEASE_TTL", DEFAULT_TTL_S)))
+    except ValueError:
+        return DEFAULT_TTL_S
+
+
+class LeaseHeld(RuntimeError):
+    """Another run holds the output's lease (the message names it)."""
+
+
+class OutputUnusable(StorageError):
+    """The output cannot be written at all (missing bucket, access denied, read-only folder)."""
+
+
+class LeaseLost(RuntimeError):
+    """This run's lease was taken over by another run while it was running."""
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    token: str
+    host: str
+    pid: int
+    started_at: str
+    renewed_at: float  # unix time of the last renewal
+    ttl: float
+
+    @classmethod
+    def parse(cls, data: bytes) -> LeaseInfo | None:
+        try:
+            d = json.loads(data)
+            return cls(
+                str(d["token"]), str(d["host"]), int(d["pid"]), str(d["started_at"]), float(d["renewed_at"]),
+                float(d["ttl"]),
+            )  # fmt: skip
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def to_bytes(self) -> bytes:
+        return (json.dumps(self.__dict__, indent=2) + "\n").encode()
+
+    def holder(self) -> str:
+        return f"host {self.host}, pid {self.pid}, started {self.started_at}"
+
+    def stale_reason(self, now: float | None = None) -> str | None:
+        """Why this lease no longer protects anything (None: it is live)."""
+        now = time.time() if now is None else now
+        if self.host == socket.gethostname() and not _pid_alive(self.pid):
+            return f"its process {self.pid} on this host is gone"
+        if now - self.renewed_at > self.ttl:
+            return f"not renewed for {now - self.renewed_at:.0f}s (ttl {self.ttl:.0f}s)"
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (killed, not yet reaped by its parent) holds nothing.
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            stat = handle.read()
+        return stat[stat.rindex(")") + 2] != "Z"
+    except (OSError, ValueError, IndexError):
+        return True
+
+
+def read_lease(storage: Storage) -> LeaseInfo | None:
+    """The output's lease (None when there is none, or it is unreadable)."""
+    try:
+        data = storage.read(LEASE_FILE)
+    except FileNotFoundError:
+        return None
+    return LeaseInfo.parse(data)
+
+
+class OutputLease:
+    """A held lease; `release()` (or leaving the `with` block) gives it back."""
+
+    def __init__(self, storage: Storage, info: LeaseInfo, log: Callable[[str], None]):
+        self.storage = storage
+        self.info = info
+        self.log = log
+        self.lost: str | None = None  # why the lease was lost, once it is
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._on_lost: Callable[[], None] = lambda: None
+
+    # ------------------------------------------------------------------ taking it
+
+    @classmethod
+    def acquire(
+        cls,
+        output_uri: str,
+        *,
+        break_lease: bool = False,
+        log: Callable[[str], None] = print,
+        ttl: float | None = None,
+        storage: Storage | None = None,
+    ) -> OutputLease:
+        """Take the output's lease; LeaseHeld when a live run holds it (unless `break_lease`)."""
+        storage = storage or open_storage(output_uri)
+        ttl = lease_ttl() if ttl is None else ttl
+        mine = LeaseInfo(
+            token=uuid.uuid4().hex,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            renewed_at=time.time(),
+            ttl=ttl,
+        )
+        for _ in range(3):
+            if storage.write(LEASE_FILE, mine.to_bytes(), exclusive=True):
+                return cls(storage, mine, log)
+            held = read_lease(storage)
+            if held is None:
+                # Unreadable (a foreign or damaged file) or just released: only replaced when told.
+                try:
+                    storage.read(LEASE_FILE)
+                except FileNotFoundError:
+                    continue  # released between our write and our read: try again
+                if not break_lease:
+                    raise LeaseHeld(
+                        f"output {storage.uri} has an unreadable {LEASE_FILE}; if no run is using the output, "
+                        "pass --break-lease"
+                    )
+                reason = "unreadable"
+            else:
+                reason = "broken by --break-lease" if break_lease else held.stale_reason()
+                if reason is None:
+                    raise LeaseHeld(
+                        f"output {storage.uri} is in use by another run ({held.holder()}; lease renewed "
+                        f"{time.time() - held.renewed_at:.0f}s ago, expires after {held.ttl:.0f}s without "
+                        "renewal). Wait for it to finish, or pass --break-lease if it is gone."
+                    )
+                log(f"[sdgen] taking over the lease of {held.holder()}: {reason}")
+            storage.delete([LEASE_FILE])
+        raise LeaseHeld(f"output {storage.uri}: could not take the lease (another run is taking it at the same time)")
+
+    # ------------------------------------------------------------------ keeping it
+
+    def start_heartbeat(self, on_lost: Callable[[], None] = lambda: None, every: float | None = None) -> None:
+        """Renew the lease every `every` seconds (default ttl/4) on a daemon thread; `on_lost`
+        is called (once, on that thread) if another run took it over."""
+        self._on_lost = on_lost
+        every = self.info.ttl / 4 if every is None else every
+        self._thread = threading.Thread(target=self._beat, args=(every,), name="sdgen-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                self.renew()
+            except LeaseLost as exc:
+                self.lost = str(exc)
+                self.log(f"[sdgen] error: {exc}")
+                self._on_lost()
+                return
+            except Exception as exc:  # noqa: BLE001 - a storage blip: try again at the next beat
+                self.log(f"[sdgen] warning: could not renew the output lease ({type(exc).__name__}: {exc})")
+
+    def renew(self) -> None:
+        held = read_lease(self.storage)
+        if held is None or held.token != self.info.token:
+            who = held.holder() if held else "nobody"
+            raise LeaseLost(f"the output lease of {self.storage.uri} was taken over (now held by {who})")
+        self.info = LeaseInfo(**{**self.info.__dict__, "renewed_at": time.time()})
+        self.storage.write(LEASE_FILE, self.info.to_bytes())
+
+    def release(self) -> None:
+        """Stop renewing and delete the lease if it is still ours."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        try:
+            held = read_lease(self.storage)
+            if held is not None and held.token == self.info.token:
+                self.storage.delete([LEASE_FILE])
+        except Exception as exc:  # noqa: BLE001 - it expires by itself
+            self.log(f"[sdgen] warning: could not release the output lease ({type(exc).__name__}: {exc})")
+
+    def __enter__(self) -> OutputLease:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def live_lease(storage: Storage) -> LeaseInfo | None:
+    """The output's lease when a live run holds it (for `status`)."""
+    held = read_lease(storage)
+    return held if held is not None and held.stale_reason() is None else None
+
+
+@contextlib.contextmanager
+def held_output(output_uri: str, *, break_lease: bool = False, log: Callable[[str], None] = print):
+    """Hold the output's lease for the block: taken first (a permanent output fault — missing
+    bucket, access denied, read-only folder — is `OutputUnusable` here, before any work), renewed
+    by a heartbeat, released at the end. If another run takes it over meanwhile, the main thread
+    is interrupted and `LeaseLost` raised."""
+    try:
+        lease = OutputLease.acquire(output_uri, break_lease=break_lease, log=log)
+    except LeaseHeld:
+        raise
+    except (OSError, StorageError) as exc:
+        raise OutputUnusable(f"output {redact_uri(output_uri)} cannot be written: {one_line(exc)}") from None
+    lease.start_heartbeat(on_lost=_thread.interrupt_main)
+    try:
+        yield lease
+    except KeyboardInterrupt:
+        if lease.lost:
+            raise LeaseLost(lease.lost) from None
+        raise
+    finally:
+        lease.release()
+
+
+__all__ = [
+    "LEASE_FILE",
+    "LeaseHeld",
+    "LeaseInfo",
+    "LeaseLost",
+    "OutputLease",
+    "OutputUnusable",
+    "held_output",
+    "live_lease",
+    "read_lease",
+]

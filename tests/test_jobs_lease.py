@@ -1,0 +1,90 @@
+"""One writer per output: the lease on local folders and on S3 (moto's server), and two real
+`run.py` on one output."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jobs.lease import LEASE_FILE, LeaseHeld, LeaseLost, OutputLease, held_output, live_lease, read_lease
+from jobs.storage import open_storage
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_second_run_is_refused_naming_the_holder(tmp_path):
+    first = OutputLease.acquire(str(tmp_path), log=lambda s: None)
+    with pytest.raises(LeaseHeld) as err:
+        OutputLease.acquire(str(tmp_path), log=lambda s: None)
+    assert f"pid {os.getpid()}" in str(err.value) and socket.gethostname() in str(err.value)
+    assert first.info.started_at in str(err.value)
+    first.release()
+    assert not (tmp_path / LEASE_FILE).exists()
+    OutputLease.acquire(str(tmp_path), log=lambda s: None).release()
+
+
+def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path):
+    lease = OutputLease.acquire(str(tmp_path), log=lambda s: None)
+    data = json.loads((tmp_path / LEASE_FILE).read_text())
+    (tmp_path / LEASE_FILE).write_text(json.dumps({**data, "pid": _dead_pid()}))
+    lines = []
+    taken = OutputLease.acquire(str(tmp_path), log=lines.append)
+    assert taken.info.token != lease.info.token and "is gone" in lines[0]
+    taken.release()
+
+
+def test_an_expired_lease_is_taken_over_and_break_lease_takes_a_live_one(tmp_path):
+    storage = open_storage(str(tmp_path))
+    other = {"token": "x", "host": "elsewhere", "pid": 1, "started_at": "t", "renewed_at": time.time(), "ttl": 60}
+    storage.write(LEASE_FILE, json.dumps(other).encode())
+    with pytest.raises(LeaseHeld, match="host elsewhere"):
+        OutputLease.acquire(str(tmp_path), log=lambda s: None)
+    assert live_lease(storage) is not None
+    storage.write(LEASE_FILE, json.dumps({**other, "renewed_at": time.time() - 61}).encode())
+    assert live_lease(storage) is None
+    OutputLease.acquire(str(tmp_path), log=lambda s: None).release()
+    storage.write(LEASE_FILE, json.dumps(other).encode())
+    broken = OutputLease.acquire(str(tmp_path), break_lease=True, log=lambda s: None)
+    assert read_lease(storage).token == broken.info.token
+    broken.release()
+
+
+def test_a_lease_taken_over_is_lost_and_interrupts_the_holder(tmp_path):
+    lease = OutputLease.acquire(str(tmp_path), log=lambda s: None, ttl=60)
+    lease.renew()
+    OutputLease.acquire(str(tmp_path), break_lease=True, log=lambda s: None)
+    with pytest.raises(LeaseLost):
+        lease.renew()
+
+
+def test_the_heartbeat_renews_and_a_takeover_interrupts_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDGEN_LEASE_TTL", "0.4")  # renewed every 0.1 s
+    with pytest.raises(LeaseLost, match="taken over"):
+        with held_output(str(tmp_path), log=lambda s: None) as lease:
+            before = lease.info.renewed_at
+            time.sleep(0.5)
+            assert read_lease(open_storage(str(tmp_path))).renewed_at > before
+            open_storage(str(tmp_path)).write(LEASE_FILE, b'{"token": "other"}')
+            time.sleep(5)  # interrupted by the heartbeat well before this ends
+    assert (tmp_path / LEASE_FILE).read_bytes() == b'{"token": "other"}'  # not ours: left alone
+
+
+def test_s3_lease_is_conditional(s3):
+    bucket, _, _ = s3
+    uri = f"s3://{bucket}/out"
+    first = OutputLease.acquire(uri, log=lambda s: None)
+    with pytest.raises(LeaseHeld, match="in use by another run"):
+        OutputLease.acquire(uri, log=lambda s: None)
+    first.renew()
+    first.release()
+    assert read_lease(open_storage(uri)) is None
