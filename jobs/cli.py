@@ -3,6 +3,10 @@
     sdgen run SPEC [--overwrite] [--address ADDR] [--dry-run] [--progress-every SECONDS]
     sdgen status OUTPUT [--all] [--json]
     sdgen reproduce OUTPUT ID [ID ...] [options]
+    sdgen make-manifest TEMPLATE.yaml|LIST.csv|LIST.jsonl OUT.parquet [--base-seed N] [--seeds-per-prompt K]
+    sdgen report OUTPUT
+    sdgen grid OUTPUT OUT.png [--rows FIELD] [--cols FIELD] [--where FIELD=VALUE]
+    sdgen export OUTPUT --format webdataset|imagefolder|parquet DEST
 
 Each subcommand keeps the options, output and exit status of its script under jobs/ —
 `python jobs/run.py`, `python jobs/status.py`, `python jobs/reproduce.py` run the same code —
@@ -22,7 +26,8 @@ from . import __version__
 def run_main(argv: Sequence[str], prog: str = "sdgen run") -> int:
     """`sdgen run`. Exit status: 0 every shard committed (rows may still be error records),
     1 some shards failed (rerun to retry them), 2 the spec, manifest or output was refused
-    before any work, 130 interrupted."""
+    before any work, 130 interrupted. With --dry-run: 0 every row would generate, 1 some rows
+    would be error records, 2 refused (e.g. weights missing)."""
     parser = argparse.ArgumentParser(prog=prog, description="Run or resume an sdgen job (see jobs/README.md).")
     parser.add_argument("spec", help="job spec YAML (e.g. manifests/example.yaml)")
     parser.add_argument(
@@ -43,6 +48,9 @@ def run_main(argv: Sequence[str], prog: str = "sdgen run") -> int:
         metavar="SECONDS",
         help="seconds between progress lines (default 10)",
     )
+    parser.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="run only the first N rows, into OUTPUT-limitN (a trial)"
+    )
     args = parser.parse_args(argv)
 
     # Imported after parsing, so that --help and usage errors come at once.
@@ -59,6 +67,7 @@ def run_main(argv: Sequence[str], prog: str = "sdgen run") -> int:
             address=args.address,
             dry_run=args.dry_run,
             progress_every=args.progress_every,
+            limit=args.limit,
         )
     except (SpecError, ManifestError, JobConflict, WorkerStartError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -67,7 +76,7 @@ def run_main(argv: Sequence[str], prog: str = "sdgen run") -> int:
         print("interrupted: committed shards are kept; rerun the same command to resume", file=sys.stderr)
         return 130
     if args.dry_run:
-        return 0
+        return 1 if summary["rows"]["bad"] else 0  # 1: some rows would become error records
     return 0 if summary["complete"] else 1
 
 
@@ -83,10 +92,38 @@ def reproduce_main(argv: Sequence[str]) -> int:
     return main(list(argv), prog="sdgen reproduce")
 
 
+def make_manifest_main(argv: Sequence[str]) -> int:
+    from .templates import main
+
+    return main(list(argv))
+
+
+def export_main(argv: Sequence[str]) -> int:
+    from .export import main
+
+    return main(list(argv))
+
+
+def grid_main(argv: Sequence[str]) -> int:
+    from .grid import main
+
+    return main(list(argv))
+
+
+def report_main(argv: Sequence[str]) -> int:
+    from .report import main
+
+    return main(list(argv))
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "run": (run_main, "run or resume a job from its spec (YAML); rerun to resume"),
     "status": (status_main, "show an output's progress: shards done / running / failed / pending, row counts"),
     "reproduce": (reproduce_main, "regenerate images from their records and compare them with the stored ones"),
+    "make-manifest": (make_manifest_main, "expand a prompt template (YAML) or convert CSV/TSV/JSONL into a manifest"),
+    "report": (report_main, "(re)build OUTPUT/index.html: counts, throughput, errors, contact sheet"),
+    "grid": (grid_main, "lay out a sweep's images as one labelled grid (rows x columns of fields or labels)"),
+    "export": (export_main, "export the ok rows as WebDataset shards, a Hugging Face imagefolder or Parquet"),
 }
 
 

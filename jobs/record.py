@@ -80,6 +80,10 @@ class Record:
     time_load_s: Float64 | None = None  # reading the init image
     time_generate_s: Float64 | None = None  # this row's share of its batch's generate()
     time_write_s: Float64 | None = None  # encoding and committing the image
+    # The row's label columns (manifest columns the runner does not use) as a JSON object in
+    # manifest column order; null when the manifest has none. Added last: earlier columns keep
+    # their order.
+    labels: String | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Record:
@@ -160,13 +164,18 @@ ROW_FIELDS = (
     "guidance_scale",
     "width",
     "height",
+    "sampler",
+    "karras",
+    "labels",
 )
 
 
 @dataclass(frozen=True)
 class RecordBuilder:
     """Makes a worker's records. It holds the fields equal for every row the worker makes (its
-    model, device, software and sampler), so `build` needs only the row and what happened to it."""
+    model, device, software and sampler), so `build` needs only the row and what happened to it.
+    `sampler` and `karras` are the spec's: a row that sets its own (manifest columns) overrides
+    them."""
 
     sampler: str
     karras: bool
@@ -199,8 +208,13 @@ class RecordBuilder:
         fields = _row_fields(row)
         uri = fields["init_image_uri"]
         fields["init_image_uri"] = redact_uri(uri) if uri else uri
+        shared = dataclasses.asdict(self)
+        for name in ("sampler", "karras"):  # per row when the row has them, else the spec's
+            default = shared.pop(name)
+            if fields[name] is None:
+                fields[name] = default
         return Record(
-            **dataclasses.asdict(self),
+            **shared,
             **fields,
             shard=shard,
             status=_status(error),
