@@ -120,6 +120,7 @@ def check_rows(spec: JobSpec, manifest: Manifest) -> dict[str, Any]:
         "examples": examples,
         "steps_total": steps_total,
         "init_images": len(inits),
+        "init_images_missing": len(absent),
     }
 
 
@@ -189,7 +190,11 @@ def dry_run(spec: JobSpec, manifest: Manifest, plan_counts: dict[str, Any], log:
     rows = check_rows(spec, manifest)
     log(
         f"[sdgen] rows: {rows['rows']} checked, {rows['ok']} ok, {rows['bad']} would be error records"
-        + (f"; {rows['init_images']} distinct init image(s) found" if rows["init_images"] else "")
+        + (
+            f"; {rows['init_images'] - rows['init_images_missing']} of {rows['init_images']} distinct init image(s) found"
+            if rows["init_images"]
+            else ""
+        )
     )
     for reason, count in rows["reasons"].items():
         log(f"[sdgen]   {count:>6}  {reason}   e.g. {rows['examples'][reason]}")

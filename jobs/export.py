@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .output import Output
-from .record import RECORD_FIELDS
+from .record import RECORD_FIELDS, RECORD_SCHEMA
 from .storage import open_storage, redact_uri
 
 FORMATS = ("webdataset", "imagefolder", "parquet")
@@ -99,8 +99,13 @@ def _tar(members: list[tuple[str, bytes]]) -> bytes:
 
 
 def _parquet(rows: list[dict[str, Any]]) -> bytes:
+    """The record columns keep the record schema's types (a shard whose `strength` is all null
+    still has a float column), so every shard file of an export has the same schema."""
+    table = pa.Table.from_pylist(rows)
+    fields = [RECORD_SCHEMA.field(n) if n in RECORD_FIELDS else table.schema.field(n) for n in table.column_names]
+    table = table.cast(pa.schema(fields))
     sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
 
 

@@ -95,7 +95,12 @@ def test_per_row_sampler_matches_the_library_call_for_that_sampler(job, tiny_pip
     same = {}
     for sampler in ("ddim", "euler_a", "dpmpp_2m"):
         (same[sampler],) = tiny_pipe.generate(
-            [GenerationRequest("a red circle", seed=1)], sampler=sampler, steps=3, width=32, height=32
+            [GenerationRequest("a red circle", seed=1)],
+            sampler=sampler,
+            steps=3,
+            guidance_scale=7.5,
+            width=32,
+            height=32,
         )
     assert not np.array_equal(np.asarray(same["ddim"]), np.asarray(same["euler_a"]))
 
@@ -212,7 +217,7 @@ def test_dry_run_tells_the_truth_and_limit_runs_a_trial(job, tmp_path):
     assert dry.returncode == 1, dry.stdout  # some rows would be error records
     out = dry.stdout
     assert "[sdgen] dry run: 32x32, 3 steps, sampler ddim, guidance 7.5, dtype float32, device cpu" in out
-    assert "[sdgen] rows: 11 checked, 8 ok, 3 would be error records; 1 distinct init image(s) found" in out
+    assert "[sdgen] rows: 11 checked, 8 ok, 3 would be error records; 1 of 2 distinct init image(s) found" in out
     assert "init_image not found: …   e.g. row 10: init_image not found:" in out
     assert "readable, fingerprint" in out and "[sdgen] estimate: " in out and "s/step" in out
     missing = write_spec(tmp_path / "m.yaml", {**spec_dict(str(tmp / "data" / "m.csv"), str(tmp_path / "o")),
