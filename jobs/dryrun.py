@@ -191,7 +191,8 @@ def dry_run(spec: JobSpec, manifest: Manifest, plan_counts: dict[str, Any], log:
     log(
         f"[sdgen] rows: {rows['rows']} checked, {rows['ok']} ok, {rows['bad']} would be error records"
         + (
-            f"; {rows['init_images'] - rows['init_images_missing']} of {rows['init_images']} distinct init image(s) found"
+            f"; {rows['init_images'] - rows['init_images_missing']} of {rows['init_images']} distinct init "
+            "image(s) found"
             if rows["init_images"]
             else ""
         )
