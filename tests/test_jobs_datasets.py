@@ -233,3 +233,19 @@ def test_dry_run_tells_the_truth_and_limit_runs_a_trial(job, tmp_path):
     assert "--limit 2: the first 2 row(s) only" in trial.stdout
     assert not (tmp_path / "trial").exists()
     assert [r["id"] for r in records_of(tmp_path / "trial-limit2")] == ["a0", "a1"]
+
+
+def test_grid_lays_out_a_sweep_with_labels(job, tmp_path):
+    tmp, _, _ = job
+    result = run_command(
+        [*SDGEN, "grid", str(tmp / "out"), str(tmp_path / "g.png"), "--rows", "color", "--cols", "sampler"]
+    )
+    assert "3 color x 3 sampler" in result.stdout
+    grid = np.asarray(Image.open(tmp_path / "g.png").convert("RGB")).astype(int)
+    left = grid.shape[1] - 3 * 128
+    assert grid.shape[0] == 24 + 3 * 128 and left > 0
+    cells = grid[24:, left:]
+    assert (cells.std(axis=(0, 1)) > 5).all()  # images, not blank cells
+    assert (grid[:24] < 100).any() and (grid[24:, :left] < 100).any()  # the header and row labels are drawn
+    bad = run_command([*SDGEN, "grid", str(tmp / "out"), str(tmp_path / "x.png"), "--rows", "nope"], check=False)
+    assert bad.returncode == 2 and "no record field or label 'nope'" in bad.stdout

@@ -174,3 +174,14 @@ def test_million_row_template_streams_in_bounded_memory(tmp_path):
     result = measure(1_000_000, tmp_path)
     assert result["rows"] == 1_000_000 and result["row_groups"] == 16
     assert result["peak_rss_mb"] < BOUND_MB, result
+
+
+def test_the_committed_sweep_manifest_is_its_template_expanded(tmp_path):
+    from jobs.spec import load_spec
+
+    make_manifest(str(REPO / "manifests" / "shapes-sweep.yaml"), str(tmp_path / "m.parquet"))
+    assert (tmp_path / "m.parquet").read_bytes() == (REPO / "manifests" / "shapes-sweep.parquet").read_bytes()
+    spec = load_spec(REPO / "manifests" / "shapes-sweep-job.yaml")
+    assert spec.model.weights == "builtin:shapes"
+    manifest = load_manifest([str(REPO / "manifests" / "shapes-sweep.parquet")])
+    assert manifest.num_rows == 18 and manifest.label_columns == ("colour", "shape", "size", "split")
