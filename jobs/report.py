@@ -5,7 +5,8 @@ from the output's S3 prefix (objects are written with their Content-Type):
 
   index.html             counts, throughput over time (an inline SVG plot), per-shard status,
                          the error table grouped by reason, and page 1 of the contact sheet
-  report-page-N.html     further pages of the contact sheet (PAGE_SIZE thumbnails each)
+  report-page-N.html     further pages of the contact sheet (PAGE_SIZE thumbnails each; the
+                         first MAX_IMAGES ok rows, `--max-images` to change)
   thumbs/SHARD/NAME-SHA.jpg   thumbnails (THUMB px, made once; SHA: the image's sha256 prefix,
                          so an overwritten job never shows a stale thumbnail)
 
@@ -35,6 +36,7 @@ REPORT_FILE = "index.html"
 THUMBS_DIR = "thumbs"
 THUMB = 128
 PAGE_SIZE = 120
+MAX_IMAGES = 6000  # contact sheet: the first 50 pages (a million-row job is not read back whole)
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".jpg": "image/jpeg"}
 RECORD_COLUMNS = [
     "row",
@@ -163,7 +165,9 @@ def _sheet(records: list[dict[str, Any]]) -> str:
     return '<div class="sheet">' + "".join(cells) + "</div>"
 
 
-def build_report(uri: str, *, log: Callable[[str], None] = print, threads: int = 8) -> dict[str, Any]:
+def build_report(
+    uri: str, *, log: Callable[[str], None] = print, threads: int = 8, max_images: int = MAX_IMAGES
+) -> dict[str, Any]:
     """Write the report into the output; returns {"pages", "thumbnails_made", "rows"}."""
     from .status import job_status  # the same shard states and counts as `sdgen status`
 
@@ -173,7 +177,8 @@ def build_report(uri: str, *, log: Callable[[str], None] = print, threads: int =
     done = sorted(s["shard"] for s in status["shard_list"] if s["state"] == "done")
     tables = output.read_all_records(done, columns=RECORD_COLUMNS)
     records = [r for shard in done for r in tables[shard].to_pylist()]
-    ok = [r for r in records if r["status"] == "ok" and r["image_path"]]
+    ok_total = sum(1 for r in records if r["status"] == "ok" and r["image_path"])
+    ok = [r for r in records if r["status"] == "ok" and r["image_path"]][:max_images]
 
     existing = set(output.storage.list(THUMBS_DIR + "/"))
     missing = [r for r in ok if thumb_key(r) not in existing]
@@ -241,7 +246,8 @@ def build_report(uri: str, *, log: Callable[[str], None] = print, threads: int =
         chunk = ok[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
         sheet = (
             f"<h2 id=sheet>Images {len(ok) and (page - 1) * PAGE_SIZE + 1}–{(page - 1) * PAGE_SIZE + len(chunk)} "
-            f"of {len(ok)}</h2>{_pages_nav(page, pages)}{_sheet(chunk)}{_pages_nav(page, pages)}"
+            f"of {ok_total}{' (the first ' + str(len(ok)) + ' in the sheet)' if ok_total > len(ok) else ''}</h2>"
+            f"{_pages_nav(page, pages)}{_sheet(chunk)}{_pages_nav(page, pages)}"
         )
         body = (
             title + counts + plot + shard_table + error_table + sheet
@@ -257,9 +263,12 @@ def main(argv: list[str] | None = None, prog: str = "sdgen report") -> int:
     """Exit status: 0 written, 2 no sdgen output there."""
     parser = argparse.ArgumentParser(prog=prog, description="(Re)build OUTPUT/index.html, the job's HTML report.")
     parser.add_argument("output", help="the job's output folder or s3:// prefix")
+    parser.add_argument(
+        "--max-images", type=int, default=MAX_IMAGES, help=f"images in the contact sheet (default {MAX_IMAGES})"
+    )
     args = parser.parse_args(argv)
     try:
-        build_report(args.output)
+        build_report(args.output, max_images=args.max_images)
     except (FileNotFoundError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
