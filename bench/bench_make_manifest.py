@@ -3,8 +3,8 @@ row count grows (rows are made lazily and written one row group at a time).
 
     .venv/bin/python bench/bench_make_manifest.py [ROWS ...]     (default: 10000 100000 1000000)
 
-Each size runs in its own process (`python -m jobs.cli make-manifest`), so its peak RSS
-(ru_maxrss of the child) is its own; the result is appended to bench/MANIFEST_RESULTS.md. The
+Each size runs in its own process (`jobs.templates.main`), so its peak RSS (VmHWM of the
+child) is its own; the result is appended to bench/MANIFEST_RESULTS.md. The
 figure `tests/test_jobs_templates.py` holds a 1M-row run to is BOUND_MB below.
 """
 
@@ -53,9 +53,12 @@ def measure(rows: int, folder: Path) -> dict:
     src = folder / f"t{rows}.yaml"
     src.write_text(yaml.safe_dump(template(rows)))
     out = folder / f"m{rows}.parquet"
+    # VmHWM (peak RSS of this process image), not ru_maxrss: on Linux ru_maxrss survives exec, so
+    # a child forked from a big parent (pytest with torch loaded) would report the parent's size.
     code = (
-        "import resource, sys; from jobs.templates import main; rc = main(sys.argv[1:]); "
-        "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+        "import sys; from jobs.templates import main; rc = main(sys.argv[1:]); "
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+        "print('maxrss_kb', hwm); sys.exit(rc)"
     )
     started = time.perf_counter()
     done = subprocess.run(
