@@ -1,10 +1,10 @@
 """The `sdgen` command (a console script, `[project.scripts]` in pyproject.toml):
 
-    sdgen run SPEC [--overwrite] [--address ADDR] [--dry-run] [--progress-every SECONDS]
-    sdgen status OUTPUT [--all] [--json]
+    sdgen run SPEC [--overwrite] [--address ADDR] [--dry-run] [--limit N] [--progress-every SECONDS]
+    sdgen status OUTPUT [--all] [--json] [--errors]
     sdgen reproduce OUTPUT ID [ID ...] [options]
     sdgen make-manifest TEMPLATE.yaml|LIST.csv|LIST.jsonl OUT.parquet [--base-seed N] [--seeds-per-prompt K]
-    sdgen report OUTPUT
+    sdgen report OUTPUT [--max-images N]
     sdgen grid OUTPUT OUT.png [--rows FIELD] [--cols FIELD] [--where FIELD=VALUE]
     sdgen export OUTPUT --format webdataset|imagefolder|parquet DEST
 

@@ -194,3 +194,9 @@ def main(argv: list[str] | None = None, prog: str = "sdgen export") -> int:
 
 
 __all__ = ["FORMATS", "ExportError", "export", "label_columns", "labels_of", "record_json"]
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

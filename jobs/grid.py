@@ -106,3 +106,9 @@ def main(argv: list[str] | None = None, prog: str = "sdgen grid") -> int:
 
 
 __all__ = ["make_grid"]
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -276,3 +276,9 @@ def main(argv: list[str] | None = None, prog: str = "sdgen report") -> int:
 
 
 __all__ = ["PAGE_SIZE", "REPORT_FILE", "build_report", "make_thumbnail", "thumb_key", "throughput_svg"]
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -495,3 +495,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "sdgen make-manifest") -
 
 
 __all__ = ["Template", "TemplateError", "convert_table", "derive_seed", "make_manifest", "parse_template"]
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
