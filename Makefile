@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SPEC ?= manifests/example.yaml
 
-.PHONY: run test lint bench venv
+.PHONY: run test lint bench venv chromium
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,7 +31,15 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+# The HTML report's test renders it in headless Chromium (Debian's `chromium` package).
+chromium:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium; \
+	  else echo "chromium not found and no apt-get: install Chromium for tests/test_jobs_report.py" >&2; exit 1; fi; fi
+
+test: lint chromium
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-test

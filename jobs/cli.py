@@ -1,8 +1,12 @@
 """The `sdgen` command (a console script, `[project.scripts]` in pyproject.toml):
 
-    sdgen run SPEC [--overwrite] [--address ADDR] [--dry-run] [--progress-every SECONDS]
-    sdgen status OUTPUT [--all] [--json]
+    sdgen run SPEC [--overwrite] [--address ADDR] [--dry-run] [--limit N] [--progress-every SECONDS]
+    sdgen status OUTPUT [--all] [--json] [--errors]
     sdgen reproduce OUTPUT ID [ID ...] [options]
+    sdgen make-manifest TEMPLATE.yaml|LIST.csv|LIST.jsonl OUT.parquet [--base-seed N] [--seeds-per-prompt K]
+    sdgen report OUTPUT [--max-images N]
+    sdgen grid OUTPUT OUT.png [--rows FIELD] [--cols FIELD] [--where FIELD=VALUE]
+    sdgen export OUTPUT --format webdataset|imagefolder|parquet DEST
 
 Each subcommand keeps the options, output and exit status of its script under jobs/ —
 `python jobs/run.py`, `python jobs/status.py`, `python jobs/reproduce.py` run the same code —
@@ -23,7 +27,9 @@ from .redact import redact_text
 
 def run_main(argv: Sequence[str], prog: str = "sdgen run") -> int:
     """`sdgen run`: the exit codes of `exit_codes.TABLE` (0 complete, 1 some shards failed,
-    2 refused before any work, 3 stopped by an infrastructure fault, 130 interrupted)."""
+    2 refused before any work, 3 stopped by an infrastructure fault, 130 interrupted). With
+    --dry-run: 0 every row would generate, 1 some rows would be error records, 2 refused (e.g.
+    weights missing)."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Run or resume an sdgen job (see jobs/README.md).",
@@ -63,6 +69,9 @@ def run_main(argv: Sequence[str], prog: str = "sdgen run") -> int:
         help="take over the output's lease even if another run seems to hold it (only when you know it is gone)",
     )
     parser.add_argument("--debug", action="store_true", help="print a traceback for unexpected errors")
+    parser.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="run only the first N rows, into OUTPUT-limitN (a trial)"
+    )
     args = parser.parse_args(argv)
     return guarded(lambda: _run(args), args.debug)
 
@@ -84,6 +93,7 @@ def _run(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             progress_every=args.progress_every,
             break_lease=args.break_lease,
+            limit=args.limit,
         )
     except (InfrastructureFault, LeaseLost) as exc:
         print(f"error: {one_line(exc, 2000)}", file=sys.stderr, flush=True)
@@ -93,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {one_line(redact_text(str(exc)), 4000)}", file=sys.stderr, flush=True)
         return REFUSED
     if args.dry_run:
-        return OK
+        return INCOMPLETE if summary["rows"]["bad"] else OK  # some rows would become error records
     return OK if summary["complete"] else INCOMPLETE
 
 
@@ -109,10 +119,38 @@ def reproduce_main(argv: Sequence[str]) -> int:
     return main(list(argv), prog="sdgen reproduce")
 
 
+def make_manifest_main(argv: Sequence[str]) -> int:
+    from .templates import main
+
+    return main(list(argv))
+
+
+def export_main(argv: Sequence[str]) -> int:
+    from .export import main
+
+    return main(list(argv))
+
+
+def grid_main(argv: Sequence[str]) -> int:
+    from .grid import main
+
+    return main(list(argv))
+
+
+def report_main(argv: Sequence[str]) -> int:
+    from .report import main
+
+    return main(list(argv))
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "run": (run_main, "run or resume a job from its spec (YAML); rerun to resume"),
     "status": (status_main, "show an output's progress: shards done / running / failed / pending, row counts"),
     "reproduce": (reproduce_main, "regenerate images from their records and compare them with the stored ones"),
+    "make-manifest": (make_manifest_main, "expand a prompt template (YAML) or convert CSV/TSV/JSONL into a manifest"),
+    "report": (report_main, "(re)build OUTPUT/index.html: counts, throughput, errors, contact sheet"),
+    "grid": (grid_main, "lay out a sweep's images as one labelled grid (rows x columns of fields or labels)"),
+    "export": (export_main, "export the ok rows as WebDataset shards, a Hugging Face imagefolder or Parquet"),
 }
 
 

@@ -18,6 +18,7 @@ s3://), so a manifest and its images can move together.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -25,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from sdcore import rules  # the limits shared with the spec check and the pipeline (no torch)
 
@@ -40,6 +40,7 @@ from .storage import (
     read_uri,
     redact_uri,
 )
+from .tabular import manifest_format, read_table_bytes
 
 # column -> expected kind. "id" accepts string or integer.
 COLUMNS = {
@@ -53,9 +54,13 @@ COLUMNS = {
     "guidance_scale": "float",
     "width": "integer",
     "height": "integer",
+    "sampler": "string",
+    "karras": "boolean",
 }
 REQUIRED = ("prompt", "seed")
 OVERRIDES = ("steps", "guidance_scale", "width", "height")
+# Any other column is a label: kept with the row and written into its record (`labels`, a JSON
+# object of column -> value, in manifest column order) and into every export.
 MAX_NAME = 96
 
 
@@ -96,7 +101,8 @@ class Manifest:
     ids: list[str | None]  # per row: the id as a string (row number when there is no id column)
     duplicates: dict[int, int]  # row -> earlier row holding the same id
     bad_columns: dict[str, str] = field(default_factory=dict)  # optional column -> problem
-    ignored_columns: tuple[str, ...] = ()
+    ignored_columns: tuple[str, ...] = ()  # always empty now: other columns are labels
+    label_columns: tuple[str, ...] = ()
 
     @property
     def num_rows(self) -> int:
@@ -137,9 +143,10 @@ def load_manifest(sources: Sequence[str]) -> Manifest:
             raise ManifestError(f"manifest {redact_uri(uri)}: cannot read ({exc})") from None
         digests.append(hashlib.sha256(data).hexdigest())
         try:
-            table = pq.read_table(pa.BufferReader(data))
-        except (pa.ArrowException, OSError) as exc:
-            raise ManifestError(f"manifest {redact_uri(uri)}: not a readable Parquet file ({exc})") from None
+            table = read_table_bytes(data, uri)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            kind = "Parquet" if manifest_format(uri) == "parquet" else manifest_format(uri).upper()
+            raise ManifestError(f"manifest {redact_uri(uri)}: not a readable {kind} file ({exc})") from None
         tables.append(table)
         per_row_source.append((uri, table.num_rows))
     try:
@@ -173,8 +180,8 @@ def load_manifest(sources: Sequence[str]) -> Manifest:
         bad_columns[column] = message
 
     known = [c for c in names if c in COLUMNS]
-    ignored = tuple(c for c in names if c not in COLUMNS)
-    table = table.select(known).combine_chunks()
+    labels = tuple(c for c in names if c not in COLUMNS and c != "init_image_uri")
+    table = table.select(known + list(labels)).combine_chunks()
 
     # Ids: the id column as strings, or the row number; duplicates keep their first row.
     if "id" in known:
@@ -209,7 +216,7 @@ def load_manifest(sources: Sequence[str]) -> Manifest:
         ids=ids,
         duplicates=duplicates,
         bad_columns=bad_columns,
-        ignored_columns=ignored,
+        label_columns=labels,
     )
 
 
@@ -259,6 +266,9 @@ class RowRequest:
     guidance_scale: float
     width: int
     height: int
+    sampler: str = "ddim"
+    karras: bool = False
+    labels: str | None = None  # JSON object of the row's label columns (None: the manifest has none)
 
     @property
     def mode(self) -> str:
@@ -269,7 +279,7 @@ class RowRequest:
         denoising step (txt2img: 0; img2img: set by the strength). Rows starting at another step
         run in other UNet forwards, and each fixed-shape forward is padded to the batch size, so
         grouping by start step keeps the forwards full."""
-        return (self.steps, self.guidance_scale, self.width, self.height, self.start_step())
+        return (self.sampler, self.karras, self.steps, self.guidance_scale, self.width, self.height, self.start_step())
 
     def start_step(self) -> int:
         """Index of the first of the `steps` timesteps this row denoises (diffusers' rule)."""
@@ -301,6 +311,38 @@ def _float(value: Any, column: str) -> tuple[float | None, str | None]:
     if not math.isfinite(value):
         return None, f"{column}: expected a finite number, got {value!r}"
     return value, None
+
+
+def row_labels(raw: Mapping[str, Any]) -> str | None:
+    """The row's label columns (every column the runner does not use) as a JSON object, in
+    column order; None when the manifest has no label columns. Values JSON cannot hold (dates,
+    bytes) are written as strings."""
+    labels = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v
+        for k, v in raw.items()
+        if k not in COLUMNS and k != "init_image_uri"
+    }
+    return json.dumps(labels, ensure_ascii=False, default=str) if labels else None
+
+
+def _sampler(raw: Mapping[str, Any], spec: SamplerSpec, bad: Mapping[str, str]) -> tuple[str, bool, list[str]]:
+    """The row's sampler and Karras flag: the manifest's `sampler`/`karras` columns over the
+    spec's. A row that names another sampler without `karras` takes the spec's flag only where
+    that sampler has Karras sigmas."""
+    problems: list[str] = []
+    name = raw.get("sampler") if "sampler" not in bad else None
+    if name is None:
+        name = spec.name
+    elif rules.sampler_problem(name):
+        problems.append(f"sampler: {rules.sampler_problem(name)}")
+        name = spec.name
+    karras = raw.get("karras") if "karras" not in bad else None
+    if karras is None:
+        karras = spec.karras and name in rules.KARRAS_SAMPLERS
+    elif rules.karras_problem(karras, name):
+        problems.append(f"karras: {rules.karras_problem(karras, name)}")
+        karras = False
+    return name, karras, problems
 
 
 def parse_row(
@@ -382,6 +424,9 @@ def parse_row(
         if problem:
             problems.append(problem)
     known.update(overrides)
+    known["sampler"], known["karras"], problems_sampler = _sampler(raw, sampler, bad_columns or {})
+    problems.extend(problems_sampler)
+    known["labels"] = row_labels(raw)
 
     init_image = raw.get("init_image") if "init_image" not in (bad_columns or {}) else None
     init_uri = raw.get("init_image_uri")
@@ -425,6 +470,9 @@ def parse_row(
             guidance_scale=overrides["guidance_scale"],
             width=overrides["width"],
             height=overrides["height"],
+            sampler=known["sampler"],
+            karras=known["karras"],
+            labels=known["labels"],
         ),
         None,
         known,
@@ -439,5 +487,6 @@ __all__ = [
     "load_manifest",
     "parse_row",
     "resolve_init_image",
+    "row_labels",
     "safe_name",
 ]

@@ -90,6 +90,10 @@ class Record:
     # worker): with `worker` and `device`, which GPU of which node made the image. None when unset
     # or empty (CPU workers).
     cuda_visible_devices: String | None = None
+    # The row's label columns (manifest columns the runner does not use) as a JSON object in
+    # manifest column order; null when the manifest has none. Added last: earlier columns keep
+    # their order.
+    labels: String | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Record:
@@ -172,13 +176,18 @@ ROW_FIELDS = (
     "guidance_scale",
     "width",
     "height",
+    "sampler",
+    "karras",
+    "labels",
 )
 
 
 @dataclass(frozen=True)
 class RecordBuilder:
     """Makes a worker's records. It holds the fields equal for every row the worker makes (its
-    model, device, software and sampler), so `build` needs only the row and what happened to it."""
+    model, device, software and sampler), so `build` needs only the row and what happened to it.
+    `sampler` and `karras` are the spec's: a row that sets its own (manifest columns) overrides
+    them."""
 
     sampler: str
     karras: bool
@@ -215,8 +224,13 @@ class RecordBuilder:
         fields["init_image_uri"] = redact_uri(uri) if uri else uri
         if isinstance(fields.get("init_image"), str):  # as in the manifest, less any credentials in it
             fields["init_image"] = redact_uri(redact_text(fields["init_image"]))
+        shared = dataclasses.asdict(self)
+        for name in ("sampler", "karras"):  # per row when the row has them, else the spec's
+            default = shared.pop(name)
+            if fields[name] is None:
+                fields[name] = default
         return Record(
-            **dataclasses.asdict(self),
+            **shared,
             **fields,
             shard=shard,
             status=_status(error),

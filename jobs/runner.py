@@ -21,11 +21,13 @@ from typing import Any
 
 from . import __version__
 from .cluster import check_output_shared, check_paths_where_submitted
+from .errors import error_histogram, error_lines
 from .faults import infrastructure_faults
 from .lease import held_output
 from .manifest import Manifest, load_manifest
 from .output import JOB_FILE, SUMMARY_FILE, Output
-from .progress import Outcome, ProgressLog, duration
+from .progress import Outcome, duration
+from .progressbar import progress_reporter
 from .reader import ShardTask, num_shards, read_shards
 from .spec import JobSpec, load_spec
 from .worker import ShardResult, ShardWorker, WorkerConfig, WorkerInfo
@@ -41,6 +43,17 @@ def _print_line(line: str) -> None:
     print(line, flush=True)
 
 
+def write_report(uri: str, log: Callable[[str], None]) -> None:
+    """OUTPUT/index.html after each run (jobs/report.py); a report that cannot be written is a
+    warning, never a failed job."""
+    from .report import build_report
+
+    try:
+        build_report(uri, log=log)
+    except Exception as exc:  # noqa: BLE001 - the job's result stands whatever the report does
+        log(f"[sdgen] warning: report not written ({type(exc).__name__}: {exc}); `sdgen report OUTPUT` retries")
+
+
 # -------------------------------------------------------------------------------------------- run
 
 
@@ -54,23 +67,30 @@ def run_job(
     worker_factory: Callable[[WorkerConfig], Any] = ShardWorker,
     progress_every: float = 10.0,
     break_lease: bool = False,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a job, holding the output's lease (`lease.py`; `break_lease` takes over
-    a live one); returns the summary (also written to OUTPUT/summary.json), or with
-    `dry_run` the plan's counts. Raises SpecError / ManifestError / JobConflict / LeaseHeld /
+    a live one); returns the summary (also written to OUTPUT/summary.json), or with `dry_run`
+    what the dry run found (jobs/dryrun.py). `limit`: only the first N rows, into
+    OUTPUT-limitN. Raises SpecError / ManifestError / JobConflict / LeaseHeld /
     WorkerStartError before any work, InfrastructureFault after."""
     if dry_run:
-        return plan_job(spec, overwrite, log).dry_run_summary()
+        from .dryrun import dry_run as check
+
+        plan = plan_job(spec, overwrite, log, limit)
+        return check(plan.spec, plan.manifest, plan.dry_run_summary(), log)
     if not isinstance(spec, JobSpec):
         spec = load_spec(spec)
-    with held_output(spec.output, break_lease=break_lease, log=log):  # before anything is written
-        plan = plan_job(spec, overwrite, log)
+    leased = spec.output if limit is None else f"{spec.output.rstrip('/')}-limit{limit}"  # where it writes
+    with held_output(leased, break_lease=break_lease, log=log):  # before anything is written
+        plan = plan_job(spec, overwrite, log, limit)
         with infrastructure_faults():  # from here on a storage fault stops the run (exit 3)
             outcome = execute(
                 plan, address=address, log=log, worker_factory=worker_factory, progress_every=progress_every
             )
             summary = summarise(plan, outcome)
             plan.output.write_json(SUMMARY_FILE, summary)
+        write_report(plan.output.uri, log)  # index.html, still under the lease
     for line in summary_lines(summary):
         log(line)
     return summary
@@ -104,7 +124,9 @@ class JobPlan:
         }
 
 
-def plan_job(spec: JobSpec | str, overwrite: bool = False, log: Callable[[str], None] = _print_line) -> JobPlan:
+def plan_job(
+    spec: JobSpec | str, overwrite: bool = False, log: Callable[[str], None] = _print_line, limit: int | None = None
+) -> JobPlan:
     """Steps 1-3: validate the spec and manifest, refuse a different job on the output, and plan
     the shards not yet committed. No Ray, no model, so a bad job fails in seconds. Raises
     SpecError / ManifestError / JobConflict; changes nothing but stale partial files."""
@@ -113,6 +135,11 @@ def plan_job(spec: JobSpec | str, overwrite: bool = False, log: Callable[[str], 
         spec = load_spec(spec)
     check_paths_where_submitted(spec)  # under `ray job submit`: nothing in Ray's temporary working dir
     manifest = load_manifest(spec.manifest)
+    if limit is not None:
+        from .dryrun import trial_job
+
+        spec, manifest = trial_job(spec, manifest, limit)
+        log(f"[sdgen] --limit {limit}: the first {manifest.num_rows} row(s) only, into {spec.output}")
     _log_manifest(spec, manifest, log)
     output = Output(spec.output)
     existing = output.read_job()
@@ -128,8 +155,8 @@ def _log_manifest(spec: JobSpec, manifest: Manifest, log: Callable[[str], None])
         f"[sdgen] job {spec.name!r}: {manifest.num_rows} rows from {', '.join(manifest.sources)} "
         f"-> {total} shard(s) of {spec.execution.shard_size}"
     )
-    if manifest.ignored_columns:
-        log(f"[sdgen] note: ignoring manifest columns {', '.join(manifest.ignored_columns)}")
+    if manifest.label_columns:
+        log(f"[sdgen] labels (kept in each record's `labels`): {', '.join(manifest.label_columns)}")
     for problem in manifest.bad_columns.values():
         log(f"[sdgen] warning: {problem}; rows with a value there become error records")
 
@@ -169,6 +196,7 @@ class JobEvents:
         self.plan = plan
         self.log = log
         self.ray_version = ray_version
+        self.progress: Any = None  # the run's progress reporter (jobs/progressbar.py)
 
     def first_worker_ready(self, info: WorkerInfo) -> None:
         """Step 4, before any shard is handed out: the loaded model must be the one job.json
@@ -204,6 +232,8 @@ class JobEvents:
             )
 
     def shard_done(self, result: ShardResult) -> None:
+        if hasattr(self.progress, "shard_done"):
+            self.progress.shard_done(result)  # the bar's ok / error counts
         extra = f", {result.reused} kept from an earlier attempt" if result.reused else ""
         note = "" if result.committed else " (already committed by an earlier attempt)"
         self.log(
@@ -251,9 +281,12 @@ def execute(
         check_output_shared(plan.spec, cluster_layout(), execution.device)  # before any worker starts
         distributor.start(worker_config(plan.spec), worker_factory)
         events = JobEvents(plan, log, ray_version())
-        return distributor.run(
-            plan.tasks, events.first_worker_ready, events.shard_done, ProgressLog(log, progress_every), progress_every
-        )
+        progress = progress_reporter(log, progress_every)  # a bar in a terminal, else lines
+        events.progress = progress
+        try:
+            return distributor.run(plan.tasks, events.first_worker_ready, events.shard_done, progress, progress_every)
+        finally:
+            getattr(progress, "close", lambda: None)()
     finally:
         distributor.shutdown()
         disconnect(embedded)
@@ -286,6 +319,7 @@ def summarise(plan: JobPlan, outcome: Outcome) -> dict[str, Any]:
             "pending": plan.total_shards - len(done) - len(failed),
         },
         "failed_shards": failed,
+        "errors": error_histogram(output, done) if errors else {},  # reason -> rows (jobs/errors.py)
         "run": _run_stats(plan, outcome),
         "sdgen_version": __version__,
     }
@@ -325,7 +359,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"{summary['total']} rows; {shards['done']}/{shards['total']} shards; this run {run['rows_run']} rows in "
         f"{duration(run['wall_s'])}" + (f" ({rate} rows/s after model load)" if rate else "")
     ]
-    return lines + [f"[sdgen]   {shard}: {error}" for shard, error in sorted(failed.items())]
+    lines += [f"[sdgen]   {shard}: {error}" for shard, error in sorted(failed.items())]
+    return lines + error_lines(summary.get("errors") or {})
 
 
 # ------------------------------------------------------------------------------------- job.json
@@ -406,6 +441,7 @@ def job_document(
             "rows": manifest.num_rows,
             "columns": [c for c in manifest.table.column_names if c != "init_image_uri"],
             "ignored_columns": list(manifest.ignored_columns),
+            "label_columns": list(manifest.label_columns),
         },
         "model": {
             "weights": spec.to_dict()["model"]["weights"],

@@ -210,8 +210,8 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
     else:
         errors.append(f"manifest: expected a path/URI (or a non-empty list of them), got {_short(manifest_value)}")
     for m in manifests:
-        if not (m.endswith(".parquet") or any(ch in m for ch in "*?[")):
-            errors.append(f"manifest: {redact_uri(m)!r} is not a .parquet file (or a glob of them)")
+        if not (m.endswith((".parquet", ".csv", ".tsv", ".jsonl", ".ndjson")) or any(ch in m for ch in "*?[")):
+            errors.append(f"manifest: {redact_uri(m)!r} is not a .parquet/.csv/.tsv/.jsonl file (or a glob of them)")
 
     output = c.string(data, "output", "output", required=True)
 

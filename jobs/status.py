@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Show a job's progress: `sdgen status OUTPUT [--all] [--json]` (or `python jobs/status.py ...`).
+"""Show a job's progress: `sdgen status OUTPUT [--all] [--json] [--errors]` (or `python jobs/status.py ...`).
 
 Shards done / failed / pending and rows ok / error / not done, read from the output alone (record
 files, partial files, job.json, summary.json), so it works while a job runs, after it stopped,
@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None, prog: str = "jobs/status.py") -> int:
     parser.add_argument("--all", action="store_true", help="list every shard, not only the unfinished or erroring ones")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
     parser.add_argument("--debug", action="store_true", help="print a traceback for unexpected errors")
+    parser.add_argument(
+        "--errors", action="store_true", help="list the error rows (row, id, shard, message) grouped by reason"
+    )
     args = parser.parse_args(argv)
     return guarded(lambda: _main(args), args.debug)
 
@@ -127,10 +130,18 @@ def main(argv: list[str] | None = None, prog: str = "jobs/status.py") -> int:
 def _main(args: argparse.Namespace) -> int:
     try:
         status = job_status(args.output)
+        if args.errors:
+            from jobs.errors import error_rows
+
+            status["error_rows"] = error_rows(Output(args.output))
     except (FileNotFoundError, OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
         print(f"error: {one_line(redact_text(str(exc)))}", file=sys.stderr)
         return 2
-    if args.json:
+    if args.errors and not args.json:
+        from jobs.errors import format_error_rows
+
+        print(format_error_rows(status["error_rows"]))
+    elif args.json:
         print(json.dumps(status, indent=2))
     else:
         print(format_status(status, args.all))

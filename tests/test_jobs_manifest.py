@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pyarrow as pa
 import pytest
@@ -96,11 +97,53 @@ def test_optional_column_of_wrong_type_is_a_row_problem(tmp_path):
     assert bad is None and "column 'strength' has type string" in problem
 
 
-def test_extra_columns_are_ignored_and_reported(tmp_path):
-    rows = [{"prompt": "a", "seed": 1, "category": "x"}]
+def test_extra_columns_are_labels_carried_to_the_row(tmp_path):
+    rows = [{"prompt": "a", "category": "x", "seed": 1, "score": 0.5}]
     manifest = load_manifest([str(write_manifest(tmp_path / "m.parquet", rows))])
-    assert manifest.ignored_columns == ("category",)
-    assert "category" not in manifest.table.column_names
+    assert manifest.label_columns == ("category", "score") and manifest.ignored_columns == ()
+    request, problem, known = parse_row(0, manifest.table.to_pylist()[0], row_id="0", sampler=SAMPLER)
+    assert problem is None and json.loads(request.labels) == {"category": "x", "score": 0.5}
+    assert list(json.loads(request.labels)) == ["category", "score"]  # manifest column order
+
+
+def test_csv_tsv_and_jsonl_manifests_read_like_parquet(tmp_path):
+    (tmp_path / "m.csv").write_text(
+        'id,prompt,seed,init_image,strength,color\n007,"a, b",1,,,red\n8,c,2,x.png,0.5,blue\n'
+    )
+    (tmp_path / "m.tsv").write_text("id\tprompt\tseed\tcolor\n007\ta, b\t1\tred\n")
+    (tmp_path / "m.jsonl").write_text('{"id": 7, "prompt": "a", "seed": 1, "color": "red", "sampler": "euler_a"}\n')
+    csv = load_manifest([str(tmp_path / "m.csv")])
+    assert csv.ids == ["007", "8"] and csv.label_columns == ("color",)
+    rows = csv.table.to_pylist()
+    assert rows[0]["prompt"] == "a, b" and rows[0]["init_image"] is None  # an empty cell is missing
+    assert rows[1]["init_image_uri"] == str(tmp_path / "x.png")
+    request, problem, _ = parse_row(0, rows[0], row_id="007", sampler=SAMPLER)
+    assert problem is None and request.mode == "txt2img" and json.loads(request.labels) == {"color": "red"}
+    assert load_manifest([str(tmp_path / "m.tsv")]).table.to_pylist()[0]["prompt"] == "a, b"
+    jsonl = load_manifest([str(tmp_path / "m.jsonl")])
+    assert jsonl.ids == ["7"]
+    request, problem, _ = parse_row(0, jsonl.table.to_pylist()[0], row_id="7", sampler=SAMPLER)
+    assert problem is None and request.sampler == "euler_a"
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "seed": 1}\nnot json\n')
+    with pytest.raises(ManifestError, match="bad.jsonl: not a readable JSONL file"):
+        load_manifest([str(tmp_path / "bad.jsonl")])
+
+
+def test_per_row_sampler_and_karras_override_the_spec():
+    spec = SamplerSpec(name="dpmpp_2m", karras=True, steps=4, guidance_scale=7.5, width=32, height=32)
+    request, problem, _ = parse_row(0, row(sampler="euler_a"), row_id="0", sampler=spec)
+    assert problem is None and (request.sampler, request.karras) == ("euler_a", False)
+    request, problem, _ = parse_row(0, row(karras=False), row_id="0", sampler=spec)
+    assert problem is None and (request.sampler, request.karras) == ("dpmpp_2m", False)
+    request, problem, _ = parse_row(0, row(), row_id="0", sampler=spec)
+    assert (request.sampler, request.karras) == ("dpmpp_2m", True)
+    _, problem, known = parse_row(0, row(sampler="plms"), row_id="0", sampler=spec)
+    assert "sampler: unknown sampler 'plms'" in problem
+    _, problem, _ = parse_row(0, row(sampler="ddim", karras=True), row_id="0", sampler=spec)
+    assert "karras: karras sigmas apply only to dpmpp_2m, not ddim" in problem
+    a, _, _ = parse_row(0, row(sampler="ddim"), row_id="0", sampler=spec)
+    b, _, _ = parse_row(1, row(sampler="euler_a"), row_id="1", sampler=spec)
+    assert a.batch_key() != b.batch_key()  # different samplers never share a generate() call
 
 
 def row(**values):

@@ -28,3 +28,35 @@ def test_a_line_only_when_rows_moved():
     for rows in (0, 0, 5, 5, 5, 8):
         progress(state(rows))
     assert [line.split()[1] for line in lines] == ["0/40", "5/40", "8/40"]
+
+
+def test_progress_bar_in_a_terminal_lines_otherwise():
+    import io
+
+    from jobs.progressbar import ProgressBar, progress_reporter
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert isinstance(progress_reporter(print, 10, io.StringIO()), ProgressLog)
+    stream = Terminal()
+    bar = progress_reporter(print, 10, stream)
+    assert isinstance(bar, ProgressBar)
+    bar(
+        ProgressState(rows_done=0, rows_total=100, shards_done=0, shards_failed=0, shards_total=4, workers=1, elapsed=0)
+    )
+
+    class Result:
+        ok, error = 23, 2
+
+    bar.shard_done(Result())
+    bar(
+        ProgressState(
+            rows_done=25, rows_total=100, shards_done=1, shards_failed=0, shards_total=4, workers=1, elapsed=5
+        )
+    )
+    bar.close()
+    shown = stream.getvalue().split("\r")[-1]
+    assert "25/100 rows" in shown and "row/s" in shown and "ok 23, error 2, shards 1/4" in shown
+    assert "<" in shown  # elapsed<remaining: the ETA

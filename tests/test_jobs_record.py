@@ -56,6 +56,7 @@ COLUMNS = [
     ("batch_rows", pa.int32()),
     ("batch_slot", pa.int32()),
     ("cuda_visible_devices", pa.string()),  # which GPU made the image
+    ("labels", pa.string()),  # added by the labels issue, last: earlier columns keep their order
 ]
 
 # Python type of a field -> the Arrow types its column may have.
@@ -119,8 +120,17 @@ def test_the_schema_is_the_dataclass_fields_in_order_with_matching_types():
 def test_builder_fields_are_record_fields_and_rows_fill_the_rest():
     worker_fields = [f.name for f in dataclasses.fields(RecordBuilder)]
     assert set(worker_fields) <= set(RECORD_FIELDS) and set(ROW_FIELDS) <= set(RECORD_FIELDS)
-    assert not set(worker_fields) & set(ROW_FIELDS)
+    # sampler and karras: the spec's in the builder, a row's own (manifest columns) override them.
+    assert set(worker_fields) & set(ROW_FIELDS) == {"sampler", "karras"}
     assert set(ROW_FIELDS) <= {f.name for f in dataclasses.fields(RowRequest)}
+
+
+def test_a_rows_sampler_overrides_the_builders_and_labels_are_kept():
+    request = dataclasses.replace(REQUEST, sampler="euler_a", karras=False, labels='{"color": "red"}')
+    record = BUILDER.build(request, shard="shard-00001", attempt=1, started_at=STARTED)
+    assert (record.sampler, record.karras, record.labels) == ("euler_a", False, '{"color": "red"}')
+    rejected = BUILDER.build({"row": 3, "id": "x"}, shard="s", attempt=1, started_at=STARTED, error="bad")
+    assert (rejected.sampler, rejected.karras, rejected.labels) == (BUILDER.sampler, BUILDER.karras, None)
 
 
 def test_an_ok_record_from_a_request():

@@ -103,7 +103,7 @@ def test_every_problem_is_reported_with_its_key():
         ({"manifest": "m.parquet", "model": {"weights": "w"}}, "output: required key is missing"),
         ({"manifest": "m.parquet", "output": "o"}, "model: required section is missing"),
         ({"manifest": "m.parquet", "output": "o", "model": {}}, "model.weights: required key is missing"),
-        ({"manifest": "m.csv", "output": "o", "model": {"weights": "w"}}, "not a .parquet file"),
+        ({"manifest": "m.txt", "output": "o", "model": {"weights": "w"}}, "not a .parquet/.csv/.tsv/.jsonl file"),
         ({"manifest": [], "output": "o", "model": {"weights": "w"}}, "manifest: expected a path/URI"),
         ({"manifest": "m.parquet", "output": "o", "model": "tiny"}, "model: expected a mapping"),
         (

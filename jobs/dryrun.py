@@ -1,0 +1,228 @@
+"""`sdgen run SPEC --dry-run`: what the job would do, checked on this machine, before Ray starts.
+
+It prints and returns:
+
+- the resolved settings (size, steps, sampler, guidance, dtype, device, workers, batch and shard
+  size, threads), resolved as they would be on *this* machine (a cluster's GPUs resolve `auto`
+  there);
+- the weights: found and readable (the model is loaded here, as each worker would), with their
+  fingerprint; missing or unreadable weights refuse the job (exit 2, like any bad spec);
+- every manifest row checked exactly as the worker checks it (`parse_row`), plus the existence of
+  every distinct init image; the rows that would become error records, counted by reason with an
+  example each;
+- a time estimate from a short calibration: one row generated at the job's size (after a warm-up
+  call) with 1 and with 3 steps gives the fixed and the per-step cost, times the rows' steps
+  (img2img: the steps its strength leaves), divided by the workers.
+
+`--limit N` (`trial_job`) runs only the first N rows into a separate output, `OUTPUT-limitN`, for
+a trial that never mixes with the real job's output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .errors import error_reason
+from .manifest import Manifest, parse_row
+from .progress import duration
+from .spec import JobSpec, SpecError
+from .storage import is_s3, local_path, redact_uri, uri_exists
+
+
+def trial_job(spec: JobSpec, manifest: Manifest, limit: int) -> tuple[JobSpec, Manifest]:
+    """The job on the manifest's first `limit` rows, writing to `OUTPUT-limitN`."""
+    if limit < 1:
+        raise SpecError(f"--limit: expected a positive number of rows, got {limit}")
+    n = min(limit, manifest.num_rows)
+    output = f"{spec.output.rstrip('/')}-limit{limit}"
+    table = manifest.table.slice(0, n)
+    trial = dataclasses.replace(
+        manifest,
+        table=table,
+        ids=manifest.ids[:n],
+        duplicates={r: f for r, f in manifest.duplicates.items() if r < n},
+        fingerprint=hashlib.sha256(f"{manifest.fingerprint}:first:{n}".encode()).hexdigest(),
+    )
+    return dataclasses.replace(spec, output=output), trial
+
+
+def check_weights(weights: str) -> str | None:
+    """A problem with the weights' location, found without loading them (None: found)."""
+    if weights.startswith("builtin:"):
+        return None
+    if is_s3(weights):
+        try:
+            found = uri_exists(weights) or uri_exists(weights.rstrip("/") + "/unet/config.json")
+        except Exception as exc:  # noqa: BLE001 - any storage failure is a finding here
+            return f"model.weights: {redact_uri(weights)}: cannot be checked ({exc})"
+        return None if found else f"model.weights: not found: {redact_uri(weights)}"
+    path = local_path(weights)
+    if not os.path.exists(path):
+        return f"model.weights: not found: {path}"
+    if not os.access(path, os.R_OK):
+        return f"model.weights: not readable: {path}"
+    return None
+
+
+def check_rows(spec: JobSpec, manifest: Manifest) -> dict[str, Any]:
+    """Every row through `parse_row`, and every distinct init image looked up."""
+    reasons: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    steps_total = ok = 0
+    inits: dict[str, list[int]] = {}
+    offset = 0
+    for batch in manifest.table.to_batches(max_chunksize=65536):
+        for i, raw in enumerate(batch.to_pylist()):
+            row = offset + i
+            request, problem, _ = parse_row(
+                row,
+                raw,
+                row_id=manifest.ids[row],
+                sampler=spec.sampler,
+                duplicate_of=manifest.duplicates.get(row),
+                bad_columns=manifest.bad_columns,
+            )
+            if problem is not None:
+                reason = error_reason(problem)
+                reasons[reason] += 1
+                examples.setdefault(reason, f"row {row}: {problem}")
+                continue
+            if request.init_image_uri:
+                inits.setdefault(request.init_image_uri, []).append(row)
+            ok += 1
+            steps_total += request.steps if request.strength is None else max(1, int(request.steps * request.strength))
+        offset += batch.num_rows
+
+    def missing(uri: str) -> bool:
+        try:
+            return not uri_exists(uri)
+        except Exception:  # noqa: BLE001 - unreadable counts as missing here
+            return True
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        absent = [uri for uri, gone in zip(inits, pool.map(missing, list(inits))) if gone]
+    for uri in absent:
+        reason = error_reason(f"init_image not found: {redact_uri(uri)}")
+        reasons[reason] += len(inits[uri])
+        examples.setdefault(reason, f"row {inits[uri][0]}: init_image not found: {redact_uri(uri)}")
+        ok -= len(inits[uri])
+    return {
+        "rows": manifest.num_rows,
+        "ok": ok,
+        "bad": sum(reasons.values()),
+        "reasons": dict(reasons.most_common()),
+        "examples": examples,
+        "steps_total": steps_total,
+        "init_images": len(inits),
+        "init_images_missing": len(absent),
+    }
+
+
+def _resolved(spec: JobSpec) -> dict[str, Any]:
+    import torch
+
+    ex = spec.execution
+    gpus = torch.cuda.device_count()
+    device = ex.device if ex.device != "auto" else ("cuda" if gpus else "cpu")
+    workers = ex.workers if ex.workers != "auto" else (max(1, gpus) if device == "cuda" else 1)
+    threads = None
+    if device == "cpu":
+        threads = ex.cpu_threads if ex.cpu_threads != "auto" else os.cpu_count()
+    return {"device": device, "workers": workers, "threads": threads}
+
+
+def calibrate(spec: JobSpec, device: str, threads: int | None) -> dict[str, Any]:
+    """Load the model here and time one row at the job's size with 1 and 2 steps."""
+    import torch
+
+    import sdcore
+
+    from .weights import resolve_weights
+
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    pipe = sdcore.load_pipeline(resolve_weights(spec.model.weights), device=device, dtype=spec.model.dtype)
+    load_s = time.perf_counter() - t0
+    s = spec.sampler
+    times = []
+    for steps in (1, 1, 3):  # a warm-up call, then 1 and 3 steps
+        t0 = time.perf_counter()
+        pipe.generate(
+            [sdcore.GenerationRequest("calibration", seed=0)],
+            sampler=s.name,
+            karras=s.karras,
+            steps=steps,
+            guidance_scale=s.guidance_scale,
+            width=s.width,
+            height=s.height,
+        )
+        times.append(time.perf_counter() - t0)
+    per_step = max((times[2] - times[1]) / 2, 0.0)
+    fixed = max(times[1] - per_step, 0.0)
+    return {
+        "fingerprint": pipe.fingerprint,
+        "dtype": str(pipe.dtype).replace("torch.", ""),
+        "load_s": round(load_s, 3),
+        "fixed_s": round(fixed, 4),
+        "per_step_s": round(per_step, 4),
+    }
+
+
+def dry_run(spec: JobSpec, manifest: Manifest, plan_counts: dict[str, Any], log: Callable[[str], None]) -> dict:
+    """The dry run's findings (printed as it goes). Raises SpecError for missing weights."""
+    problem = check_weights(spec.model.weights)
+    if problem:
+        raise SpecError(problem)
+    resolved = _resolved(spec)
+    s, ex = spec.sampler, spec.execution
+    log(
+        f"[sdgen] dry run: {s.width}x{s.height}, {s.steps} steps, sampler {s.name}"
+        f"{' (karras)' if s.karras else ''}, guidance {s.guidance_scale}, dtype {spec.model.dtype}, "
+        f"device {resolved['device']} (this machine), {resolved['workers']} worker(s), batch {ex.batch_size}, "
+        f"shard {ex.shard_size}" + (f", {resolved['threads']} CPU threads" if resolved["threads"] else "")
+    )
+    rows = check_rows(spec, manifest)
+    log(
+        f"[sdgen] rows: {rows['rows']} checked, {rows['ok']} ok, {rows['bad']} would be error records"
+        + (
+            f"; {rows['init_images'] - rows['init_images_missing']} of {rows['init_images']} distinct init "
+            "image(s) found"
+            if rows["init_images"]
+            else ""
+        )
+    )
+    for reason, count in rows["reasons"].items():
+        log(f"[sdgen]   {count:>6}  {reason}   e.g. {rows['examples'][reason]}")
+    try:
+        cal = calibrate(spec, resolved["device"], resolved["threads"])
+    except Exception as exc:  # noqa: BLE001 - unreadable weights are a refusal, named
+        raise SpecError(f"model.weights: {redact_uri(spec.model.weights)}: cannot be loaded ({exc})") from None
+    log(
+        f"[sdgen] weights {redact_uri(spec.model.weights)}: readable, fingerprint {cal['fingerprint'][:12]}, "
+        f"{cal['dtype']}, loaded in {cal['load_s']:.1f}s"
+    )
+    seconds = (rows["ok"] * cal["fixed_s"] + rows["steps_total"] * cal["per_step_s"]) / resolved["workers"]
+    log(
+        f"[sdgen] estimate: {duration(seconds)} for {rows['ok']} image(s) on {resolved['workers']} "
+        f"{resolved['device']} worker(s) like this machine ({cal['fixed_s']:.3f}s + {cal['per_step_s']:.3f}s/step "
+        "per image, calibrated here; model loading and Ray start-up not included)"
+    )
+    return {
+        **plan_counts,
+        "settings": {**dataclasses.asdict(s), "dtype": cal["dtype"], **resolved, "batch_size": ex.batch_size},
+        "weights": {"uri": redact_uri(spec.model.weights), "fingerprint": cal["fingerprint"]},
+        "rows": rows,
+        "calibration": cal,
+        "estimate_s": round(seconds, 1),
+    }
+
+
+__all__ = ["calibrate", "check_rows", "check_weights", "dry_run", "trial_job"]

@@ -1,0 +1,107 @@
+"""Errors a person can read: each error record's message reduced to its *reason* (the message
+without the row's own values), a histogram of reasons over an output, and the rows behind them.
+
+`summary.json` holds the histogram (`errors`: reason -> rows, most frequent first), a run's last
+lines name the top reasons, `sdgen status OUTPUT --errors` lists every error row with its reason,
+and the HTML report shows the same table.
+
+A record's `error` joins its row's problems with "; "; its reason is each problem reduced (quoted
+values, paths, URIs and numbers replaced by `…` and `N`, explanations in parentheses and
+", got …" tails dropped; a generation failure keeps its exception type) and joined the same way,
+so every error row counts under exactly one reason and the counts add up to the error total.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from .output import Output
+
+_PARENS = re.compile(r"\s*\([^()]*\)")
+_GOT = re.compile(r",? got .*$")
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_PATHLIKE = re.compile(r"\S*[/\\]\S*")
+_NUMBER = re.compile(r"(?<![A-Za-z_])-?\d+(?:\.\d+)?(?:e-?\d+)?")
+
+
+def _reduce(problem: str) -> str:
+    problem = problem.strip()
+    if problem.startswith("generation failed:"):
+        kind = problem[len("generation failed:") :].strip().split(":", 1)[0]
+        return f"generation failed: {kind}"
+    text = _PARENS.sub("", problem)
+    text = _GOT.sub("", text)
+    text = _QUOTED.sub("…", text)
+    text = _PATHLIKE.sub("…", text)
+    text = _NUMBER.sub("N", text)
+    return re.sub(r"\s+", " ", text).strip(" :;")
+
+
+def error_reason(message: str | None) -> str:
+    """The reason of an error message: `duplicate id 'b' (first used by manifest row 3)` ->
+    `duplicate id …`; `init_image not found: s3://b/x.png` -> `init_image not found: …`."""
+    if not message:
+        return "unknown error"
+    return "; ".join(dict.fromkeys(_reduce(p) for p in message.split("; ") if p.strip()))
+
+
+def error_rows(output: Output, shards: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Every error record of the committed shards: row, id, shard, reason, error; by row."""
+    shards = output.committed_shards() if shards is None else shards
+    rows = []
+    columns = ["row", "id", "shard", "status", "error"]
+    for table in output.read_all_records(shards, columns=columns).values():
+        for record in table.to_pylist():
+            if record["status"] != "ok":
+                rows.append({**{k: record[k] for k in ("row", "id", "shard", "error")}})
+    for row in rows:
+        row["reason"] = error_reason(row["error"])
+    return sorted(rows, key=lambda r: r["row"])
+
+
+def histogram(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """reason -> rows, most frequent first (ties by reason)."""
+    counts = Counter(r["reason"] for r in rows)
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def error_histogram(output: Output, shards: Iterable[str] | None = None) -> dict[str, int]:
+    return histogram(error_rows(output, shards))
+
+
+def error_lines(errors: dict[str, int], top: int = 5) -> list[str]:
+    """The log lines naming the top reasons (the end of a run)."""
+    if not errors:
+        return []
+    lines = [
+        f"[sdgen] top error reasons ({sum(errors.values())} error rows; `sdgen status OUTPUT --errors` lists them):"
+    ]
+    for reason, count in list(errors.items())[:top]:
+        lines.append(f"[sdgen]   {count:>6}  {reason}")
+    if len(errors) > top:
+        lines.append(f"[sdgen]   ... {len(errors) - top} more reason(s) in summary.json")
+    return lines
+
+
+def format_error_rows(rows: list[dict[str, Any]], limit: int | None = None) -> str:
+    """`sdgen status --errors`: the rows grouped by reason, most frequent reason first."""
+    if not rows:
+        return "no error rows"
+    by_reason: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_reason.setdefault(row["reason"], []).append(row)
+    lines = []
+    for reason, count in histogram(rows).items():
+        lines.append(f"{count} row(s): {reason}")
+        shown = by_reason[reason] if limit is None else by_reason[reason][:limit]
+        for row in shown:
+            lines.append(f"  row {row['row']:<8} id {str(row['id'])!s:<20} {row['shard']}  {row['error']}")
+        if len(shown) < count:
+            lines.append(f"  ... {count - len(shown)} more")
+    return "\n".join(lines)
+
+
+__all__ = ["error_histogram", "error_lines", "error_reason", "error_rows", "format_error_rows", "histogram"]

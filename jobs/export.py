@@ -1,0 +1,202 @@
+"""`sdgen export OUTPUT --format webdataset|imagefolder|parquet DEST`: a job's ok rows as a dataset.
+
+Every format holds, per ok row, the image, its caption (the prompt), its record and its labels
+(the manifest's label columns, `Record.labels`):
+
+- `webdataset`: `DEST/SHARD.tar`, one tar per job shard, members `KEY.png` (or .jpg/.webp),
+  `KEY.json` (the record, with `labels` as an object) and `KEY.txt` (the prompt). KEY is the
+  manifest row number, zero-padded (WebDataset splits a member's name at its first dot, so ids,
+  which may hold dots, are in the JSON instead).
+- `imagefolder`: `DEST/SHARD/NAME.EXT` plus `DEST/metadata.jsonl` with `file_name`, `text` (the
+  prompt), the labels as columns, and the record's generation fields — what
+  `datasets.load_dataset("imagefolder", data_dir=DEST)` reads.
+- `parquet`: `DEST/SHARD.parquet`, the record columns, the labels as columns and `image`
+  (the file's bytes).
+
+Label columns keep their names; one that equals a column the export already has (a record field,
+`file_name`, `text`, `image`) is written as `label_NAME`.
+
+Like a job, an export is resumable and idempotent: each file is committed whole (temp + rename,
+or one S3 PUT); a rerun skips the shard files (and imagefolder images) already in DEST and
+writes the same bytes for the rest; `metadata.jsonl` is written last. DEST is local or s3://.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tarfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .output import Output
+from .record import RECORD_FIELDS, RECORD_SCHEMA
+from .storage import open_storage, redact_uri
+
+FORMATS = ("webdataset", "imagefolder", "parquet")
+# The record fields an imagefolder's metadata carries besides file_name, text and the labels.
+IMAGEFOLDER_FIELDS = (
+    "id",
+    "row",
+    "negative",
+    "seed",
+    "mode",
+    "strength",
+    "sampler",
+    "karras",
+    "steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "model_fingerprint",
+    "image_sha256",
+)
+
+
+class ExportError(RuntimeError):
+    """Nothing to export from there (the message says why)."""
+
+
+def _plain(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def labels_of(record: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(record["labels"]) if record.get("labels") else {}
+
+
+def label_columns(labels: dict[str, Any], taken: Iterable[str]) -> dict[str, Any]:
+    """Labels as columns, renamed `label_NAME` where NAME is already a column."""
+    taken = set(taken)
+    return {(f"label_{k}" if k in taken else k): v for k, v in labels.items()}
+
+
+def record_json(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as JSON: timestamps as ISO strings, `labels` as an object."""
+    data = {k: _plain(v) for k, v in record.items()}
+    data["labels"] = labels_of(record)
+    return data
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar of (name, bytes) with fixed metadata, so the same members give the same bytes."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _parquet(rows: list[dict[str, Any]]) -> bytes:
+    """The record columns keep the record schema's types (a shard whose `strength` is all null
+    still has a float column), so every shard file of an export has the same schema."""
+    table = pa.Table.from_pylist(rows)
+    fields = [RECORD_SCHEMA.field(n) if n in RECORD_FIELDS else table.schema.field(n) for n in table.column_names]
+    table = table.cast(pa.schema(fields))
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def export(
+    output_uri: str, fmt: str, dest: str, *, log: Callable[[str], None] = print, threads: int = 8
+) -> dict[str, Any]:
+    """Export the committed shards' ok rows of `output_uri` to `dest`; returns the counts."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    output = Output(output_uri)
+    if output.read_job() is None:
+        raise ExportError(f"{output.uri}: no job.json here (not an sdgen output)")
+    shards = sorted(output.committed_shards())
+    target = open_storage(dest)
+    existing = set(target.list(""))
+    counts = {"shards": len(shards), "shards_skipped": 0, "rows": 0, "images_written": 0}
+    metadata: list[dict[str, Any]] = []
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for shard in shards:
+            records = [r for r in output.read_records(shard).to_pylist() if r["status"] == "ok"]
+            counts["rows"] += len(records)
+            shard_file = f"{shard}.tar" if fmt == "webdataset" else f"{shard}.parquet"
+            if fmt == "imagefolder":
+                names = [f"{shard}/{r['image_path'].rsplit('/', 1)[-1]}" for r in records]
+                todo = [(r, n) for r, n in zip(records, names) if n not in existing]
+                images = pool.map(lambda r: output.storage.read(r["image_path"]), [r for r, _ in todo])
+                for (_, name), data in zip(todo, images):
+                    target.write(name, data)
+                    counts["images_written"] += 1
+                for record, name in zip(records, names):
+                    row = {"file_name": name, "text": record["prompt"]}
+                    row.update({k: record[k] for k in IMAGEFOLDER_FIELDS})
+                    row.update(label_columns(labels_of(record), row))
+                    metadata.append(row)
+                continue
+            if shard_file in existing:
+                counts["shards_skipped"] += 1
+                continue
+            images = list(pool.map(lambda r: output.storage.read(r["image_path"]), records))
+            if fmt == "webdataset":
+                members: list[tuple[str, bytes]] = []
+                for record, data in zip(records, images):
+                    key = f"{record['row']:010d}"
+                    extension = record["image_path"].rsplit(".", 1)[-1]
+                    members.append((f"{key}.{extension}", data))
+                    members.append((f"{key}.json", json.dumps(record_json(record), ensure_ascii=False).encode()))
+                    members.append((f"{key}.txt", record["prompt"].encode()))
+                target.write(shard_file, _tar(members))
+            else:
+                rows = []
+                for record, data in zip(records, images):
+                    row = {k: record[k] for k in RECORD_FIELDS}
+                    row.update(label_columns(labels_of(record), [*row, "image"]))
+                    row["image"] = data
+                    rows.append(row)
+                target.write(shard_file, _parquet(rows))
+            counts["images_written"] += len(records)
+            log(f"[sdgen] export {shard}: {len(records)} rows -> {redact_uri(target.url(shard_file))}")
+
+    if fmt == "imagefolder":
+        lines = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in metadata)
+        target.write("metadata.jsonl", lines.encode())  # last: it names only images already written
+    log(
+        f"[sdgen] exported {counts['rows']} ok rows of {len(shards)} shard(s) as {fmt} to {target.uri} "
+        f"({counts['images_written']} images written, {counts['shards_skipped']} shard file(s) already there)"
+    )
+    return counts
+
+
+def main(argv: list[str] | None = None, prog: str = "sdgen export") -> int:
+    """Exit status: 0 exported, 2 nothing to export from OUTPUT (or a bad format)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Export an sdgen output's ok rows as a dataset (see jobs/README.md, 'Export')."
+    )
+    parser.add_argument("output", help="the job's output folder or s3:// prefix")
+    parser.add_argument("dest", help="destination folder or s3:// prefix")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    args = parser.parse_args(argv)
+    try:
+        export(args.output, args.format, args.dest)
+    except (ExportError, OSError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = ["FORMATS", "ExportError", "export", "label_columns", "labels_of", "record_json"]
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
