@@ -88,9 +88,16 @@ def test_per_row_sampler_matches_the_library_call_for_that_sampler(job, tiny_pip
             guidance_scale=7.5,
             width=32,
             height=32,
+            fixed_batch=record["batch_rows"],  # the forward shape the job ran, the row in its slot
+            slots=[record["batch_slot"]],
         )
         stored = Image.open(tmp / "out" / record["image_path"])
         assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(stored.convert("RGB"))), record["id"]
+    # `sdgen reproduce` remakes every row, its per-row sampler included, identically.
+    ok_ids = [r["id"] for r in records_of(tmp / "out") if r["status"] == "ok"]
+    reproduced = run_command([*SDGEN, "reproduce", str(tmp / "out"), *ok_ids, "--exact"], timeout=300)
+    assert reproduced.returncode == 0, reproduced.stdout
+    assert reproduced.stdout.count(": identical") == len(ok_ids), reproduced.stdout
     # Different samplers give different images of the same prompt and seed.
     same = {}
     for sampler in ("ddim", "euler_a", "dpmpp_2m"):
