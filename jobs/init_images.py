@@ -19,6 +19,7 @@ The caps are settings of the worker's environment: `SDGEN_INIT_MAX_BYTES` (defau
 from __future__ import annotations
 
 import hashlib
+import re
 import io
 import os
 import warnings
@@ -89,9 +90,10 @@ def read_init_image(uri: str, max_bytes: int | None = None, max_pixels: int | No
     except MemoryError:
         raise InitImageError(f"init_image {where}: out of memory decoding it") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for corrupt files
-        raise InitImageError(
-            f"init_image {where}: not a readable image ({type(exc).__name__}: {str(exc)[:200]})"
-        ) from None
+        # PIL names the in-memory buffer with its address ("<_io.BytesIO object at 0x...>"): drop
+        # it, so that the same bad file gives the same error record in every run.
+        detail = re.sub(r"<[^<>]* object at 0x[0-9a-f]+>", "the file", str(exc))[:200]
+        raise InitImageError(f"init_image {where}: not a readable image ({type(exc).__name__}: {detail})") from None
     return InitImage(image, hashlib.sha256(data).hexdigest())
 
 

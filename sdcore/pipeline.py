@@ -37,7 +37,10 @@ from .tokenizer import tokenize
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
 
-EMBEDDING_CACHE_SIZE = 4096
+# Text embeddings are cached by prompt (the empty negative and repeated prompts are common). The
+# cache is bounded in bytes, not entries: one SD 1.5 embedding (1, 77, 768) float32 is 236 KB, so
+# 4096 entries would hold ~1 GB of device memory.
+EMBEDDING_CACHE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class Pipeline:
         self.fingerprint = fingerprint
         self.source = source
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._embedding_bytes = 0
 
     @property
     def device(self) -> torch.device:
@@ -140,6 +144,16 @@ class Pipeline:
             "text_encoder": self.text_encoder.state_dict(),
         }
 
+    def clear_embedding_cache(self) -> None:
+        self._embeddings.clear()
+        self._embedding_bytes = 0
+
+    @property
+    def embedding_cache_bytes(self) -> int:
+        """Bytes of text embeddings held in the prompt cache (at most EMBEDDING_CACHE_BYTES, or
+        one embedding when a single one is larger)."""
+        return self._embedding_bytes
+
     @torch.inference_mode()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """Prompt -> (1, 77, D) text embedding, cached (the empty negative repeats a lot)."""
@@ -150,8 +164,10 @@ class Pipeline:
         ids = tokenize([prompt]).to(self.device)
         embedding = self.text_encoder(ids)
         self._embeddings[prompt] = embedding
-        if len(self._embeddings) > EMBEDDING_CACHE_SIZE:
-            self._embeddings.popitem(last=False)
+        self._embedding_bytes += embedding.numel() * embedding.element_size()
+        while self._embedding_bytes > EMBEDDING_CACHE_BYTES and len(self._embeddings) > 1:
+            _, evicted = self._embeddings.popitem(last=False)
+            self._embedding_bytes -= evicted.numel() * evicted.element_size()
         return embedding
 
     @torch.inference_mode()

@@ -145,10 +145,24 @@ def test_row_image_independent_of_batch(ours, sampler):
 
 
 def test_repeated_prompts_are_encoded_once(ours):
-    ours._embeddings.clear()
+    ours.clear_embedding_cache()
     rows = [{"prompt": "a cat", "seed": s} for s in range(3)]
     ours.generate(rows, sampler="ddim", steps=2, guidance_scale=5.0, width=32, height=32)
     assert set(ours._embeddings) == {"a cat", ""}
+
+
+def test_the_prompt_cache_is_bounded_in_bytes(ours, monkeypatch):
+    from sdcore import pipeline
+
+    ours.clear_embedding_cache()
+    one = ours.encode_prompt("prompt 0")
+    size = one.numel() * one.element_size()
+    monkeypatch.setattr(pipeline, "EMBEDDING_CACHE_BYTES", 3 * size)
+    for k in range(1, 10):
+        ours.encode_prompt(f"prompt {k}")
+    assert ours.embedding_cache_bytes == 3 * size  # the three most recent prompts
+    assert list(ours._embeddings) == ["prompt 7", "prompt 8", "prompt 9"]
+    ours.clear_embedding_cache()
 
 
 def test_odd_latent_size_runs(ours):
