@@ -19,9 +19,9 @@ The caps are settings of the worker's environment: `SDGEN_INIT_MAX_BYTES` (defau
 from __future__ import annotations
 
 import hashlib
-import re
 import io
 import os
+import re
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
