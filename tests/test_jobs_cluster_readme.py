@@ -4,7 +4,8 @@ The block under `<!-- cluster-walkthrough` in README.md is read from the README 
 cannot drift) and run by bash, line for line, in a copy of this checkout, inside fresh Linux
 namespaces: its own network (only loopback, so Ray's default ports are free and nothing reaches
 another developer's cluster), its own process table (so the README's `ray stop` stops only this
-cluster) and its own `/tmp` (Ray's default temp dir), with an empty home directory (no Ray token
+cluster) and an empty `/tmp/ray` (Ray's default temp dir; the rest of /tmp stays visible,
+because the checkout's venv, and so `ray` itself, may live there), with an empty home directory (no Ray token
 of an earlier run) and an environment holding only PATH, HOME and LANG: nothing the README does
 not tell the user to set. When the namespace's first process ends, the kernel ends every process
 in it, so nothing outlives the test.
@@ -67,7 +68,7 @@ def test_the_readme_cluster_commands_run_verbatim_on_a_fresh_machine():
     block = readme_block()
     for command in ("ray start --head", "ray job submit", "ray stop", "RAY_AUTH_MODE=token"):
         assert command in block
-    # Outside /tmp: the namespace mounts an empty /tmp.
+    # The copy lives outside /tmp/ray, which the namespace replaces with an empty one.
     root = Path("/var/tmp") / f"sdgen-readme-{uuid.uuid4().hex[:8]}"
     checkout, home = root / "sdgen", root / "home"
     try:
@@ -78,7 +79,7 @@ def test_the_readme_cluster_commands_run_verbatim_on_a_fresh_machine():
         script.write_text(
             "set -euo pipefail\n"
             "ip link set lo up\n"  # the fresh network namespace: loopback only
-            "mount -t tmpfs tmpfs /tmp\n"  # and an empty /tmp
+            "mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray\n"  # and Ray's temp dir, empty
             f"cd {checkout}\n"
             "set -x\n" + block  # from here on: the README, line for line
         )
