@@ -29,10 +29,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from .exit_codes import one_line
-from .storage import Storage, StorageError, open_storage, redact_uri
+from .storage import Storage, StorageError, is_s3, local_path, open_storage, redact_uri
 
 LEASE_FILE = "lease.json"
 DEFAULT_TTL_S = 120.0  # a lease not renewed for this long is stale
@@ -243,6 +244,7 @@ def held_output(output_uri: str, *, break_lease: bool = False, log: Callable[[st
     bucket, access denied, read-only folder — is `OutputUnusable` here, before any work), renewed
     by a heartbeat, released at the end. If another run takes it over meanwhile, the main thread
     is interrupted and `LeaseLost` raised."""
+    new_folder = _new_local_folder(output_uri)
     try:
         lease = OutputLease.acquire(output_uri, break_lease=break_lease, log=log)
     except LeaseHeld:
@@ -258,6 +260,24 @@ def held_output(output_uri: str, *, break_lease: bool = False, log: Callable[[st
         raise
     finally:
         lease.release()
+        if new_folder is not None:
+            _remove_if_empty(new_folder)
+
+
+def _new_local_folder(output_uri: str) -> Path | None:
+    """The output folder when it is local and does not exist yet: a run refused before any work
+    (e.g. by a cluster check after the lease is taken) then leaves nothing behind."""
+    if is_s3(output_uri):
+        return None
+    folder = Path(local_path(output_uri))
+    return None if folder.exists() else folder
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only succeeds when empty: a run that wrote anything keeps its output
+    except OSError:
+        pass
 
 
 __all__ = [
