@@ -33,7 +33,7 @@ def test_records_store_the_manifest_init_image_without_credentials():
 
     builder = RecordBuilder(
         sampler="ddim", karras=False, model_weights="builtin:tiny", model_fingerprint="f", dtype="float32",
-        device="cpu", device_name="cpu", threads=1, batch_invariant=True, torch_version="t",
+        device="cpu", device_name="cpu", threads=1, batch_invariant=True, batch_rows=1, torch_version="t",
         sdcore_version="s", sdgen_version="v", worker="w",
     )  # fmt: skip
     for raw in ("s3://AKIA:secret@bucket/i.png", "s3://bucket/i.png?X-Amz-Signature=secret&X-Amz-Credential=secret"):
