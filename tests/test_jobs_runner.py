@@ -76,11 +76,16 @@ def test_bad_rows_become_error_records_and_the_rest_completes(tmp_path, ray_loca
 
 
 def test_images_do_not_depend_on_workers_batch_size_or_shard_size(tmp_path, ray_local):
+    """With batch_invariant: true (one row per UNet forward). The default, fixed-shape batches,
+    ties a row's last bits to its forward's shape instead, which its record keeps (reproduce)."""
     init_image(tmp_path / "m" / "init" / "a.png")
     manifest = write_manifest(tmp_path / "m" / "m.parquet", small_rows(6, img2img_every=3), manifest_schema())
     pngs = []
     for i, execution in enumerate(
-        [{"workers": 1, "batch_size": 1, "shard_size": 2}, {"workers": 2, "batch_size": 3, "shard_size": 5}]
+        [
+            {"workers": 1, "batch_size": 1, "shard_size": 2, "batch_invariant": True},
+            {"workers": 2, "batch_size": 3, "shard_size": 5, "batch_invariant": True},
+        ]
     ):
         out = tmp_path / f"out-{i}"
         summary, _ = run(tmp_path, spec_dict(str(manifest), str(out), execution=execution), name=f"s{i}.yaml")
