@@ -37,17 +37,24 @@ class ClusterPathError(SpecError):
     """A path of the job is unsafe where the job runs (refused before any work, exit 2)."""
 
 
+def submitted_with_working_dir() -> bool:
+    """Whether Ray's job manager started this process with a `working_dir` runtime env (`ray job
+    submit --working-dir ...`): then the code and relative paths live in Ray's temporary copy."""
+    injected = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job manager
+    if not injected:
+        return False
+    try:
+        return bool((json.loads(injected).get("runtime_env") or {}).get("working_dir"))
+    except ValueError:
+        return False
+
+
 def job_working_dir() -> Path | None:
     """Ray's temporary copy of the working dir when this process is a `ray job submit`
     entrypoint with a working dir (its current directory), else None."""
     cwd = Path.cwd()
-    injected = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job manager
-    if injected:
-        try:
-            if (json.loads(injected).get("runtime_env") or {}).get("working_dir"):
-                return cwd
-        except ValueError:
-            pass
+    if submitted_with_working_dir():
+        return cwd
     parts = cwd.parts
     if "runtime_resources" in parts and any(p.startswith("working_dir_files") for p in parts):
         return cwd
@@ -140,6 +147,7 @@ __all__ = [
     "check_output_shared",
     "check_paths_where_submitted",
     "job_working_dir",
+    "submitted_with_working_dir",
     "temporary_path_problems",
     "unshared_output_problem",
     "workers_elsewhere",

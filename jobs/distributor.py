@@ -22,7 +22,6 @@ Ray's version for job.json from `ray_version()`.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -37,7 +36,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .cluster import ClusterLayout
+from .cluster import ClusterLayout, submitted_with_working_dir
 from .exit_codes import install_sigterm
 from .faults import inject_fault, worker_restarts
 from .progress import Outcome, ProgressState
@@ -99,13 +98,8 @@ def _code_runtime_env() -> dict[str, Any] | None:
     """How actors on a cluster get `jobs` and `sdcore`: under `ray job submit --working-dir .`
     they are in the job's working dir; otherwise they are uploaded with the job as py_modules
     (local folders can only be given to `ray.init`, not to one actor)."""
-    injected = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job manager
-    if injected:
-        try:
-            if (json.loads(injected).get("runtime_env") or {}).get("working_dir"):
-                return None
-        except ValueError:
-            pass
+    if submitted_with_working_dir():
+        return None
     import sdcore
 
     return {"py_modules": [str(Path(__file__).resolve().parent), str(Path(sdcore.__file__).resolve().parent)]}
