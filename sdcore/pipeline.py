@@ -21,9 +21,9 @@ sizes.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from PIL import Image
 from .clip import CLIPTextModel
 from .config import ModelConfig
 from .request import GenerationRequest
-from .samplers import Sampler
+from .samplers import Sampler, Trajectory
 from .tokenizer import tokenize
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
@@ -57,31 +57,55 @@ class Placement:
 _UNPLACED = Placement(rows=0, slot=0)
 
 
-class _Shaping:
-    """How one call lays rows out in UNet forwards (see `generate`)."""
+_FILLER_T = torch.tensor(0.0)  # the timestep of a filler slot (any value would do)
 
-    def __init__(self, batch_invariant: bool, fixed_batch: int | None):
-        self.fixed = fixed_batch is not None
-        self.size = fixed_batch
-        self.per_row = batch_invariant and not self.fixed  # one row per forward
 
-    def forwards(self, members: list[int], wanted: list[int | None]) -> list[list[int | None]]:
-        """The forwards to run, each a list of member indices by slot (None: a filler slot).
+@dataclass
+class _Flight:
+    """A request in its slot: its latents, its generator, where it is on its sampler's schedule."""
 
-        Fixed shape: members fill slots in order, `size` per forward, a short last forward is
-        padded; a member that asks for a slot gets it (in the first forward where it is free).
-        Otherwise one forward holds every member (per-row forwards happen inside the denoiser).
-        """
-        if not self.fixed:
-            return [list(members)]
-        forwards: list[list[int | None]] = []
-        for member, slot in sorted(zip(members, wanted), key=lambda pair: pair[1] is None):
-            target = next((f for f in forwards if (f[slot] is None if slot is not None else None in f)), None)
-            if target is None:
-                target = [None] * self.size
-                forwards.append(target)
-            target[target.index(None) if slot is None else slot] = member
-        return forwards
+    index: int
+    request: GenerationRequest
+    generator: torch.Generator
+    trajectory: Trajectory
+    x: torch.Tensor  # (1, 4, h, w)
+
+
+class _Lane:
+    """The forwards of one shape: `rows` slots (each empty or holding a request in flight) and the
+    requests waiting for one, each with the slot it asks for (None: any)."""
+
+    def __init__(self, rows: int, guided: bool):
+        self.rows = rows
+        self.guided = guided
+        self.slots: list[_Flight | None] = [None] * rows
+        self.queue: deque[tuple[int, GenerationRequest, int | None]] = deque()
+
+    @staticmethod
+    def key_of(request: GenerationRequest) -> tuple:
+        """What fixes a forward's shape: the latent size, and whether rows run a guidance pair."""
+        return (request.width, request.height, request.guidance_scale > 1.0)
+
+    @property
+    def busy(self) -> bool:
+        return any(flight is not None for flight in self.slots)
+
+    def wants_more(self) -> bool:
+        """Fewer requests wait than slots are free."""
+        return len(self.queue) < sum(flight is None for flight in self.slots)
+
+    def admit(self) -> list[tuple[int, int, GenerationRequest]]:
+        """Fill free slots from the queue in order: (slot, index, request) for each admitted; a
+        request asking for a slot waits until that slot is free."""
+        admitted = []
+        for slot, flight in enumerate(self.slots):
+            if flight is not None:
+                continue
+            pick = next((item for item in self.queue if item[2] is None or item[2] == slot), None)
+            if pick is not None:
+                self.queue.remove(pick)
+                admitted.append((slot, pick[0], pick[1]))
+        return admitted
 
 
 def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
@@ -230,32 +254,103 @@ class Pipeline:
         fixed_batch: int | None = None,
         slots: Sequence[int | None] | None = None,
     ) -> list[tuple[Image.Image, Placement]]:
-        """`generate`, with where each request sat in its UNet forwards."""
+        """`generate`, with where each request sat in its UNet forwards. Every request is checked
+        before any is generated."""
+        defaults = dict(
+            sampler=sampler, karras=karras, steps=steps, guidance_scale=guidance_scale, width=width, height=height
+        )
+        resolved = [self._resolve(i, request, defaults) for i, request in enumerate(requests)]
+        placed: list[tuple[Image.Image, Placement] | None] = [None] * len(resolved)
+        stream = self._stream(enumerate(resolved), batch_invariant, fixed_batch, slots, len(resolved))
+        for index, image, placement in stream:
+            placed[index] = (image, placement)
+        return placed
+
+    def generate_stream(
+        self,
+        requests: Iterable[GenerationRequest | Mapping[str, Any]],
+        *,
+        sampler: str,
+        steps: int,
+        guidance_scale: float,
+        width: int,
+        height: int,
+        karras: bool = False,
+        batch_invariant: bool = True,
+        fixed_batch: int | None = None,
+        slots: Sequence[int | None] | None = None,
+    ) -> Iterator[tuple[int, Image.Image, Placement]]:
+        """`generate_placed` as a stream: (request index, image, placement) per request as soon
+        as its image is made, in completion order.
+
+        A request is read from `requests` only when a slot can take it, so an iterator of
+        requests (e.g. one that reads init images on demand) keeps memory flat however long it
+        is; a request is checked when it is read. `batch_invariant=False` without `fixed_batch`
+        reads every request first (its forwards hold all rows of a size at once).
+        """
+        defaults = dict(
+            sampler=sampler, karras=karras, steps=steps, guidance_scale=guidance_scale, width=width, height=height
+        )
+        resolved = ((i, self._resolve(i, request, defaults)) for i, request in enumerate(requests))
+        count = len(slots) if slots is not None else None
+        with torch.inference_mode():
+            yield from self._stream(resolved, batch_invariant, fixed_batch, slots, count)
+
+    def _stream(
+        self,
+        resolved: Iterable[tuple[int, GenerationRequest]],
+        batch_invariant: bool,
+        fixed_batch: int | None,
+        slots: Sequence[int | None] | None,
+        count: int | None,
+    ) -> Iterator[tuple[int, Image.Image, Placement]]:
+        """Continuous batching (see the module docstring): requests go into lanes, one per forward
+        shape (width, height, guided or not); a lane runs until it drains, its free slots taking
+        the next requests of its shape as they come."""
         if fixed_batch is not None and (
             isinstance(fixed_batch, bool) or not isinstance(fixed_batch, int) or fixed_batch < 1
         ):
             raise ValueError(f"fixed_batch: expected an integer >= 1, got {fixed_batch!r}")
         if slots is not None:
-            if fixed_batch is None or len(slots) != len(requests):
+            if fixed_batch is None or len(slots) != count:
                 raise ValueError("slots need fixed_batch and one entry per request")
             for slot in slots:
                 if slot is not None and not 0 <= slot < fixed_batch:
                     raise ValueError(f"slot {slot} outside 0..{fixed_batch - 1}")
-        defaults = dict(
-            sampler=sampler, karras=karras, steps=steps, guidance_scale=guidance_scale, width=width, height=height
-        )
-        resolved = [self._resolve(i, request, defaults) for i, request in enumerate(requests)]
-        wanted = list(slots) if slots is not None else [None] * len(resolved)
-        shaping = _Shaping(batch_invariant, fixed_batch)
-        placed: list[tuple[Image.Image, Placement] | None] = [None] * len(resolved)
-        groups: dict[tuple, list[int]] = {}
-        for index, request in enumerate(resolved):
-            groups.setdefault(request.settings_key(), []).append(index)
-        for indices in groups.values():
-            results = self._generate_group([resolved[i] for i in indices], [wanted[i] for i in indices], shaping)
-            for index, result in zip(indices, results):
-                placed[index] = result
-        return placed
+        resolved = iter(resolved)
+        if fixed_batch is not None:
+            lane_rows = lambda key: fixed_batch  # noqa: E731
+        elif batch_invariant:
+            lane_rows = lambda key: 1  # noqa: E731
+        else:  # one forward holds every row of a shape: read them all to count them
+            resolved = list(resolved)
+            sizes = Counter(_Lane.key_of(request) for _, request in resolved)
+            lane_rows = sizes.__getitem__
+            resolved = iter(resolved)
+
+        lanes: dict[tuple, _Lane] = {}
+        exhausted = False
+        while True:
+            lane = next((lane for lane in lanes.values() if lane.busy), None)
+            lane = lane or next((lane for lane in lanes.values() if lane.queue), None)
+            while not exhausted and (lane is None or lane.wants_more()):
+                item = next(resolved, None)
+                if item is None:
+                    exhausted = True
+                    break
+                index, request = item
+                key = _Lane.key_of(request)
+                if key not in lanes:
+                    lanes[key] = _Lane(lane_rows(key), guided=key[2])
+                lanes[key].queue.append((index, request, None if slots is None else slots[index]))
+                lane = lane or lanes[key]
+            if lane is None:
+                return
+            for slot, index, request in lane.admit():
+                lane.slots[slot] = self._start(index, request)
+            for slot, flight in self._forward(lane):
+                placement = Placement(rows=lane.rows, slot=slot) if fixed_batch is not None else _UNPLACED
+                yield flight.index, self._decode(flight.x), placement
 
     def _resolve(self, index: int, request: GenerationRequest | Mapping[str, Any], defaults: dict) -> GenerationRequest:
         try:
@@ -267,47 +362,46 @@ class Pipeline:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"request {index}: {exc}") from None
 
-    def _generate_group(
-        self, group: list[GenerationRequest], wanted: list[int | None], shaping: _Shaping
-    ) -> list[tuple[Image.Image, Placement]]:
-        """Images for requests that share every setting (one schedule, one size)."""
-        first = group[0]
-        schedule = Sampler(first.sampler, first.steps, first.karras)
-        latents, starts, generators = [], [], []
-        for request in group:
-            generator = torch.Generator("cpu").manual_seed(request.seed)
-            latents.append(self._initial_latent(request, schedule, generator))
-            starts.append(0 if request.strength is None else schedule.start_index(request.strength))
-            generators.append(generator)
+    def _start(self, index: int, request: GenerationRequest) -> _Flight:
+        """A request entering its slot: its generator, its starting latent, its trajectory."""
+        sampler = Sampler(request.sampler, request.steps, request.karras)
+        start = 0 if request.strength is None else sampler.start_index(request.strength)
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        latent = self._initial_latent(request, sampler, generator)
+        return _Flight(index, request, generator, sampler.trajectory(start), latent)
 
-        results: list[tuple[Image.Image, Placement] | None] = [None] * len(group)
-        # Requests sharing a start step run through the UNet together.
-        for start in sorted(set(starts)):
-            members = [i for i, s in enumerate(starts) if s == start]
-            for forward in shaping.forwards(members, [wanted[i] for i in members]):
-                x, forward_generators, requests = self._forward_inputs(forward, group, latents, generators)
-                denoise = self._denoiser(requests, first.guidance_scale, shaping.per_row)
-                x = schedule.run(denoise, x, forward_generators, start_index=start)
-                for slot, member in enumerate(forward):
-                    if member is not None:
-                        placement = Placement(rows=len(forward), slot=slot) if shaping.fixed else _UNPLACED
-                        results[member] = (self._decode(x[slot : slot + 1]), placement)
-        return results
+    def _forward(self, lane: _Lane) -> list[tuple[int, _Flight]]:
+        """One UNet forward over the lane's slots, then one sampler step for every row in flight;
+        returns the (slot, row) pairs that finished (their slots are free again).
 
-    def _forward_inputs(
-        self,
-        forward: list[int | None],
-        group: list[GenerationRequest],
-        latents: list[torch.Tensor],
-        generators: list[torch.Generator],
-    ) -> tuple[torch.Tensor, list[torch.Generator], list[GenerationRequest | None]]:
-        """The batch of one forward: each slot's latent, generator and request; a filler slot
-        (None) gets zeros, its own throwaway generator, and the empty prompt (what fills it
-        cannot change the real rows' bits: kernels at a fixed shape are neighbour-invariant)."""
-        filler = torch.zeros_like(latents[next(m for m in forward if m is not None)])
-        x = torch.cat([filler if m is None else latents[m] for m in forward])  # (rows, 4, h, w)
-        forward_generators = [torch.Generator("cpu").manual_seed(0) if m is None else generators[m] for m in forward]
-        return x, forward_generators, [None if m is None else group[m] for m in forward]
+        Each row brings its own timestep, prompt and guidance scale. A free slot is filled with
+        zero latents, timestep 0 and the empty prompt: at a fixed shape the kernels do not let a
+        row's neighbours change its bits, so what fills a slot does not matter."""
+        flights = lane.slots
+        filler = torch.zeros_like(next(f.x for f in flights if f is not None))
+        x = torch.cat([filler if f is None else f.trajectory.model_input(f.x) for f in flights])  # (rows, 4, h, w)
+        t = torch.stack([_FILLER_T if f is None else f.trajectory.timestep() for f in flights]).to(self.device)
+        cond = torch.cat([self.encode_prompt("" if f is None else f.request.prompt) for f in flights])
+        if lane.guided:
+            uncond = torch.cat([self.encode_prompt("" if f is None else f.request.negative) for f in flights])
+            # Both halves in one forward, unconditional first as diffusers orders them:
+            # (rows, ...) x 2 -> (2 rows, ...)
+            eps_uncond, eps_cond = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+        else:  # diffusers skips the unconditional pass at guidance <= 1
+            eps_cond = self.unet(x, t, cond)
+        finished = []
+        for slot, flight in enumerate(flights):
+            if flight is None:
+                continue
+            eps = eps_cond[slot : slot + 1]
+            if lane.guided:  # classifier-free guidance (Ho & Salimans 2022)
+                eps_u = eps_uncond[slot : slot + 1]
+                eps = eps_u + flight.request.guidance_scale * (eps - eps_u)
+            flight.x = flight.trajectory.step(flight.x, eps, [flight.generator])
+            if flight.trajectory.done:
+                finished.append((slot, flight))
+                lane.slots[slot] = None
+        return finished
 
     def _initial_latent(
         self, request: GenerationRequest, schedule: Sampler, generator: torch.Generator
@@ -325,35 +419,6 @@ class Pipeline:
         init = (mean + torch.exp(0.5 * logvar) * eps) * self.config.vae.scaling_factor
         noise = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
         return schedule.img2img_latents(init, noise, schedule.start_index(request.strength))
-
-    def _denoiser(self, group: list[GenerationRequest | None], guidance_scale: float, batch_invariant: bool):
-        """ε(x, t) for a group of rows (None: a filler row), with classifier-free guidance (Ho &
-        Salimans 2022)."""
-        cond = torch.cat([self.encode_prompt("" if r is None else r.prompt) for r in group])
-        guided = guidance_scale > 1.0  # diffusers skips the unconditional pass at <= 1
-        if guided:
-            uncond = torch.cat([self.encode_prompt("" if r is None else r.negative) for r in group])
-            # (B, 77, D) x 2 -> (2B, 77, D): unconditional first, as diffusers orders them
-            context = torch.cat([uncond, cond])
-        else:
-            context = cond
-
-        def denoise_batch(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            if not guided:
-                return self.unet(x, t, context)
-            # (B, 4, h, w) -> (2B, 4, h, w): both halves in one forward pass
-            eps_uncond, eps_cond = self.unet(torch.cat([x, x]), t, context).chunk(2)
-            return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-
-        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            t = t.to(self.device)
-            if not batch_invariant or len(group) == 1:
-                return denoise_batch(x, t, context)
-            # One fixed-shape forward per row (see the module docstring).
-            per_row = context.view(2 if guided else 1, len(group), *context.shape[1:])
-            return torch.cat([denoise_batch(x[i : i + 1], t, per_row[:, i]) for i in range(len(group))])
-
-        return denoise
 
     def _decode(self, latent: torch.Tensor) -> Image.Image:
         pixels = self.vae.decode(latent / self.config.vae.scaling_factor)

@@ -1,10 +1,11 @@
-"""Stateless samplers for Stable Diffusion 1.x: `ddpm`, `ddim`, `euler_a`, `dpmpp_2m`.
+"""Samplers for Stable Diffusion 1.x: `ddpm`, `ddim`, `euler_a`, `dpmpp_2m`.
 
-Each sampler is a small loop function over (denoiser, latents, schedule, per-row generators),
-in the manner of k-diffusion's `sample_*`: loop state lives in locals, caller tensors are never
-written, and every random draw names the row's own generator. `Sampler` is the frozen,
-hashable description (name, steps, karras) that the pipeline holds; it builds the schedule
-(from `schedules.py`, memoised) and dispatches.
+Each sampler family is one step function over (schedule, step index, latents, eps, per-row
+generators); caller tensors are never written, and every random draw names the row's own
+generator. `Sampler` is the frozen, hashable description (name, steps, karras) that the pipeline
+holds; it builds the schedule (from `schedules.py`, memoised). `Sampler.run` loops a whole batch
+through its steps; a `Trajectory` is the same loop one step at a time, so that rows at different
+steps, or of different samplers, can share one UNet forward (the pipeline's fixed-shape batches).
 
 Parity contract (SPEC "Randomness"): each sampler equals the diffusers scheduler of the same
 family configured from Stable Diffusion 1.5's `scheduler_config.json` with "leading" spacing,
@@ -159,28 +160,84 @@ class Sampler:
             raise ValueError(
                 f"need one generator per latent row: {len(generators)} generators, {latents.shape[0]} rows"
             )
-        sched = self._sched
-        start = _check_start(start_index, len(sched.timesteps))
-        args = (denoise, latents, list(generators), sched, start, callback)
-        if self.name == "ddpm":
-            return sample_ddpm(*args)
-        if self.name == "ddim":
-            return sample_ddim(*args)
-        if self.name == "euler_a":
-            return sample_euler_ancestral(*args)
-        return sample_dpmpp_2m(*args)
+        trajectory = self.trajectory(start_index)
+        x, generators = latents, list(generators)
+        total = trajectory.remaining
+        while not trajectory.done:
+            done = total - trajectory.remaining
+            eps = denoise(trajectory.model_input(x), trajectory.timestep().to(x.device))
+            x = trajectory.step(x, eps, generators)
+            if callback is not None:
+                callback(done, total)
+        return x
+
+    def trajectory(self, start_index: int = 0) -> Trajectory:
+        """A fresh `Trajectory` over timesteps[start_index:] (the step-by-step form of `run`)."""
+        return Trajectory(self, start_index)
 
 
-# ----------------------------------------------------------------------------- loops
+# ----------------------------------------------------------------------------- step by step
 
 
-def sample_ddpm(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    generators: list[torch.Generator],
-    sched: Schedule,
-    start: int = 0,
-    callback: Callback | None = None,
+class Trajectory:
+    """Where the rows of one latent tensor (usually one row) are on a sampler's schedule.
+
+    `run` is `model_input` -> denoiser -> `step` until `done`. Driving it step by step lets rows
+    at different steps, or of different samplers, share one UNet forward: each row keeps its own
+    trajectory, the forward takes every row's `model_input` and `timestep`, and each row's slice
+    of the output goes back through its own `step`. The update is elementwise, so a row stepped
+    alone gives the same bits as the same row stepped inside a batch.
+    """
+
+    def __init__(self, sampler: Sampler, start_index: int = 0):
+        self.sampler = sampler
+        self._sched = sampler._sched
+        self.index = _check_start(start_index, len(self._sched.timesteps))
+        self._x0_prev: torch.Tensor | None = None  # DPM-Solver++(2M): the previous data prediction
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self._sched.timesteps)
+
+    @property
+    def remaining(self) -> int:
+        """Steps (UNet evaluations) left."""
+        return len(self._sched.timesteps) - self.index
+
+    def timestep(self) -> torch.Tensor:
+        """The timestep the UNet gets at this step: a 0-dim float32 CPU tensor."""
+        return self._sched.timesteps[self.index].to(torch.float32).reshape(())
+
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is given for latents `x` at this step (Euler scales it by c_in)."""
+        if self.sampler.name == "euler_a":
+            sigma = self._sched.sigmas[self.index]  # 0-dim float32
+            return x / ((sigma**2 + 1) ** 0.5)
+        return x
+
+    def step(self, x: torch.Tensor, eps: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """The latents after this step, from the denoiser's `eps` for `model_input(x)`; row i's
+        noise (ddpm, euler_a) comes from `generators[i]`. Advances to the next step."""
+        if self.done:
+            raise ValueError("the trajectory has no steps left")
+        sched, i, name = self._sched, self.index, self.sampler.name
+        if name == "ddpm":
+            x = _ddpm_step(sched, i, x, eps, list(generators))
+        elif name == "ddim":
+            x = _ddim_step(sched, i, x, eps)
+        elif name == "euler_a":
+            x = _euler_ancestral_step(sched, i, x, eps, list(generators))
+        else:
+            x, self._x0_prev = _dpmpp_2m_step(sched, i, x, eps, self._x0_prev)
+        self.index += 1
+        return x
+
+
+# ----------------------------------------------------------------------------- one step each
+
+
+def _ddpm_step(
+    sched: Schedule, i: int, x: torch.Tensor, eps: torch.Tensor, generators: list[torch.Generator]
 ) -> torch.Tensor:
     """Ancestral sampling of Ho et al. (2020), Algorithm 2, on the strided timestep grid.
 
@@ -192,76 +249,49 @@ def sample_ddpm(
     (`clip_sample` is off for SD; the variance is clamped at 1e-20 as in the reference.)
     """
     timesteps, alphas_cumprod = sched.timesteps, sched.alphas_cumprod
-    one = torch.tensor(1.0)
-    n = len(timesteps) - start
-    for i in range(start, len(timesteps)):
-        t = int(timesteps[i])
-        eps = denoise(x, _unet_t(t, x))
-        alpha_bar = alphas_cumprod[t]
-        alpha_bar_prev = alphas_cumprod[int(timesteps[i + 1])] if i + 1 < len(timesteps) else one
-        beta_bar = 1 - alpha_bar
-        beta_bar_prev = 1 - alpha_bar_prev
-        alpha_t = alpha_bar / alpha_bar_prev
-        beta_t = 1 - alpha_t
+    t = int(timesteps[i])
+    alpha_bar = alphas_cumprod[t]
+    alpha_bar_prev = alphas_cumprod[int(timesteps[i + 1])] if i + 1 < len(timesteps) else torch.tensor(1.0)
+    beta_bar = 1 - alpha_bar
+    beta_bar_prev = 1 - alpha_bar_prev
+    alpha_t = alpha_bar / alpha_bar_prev
+    beta_t = 1 - alpha_t
 
-        x0 = (x - beta_bar**0.5 * eps) / alpha_bar**0.5  # eq. 15
-        coef_x0 = (alpha_bar_prev**0.5 * beta_t) / beta_bar  # eq. 7
-        coef_xt = alpha_t**0.5 * beta_bar_prev / beta_bar
-        x_prev = coef_x0 * x0 + coef_xt * x
-        if t > 0:
-            z = _row_noise(generators, eps.shape, eps.dtype, eps.device)
-            beta_tilde = torch.clamp((1 - alpha_bar_prev) / (1 - alpha_bar) * beta_t, min=1e-20)
-            x_prev = x_prev + beta_tilde**0.5 * z
-        x = x_prev
-        if callback is not None:
-            callback(i - start, n)
-    return x
+    x0 = (x - beta_bar**0.5 * eps) / alpha_bar**0.5  # eq. 15
+    coef_x0 = (alpha_bar_prev**0.5 * beta_t) / beta_bar  # eq. 7
+    coef_xt = alpha_t**0.5 * beta_bar_prev / beta_bar
+    x_prev = coef_x0 * x0 + coef_xt * x
+    if t > 0:
+        z = _row_noise(generators, eps.shape, eps.dtype, eps.device)
+        beta_tilde = torch.clamp((1 - alpha_bar_prev) / (1 - alpha_bar) * beta_t, min=1e-20)
+        x_prev = x_prev + beta_tilde**0.5 * z
+    return x_prev
 
 
-def sample_ddim(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    generators: list[torch.Generator],
-    sched: Schedule,
-    start: int = 0,
-    callback: Callback | None = None,
-) -> torch.Tensor:
+def _ddim_step(sched: Schedule, i: int, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Deterministic DDIM, Song et al. (2021), eq. (12) with sigma_t = 0 (eta = 0):
 
       x_0    = (x_t - sqrt(1 - a) eps) / sqrt(a)
       x_prev = sqrt(a') x_0 + sqrt(1 - a') eps
 
     a = alpha_bar_t, a' = alpha_bar at t - T // steps, or alpha_bar_0 past the end
-    (SD's `set_alpha_to_one: false`). No noise is drawn; `generators` is unused.
+    (SD's `set_alpha_to_one: false`). No noise is drawn.
     """
-    del generators  # deterministic
     timesteps, alphas_cumprod = sched.timesteps, sched.alphas_cumprod
     stride = schedules.NUM_TRAIN_TIMESTEPS // len(timesteps)
-    final_alpha_bar = alphas_cumprod[0]
-    n = len(timesteps) - start
-    for i in range(start, len(timesteps)):
-        t = int(timesteps[i])
-        eps = denoise(x, _unet_t(t, x))
-        t_prev = t - stride
-        alpha_bar = alphas_cumprod[t]
-        alpha_bar_prev = alphas_cumprod[t_prev] if t_prev >= 0 else final_alpha_bar
-        beta_bar = 1 - alpha_bar
+    t = int(timesteps[i])
+    t_prev = t - stride
+    alpha_bar = alphas_cumprod[t]
+    alpha_bar_prev = alphas_cumprod[t_prev] if t_prev >= 0 else alphas_cumprod[0]
+    beta_bar = 1 - alpha_bar
 
-        x0 = (x - beta_bar**0.5 * eps) / alpha_bar**0.5  # "predicted x_0", eq. 12
-        direction = (1 - alpha_bar_prev) ** 0.5 * eps  # "direction pointing to x_t", eq. 12
-        x = alpha_bar_prev**0.5 * x0 + direction
-        if callback is not None:
-            callback(i - start, n)
-    return x
+    x0 = (x - beta_bar**0.5 * eps) / alpha_bar**0.5  # "predicted x_0", eq. 12
+    direction = (1 - alpha_bar_prev) ** 0.5 * eps  # "direction pointing to x_t", eq. 12
+    return alpha_bar_prev**0.5 * x0 + direction
 
 
-def sample_euler_ancestral(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    generators: list[torch.Generator],
-    sched: Schedule,
-    start: int = 0,
-    callback: Callback | None = None,
+def _euler_ancestral_step(
+    sched: Schedule, i: int, x: torch.Tensor, eps: torch.Tensor, generators: list[torch.Generator]
 ) -> torch.Tensor:
     """Euler ancestral sampler, Karras et al. (2022) Algorithm 2's Euler step with the ancestral
     noise split of k-diffusion (`sample_euler_ancestral`, eta = 1), on x = x_VP sqrt(1 + sigma^2):
@@ -275,35 +305,25 @@ def sample_euler_ancestral(
     The update runs in float32 and is cast back to the model output's dtype; the noise is drawn
     in the model output's dtype (as the reference does).
     """
-    timesteps, sigmas = sched.timesteps, sched.sigmas
-    n = len(timesteps) - start
-    for i in range(start, len(timesteps)):
-        sigma = sigmas[i]  # 0-dim float32
-        eps = denoise(x / ((sigma**2 + 1) ** 0.5), _unet_t(timesteps[i], x))
-        x32 = x.to(torch.float32)
-        denoised = x32 - sigma * eps
-        sigma_from, sigma_to = sigmas[i], sigmas[i + 1]
-        sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-        d = (x32 - denoised) / sigma
-        x_next = x32 + d * (sigma_down - sigma)
-        z = _row_noise(generators, eps.shape, eps.dtype, eps.device)
-        x = (x_next + z * sigma_up).to(eps.dtype)
-        if callback is not None:
-            callback(i - start, n)
-    return x
+    sigmas = sched.sigmas
+    sigma = sigmas[i]  # 0-dim float32
+    x32 = x.to(torch.float32)
+    denoised = x32 - sigma * eps
+    sigma_from, sigma_to = sigmas[i], sigmas[i + 1]
+    sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+    d = (x32 - denoised) / sigma
+    x_next = x32 + d * (sigma_down - sigma)
+    z = _row_noise(generators, eps.shape, eps.dtype, eps.device)
+    return (x_next + z * sigma_up).to(eps.dtype)
 
 
-def sample_dpmpp_2m(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    generators: list[torch.Generator],
-    sched: Schedule,
-    start: int = 0,
-    callback: Callback | None = None,
-) -> torch.Tensor:
+def _dpmpp_2m_step(
+    sched: Schedule, i: int, x: torch.Tensor, eps: torch.Tensor, x0_prev: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DPM-Solver++(2M), Lu et al. (2022, "DPM-Solver++"), Algorithm 2, data prediction,
-    midpoint form, first order on the first step of a run and on the last step (final sigma 0).
+    midpoint form, first order on the first step of a run (`x0_prev` None) and on the last step
+    (final sigma 0). Returns (x_next, this step's data prediction for the next step).
 
     With alpha_t = 1 / sqrt(1 + sigma^2), sigma_t = sigma alpha_t, lambda = log(alpha_t / sigma_t):
       x_0,i = (x - sigma_s eps) / alpha_s                                   (data prediction)
@@ -312,40 +332,29 @@ def sample_dpmpp_2m(
       2nd order, r = h_prev / h, D1 = (x_0,i - x_0,i-1) / r:
                            x_t = (sigma_t / sigma_s) x - alpha_t (e^{-h} - 1) (x_0,i + D1 / 2)
     The x_0 prediction is in the input dtype; the update runs in float32 and is cast back.
-    No noise is drawn; `generators` is unused.
     """
-    del generators  # deterministic
-    timesteps, sigmas = sched.timesteps, sched.sigmas
-    last = len(timesteps) - 1
-    n = len(timesteps) - start
-    x0_prev = None  # data prediction of the previous step of this run
-    for i in range(start, len(timesteps)):
-        eps = denoise(x, _unet_t(timesteps[i], x))
-        alpha_s, sigma_s = _vp_alpha_sigma(sigmas[i])
-        x0 = (x - sigma_s * eps) / alpha_s
-        x32 = x.to(torch.float32)
+    sigmas = sched.sigmas
+    alpha_s, sigma_s = _vp_alpha_sigma(sigmas[i])
+    x0 = (x - sigma_s * eps) / alpha_s
+    x32 = x.to(torch.float32)
 
-        alpha_t, sigma_t = _vp_alpha_sigma(sigmas[i + 1])
-        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)  # +inf at the final sigma 0
-        lambda_s = torch.log(alpha_s) - torch.log(sigma_s)
-        h = lambda_t - lambda_s
-        if x0_prev is None or i == last:
-            x_next = (sigma_t / sigma_s) * x32 - (alpha_t * (torch.exp(-h) - 1.0)) * x0
-        else:
-            alpha_r, sigma_r = _vp_alpha_sigma(sigmas[i - 1])
-            lambda_r = torch.log(alpha_r) - torch.log(sigma_r)
-            r = (lambda_s - lambda_r) / h
-            d1 = (1.0 / r) * (x0 - x0_prev)
-            x_next = (
-                (sigma_t / sigma_s) * x32
-                - (alpha_t * (torch.exp(-h) - 1.0)) * x0
-                - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
-            )
-        x = x_next.to(x0.dtype)
-        x0_prev = x0
-        if callback is not None:
-            callback(i - start, n)
-    return x
+    alpha_t, sigma_t = _vp_alpha_sigma(sigmas[i + 1])
+    lambda_t = torch.log(alpha_t) - torch.log(sigma_t)  # +inf at the final sigma 0
+    lambda_s = torch.log(alpha_s) - torch.log(sigma_s)
+    h = lambda_t - lambda_s
+    if x0_prev is None or i == len(sched.timesteps) - 1:
+        x_next = (sigma_t / sigma_s) * x32 - (alpha_t * (torch.exp(-h) - 1.0)) * x0
+    else:
+        alpha_r, sigma_r = _vp_alpha_sigma(sigmas[i - 1])
+        lambda_r = torch.log(alpha_r) - torch.log(sigma_r)
+        r = (lambda_s - lambda_r) / h
+        d1 = (1.0 / r) * (x0 - x0_prev)
+        x_next = (
+            (sigma_t / sigma_s) * x32
+            - (alpha_t * (torch.exp(-h) - 1.0)) * x0
+            - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
+        )
+    return x_next.to(x0.dtype), x0
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -355,11 +364,6 @@ def _vp_alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """VE sigma -> VP (alpha_t, sigma_t): alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma alpha_t."""
     alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
     return alpha_t, sigma * alpha_t
-
-
-def _unet_t(t: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The timestep as the 0-dim float32 tensor the denoiser receives, on the latents' device."""
-    return torch.as_tensor(t).to(device=like.device, dtype=torch.float32).reshape(())
 
 
 def _row_noise(
