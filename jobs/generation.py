@@ -7,9 +7,9 @@ what was run cannot drift apart:
     images = pipe.generate([generation_request(record, init_image)], **generate_settings(record),
                            **recorded_slots(record))
 
-`generation_request` is the per-row part (prompt, negative prompt, seed, init image, strength);
-`generate_settings` the settings a batch shares (rows of one batch have equal settings, see
-`RowRequest.batch_key`, so the worker takes them from the batch's first record).
+`generation_request` is the row itself (prompt, negative prompt, seed, init image, strength, and
+its sampler settings, which may differ from row to row); `generate_settings` what the rows of one
+worker share (the shape of the UNet forwards, and defaults the requests override).
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ def generation_request(record: Record, init_image: Image.Image | None = None) ->
         seed=int(record.seed),
         init_image=init_image,
         strength=float(record.strength) if img2img else None,
+        sampler=record.sampler,
+        karras=bool(record.karras),
+        steps=int(record.steps),
+        guidance_scale=float(record.guidance_scale),
+        width=int(record.width),
+        height=int(record.height),
     )
 
 

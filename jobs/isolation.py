@@ -1,24 +1,30 @@
 """Batch-failure isolation: one bad row must not take its batch with it, and a broken worker must
 not turn a whole shard into error records.
 
-`generate_isolated` runs a batch through `generate`; if the batch fails, it retries the rows one
-by one, so each row gets its own image or its own exception. When every row then failed with an
-exception that is not about the row (anything but ValueError/TypeError, which sdcore raises for
-a bad request: e.g. a lost device, out of memory at batch size 1), the worker is at fault, not
-the rows: the first such exception is raised, and the distributor retries the shard elsewhere.
+`generate_isolated` streams rows through `generate` (continuous batching: rows enter and leave
+the UNet's slots one by one, see `sdcore.Pipeline.generate_stream`). If the stream fails, the rows
+it had taken and not finished are retried one by one, so each gets its own image or its own
+exception, and the stream goes on with the rows not yet taken. When every retried row then failed
+with an exception that is not about the row (anything but ValueError/TypeError, which sdcore
+raises for a bad request: e.g. a lost device, out of memory at batch size 1), the worker is at
+fault, not the rows: the first such exception is raised, and the distributor retries the shard
+elsewhere.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from PIL import Image
 
-R = TypeVar("R")  # one row's request, as `generate` takes it
+R = TypeVar("R")  # one row, as the caller has it
 ROW_ERRORS = (ValueError, TypeError)  # a problem of the row's request, not of the worker
+
+# generate(rows) -> (index into the rows it was given, image, placement) per row, as each finishes
+Generate = Callable[[Iterable[R]], Iterator[tuple[int, Image.Image, Any]]]
 
 
 @dataclass(frozen=True)
@@ -27,38 +33,51 @@ class RowOutcome:
 
     image: Image.Image | None
     error: Exception | None
-    seconds: float  # this row's share of the generate() time
+    seconds: float  # this row's share of the generation time
     placement: Any = None  # where the row sat in its UNet forwards (sdcore.pipeline.Placement)
 
 
 def generate_isolated(
-    generate: Callable[[list[R]], list[tuple[Image.Image, Any]]],
-    requests: Sequence[R],
-    before_retry: Callable[[], None] = lambda: None,
-) -> list[RowOutcome]:
-    """One outcome per request, in order. `generate` returns (image, placement) per request
-    (`Pipeline.generate_placed`). `before_retry` runs once before a failed batch is retried row
-    by row (e.g. to release GPU memory)."""
-    requests = list(requests)
-    started = time.perf_counter()
-    try:
-        images = generate(requests)
-    except Exception as batch_error:  # noqa: BLE001 - isolate the failing row(s)
-        if len(requests) == 1:
-            outcomes = [RowOutcome(None, batch_error, time.perf_counter() - started)]
-        else:
-            before_retry()
-            outcomes = [_generate_one(generate, request) for request in requests]
-        _raise_if_systemic(outcomes)
-        return outcomes
-    share = (time.perf_counter() - started) / len(requests)
-    return [RowOutcome(image, None, share, placement) for image, placement in images]
+    generate: Generate, rows: Iterable[R], before_retry: Callable[[], None] = lambda: None
+) -> Iterator[tuple[R, RowOutcome]]:
+    """(row, outcome) for every row of `rows`, in completion order. `rows` is read lazily, as the
+    generator takes them. `before_retry` runs before failed rows are retried one by one (e.g. to
+    release GPU memory). A row's `seconds` is the time since the previous row finished."""
+    source = iter(rows)
+    while True:
+        taken: dict[int, R] = {}  # rows this stream has read and not finished, by its index
+        last = time.perf_counter()
+        try:
+            for index, image, placement in generate(_feed(source, taken)):
+                now = time.perf_counter()
+                yield taken.pop(index), RowOutcome(image, None, now - last, placement)
+                last = time.perf_counter()
+            return
+        except Exception as error:  # noqa: BLE001 - isolate the failing row(s)
+            unfinished = list(taken.values())
+            if not unfinished:  # it failed holding no row: nothing a row could have caused
+                raise
+            if len(unfinished) == 1:
+                outcomes = [RowOutcome(None, error, time.perf_counter() - last)]
+            else:
+                before_retry()
+                outcomes = [_generate_one(generate, row) for row in unfinished]
+            _raise_if_systemic(outcomes)
+            yield from zip(unfinished, outcomes)
+        # then a new stream over the rows not taken yet
 
 
-def _generate_one(generate: Callable[[list[R]], list[tuple[Image.Image, Any]]], request: R) -> RowOutcome:
+def _feed(source: Iterator[R], taken: dict[int, R]) -> Iterator[R]:
+    """The rows of `source`, each noted in `taken` under its index in this stream as it is read."""
+    for index, row in enumerate(source):
+        taken[index] = row
+        yield row
+
+
+def _generate_one(generate: Generate, row: R) -> RowOutcome:
     started = time.perf_counter()
     try:
-        image, placement = generate([request])[0]
+        [(_, image, placement)] = list(generate([row]))
     except Exception as exc:  # noqa: BLE001 - the row's own failure, recorded
         return RowOutcome(None, exc, time.perf_counter() - started)
     return RowOutcome(image, None, time.perf_counter() - started, placement)

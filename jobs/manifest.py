@@ -274,18 +274,11 @@ class RowRequest:
     def mode(self) -> str:
         return "img2img" if self.init_image_uri else "txt2img"
 
-    def batch_key(self) -> tuple:
-        """Rows with equal keys share one generate() call: equal settings, and the same first
-        denoising step (txt2img: 0; img2img: set by the strength). Rows starting at another step
-        run in other UNet forwards, and each fixed-shape forward is padded to the batch size, so
-        grouping by start step keeps the forwards full."""
-        return (self.sampler, self.karras, self.steps, self.guidance_scale, self.width, self.height, self.start_step())
-
-    def start_step(self) -> int:
-        """Index of the first of the `steps` timesteps this row denoises (diffusers' rule)."""
-        if self.strength is None or not self.init_image_uri:
-            return 0
-        return self.steps - rules.img2img_steps(self.steps, self.strength)
+    def forward_key(self) -> tuple:
+        """Rows with equal keys can share UNet forwards (`sdcore.Pipeline.generate_stream`): the
+        same size, and guided or not (which doubles a forward's rows). Sampler, steps, strength
+        and guidance scale may differ: each slot runs its own row's schedule."""
+        return (self.width, self.height, rules.guided(self.guidance_scale))
 
 
 def _integer(value: Any, column: str) -> tuple[int | None, str | None]:

@@ -1,17 +1,19 @@
 """Numerical faults: NaN or Inf in a row's latents or decoded pixels makes that row an error
 record ("non-finite values at step k"), never a saved image.
 
-`generate_finite(pipe, requests, **settings)` is `pipe.generate` with forward hooks on the UNet
-(its input latents and its output, per sampler step) and on the VAE decoder (final latents and
+`generate_finite(pipe, requests, **settings)` is `pipe.generate_stream` with forward hooks on the
+UNet (its input latents and its output, per forward) and on the VAE decoder (final latents and
 pixels). A non-finite tensor raises `NonFiniteError`, a `ValueError`: `isolation.py` treats it as
 the row's own problem, so a batch that hits it is retried row by row and only the poisoned row
 becomes an error record. The hooks live here, not in sdcore, and cost one `isfinite` reduction
-per forward.
+per forward. The step named in the message counts UNet forwards: for one row alone (how
+`isolation.py` retries a failed batch, which is what ends up in the error record) that is the
+row's own sampler step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 
@@ -25,14 +27,14 @@ def _finite(tensor: Any) -> bool:
     return not torch.is_tensor(tensor) or bool(torch.isfinite(tensor).all())
 
 
-def generate_finite(pipe: Any, requests: Sequence[Any], **settings: Any) -> list[Any]:
-    """`pipe.generate_placed(requests, **settings)`: (image, placement) per request, raising
-    NonFiniteError at the first non-finite latent or pixel."""
-    timesteps: list[float] = []  # distinct timesteps seen: the sampler step is its length
+def generate_finite(pipe: Any, requests: Iterable[Any], **settings: Any) -> Iterator[Any]:
+    """`pipe.generate_stream(requests, **settings)`: (index, image, placement) per request as it
+    finishes, raising NonFiniteError at the first non-finite latent or pixel."""
+    timesteps: list[tuple] = []  # the timestep vector of each forward: its length is the step
 
     def step_of(inputs: tuple) -> int:
         if len(inputs) > 1 and hasattr(inputs[1], "flatten"):
-            t = float(inputs[1].flatten()[0]) if inputs[1].numel() else 0.0
+            t = tuple(inputs[1].flatten().tolist())
             if not timesteps or timesteps[-1] != t:
                 timesteps.append(t)
         return len(timesteps)
@@ -61,7 +63,7 @@ def generate_finite(pipe: Any, requests: Sequence[Any], **settings: Any) -> list
     if hasattr(decoder, "register_forward_hook"):
         handles += [decoder.register_forward_pre_hook(decoder_in), decoder.register_forward_hook(decoder_out)]
     try:
-        return pipe.generate_placed(list(requests), **settings)
+        yield from pipe.generate_stream(requests, **settings)
     finally:
         for handle in handles:
             handle.remove()

@@ -1,9 +1,12 @@
 """Worker: built once (the model is loaded in the constructor), turns one shard into committed
 images and one record per row — a bad row becomes an error record, never an exception.
 
-Within a shard, rows with equal settings (steps, guidance, size: `RowRequest.batch_key`) are
-grouped and sent to `Pipeline.generate` `batch_size` at a time; each row's image depends only on
-its own seed and settings (sdcore's per-row generators), so grouping never changes an image.
+Within a shard, rows of one forward shape (size, guided or not: `RowRequest.forward_key`) are
+streamed through `Pipeline.generate_stream`, whose `batch_size` slots each take the next row as
+soon as theirs finishes (continuous batching: rows of other samplers, step counts, strengths and
+guidance scales share forwards). A row's image depends only on its own inputs and its slot
+(sdcore's per-row generators, fixed-shape forwards), which its record keeps. Records are saved
+every `batch_size` finished rows.
 Around that loop, each idea has its own module: the records (`record.py`: one `RecordBuilder` per
 worker), the generate call made from a record (`generation.py`, shared with `reproduce.py`), init
 images and their cache (`init_images.py`), and what happens when a batch fails (`isolation.py`:
@@ -21,7 +24,7 @@ import platform
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import groupby
@@ -30,7 +33,7 @@ from typing import Any
 from PIL import Image
 
 from . import __version__
-from .generation import generate_settings, generation_request
+from .generation import generation_request
 from .init_images import InitImageCache, InitImageError
 from .isolation import RowOutcome, generate_isolated
 from .manifest import RowRequest, parse_row
@@ -213,17 +216,19 @@ class ShardWorker:
         progress(done)
 
         generated = 0
-        for batch in self._batches(requests):
-            for (record, image), request in zip(self._generate(batch, task.shard_id, attempt), batch):
-                if image is None:
-                    writer.write(record)
-                else:
-                    writer.write(record, image, name=request.name, parameters=a1111_parameters(record))
-                    generated += 1
-                statuses[record.status] += 1
-            writer.checkpoint()
-            done += len(batch)
-            progress(done)
+        for record, image, name in self._generate(requests, task.shard_id, attempt):
+            if image is None:
+                writer.write(record)
+            else:
+                writer.write(record, image, name=name, parameters=a1111_parameters(record))
+                generated += 1
+            statuses[record.status] += 1
+            done += 1
+            if (done - len(reused) - len(rejected)) % self.config.batch_size == 0:
+                writer.checkpoint()
+                progress(done)
+        writer.checkpoint()
+        progress(done)
 
         committed = writer.close()
         return ShardResult(
@@ -275,34 +280,45 @@ class ShardWorker:
                 rejected.append(record)
         return requests, rejected
 
-    def _batches(self, requests: list[RowRequest]) -> list[list[RowRequest]]:
-        ordered = sorted(requests, key=lambda r: (r.batch_key(), r.row))
-        batches = []
-        for _, group in groupby(ordered, key=RowRequest.batch_key):
-            group = list(group)
-            size = self.config.batch_size
-            batches.extend(group[i : i + size] for i in range(0, len(group), size))
-        return batches
-
     # ------------------------------------------------------------------------------ generation
 
-    def _generate(self, batch: list[RowRequest], shard: str, attempt: int) -> list[tuple[Record, Image.Image | None]]:
-        """(record, image or None) per row of the batch, in batch order."""
-        prepared = [self._prepare(request, shard, attempt) for request in batch]  # (record, init image)
-        results: list[tuple[Record, Image.Image | None]] = [(record, None) for record, _ in prepared]
-        ready = [i for i, (record, _) in enumerate(prepared) if record.status == "ok"]
-        if not ready:
-            return results
-        # The rows of a batch share their settings (equal `batch_key`s, one sampler per worker).
-        settings = generate_settings(prepared[ready[0]][0])
-        outcomes = generate_isolated(
-            lambda requests: generate_finite(self.pipe, requests, **settings),  # NaN/Inf: the row's error
-            [generation_request(record, init_image) for record, init_image in (prepared[i] for i in ready)],
-            before_retry=release_memory,
-        )
-        for i, outcome in zip(ready, outcomes):
-            results[i] = _finish(prepared[i][0], outcome)
-        return results
+    def _generate(self, requests: list[RowRequest], shard: str, attempt: int) -> Iterator[tuple[Record, Any, str]]:
+        """(record, image or None, image file name) per row, as rows finish. Each forward shape's
+        rows go through one stream; a row's init image is read when the stream takes the row."""
+        # Every forward at one shape: `batch_rows` rows (1 in the batch-invariant mode).
+        shape = {"batch_invariant": self.config.batch_invariant, "fixed_batch": self.records.batch_rows}
+        # Every request carries its own settings; these are only the defaults the call needs.
+        spec = self.config.sampler
+        defaults = dict(sampler=spec.name, karras=spec.karras, steps=spec.steps, guidance_scale=spec.guidance_scale)
+        defaults.update(width=spec.width, height=spec.height, **shape)
+        ordered = sorted(requests, key=lambda r: (r.forward_key(), r.row))
+        for _, group in groupby(ordered, key=RowRequest.forward_key):
+            unusable: list[Record] = []  # rows whose init image failed: error records, not generated
+
+            def stream(rows: Iterator[tuple[Record, Image.Image | None, str]]) -> Iterator:
+                requests = (generation_request(record, init_image) for record, init_image, _ in rows)
+                return generate_finite(self.pipe, requests, **defaults)  # NaN/Inf: the row's error
+
+            rows = self._prepared(list(group), shard, attempt, unusable)
+            for (record, _, name), outcome in generate_isolated(stream, rows, before_retry=release_memory):
+                while unusable:
+                    yield unusable.pop(0), None, ""
+                record, image = _finish(record, outcome)
+                yield record, image, name
+            while unusable:
+                yield unusable.pop(0), None, ""
+
+    def _prepared(
+        self, requests: list[RowRequest], shard: str, attempt: int, unusable: list[Record]
+    ) -> Iterator[tuple[Record, Image.Image | None, str]]:
+        """(record, init image, image file name) of each row that can be generated, prepared when
+        it is asked for; the error record of each row that cannot goes to `unusable`."""
+        for request in requests:
+            record, init_image = self._prepare(request, shard, attempt)
+            if record.status == "ok":
+                yield record, init_image, request.name
+            else:
+                unusable.append(record)
 
     def _prepare(self, request: RowRequest, shard: str, attempt: int) -> tuple[Record, Image.Image | None]:
         """The row's record before generation, and its init image (img2img); an error record

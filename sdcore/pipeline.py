@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import rules
 from .clip import CLIPTextModel
 from .config import ModelConfig
 from .request import GenerationRequest
@@ -84,7 +85,7 @@ class _Lane:
     @staticmethod
     def key_of(request: GenerationRequest) -> tuple:
         """What fixes a forward's shape: the latent size, and whether rows run a guidance pair."""
-        return (request.width, request.height, request.guidance_scale > 1.0)
+        return (request.width, request.height, rules.guided(request.guidance_scale))
 
     @property
     def busy(self) -> bool:

@@ -75,6 +75,12 @@ def seed_problem(seed: Any) -> str | None:
     return None
 
 
+def guided(scale: float) -> bool:
+    """Whether a row runs classifier-free guidance (an unconditional and a conditional half per
+    forward): diffusers skips the unconditional pass at a scale <= 1."""
+    return scale > 1.0
+
+
 def guidance_problem(scale: Any) -> str | None:
     """Classifier-free guidance scale: any finite number >= 0 (<= 1 turns guidance off)."""
     if not _is_number(scale) or not math.isfinite(scale) or scale < 0:

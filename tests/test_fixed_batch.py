@@ -1,6 +1,8 @@
 """Fixed-shape batching (sdcore/pipeline.py `fixed_batch`): every UNet forward runs the same number
 of rows, so a row's bits depend on its own inputs and its slot, never on its neighbours; rebuilding
-the forward with the row in its recorded slot and filler rows around it remakes the image exactly."""
+the forward with the row in its recorded slot and filler rows around it remakes the image exactly.
+Continuous batching: a slot whose row finished takes the next row at once, so rows of other start
+steps, step counts, samplers and guidance scales share forwards, each advancing on its own."""
 
 from __future__ import annotations
 
@@ -45,9 +47,18 @@ def shapes():
 def test_every_slot_reproduces_alone_with_fillers(shapes, sampler):
     settings = dict(sampler=sampler, steps=6, guidance_scale=5.0, width=64, height=64)
     batch = rows(64)
-    placed = shapes.generate_placed(batch, fixed_batch=3, **settings)
-    # txt2img rows 0, 1, 3 fill one forward; each img2img strength has its own (padded) forward.
-    assert [(p.rows, p.slot) for _, p in placed] == [(3, 0), (3, 1), (3, 0), (3, 2), (3, 0)]
+    forwards = []
+    hook = shapes.unet.register_forward_pre_hook(lambda module, args: forwards.append(args[1].tolist()))
+    try:
+        placed = shapes.generate_placed(batch, fixed_batch=3, **settings)
+    finally:
+        hook.remove()
+    # Rows 0-2 take the slots; row 2 (strength 0.5: 3 steps) finishes first and row 3 takes its
+    # slot; rows 0 and 1 finish after 6 forwards and row 4 (0.75: 4 steps) takes slot 0; row 3
+    # ends at forward 9, row 4 at 10. Grouping by start step instead would take 6 + 3 + 4 = 13.
+    assert [(p.rows, p.slot) for _, p in placed] == [(3, 0), (3, 1), (3, 2), (3, 2), (3, 0)]
+    assert len(forwards) == 10
+    assert all(len(t) == 6 for t in forwards)  # 3 slots, each a guidance pair: one shape throughout
     for request, (image, placement) in zip(batch, placed):
         again = shapes.generate([request], fixed_batch=placement.rows, slots=[placement.slot], **settings)[0]
         assert np.array_equal(pixels(image), pixels(again)), request.prompt
@@ -67,6 +78,51 @@ def test_neighbours_do_not_change_a_rows_bits(shapes):
         assert placed[1][1].slot == 1
         seen.append(pixels(placed[1][0]))
     assert all(np.array_equal(seen[0], other) for other in seen[1:])
+
+
+def test_rows_of_any_settings_share_forwards_and_reproduce_in_their_slots(shapes):
+    """Other samplers, step counts, strengths, guidance scales (and an unguided row, which runs
+    in forwards of its own shape) in one call of two slots: each row is remade alone in its slot."""
+    settings = dict(sampler="ddim", steps=6, guidance_scale=5.0, width=64, height=64)
+    batch = [
+        GenerationRequest("a red circle", seed=1, sampler="euler_a", steps=5),
+        GenerationRequest("a star", seed=2, init_image=picture(2, 64), strength=0.6, sampler="ddpm", steps=8),
+        GenerationRequest("a blue square", seed=3, sampler="dpmpp_2m", karras=True, steps=4, guidance_scale=9.0),
+        GenerationRequest("a green triangle", seed=4),
+        GenerationRequest("unguided", seed=5, guidance_scale=1.0, steps=3),
+        GenerationRequest("a square", seed=6, init_image=picture(6, 64), strength=0.3, sampler="euler_a"),
+    ]
+    forwards = []
+    hook = shapes.unet.register_forward_pre_hook(lambda module, args: forwards.append(args[1].tolist()))
+    try:
+        placed = shapes.generate_placed(batch, fixed_batch=2, **settings)
+    finally:
+        hook.remove()
+    # Some forward ran its two slots at different timesteps (rows at other points of their runs).
+    assert any(len(t) == 4 and t[0] != t[1] and 0.0 not in t[:2] for t in forwards)
+    assert sum(len(t) == 2 for t in forwards) == 3  # the unguided row: 3 forwards of 2 rows, alone
+    for request, (image, placement) in zip(batch, placed):
+        assert placement.rows == 2
+        again = shapes.generate([request], fixed_batch=2, slots=[placement.slot], **settings)[0]
+        assert np.array_equal(pixels(image), pixels(again)), request.prompt
+
+
+def test_the_stream_reads_rows_only_as_slots_free(shapes):
+    settings = dict(sampler="ddim", steps=2, guidance_scale=5.0, width=64, height=64)
+    read = []
+
+    def requests():
+        for k in range(5):
+            read.append(k)
+            yield GenerationRequest(f"row {k}", seed=k, steps=2 + k % 2)  # rows of 2 and 3 steps
+
+    finished = []
+    for index, image, placement in shapes.generate_stream(requests(), fixed_batch=2, **settings):
+        finished.append((index, len(read)))
+        assert image.size == (64, 64) and placement.rows == 2
+    # Row 0 (2 steps) finishes first, having read only rows 0-1; row 2 takes its slot, etc.
+    assert finished[0] == (0, 2)
+    assert sorted(index for index, _ in finished) == [0, 1, 2, 3, 4]
 
 
 def test_one_row_forwards_equal_the_batch_invariant_mode(shapes):

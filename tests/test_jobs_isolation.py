@@ -1,4 +1,5 @@
-"""jobs/isolation.py: a failed batch is retried row by row; a failure of the worker is raised."""
+"""jobs/isolation.py: when a stream of rows fails, the rows it held are retried one by one and the
+stream goes on with the rest; a failure of the worker is raised."""
 
 from __future__ import annotations
 
@@ -8,50 +9,93 @@ from PIL import Image
 from jobs.isolation import generate_isolated
 
 
-class FakeGenerate:
-    """Makes one (image, placement) per request (an int); `fail(requests)` returns an exception to
-    raise. The placement is the request's position in the call, as a fixed-shape batch has it."""
+class FakeStream:
+    """A stand-in for `Pipeline.generate_stream` over int rows with `slots` slots: it reads rows
+    lazily (as a free slot takes them), finishes them in order and yields (index, image whose
+    pixel is the row, slot). `fail(row)` may return an exception, raised when that row would
+    finish. Records every call's rows as read."""
 
-    def __init__(self, fail=lambda requests: None):
-        self.fail, self.calls = fail, []
+    def __init__(self, fail=lambda row: None, slots=2):
+        self.fail, self.slots, self.calls = fail, slots, []
 
-    def __call__(self, requests):
-        self.calls.append(list(requests))
-        error = self.fail(requests)
-        if error is not None:
-            raise error
-        return [(Image.new("L", (1, 1), r), slot) for slot, r in enumerate(requests)]
+    def __call__(self, rows):
+        taken = []
+        self.calls.append(taken)
+        source = iter(rows)
+        in_flight = []  # (index, row, slot)
+        for slot in range(self.slots):
+            row = next(source, None)
+            if row is not None:
+                taken.append(row)
+                in_flight.append((len(taken) - 1, row, slot))
+        while in_flight:
+            index, row, slot = in_flight.pop(0)
+            error = self.fail(row)
+            if error is not None:
+                raise error
+            yield index, Image.new("L", (1, 1), row), slot
+            row = next(source, None)
+            if row is not None:
+                taken.append(row)
+                in_flight.append((len(taken) - 1, row, slot))
 
 
-def test_a_good_batch_is_one_call_with_the_time_shared():
-    generate = FakeGenerate()
-    outcomes = generate_isolated(generate, [1, 2, 3])
-    assert generate.calls == [[1, 2, 3]]
-    assert [o.image.getpixel((0, 0)) for o in outcomes] == [1, 2, 3] and all(o.error is None for o in outcomes)
-    assert len({o.seconds for o in outcomes}) == 1
-    assert [o.placement for o in outcomes] == [0, 1, 2]
+def pixels(results):
+    return {row: (o.image.getpixel((0, 0)) if o.image else None) for row, o in results}
 
 
-def test_a_bad_row_is_isolated_and_its_neighbours_keep_their_images():
+def test_a_good_stream_is_one_call_reading_rows_as_slots_free():
+    generate = FakeStream()
+    rows_read = []
+
+    def rows():
+        for row in [1, 2, 3, 4, 5]:
+            rows_read.append(row)
+            yield row
+
+    results = []
+    for row, outcome in generate_isolated(generate, rows()):
+        results.append((row, outcome))
+        if row == 1:  # two slots: rows are read only as slots take them
+            assert rows_read == [1, 2]
+    assert generate.calls == [[1, 2, 3, 4, 5]]
+    assert pixels(results) == {1: 1, 2: 2, 3: 3, 4: 4, 5: 5}
+    assert [o.placement for _, o in results] == [0, 1, 0, 1, 0]
+    assert all(o.error is None and o.seconds >= 0 for _, o in results)
+
+
+def test_a_bad_row_is_isolated_and_the_rest_go_on():
     retries = []
-    generate = FakeGenerate(lambda requests: ValueError("cursed") if 2 in requests else None)
-    outcomes = generate_isolated(generate, [1, 2, 3], before_retry=lambda: retries.append(1))
-    assert generate.calls == [[1, 2, 3], [1], [2], [3]] and retries == [1]
-    assert [o.image is None for o in outcomes] == [False, True, False]
-    assert [o.placement for o in outcomes] == [0, None, 0]  # retried alone: the slot of that call
-    assert isinstance(outcomes[1].error, ValueError) and str(outcomes[1].error) == "cursed"
+    generate = FakeStream(lambda row: ValueError("cursed") if row == 3 else None)
+    results = list(generate_isolated(generate, [1, 2, 3, 4, 5, 6], before_retry=lambda: retries.append(1)))
+    # stream 1 finished 1 and 2, failed while holding 3 and 4; they are retried alone; stream 2 takes 5, 6
+    assert generate.calls == [[1, 2, 3, 4], [3], [4], [5, 6]] and retries == [1]
+    assert pixels(results) == {1: 1, 2: 2, 3: None, 4: 4, 5: 5, 6: 6}
+    outcome = dict(results)[3]
+    assert isinstance(outcome.error, ValueError) and str(outcome.error) == "cursed"
+    assert dict(results)[4].placement == 0  # retried alone: the slot of that call
+    assert sorted(row for row, _ in results) == [1, 2, 3, 4, 5, 6]  # every row once
 
 
 def test_every_row_failing_alike_with_a_worker_error_is_raised():
     with pytest.raises(RuntimeError, match="device lost"):
-        generate_isolated(FakeGenerate(lambda requests: RuntimeError("device lost")), [1, 2])
-    with pytest.raises(MemoryError):  # a batch of one row: nothing to isolate
-        generate_isolated(FakeGenerate(lambda requests: MemoryError()), [1])
+        list(generate_isolated(FakeStream(lambda row: RuntimeError("device lost")), [1, 2]))
+    with pytest.raises(MemoryError):  # one row in flight: nothing to isolate
+        list(generate_isolated(FakeStream(lambda row: MemoryError(), slots=1), [1]))
+
+
+def test_a_stream_failing_before_it_takes_a_row_is_raised():
+    def broken(rows):
+        raise RuntimeError("no device")
+        yield  # a generator, like Pipeline.generate_stream
+
+    with pytest.raises(RuntimeError, match="no device"):
+        list(generate_isolated(broken, [1, 2]))
 
 
 def test_row_errors_are_never_raised():
     """ValueError/TypeError are about the request: every row gets an error outcome, the shard goes on."""
-    outcomes = generate_isolated(FakeGenerate(lambda requests: TypeError("bad request")), [1, 2])
-    assert [type(o.error) for o in outcomes] == [TypeError, TypeError]
-    mixed = FakeGenerate(lambda requests: ValueError("row") if 1 in requests else RuntimeError("other"))
-    assert [type(o.error) for o in generate_isolated(mixed, [1, 2])] == [ValueError, RuntimeError]
+    results = list(generate_isolated(FakeStream(lambda row: TypeError("bad request")), [1, 2]))
+    assert [type(o.error) for _, o in results] == [TypeError, TypeError]
+    mixed = FakeStream(lambda row: ValueError("row") if row == 1 else RuntimeError("other"))
+    assert {row: type(o.error) for row, o in generate_isolated(mixed, [1, 2])} == {1: ValueError, 2: RuntimeError}

@@ -143,7 +143,7 @@ def test_per_row_sampler_and_karras_override_the_spec():
     assert "karras: karras sigmas apply only to dpmpp_2m, not ddim" in problem
     a, _, _ = parse_row(0, row(sampler="ddim"), row_id="0", sampler=spec)
     b, _, _ = parse_row(1, row(sampler="euler_a"), row_id="1", sampler=spec)
-    assert a.batch_key() != b.batch_key()  # different samplers never share a generate() call
+    assert a.forward_key() == b.forward_key()  # different samplers share forwards (continuous batching)
 
 
 def row(**values):
@@ -208,10 +208,10 @@ def test_good_rows_and_overrides():
     # a strength without an init image has nothing to act on (as in sdcore)
     txt, problem, _ = parse_row(2, row(strength=3.0), row_id="c", sampler=SAMPLER)
     assert problem is None and txt.strength is None
-    # Batches group equal settings and equal start steps: img2img at 0.5 of 10 steps starts at step 5.
-    assert request.batch_key() != img.batch_key() and img.batch_key() != txt.batch_key()
-    assert (txt.start_step(), img.start_step()) == (0, 5)
-    assert img.batch_key()[:4] == txt.batch_key()[:4]
+    # Forwards are shared by rows of one size that are all guided or all not: any steps, any strength.
+    assert img.forward_key() == txt.forward_key() != request.forward_key()  # 64x32 vs the spec's size
+    unguided, _, _ = parse_row(3, row(guidance_scale=1.0), row_id="d", sampler=SAMPLER)
+    assert unguided.forward_key() != txt.forward_key()  # one forward half as many rows
 
 
 def test_safe_names_are_safe_and_distinct():

@@ -142,42 +142,49 @@ def test_batched_forward_mode_is_recorded_and_close(tmp_path, tiny_pipe):
 
 
 class Failing:
-    """The tiny pipeline, failing in chosen ways."""
+    """The tiny pipeline, failing in chosen ways: `crash_after` rows finished, a row with
+    `bad_seed` (when it is taken into a forward), or `always`."""
 
     def __init__(self, pipe, *, crash_after=None, bad_seed=None, always=None):
         self.pipe, self.crash_after, self.bad_seed, self.always = pipe, crash_after, bad_seed, always
-        self.calls = 0
+        self.finished = 0  # rows whose images were made
 
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
-    def generate_placed(self, rows, **kwargs):  # what the worker calls
-        self.calls += 1
+    def generate_stream(self, rows, **kwargs):  # what the worker calls
         if self.always is not None:
             raise self.always
-        if self.crash_after is not None and self.calls > self.crash_after:
-            raise KeyboardInterrupt("simulated crash")  # not an Exception: nothing catches it
-        if any(r.seed == self.bad_seed for r in rows):
-            raise ValueError(f"seed {self.bad_seed} is cursed")
-        return self.pipe.generate_placed(rows, **kwargs)
+
+        def checked(rows):
+            for row in rows:
+                if row.seed == self.bad_seed:
+                    raise ValueError(f"seed {self.bad_seed} is cursed")
+                yield row
+
+        for result in self.pipe.generate_stream(checked(rows), **kwargs):
+            if self.crash_after is not None and self.finished >= self.crash_after:
+                raise KeyboardInterrupt("simulated crash")  # not an Exception: nothing catches it
+            self.finished += 1
+            yield result
 
 
 def test_a_crash_loses_at_most_the_batch_in_flight(tmp_path, tiny_pipe):
     task = one_shard(tmp_path, small_rows(6))
     out = tmp_path / "out"
-    crashing = make_worker(tiny_pipe, out, batch_size=2, pipeline=Failing(tiny_pipe, crash_after=2))
+    crashing = make_worker(tiny_pipe, out, batch_size=2, pipeline=Failing(tiny_pipe, crash_after=4))
     with pytest.raises(KeyboardInterrupt):
         crashing.run(task)
     output = Output(str(out))
     assert output.committed_shards() == set()
     saved = output.read_partials("shard-00000")
-    assert sorted(saved) == [0, 1, 2, 3]  # two batches were saved, the third was lost
+    assert sorted(saved) == [0, 1, 2, 3]  # saved every 2 finished rows; the rows in flight were lost
     mtimes = {r: (out / saved[r]["image_path"]).stat().st_mtime_ns for r in saved}
 
     counting = Failing(tiny_pipe)
     result = make_worker(tiny_pipe, out, batch_size=2, pipeline=counting).run(task)
     assert (result.reused, result.generated, result.ok, result.attempt) == (4, 2, 6, 2)
-    assert counting.calls == 1  # only the lost batch was generated again
+    assert counting.finished == 2  # only the lost rows were generated again
     records = output.read_records("shard-00000").to_pylist()
     assert [r["row"] for r in records] == list(range(6))
     assert [r["attempt"] for r in records] == [1, 1, 1, 1, 2, 2]
