@@ -7,9 +7,12 @@ Every format holds, per ok row, the image, its caption (the prompt), its record 
   `KEY.json` (the record, with `labels` as an object) and `KEY.txt` (the prompt). KEY is the
   manifest row number, zero-padded (WebDataset splits a member's name at its first dot, so ids,
   which may hold dots, are in the JSON instead).
-- `imagefolder`: `DEST/SHARD/NAME.EXT` plus `DEST/metadata.jsonl` with `file_name`, `text` (the
-  prompt), the labels as columns, and the record's generation fields — what
-  `datasets.load_dataset("imagefolder", data_dir=DEST)` reads.
+- `imagefolder`: `DEST/SHARD/NAME.EXT` plus one metadata file, `DEST/metadata.jsonl` (the
+  default) or `DEST/metadata.parquet` (`metadata="parquet"`: typed columns, compressed), with
+  `file_name`, `text` (the prompt), the labels as columns, and the record's generation fields —
+  what `datasets.load_dataset("imagefolder", data_dir=DEST)` reads. `datasets` refuses a folder
+  holding metadata files of two kinds, so writing one deletes the other one, if an earlier
+  export left it.
 - `parquet`: `DEST/SHARD.parquet`, the record columns, the labels as columns and `image`
   (the file's bytes).
 
@@ -18,7 +21,7 @@ Label columns keep their names; one that equals a column the export already has 
 
 Like a job, an export is resumable and idempotent: each file is committed whole (temp + rename,
 or one S3 PUT); a rerun skips the shard files (and imagefolder images) already in DEST and
-writes the same bytes for the rest; `metadata.jsonl` is written last. DEST is local or s3://.
+writes the same bytes for the rest; the metadata file is written last. DEST is local or s3://.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from .record import RECORD_FIELDS, RECORD_SCHEMA
 from .storage import open_storage, redact_uri
 
 FORMATS = ("webdataset", "imagefolder", "parquet")
+METADATA_KINDS = ("jsonl", "parquet")  # imagefolder's metadata file; the first is the default
 # The record fields an imagefolder's metadata carries besides file_name, text and the labels.
 IMAGEFOLDER_FIELDS = (
     "id",
@@ -110,11 +114,24 @@ def _parquet(rows: list[dict[str, Any]]) -> bytes:
 
 
 def export(
-    output_uri: str, fmt: str, dest: str, *, log: Callable[[str], None] = print, threads: int = 8
+    output_uri: str,
+    fmt: str,
+    dest: str,
+    *,
+    metadata: str | None = None,
+    log: Callable[[str], None] = print,
+    threads: int = 8,
 ) -> dict[str, Any]:
-    """Export the committed shards' ok rows of `output_uri` to `dest`; returns the counts."""
+    """Export the committed shards' ok rows of `output_uri` to `dest`; returns the counts.
+
+    `metadata` (imagefolder only): "jsonl" (default) or "parquet", the kind of metadata file."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if metadata is not None and fmt != "imagefolder":
+        raise ExportError(f"--metadata applies to --format imagefolder only, not {fmt}")
+    metadata = metadata or METADATA_KINDS[0]
+    if metadata not in METADATA_KINDS:
+        raise ExportError(f"unknown metadata kind {metadata!r}; expected one of {', '.join(METADATA_KINDS)}")
     output = Output(output_uri)
     if output.read_job() is None:
         raise ExportError(f"{output.uri}: no job.json here (not an sdgen output)")
@@ -122,7 +139,7 @@ def export(
     target = open_storage(dest)
     existing = set(target.list(""))
     counts = {"shards": len(shards), "shards_skipped": 0, "rows": 0, "images_written": 0}
-    metadata: list[dict[str, Any]] = []
+    metadata_rows: list[dict[str, Any]] = []
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for shard in shards:
@@ -140,7 +157,7 @@ def export(
                     row = {"file_name": name, "text": record["prompt"]}
                     row.update({k: record[k] for k in IMAGEFOLDER_FIELDS})
                     row.update(label_columns(labels_of(record), row))
-                    metadata.append(row)
+                    metadata_rows.append(row)
                 continue
             if shard_file in existing:
                 counts["shards_skipped"] += 1
@@ -167,8 +184,16 @@ def export(
             log(f"[sdgen] export {shard}: {len(records)} rows -> {redact_uri(target.url(shard_file))}")
 
     if fmt == "imagefolder":
-        lines = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in metadata)
-        target.write("metadata.jsonl", lines.encode())  # last: it names only images already written
+        name = f"metadata.{metadata}"
+        if metadata == "jsonl":
+            data = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in metadata_rows).encode()
+        else:
+            data = _parquet(metadata_rows)
+        target.write(name, data)  # last: it names only images already written
+        others = [f"metadata.{k}" for k in METADATA_KINDS if k != metadata and f"metadata.{k}" in existing]
+        if others:  # datasets refuses a folder with metadata files of two kinds
+            target.delete(others)
+            log(f"[sdgen] export: deleted {', '.join(others)} (an earlier export's; {name} replaces it)")
     log(
         f"[sdgen] exported {counts['rows']} ok rows of {len(shards)} shard(s) as {fmt} to {target.uri} "
         f"({counts['images_written']} images written, {counts['shards_skipped']} shard file(s) already there)"
@@ -184,16 +209,21 @@ def main(argv: list[str] | None = None, prog: str = "sdgen export") -> int:
     parser.add_argument("output", help="the job's output folder or s3:// prefix")
     parser.add_argument("dest", help="destination folder or s3:// prefix")
     parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument(
+        "--metadata",
+        choices=METADATA_KINDS,
+        help="imagefolder only: metadata.jsonl (default) or metadata.parquet (typed columns; for large exports)",
+    )
     args = parser.parse_args(argv)
     try:
-        export(args.output, args.format, args.dest)
+        export(args.output, args.format, args.dest, metadata=args.metadata)
     except (ExportError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-__all__ = ["FORMATS", "ExportError", "export", "label_columns", "labels_of", "record_json"]
+__all__ = ["FORMATS", "METADATA_KINDS", "ExportError", "export", "label_columns", "labels_of", "record_json"]
 
 
 if __name__ == "__main__":

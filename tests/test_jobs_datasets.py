@@ -196,6 +196,31 @@ def test_export_webdataset_imagefolder_parquet(job, tmp_path):
         assert row["text"] == record["prompt"] and row["seed"] == record["seed"]
         assert {k: row[k] for k in LABELS} == json.loads(record["labels"])
         assert row["image"].size == (32, 32)
+    # The same folder with metadata.parquet instead: the jsonl goes (datasets refuses two kinds of
+    # metadata file in one folder), the images stay, and the columns keep the record's types.
+    again = run_command(
+        [*SDGEN, "export", str(out), "--format", "imagefolder", "--metadata", "parquet", str(tmp_path / "hf")]
+    )
+    assert "deleted metadata.jsonl" in again.stdout and "(0 images written" in again.stdout
+    assert sorted(p.name for p in (tmp_path / "hf").glob("metadata.*")) == ["metadata.parquet"]
+    metadata = pq.read_table(tmp_path / "hf" / "metadata.parquet")
+    assert (
+        str(metadata.schema.field("seed").type) == "int64" and str(metadata.schema.field("strength").type) == "double"
+    )
+    dataset = datasets.load_dataset(
+        "imagefolder", data_dir=str(tmp_path / "hf"), split="train", cache_dir=str(tmp_path / "hf-cache")
+    )
+    assert dataset.num_rows == len(ok)
+    rows = sorted(dataset, key=lambda r: r["row"])
+    for row, record in zip(rows, ok):
+        assert row["text"] == record["prompt"] and row["id"] == record["id"] and row["seed"] == record["seed"]
+        assert {k: row[k] for k in LABELS} == json.loads(record["labels"])
+        assert row["image"].size == (32, 32)
+    wrong = run_command(
+        [*SDGEN, "export", str(out), "--format", "webdataset", "--metadata", "parquet", str(tmp_path / "w2")],
+        check=False,
+    )
+    assert wrong.returncode == 2 and "--metadata applies to --format imagefolder only" in wrong.stdout
 
     run_command([*SDGEN, "export", str(out), "--format", "parquet", str(tmp_path / "pq")])
     table = pq.read_table(sorted((tmp_path / "pq").glob("*.parquet")))
