@@ -268,16 +268,49 @@ def test_dry_run_tells_the_truth_and_limit_runs_a_trial(job, tmp_path):
 
 
 def test_grid_lays_out_a_sweep_with_labels(job, tmp_path):
+    """Every row of a cell is shown: (red, ddim) holds a0 and a6, (blue, ddim) a4 and a7, so every
+    cell is a 2x1 sub-grid of 128 px images, in manifest row order; the pixels are the images'."""
     tmp, _, _ = job
-    result = run_command(
-        [*SDGEN, "grid", str(tmp / "out"), str(tmp_path / "g.png"), "--rows", "color", "--cols", "sampler"]
-    )
-    assert "3 color x 3 sampler" in result.stdout
+    out = tmp / "out"
+    result = run_command([*SDGEN, "grid", str(out), str(tmp_path / "g.png"), "--rows", "color", "--cols", "sampler"])
+    assert "3 color x 3 sampler; up to 2 images per cell (2x1)" in result.stdout
     grid = np.asarray(Image.open(tmp_path / "g.png").convert("RGB")).astype(int)
-    left = grid.shape[1] - 3 * 128
-    assert grid.shape[0] == 24 + 3 * 128 and left > 0
-    cells = grid[24:, left:]
-    assert (cells.std(axis=(0, 1)) > 5).all()  # images, not blank cells
-    assert (grid[:24] < 100).any() and (grid[24:, :left] < 100).any()  # the header and row labels are drawn
-    bad = run_command([*SDGEN, "grid", str(tmp / "out"), str(tmp_path / "x.png"), "--rows", "nope"], check=False)
+    top, gap, cell_w, cell_h = 18 + 24, 6, 2 * 128, 128
+    left = grid.shape[1] - 3 * (cell_w + gap)
+    assert grid.shape[0] == top + 3 * (cell_h + gap) and left > 0
+    records = {r["id"]: r for r in records_of(out) if r["status"] == "ok"}
+
+    def shown(image_id):  # the stored 32 px image as the grid draws it: 4x, nearest
+        image = Image.open(out / records[image_id]["image_path"]).convert("RGB")
+        return np.asarray(image.resize((128, 128), Image.Resampling.NEAREST)).astype(int)
+
+    def at(i, j, k):  # row value i, column value j, k-th image of the cell
+        x, y = left + j * (cell_w + gap) + k * 128, top + i * (cell_h + gap)
+        return grid[y : y + 128, x : x + 128]
+
+    colors, samplers = ["red", "blue", "green"], ["ddim", "euler_a", "dpmpp_2m"]
+    expected = {("red", "ddim"): ["a0", "a6"], ("blue", "ddim"): ["a4", "a7"]}
+    for record in sorted(records.values(), key=lambda r: r["row"]):
+        key = (json.loads(record["labels"])["color"], record["sampler"])
+        expected.setdefault(key, [record["id"]])
+    for (color, sampler), ids in expected.items():
+        i, j = colors.index(color), samplers.index(sampler)
+        for k, image_id in enumerate(ids):
+            assert np.array_equal(at(i, j, k), shown(image_id)), (color, sampler, image_id)
+        if len(ids) == 1:
+            assert (at(i, j, 1) == 255).all()  # the cell's second place is empty
+    assert (at(2, 0, 0) == 255).all()  # (green, ddim): no row
+    assert (grid[:18] < 100).any()  # the legend line
+    assert (grid[18:top, left:] < 100).any() and (grid[top:, :left] < 100).any()  # column and row labels
+    # --per-cell 1: the first manifest row of each cell only, one image per cell.
+    first = run_command(
+        [*SDGEN, "grid", str(out), str(tmp_path / "f.png"), "--rows", "color", "--cols", "sampler", "--per-cell", "1"]
+    )
+    assert "3 color x 3 sampler" in first.stdout and "per cell" not in first.stdout
+    single = np.asarray(Image.open(tmp_path / "f.png").convert("RGB")).astype(int)
+    x0 = single.shape[1] - 3 * (128 + gap)
+    assert np.array_equal(single[top : top + 128, x0 : x0 + 128], shown("a0"))
+    bad = run_command([*SDGEN, "grid", str(out), str(tmp_path / "x.png"), "--rows", "nope"], check=False)
     assert bad.returncode == 2 and "no record field or label 'nope'" in bad.stdout
+    bad = run_command([*SDGEN, "grid", str(out), str(tmp_path / "x.png"), "--where", "steps"], check=False)
+    assert bad.returncode == 2 and "--where: expected FIELD=VALUE, got 'steps'" in bad.stdout
