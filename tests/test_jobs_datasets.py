@@ -165,6 +165,86 @@ def test_report_renders_with_its_thumbnails_in_headless_chromium(job, tmp_path):
     assert colourful_pixels(blank) < thumb_area // 4
 
 
+def report_links(folder):
+    """page -> (its <a href>s, its <img src>s), for every .html page of the report in `folder`."""
+    from html.parser import HTMLParser
+
+    class Links(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.hrefs, self.srcs, self.alts = [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "a":
+                self.hrefs.append(attrs["href"])
+            if tag == "img":
+                self.srcs.append(attrs["src"])
+                self.alts.append(attrs["alt"])
+
+    pages = {}
+    for page in sorted(folder.glob("*.html")):
+        parser = Links()
+        parser.feed(page.read_text())
+        pages[page.name] = parser
+    return pages
+
+
+def test_report_pages_link_and_a_rebuild_makes_only_new_thumbnails(job, tmp_path):
+    """A shard committed after the last report (its record file appears): the rebuild makes the
+    thumbnails of its rows only, keeps the others untouched, and pages the whole sheet."""
+    tmp, _, _ = job
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp / "out", copy)
+    shutil.rmtree(copy / "thumbs")
+    later = tmp_path / "shard-00001.parquet"
+    (copy / "records" / "shard-00001.parquet").rename(later)  # not committed yet
+    first = run_command([*SDGEN, "report", str(copy), "--page-size", "3"])
+    assert "4 image(s) on 2 page(s), 4 new thumbnail(s)" in first.stdout
+    before = {p: p.stat() for p in (copy / "thumbs").rglob("*.jpg")}
+    assert len(before) == 4 and {p.parent.name for p in before} == {"shard-00000"}
+
+    later.rename(copy / "records" / "shard-00001.parquet")  # the shard commits
+    again = run_command([*SDGEN, "report", str(copy), "--page-size", "3"])
+    assert "8 image(s) on 3 page(s), 4 new thumbnail(s)" in again.stdout
+    after = {p: p.stat() for p in (copy / "thumbs").rglob("*.jpg")}
+    assert len(after) == 8 and {p.parent.name for p in set(after) - set(before)} == {"shard-00001"}
+    for path, stat in before.items():  # the old thumbnails were neither rewritten nor deleted
+        assert (after[path].st_ino, after[path].st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    nothing = run_command([*SDGEN, "report", str(copy), "--page-size", "3"])
+    assert "8 image(s) on 3 page(s), 0 new thumbnail(s)" in nothing.stdout
+
+    # Every link of every page points at a file that is there; from index.html, "next" walks the
+    # pages in order, and the pages together show each ok row exactly once, in row order.
+    pages = report_links(copy)
+    assert set(pages) == {"index.html", "report-page-2.html", "report-page-3.html", "report-pages.html"}
+    for name, links in pages.items():
+        for target in links.hrefs + links.srcs:
+            assert (copy / target).is_file(), (name, target)
+    assert all(src.startswith("thumbs/") for links in pages.values() for src in links.srcs)
+    ok_ids = [r["id"] for r in records_of(copy) if r["status"] == "ok"]
+    walked, name = [], "index.html"
+    while name:
+        walked.append(name)
+        html_text = (copy / name).read_text()
+        name = html_text.split('" rel="next">')[0].rsplit('href="', 1)[1] if 'rel="next"' in html_text else None
+    assert walked == ["index.html", "report-page-2.html", "report-page-3.html"]
+    assert [alt for page in walked for alt in pages[page].alts] == ok_ids
+    assert "page 3</a>: rows 6–7" in (copy / "report-pages.html").read_text()
+    assert "Images 4–6 of 8" in (copy / "report-page-2.html").read_text()
+    # A page other than index.html renders with its thumbnails in Chromium.
+    shown = chromium_screenshot(copy / "report-page-2.html", tmp_path / "page2.png", height=1200)
+    assert colourful_pixels(shown) > 2 * 128 * 128  # at least 2 of its 3 thumbnails' worth
+
+    # --max-images keeps the first N: the sheet shrinks and the pages it no longer has are deleted.
+    capped = run_command([*SDGEN, "report", str(copy), "--page-size", "3", "--max-images", "5"])
+    assert "5 image(s) on 2 page(s), 0 new thumbnail(s)" in capped.stdout
+    assert not (copy / "report-page-3.html").exists() and len(list((copy / "thumbs").rglob("*.jpg"))) == 8
+    assert "Images 4–5 of 8 (the first 5 in the sheet, --max-images)" in (copy / "report-page-2.html").read_text()
+    bad = run_command([*SDGEN, "report", str(copy), "--page-size", "0"], check=False)
+    assert bad.returncode == 2 and "--page-size: expected at least 1, got 0" in bad.stdout
+
+
 def test_export_webdataset_imagefolder_parquet(job, tmp_path):
     import datasets
     import webdataset as wds
