@@ -111,12 +111,21 @@ def run_in_terminal(args: list[str], timeout: float = 300) -> tuple[int, str]:
 
 def test_sdgen_run_shows_a_bar_in_a_terminal_and_lines_when_piped(tmp_path):
     """6 rows (one with an empty prompt: an error record) in 2 shards of the tiny model; the same
-    job run in a pseudo-terminal and with its output piped."""
-    from conftest import PYTHON, run_command, small_rows, spec_dict, write_manifest, write_spec
+    job run in a pseudo-terminal and with its output piped. The manifest is JSON Lines, with
+    per-row steps, size and guidance on one row (a JSONL manifest runs, its overrides recorded)."""
+    import json
+
+    from PIL import Image
+
+    from jobs.output import Output
+
+    from conftest import PYTHON, run_command, small_rows, spec_dict, write_spec
 
     rows = small_rows(6)
     rows[4]["prompt"] = ""
-    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    rows[1].update(steps=2, width=48, height=40, guidance_scale=3.0)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     command = [PYTHON, "-m", "jobs.cli", "run"]
     terminal = write_spec(tmp_path / "t.yaml", spec_dict(str(manifest), str(tmp_path / "t")))
     code, shown = run_in_terminal([*command, str(terminal), "--progress-every", "0.5"])
@@ -140,3 +149,12 @@ def test_sdgen_run_shows_a_bar_in_a_terminal_and_lines_when_piped(tmp_path):
     assert "[sdgen] 6/6 rows (100%) | " in piped.stdout and "rows/s | ETA " in piped.stdout
     assert "shards 2/2 done, 0 failed" in piped.stdout
     assert "\r" not in piped.stdout and " rows [" not in piped.stdout  # no bar
+    for out in (tmp_path / "t", tmp_path / "p"):
+        output = Output(str(out))
+        tables = output.read_all_records(output.committed_shards())
+        records = sorted((r for t in tables.values() for r in t.to_pylist()), key=lambda r: r["row"])
+        assert [r["id"] for r in records] == [row["id"] for row in rows]
+        assert [r["status"] for r in records] == ["ok"] * 4 + ["error", "ok"]
+        settings = [(r["steps"], r["width"], r["height"], r["guidance_scale"]) for r in records]
+        assert settings[1] == (2, 48, 40, 3.0) and set(settings[:1] + settings[2:]) == {(3, 32, 32, 7.5)}
+        assert Image.open(out / records[1]["image_path"]).size == (48, 40)
