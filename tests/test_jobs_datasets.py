@@ -133,7 +133,8 @@ def chromium_screenshot(page, png, width=1000, height=2400):
     assert binary, "Debian's chromium is needed (make test installs it)"
     subprocess.run(
         [binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--screenshot={png}",
-         f"--window-size={width},{height}", "--virtual-time-budget=5000", page.as_uri()],
+         f"--window-size={width},{height}", "--virtual-time-budget=5000",
+         page if isinstance(page, str) else page.as_uri()],
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
     return np.asarray(Image.open(png).convert("RGB")).astype(int)
@@ -243,6 +244,34 @@ def test_report_pages_link_and_a_rebuild_makes_only_new_thumbnails(job, tmp_path
     assert "Images 4–5 of 8 (the first 5 in the sheet, --max-images)" in (copy / "report-page-2.html").read_text()
     bad = run_command([*SDGEN, "report", str(copy), "--page-size", "0"], check=False)
     assert bad.returncode == 2 and "--page-size: expected at least 1, got 0" in bad.stdout
+
+
+def test_report_of_an_s3_output_renders_served_from_the_bucket(job, s3, moto_endpoint, tmp_path):
+    """The output copied to S3 (without its report), `sdgen report s3://...`, then the report
+    opened over HTTP from the S3 server itself (a bucket policy lets anyone read the prefix), as a
+    bucket website or CDN would serve it."""
+    bucket, client, env = s3
+    out = job[0] / "out"
+    for path in out.rglob("*"):
+        key = path.relative_to(out).as_posix()
+        if path.is_file() and not key.startswith("thumbs/") and not key.endswith(".html"):
+            client.upload_file(str(path), bucket, f"out/{key}")
+    report = run_command([*SDGEN, "report", f"s3://{bucket}/out", "--page-size", "6"], env=env)
+    assert "8 image(s) on 2 page(s), 8 new thumbnail(s)" in report.stdout
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]]
+    thumbs = [k for k in keys if k.startswith("out/thumbs/")]
+    assert len(thumbs) == 8 and {"out/index.html", "out/report-page-2.html", "out/report-pages.html"} <= set(keys)
+    assert client.head_object(Bucket=bucket, Key="out/index.html")["ContentType"] == "text/html; charset=utf-8"
+    assert client.head_object(Bucket=bucket, Key=thumbs[0])["ContentType"] == "image/jpeg"
+    public = {"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/out/*"}
+    client.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [public]}))
+    url = f"{moto_endpoint}/{bucket}/out"  # anonymous GETs, as a browser makes them
+    shown = chromium_screenshot(f"{url}/index.html", tmp_path / "s3.png")
+    assert colourful_pixels(shown) > 4 * 128 * 128  # at least 4 of its 6 thumbnails' worth
+    second = chromium_screenshot(f"{url}/report-page-2.html", tmp_path / "s3-2.png", height=1200)
+    assert colourful_pixels(second) > 128 * 128  # at least 1 of its 2
+    again = run_command([*SDGEN, "report", f"s3://{bucket}/out", "--page-size", "6"], env=env)
+    assert "8 image(s) on 2 page(s), 0 new thumbnail(s)" in again.stdout
 
 
 def test_export_webdataset_imagefolder_parquet(job, tmp_path):
