@@ -70,13 +70,6 @@ class ProgressBar:
 
         return write
 
-    def write(self, line: str) -> None:
-        """A log line above the bar."""
-        if self.bar is None:
-            print(line, file=self.stream, flush=True)
-        else:
-            self.bar.write(line, file=self.stream)
-
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
