@@ -3,8 +3,9 @@
 Static files with relative links only, so the report works opened from a local folder and served
 from the output's S3 prefix (objects are written with their Content-Type):
 
-  index.html             counts, throughput over time (an inline SVG plot), per-shard status,
-                         the error table grouped by reason, and page 1 of the contact sheet
+  index.html             counts, throughput over time (an inline SVG plot), per-shard status
+                         (beyond SHARD_TABLE_MAX shards, those not done), the error table
+                         grouped by reason, and page 1 of the contact sheet
   report-page-N.html     further pages of the contact sheet (`page_size` thumbnails each, every
                          ok row by default; `--max-images` keeps the first N)
   report-pages.html      every page of the sheet with the manifest rows it holds
@@ -47,6 +48,7 @@ THUMB = 128
 PAGE_SIZE = 120
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".jpg": "image/jpeg"}
 NAV_ALL = 15  # a sheet of up to this many pages lists them all in its navigation
+SHARD_TABLE_MAX = 2000  # more shards than this: the table lists only those not done
 RECORD_COLUMNS = [
     "row",
     "id",
@@ -360,15 +362,23 @@ def build_report(
     if run:
         counts += f"<p>last run: {run.get('rows_run')} rows in {run.get('wall_s')}s, {run.get('rows_per_s')} rows/s</p>"
     plot = "<h2>Throughput</h2>" + throughput_svg(times)
+    listed, note = status["shard_list"], ""
+    if len(listed) > SHARD_TABLE_MAX:  # a job of 100,000 shards: the ones that need attention
+        listed = [s for s in listed if s["state"] != "done"][:SHARD_TABLE_MAX]
+        hidden = len(status["shard_list"]) - len(listed)
+        note = (
+            f"<p>{hidden} shard(s) not listed ({shards['done']} done); "
+            "<code>sdgen status OUTPUT --all</code> lists every shard.</p>"
+        )
     shard_rows = "".join(
         f"<tr><td>{s['shard']}</td><td>{s['state']}</td><td class=n>{s['rows']}</td><td class=n>{s.get('ok', '')}</td>"
         f"<td class=n>{s.get('error', '') if s['state'] == 'done' else ''}</td>"
         f"<td>{html.escape(str(s.get('error', ''))) if s['state'] == 'failed' else ''}</td></tr>"
-        for s in status["shard_list"]
+        for s in listed
     )
     shard_table = (
         '<h2>Shards</h2><div class="scroll"><table><tr><th>shard</th><th>state</th><th class=n>rows</th>'
-        f"<th class=n>ok</th><th class=n>error</th><th>note</th></tr>{shard_rows}</table></div>"
+        f"<th class=n>ok</th><th class=n>error</th><th>note</th></tr>{shard_rows}</table></div>{note}"
     )
     if reasons:
         error_table = "".join(

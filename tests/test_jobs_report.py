@@ -119,3 +119,21 @@ def test_memory_stays_flat_as_the_output_grows(tmp_path):
     page = (large / "index.html").read_text()
     assert "400</td><td>init_image not found: …" in page and "20000 rows over 2000s: mean 10.00 rows/s" in page
     assert (large / "report-page-164.html").exists() and not (large / "report-page-165.html").exists()
+
+
+def test_a_job_of_many_shards_lists_those_that_need_attention(tmp_path, monkeypatch):
+    from jobs import report
+
+    output = fake_output(tmp_path / "out", 3_000)  # 6 shards of 500
+    job = output.read_job()
+    output.write_job({**job, "manifest": {"rows": 5_000}})  # 4 shards more, not committed yet
+    monkeypatch.setattr(report, "SHARD_TABLE_MAX", 5)
+    report.build_report(str(tmp_path / "out"), log=lambda line: None)
+    page = (tmp_path / "out" / "index.html").read_text()
+    table = page.split("<h2>Shards</h2>")[1].split("</table>")[0]
+    assert [f"shard-{i:05d}" in table for i in range(10)] == [False] * 6 + [True] * 4
+    assert "6 shard(s) not listed (6 done); <code>sdgen status OUTPUT --all</code> lists every shard" in page
+    monkeypatch.setattr(report, "SHARD_TABLE_MAX", 10)
+    report.build_report(str(tmp_path / "out"), log=lambda line: None)
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert all(f"shard-{i:05d}" in page for i in range(10)) and "not listed" not in page
