@@ -178,12 +178,14 @@ class Output:
 
     # -- overwrite
     def clear(self) -> None:
-        """Remove everything a previous job left: markers first, so a crash here leaves no
-        committed shard without its images; then its report (pages, thumbnails)."""
+        """Remove everything a previous job left: its report's pages first (they link to all the
+        rest), then the markers, so a crash here leaves no committed shard without its images;
+        then the images and the thumbnails."""
+        self.delete_report_pages(1)
+        self.storage.delete([REPORT_PAGES_FILE])
         for prefix in (RECORDS_DIR + "/", PARTIAL_DIR + "/", IMAGES_DIR + "/", THUMBS_DIR + "/"):
             self.storage.delete(self.storage.list(prefix))
-        self.storage.delete([SUMMARY_FILE, JOB_FILE, REPORT_PAGES_FILE])
-        self.delete_report_pages(1)
+        self.storage.delete([SUMMARY_FILE, JOB_FILE])
 
     def delete_report_pages(self, first: int) -> None:
         """Delete the report's pages from `first` on (they are numbered without gaps)."""
