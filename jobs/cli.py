@@ -4,9 +4,9 @@
     sdgen status OUTPUT [--all] [--json] [--errors]
     sdgen reproduce OUTPUT ID [ID ...] [options]
     sdgen make-manifest TEMPLATE.yaml|LIST.csv|LIST.jsonl OUT.parquet [--base-seed N] [--seeds-per-prompt K]
-    sdgen report OUTPUT [--max-images N]
-    sdgen grid OUTPUT OUT.png [--rows FIELD] [--cols FIELD] [--where FIELD=VALUE]
-    sdgen export OUTPUT --format webdataset|imagefolder|parquet DEST
+    sdgen report OUTPUT [--max-images N] [--page-size N]
+    sdgen grid OUTPUT OUT.png [--rows FIELD] [--cols FIELD] [--where FIELD=VALUE] [--cell PX] [--per-cell N]
+    sdgen export OUTPUT --format webdataset|imagefolder|parquet DEST [--metadata jsonl|parquet]
 
 Each subcommand keeps the options, output and exit status of its script under jobs/ —
 `python jobs/run.py`, `python jobs/status.py`, `python jobs/reproduce.py` run the same code —

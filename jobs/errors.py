@@ -18,6 +18,8 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
+import pyarrow.compute as pc
+
 from .output import Output
 
 _PARENS = re.compile(r"\s*\([^()]*\)")
@@ -49,14 +51,15 @@ def error_reason(message: str | None) -> str:
 
 
 def error_rows(output: Output, shards: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """Every error record of the committed shards: row, id, shard, reason, error; by row."""
+    """Every error record of the committed shards: row, id, shard, reason, error; by row. The
+    record files are streamed, so memory holds the error rows, not every row."""
     shards = output.committed_shards() if shards is None else shards
     rows = []
     columns = ["row", "id", "shard", "status", "error"]
-    for table in output.read_all_records(shards, columns=columns).values():
-        for record in table.to_pylist():
-            if record["status"] != "ok":
-                rows.append({**{k: record[k] for k in ("row", "id", "shard", "error")}})
+    for _, table in output.iter_records(shards, columns=columns):
+        errors = table.filter(pc.not_equal(table.column("status"), "ok"))
+        for record in errors.to_pylist():
+            rows.append({**{k: record[k] for k in ("row", "id", "shard", "error")}})
     for row in rows:
         row["reason"] = error_reason(row["error"])
     return sorted(rows, key=lambda r: r["row"])
@@ -64,12 +67,21 @@ def error_rows(output: Output, shards: Iterable[str] | None = None) -> list[dict
 
 def histogram(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
     """reason -> rows, most frequent first (ties by reason)."""
-    counts = Counter(r["reason"] for r in rows)
+    return _ordered(Counter(r["reason"] for r in rows))
+
+
+def _ordered(counts: Counter[str]) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 def error_histogram(output: Output, shards: Iterable[str] | None = None) -> dict[str, int]:
-    return histogram(error_rows(output, shards))
+    """reason -> rows over the committed shards, keeping only the counts (memory flat in rows)."""
+    shards = output.committed_shards() if shards is None else shards
+    counts: Counter[str] = Counter()
+    for _, table in output.iter_records(shards, columns=["status", "error"]):
+        errors = table.filter(pc.not_equal(table.column("status"), "ok")).column("error").to_pylist()
+        counts.update(error_reason(e) for e in errors)
+    return _ordered(counts)
 
 
 def error_lines(errors: dict[str, int], top: int = 5) -> list[str]:

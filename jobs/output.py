@@ -9,18 +9,23 @@ OUTPUT/
   partial/SHARD/*.parquet     records of batches of a shard not yet committed (after their
                               images); a rerun keeps them, so a crash loses at most the batch
                               in flight. Deleted once the shard's record file is written.
+  index.html, report-page-N.html, report-pages.html, thumbs/SHARD/*.jpg
+                              the HTML report (jobs/report.py)
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import uuid
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .record import RECORD_SCHEMA, records_table
@@ -31,6 +36,14 @@ SUMMARY_FILE = "summary.json"
 RECORDS_DIR = "records"
 IMAGES_DIR = "images"
 PARTIAL_DIR = "partial"
+REPORT_FILE = "index.html"  # the report's first page (jobs/report.py)
+REPORT_PAGES_FILE = "report-pages.html"  # the list of all its pages
+THUMBS_DIR = "thumbs"
+
+
+def report_page_key(page: int) -> str:
+    """The report's page `page` (1-based): index.html, then report-page-2.html, ..."""
+    return REPORT_FILE if page == 1 else f"report-page-{page}.html"
 
 
 def table_bytes(table: pa.Table) -> bytes:
@@ -103,16 +116,38 @@ class Output:
             tables = list(pool.map(lambda s: self.read_records(s, columns), shards))
         return dict(zip(shards, tables))
 
+    def iter_records(
+        self, shards: Iterable[str], columns: list[str] | None = None, threads: int = 8
+    ) -> Iterator[tuple[str, pa.Table]]:
+        """(shard, its records) in shard order, read ahead by at most `threads` files: memory
+        holds a few shards' records however many shards there are."""
+        pending = iter(sorted(shards))
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            window: deque[tuple[str, Future[pa.Table]]] = deque()
+            for shard in itertools.islice(pending, max(1, threads)):
+                window.append((shard, pool.submit(self.read_records, shard, columns)))
+            while window:
+                shard, future = window.popleft()
+                following = next(pending, None)
+                if following is not None:
+                    window.append((following, pool.submit(self.read_records, following, columns)))
+                yield shard, future.result()
+
     def count_records(self, shards: Iterable[str]) -> dict[str, dict[str, int]]:
         """shard -> {"ok": n, "error": n} for committed shards.
 
         What the run's summary and `status` report; it lives with the layout so that both read
-        the counts the same way, and it reads only the `status` column of each record file."""
-        counts = {}
-        for shard, table in self.read_all_records(shards, columns=["status"]).items():
-            statuses = table.column("status").to_pylist()
-            counts[shard] = {"ok": statuses.count("ok"), "error": len(statuses) - statuses.count("ok")}
-        return counts
+        the counts the same way, and it reads only the `status` column of each record file,
+        keeping only the counts (memory flat in the number of rows)."""
+
+        def count(shard: str) -> dict[str, int]:
+            statuses = self.read_records(shard, ["status"]).column("status")
+            ok = pc.sum(pc.equal(statuses, "ok")).as_py() or 0
+            return {"ok": ok, "error": len(statuses) - ok}
+
+        shards = sorted(shards)
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(shards)))) as pool:
+            return dict(zip(shards, pool.map(count, shards)))
 
     # -- partial records (per batch, before the shard commits)
     def write_partial(self, shard: str, records: list[dict[str, Any]]) -> None:
@@ -143,8 +178,18 @@ class Output:
 
     # -- overwrite
     def clear(self) -> None:
-        """Remove everything a previous job left: markers first, so a crash here leaves no
-        committed shard without its images."""
-        for prefix in (RECORDS_DIR + "/", PARTIAL_DIR + "/", IMAGES_DIR + "/"):
+        """Remove everything a previous job left: its report's pages first (they link to all the
+        rest), then the markers, so a crash here leaves no committed shard without its images;
+        then the images and the thumbnails."""
+        self.delete_report_pages(1)
+        self.storage.delete([REPORT_PAGES_FILE])
+        for prefix in (RECORDS_DIR + "/", PARTIAL_DIR + "/", IMAGES_DIR + "/", THUMBS_DIR + "/"):
             self.storage.delete(self.storage.list(prefix))
         self.storage.delete([SUMMARY_FILE, JOB_FILE])
+
+    def delete_report_pages(self, first: int) -> None:
+        """Delete the report's pages from `first` on (they are numbered without gaps)."""
+        page = first
+        while self.storage.exists(report_page_key(page)):
+            self.storage.delete([report_page_key(page)])
+            page += 1

@@ -3,7 +3,8 @@
 
 The bar (tqdm) shows rows done / total, rows/s, elapsed and ETA, and the ok / error counts of
 the committed shards, on one line of the terminal that is redrawn in place; the runner's other
-lines are printed above it.
+lines are printed above it (`ProgressBar.lines` wraps the run's log so that a line clears the bar,
+is printed, and the bar is redrawn under it, instead of being glued to the bar's line).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class ProgressBar:
             file=self.stream,
             dynamic_ncols=True,
             smoothing=0.1,
-            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} rows [{elapsed}<{remaining}, {rate_fmt}]{postfix}",
+            # rate_noinv: always rows/s (tqdm's rate_fmt turns into s/row below 1 row/s)
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} rows [{elapsed}<{remaining}, {rate_noinv_fmt}]{postfix}",
         )
 
     def __call__(self, p: ProgressState) -> None:
@@ -56,12 +58,17 @@ class ProgressBar:
         self.bar.set_postfix_str(f"ok {self.ok}, error {self.error}, {self.shards}", refresh=False)
         self.bar.refresh()
 
-    def write(self, line: str) -> None:
-        """A log line above the bar."""
-        if self.bar is None:
-            print(line, file=self.stream, flush=True)
-        else:
-            self.bar.write(line, file=self.stream)
+    def lines(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        """`log`, printing its lines above the bar while the bar is shown."""
+
+        def write(line: str) -> None:
+            if self.bar is None:
+                log(line)
+                return
+            with self.bar.external_write_mode(file=self.stream):  # clear the bar, print, redraw
+                log(line)
+
+        return write
 
     def close(self) -> None:
         if self.bar is not None:

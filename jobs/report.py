@@ -3,12 +3,21 @@
 Static files with relative links only, so the report works opened from a local folder and served
 from the output's S3 prefix (objects are written with their Content-Type):
 
-  index.html             counts, throughput over time (an inline SVG plot), per-shard status,
-                         the error table grouped by reason, and page 1 of the contact sheet
-  report-page-N.html     further pages of the contact sheet (PAGE_SIZE thumbnails each; the
-                         first MAX_IMAGES ok rows, `--max-images` to change)
-  thumbs/SHARD/NAME-SHA.jpg   thumbnails (THUMB px, made once; SHA: the image's sha256 prefix,
-                         so an overwritten job never shows a stale thumbnail)
+  index.html             counts, throughput over time (an inline SVG plot), per-shard status
+                         (beyond SHARD_TABLE_MAX shards, those not done), the error table
+                         grouped by reason, and page 1 of the contact sheet
+  report-page-N.html     further pages of the contact sheet (`page_size` thumbnails each, every
+                         ok row by default; `--max-images` keeps the first N)
+  report-pages.html      every page of the sheet with the manifest rows it holds
+  thumbs/SHARD/NAME-SHA.jpg   thumbnails (THUMB px; SHA: the image's sha256 prefix, so an
+                         overwritten job never shows a stale thumbnail)
+
+A million-row output is read as a stream: the committed shards' record files one after another
+(a few read ahead), only the columns the report shows; memory holds one page of the sheet, a few
+shards' records, the error reasons and a fixed-size time histogram, never all the rows. A rebuild
+makes thumbnails only for rows that have none (one listing of `thumbs/SHARD/` per shard) and
+deletes no thumbnail; pages left over from a longer earlier sheet are deleted. `index.html` is
+written last, so it never links to a page not yet there.
 
 Hovering a thumbnail shows its id, prompt, negative prompt, seed and settings; clicking opens the
 full image. Reading only the output, it can be rebuilt at any time, also while a job runs.
@@ -20,29 +29,32 @@ import argparse
 import html
 import io
 import json
+import math
 import sys
-from collections.abc import Callable
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from PIL import Image
 
-from .errors import error_rows, histogram
-from .output import SUMMARY_FILE, Output
+from .errors import error_reason
+from .output import REPORT_FILE, REPORT_PAGES_FILE, SUMMARY_FILE, THUMBS_DIR, Output, report_page_key
 from .storage import S3Storage, s3_client
 
-REPORT_FILE = "index.html"
-THUMBS_DIR = "thumbs"
 THUMB = 128
 PAGE_SIZE = 120
-MAX_IMAGES = 6000  # contact sheet: the first 50 pages (a million-row job is not read back whole)
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".jpg": "image/jpeg"}
+NAV_ALL = 15  # a sheet of up to this many pages lists them all in its navigation
+SHARD_TABLE_MAX = 2000  # more shards than this: the table lists only those not done
 RECORD_COLUMNS = [
     "row",
     "id",
     "shard",
     "status",
+    "error",
     "prompt",
     "negative",
     "seed",
@@ -57,7 +69,6 @@ RECORD_COLUMNS = [
     "image_path",
     "image_sha256",
     "started_at",
-    "time_generate_s",
     "labels",
 ]
 
@@ -70,7 +81,7 @@ td.n, th.n { text-align: right; }
 .sheet { display: flex; flex-wrap: wrap; gap: 6px; }
 .sheet a { display: block; width: %dpx; height: %dpx; }
 .sheet img { width: %dpx; height: %dpx; object-fit: contain; background: #eee; image-rendering: pixelated; }
-.pages a, .pages b { margin-right: 8px; }
+.pages a, .pages b, .pages span { margin-right: 8px; }
 .scroll { max-height: 320px; overflow: auto; }
 """ % (THUMB, THUMB, THUMB, THUMB)
 
@@ -115,15 +126,48 @@ def _hover(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def throughput_svg(times: list[datetime], buckets: int = 40, width: int = 720, height: int = 160) -> str:
+class TimeHistogram:
+    """Counts of timestamps in bins of `resolution` seconds, at most `max_bins` of them: when a
+    new bin would pass the limit, the bins are merged in pairs (the resolution doubles). Memory is
+    fixed however many rows; a week-long job ends with bins of a few minutes, enough for a plot."""
+
+    def __init__(self, max_bins: int = 4096, resolution: float = 1 / 1024):
+        self.max_bins, self.resolution = max_bins, resolution
+        self.bins: Counter[int] = Counter()
+        self.count = 0
+        self.start: float | None = None
+        self.end: float | None = None
+
+    def add(self, when: datetime) -> None:
+        t = (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+        self.count += 1
+        self.start = t if self.start is None else min(self.start, t)
+        self.end = t if self.end is None else max(self.end, t)
+        self.bins[math.floor(t / self.resolution)] += 1
+        while len(self.bins) > self.max_bins:
+            merged: Counter[int] = Counter()
+            for key, n in self.bins.items():
+                merged[key // 2] += n
+            self.bins, self.resolution = merged, self.resolution * 2
+
+
+def throughput_svg(
+    times: TimeHistogram | Iterable[datetime], buckets: int = 40, width: int = 720, height: int = 160
+) -> str:
     """Rows started per time bucket, as bars, with the rate of the busiest bucket and the mean."""
-    if len(times) < 2:
+    if not isinstance(times, TimeHistogram):
+        histogram_ = TimeHistogram()
+        for t in times:
+            histogram_.add(t)
+        times = histogram_
+    if times.count < 2 or times.start is None or times.end is None:
         return "<p>not enough rows for a plot</p>"
-    start, end = min(times), max(times)
-    span = max((end - start).total_seconds(), 1e-3)
+    start, end = times.start, times.end
+    span = max(end - start, 1e-3)
     counts = [0] * buckets
-    for t in times:
-        counts[min(int((t - start).total_seconds() / span * buckets), buckets - 1)] += 1
+    for key, n in times.bins.items():
+        middle = min(max((key + 0.5) * times.resolution, start), end)
+        counts[min(int((middle - start) / span * buckets), buckets - 1)] += n
     peak, step = max(counts), span / buckets
     bar = width / buckets
     rects = "".join(
@@ -132,26 +176,50 @@ def throughput_svg(times: list[datetime], buckets: int = 40, width: int = 720, h
         for i, c in enumerate(counts)
     )
     label = (
-        f"{len(times)} rows over {span:.0f}s: mean {len(times) / span:.2f} rows/s, peak {peak / step:.2f} rows/s "
+        f"{times.count} rows over {span:.0f}s: mean {times.count / span:.2f} rows/s, peak {peak / step:.2f} rows/s "
         f"(bucket {step:.1f}s)"
     )
+    first, last = (datetime.fromtimestamp(t, timezone.utc) for t in (start, end))
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">'
         f'<text x="0" y="12" font-size="12">{html.escape(label)}</text>{rects}'
         f'<line x1="0" y1="{height - 20}" x2="{width}" y2="{height - 20}" stroke="#333"/>'
-        f'<text x="0" y="{height - 4}" font-size="11">{start:%H:%M:%S}</text>'
-        f'<text x="{width}" y="{height - 4}" font-size="11" text-anchor="end">{end:%H:%M:%S} UTC</text></svg>'
+        f'<text x="0" y="{height - 4}" font-size="11">{first:%H:%M:%S}</text>'
+        f'<text x="{width}" y="{height - 4}" font-size="11" text-anchor="end">{last:%H:%M:%S} UTC</text></svg>'
     )
 
 
-def _page_name(page: int) -> str:
-    return REPORT_FILE if page == 1 else f"report-page-{page}.html"
+def nav_pages(page: int, pages: int) -> list[int]:
+    """The pages page `page`'s navigation links to: all of them up to NAV_ALL pages; else the
+    first and last, the 3 either side, and jumps of 10, 100, 1000, ... either way, so that any
+    page of any sheet is a few clicks away (and report-pages.html lists every page)."""
+    if pages <= NAV_ALL:
+        return list(range(1, pages + 1))
+    shown = {1, pages, *range(max(1, page - 3), min(pages, page + 3) + 1)}
+    jump = 10
+    while jump < pages:
+        for target in (page - jump, page + jump, page // jump * jump, page // jump * jump + jump):
+            if 1 <= target <= pages:
+                shown.add(target)
+        jump *= 10
+    return sorted(shown)
 
 
 def _pages_nav(page: int, pages: int) -> str:
     if pages <= 1:
         return ""
-    links = [f"<b>{p}</b>" if p == page else f'<a href="{_page_name(p)}">{p}</a>' for p in range(1, pages + 1)]
+    links = []
+    if page > 1:
+        links.append(f'<a href="{report_page_key(page - 1)}" rel="prev">previous</a>')
+    previous = 0
+    for p in nav_pages(page, pages):
+        if p > previous + 1:
+            links.append("<span>…</span>")
+        links.append(f"<b>{p}</b>" if p == page else f'<a href="{report_page_key(p)}">{p}</a>')
+        previous = p
+    if page < pages:
+        links.append(f'<a href="{report_page_key(page + 1)}" rel="next">next</a>')
+    links.append(f'<a href="{REPORT_PAGES_FILE}">all {pages} pages</a>')
     return '<p class="pages">pages: ' + " ".join(links) + "</p>"
 
 
@@ -165,33 +233,74 @@ def _sheet(records: list[dict[str, Any]]) -> str:
     return '<div class="sheet">' + "".join(cells) + "</div>"
 
 
+class _Sheet:
+    """The contact sheet, written page by page as the ok rows stream by: pages 2.. as soon as
+    they are full, page 1 (index.html, with the summary) kept for the end."""
+
+    def __init__(self, output: Output, head: str, title: str, total: int, shown: int, page_size: int):
+        self.output, self.head, self.title = output, head, title
+        self.total, self.shown, self.page_size = total, shown, page_size
+        self.pages = max(1, -(-shown // page_size))
+        self.page, self.rows, self.first_page = 1, [], ""
+        self.spans: list[tuple[int, int, int]] = []  # page, its first and last manifest row
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.rows.append(record)
+        if len(self.rows) == self.page_size:
+            self.flush()
+
+    def flush(self, force: bool = False) -> None:
+        if not self.rows and self.page > 1 and not force:
+            return
+        start = (self.page - 1) * self.page_size
+        capped = f" (the first {self.shown} in the sheet, --max-images)" if self.total > self.shown else ""
+        body = (
+            f"<h2 id=sheet>Images {start + 1 if self.rows else 0}–{start + len(self.rows)} of {self.total}{capped}</h2>"
+            f"{_pages_nav(self.page, self.pages)}{_sheet(self.rows)}{_pages_nav(self.page, self.pages)}"
+        )
+        if self.rows:
+            self.spans.append((self.page, self.rows[0]["row"], self.rows[-1]["row"]))
+        if self.page == 1:
+            self.first_page = body
+        else:
+            page = f'{self.title}<p><a href="{REPORT_FILE}">summary</a></p>{body}'
+            _write(self.output, report_page_key(self.page), (self.head + page + "</body></html>\n").encode())
+        self.page, self.rows = self.page + 1, []
+
+    def index(self) -> str:
+        """report-pages.html: every page with the manifest rows on it."""
+        items = "".join(
+            f'<li><a href="{report_page_key(page)}">page {page}</a>: rows {first}–{last}</li>'
+            for page, first, last in self.spans
+        )
+        return f'{self.title}<p><a href="{REPORT_FILE}">summary</a></p><h2>All {self.pages} pages</h2><ul>{items}</ul>'
+
+
 def build_report(
-    uri: str, *, log: Callable[[str], None] = print, threads: int = 8, max_images: int = MAX_IMAGES
+    uri: str,
+    *,
+    log: Callable[[str], None] = print,
+    threads: int = 8,
+    max_images: int | None = None,
+    page_size: int = PAGE_SIZE,
 ) -> dict[str, Any]:
-    """Write the report into the output; returns {"pages", "thumbnails_made", "rows"}."""
+    """Write the report into the output; returns {"pages", "images", "thumbnails_made", "rows"}.
+
+    The contact sheet holds every ok row, or the first `max_images`."""
     from .status import job_status  # the same shard states and counts as `sdgen status`
 
+    if page_size < 1:
+        raise ValueError(f"--page-size: expected at least 1, got {page_size}")
+    if max_images is not None and max_images < 0:
+        raise ValueError(f"--max-images: expected 0 or more, got {max_images}")
+    began = time.monotonic()
     output = Output(uri)
     status = job_status(uri)
     summary = output.read_json(SUMMARY_FILE) or {}
     done = sorted(s["shard"] for s in status["shard_list"] if s["state"] == "done")
-    tables = output.read_all_records(done, columns=RECORD_COLUMNS)
-    records = [r for shard in done for r in tables[shard].to_pylist()]
-    ok_total = sum(1 for r in records if r["status"] == "ok" and r["image_path"])
-    ok = [r for r in records if r["status"] == "ok" and r["image_path"]][:max_images]
+    ok_total = sum(s["ok"] for s in status["shard_list"] if s["state"] == "done")
+    shown = ok_total if max_images is None else min(ok_total, max_images)
 
-    existing = set(output.storage.list(THUMBS_DIR + "/"))
-    missing = [r for r in ok if thumb_key(r) not in existing]
-
-    def make(record: dict[str, Any]) -> None:
-        _write(output, thumb_key(record), make_thumbnail(output.storage.read(record["image_path"])))
-
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(make, missing))
-
-    errors = [r for r in error_rows(output, done)]
-    rows = status["rows"]
-    shards = status["shards"]
     head = (
         f'<!doctype html><html><head><meta charset="utf-8"><title>sdgen report: {html.escape(str(status["name"]))}'
         f"</title><style>{CSS}</style></head><body>"
@@ -204,6 +313,45 @@ def build_report(
         f"<br>model {html.escape(str(model.get('weights')))} fingerprint {str(model.get('fingerprint'))[:12]}, "
         f"{model.get('dtype')} on {model.get('device')}</p>"
     )
+
+    sheet = _Sheet(output, head, title, ok_total, shown, page_size)
+    times = TimeHistogram()
+    reasons: Counter[str] = Counter()
+    examples: dict[str, dict[str, Any]] = {}
+    rows_read = made = in_sheet = 0
+
+    def make(record: dict[str, Any]) -> None:
+        _write(output, thumb_key(record), make_thumbnail(output.storage.read(record["image_path"])))
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for shard, table in output.iter_records(done, RECORD_COLUMNS, threads):
+            records = table.to_pylist()  # one shard's rows (sorted by row when committed)
+            del table
+            rows_read += len(records)
+            page_rows = []
+            for record in records:
+                if record["started_at"] is not None:
+                    times.add(record["started_at"])
+                if record["status"] != "ok":
+                    reason = error_reason(record["error"])
+                    reasons[reason] += 1
+                    examples.setdefault(reason, record)
+                elif in_sheet < shown:
+                    page_rows.append(record)
+                    in_sheet += 1
+            if not page_rows:
+                continue
+            existing = set(output.storage.list(f"{THUMBS_DIR}/{shard}/"))
+            missing = [r for r in page_rows if thumb_key(r) not in existing]
+            list(pool.map(make, missing))  # before the pages that show them are written
+            made += len(missing)
+            for record in page_rows:
+                sheet.add(record)
+    sheet.flush()
+    while sheet.page <= sheet.pages:  # fewer ok rows than counted (records changed meanwhile): no dead links
+        sheet.flush(force=True)
+
+    rows, shards = status["rows"], status["shards"]
     counts = (
         '<div class="counts">'
         f"<span>{rows['total']} rows</span><span>{rows['ok']} ok</span><span>{rows['error']} error</span>"
@@ -213,26 +361,31 @@ def build_report(
     run = summary.get("run") or {}
     if run:
         counts += f"<p>last run: {run.get('rows_run')} rows in {run.get('wall_s')}s, {run.get('rows_per_s')} rows/s</p>"
-    plot = "<h2>Throughput</h2>" + throughput_svg([r["started_at"] for r in records if r["started_at"] is not None])
+    plot = "<h2>Throughput</h2>" + throughput_svg(times)
+    listed, note = status["shard_list"], ""
+    if len(listed) > SHARD_TABLE_MAX:  # a job of 100,000 shards: the ones that need attention
+        listed = [s for s in listed if s["state"] != "done"][:SHARD_TABLE_MAX]
+        hidden = len(status["shard_list"]) - len(listed)
+        note = (
+            f"<p>{hidden} shard(s) not listed ({shards['done']} done); "
+            "<code>sdgen status OUTPUT --all</code> lists every shard.</p>"
+        )
     shard_rows = "".join(
         f"<tr><td>{s['shard']}</td><td>{s['state']}</td><td class=n>{s['rows']}</td><td class=n>{s.get('ok', '')}</td>"
         f"<td class=n>{s.get('error', '') if s['state'] == 'done' else ''}</td>"
         f"<td>{html.escape(str(s.get('error', ''))) if s['state'] == 'failed' else ''}</td></tr>"
-        for s in status["shard_list"]
+        for s in listed
     )
     shard_table = (
         '<h2>Shards</h2><div class="scroll"><table><tr><th>shard</th><th>state</th><th class=n>rows</th>'
-        f"<th class=n>ok</th><th class=n>error</th><th>note</th></tr>{shard_rows}</table></div>"
+        f"<th class=n>ok</th><th class=n>error</th><th>note</th></tr>{shard_rows}</table></div>{note}"
     )
-    if errors:
-        example = {}
-        for r in errors:
-            example.setdefault(r["reason"], r)
+    if reasons:
         error_table = "".join(
             f"<tr><td class=n>{count}</td><td>{html.escape(reason)}</td>"
-            f"<td>row {example[reason]['row']} ({html.escape(str(example[reason]['id']))}): "
-            f"{html.escape(str(example[reason]['error']))}</td></tr>"
-            for reason, count in histogram(errors).items()
+            f"<td>row {examples[reason]['row']} ({html.escape(str(examples[reason]['id']))}): "
+            f"{html.escape(str(examples[reason]['error']))}</td></tr>"
+            for reason, count in sorted(reasons.items(), key=lambda item: (-item[1], item[0]))
         )
         error_table = (
             "<h2>Errors by reason</h2><table><tr><th class=n>rows</th><th>reason</th><th>example</th></tr>"
@@ -241,41 +394,49 @@ def build_report(
     else:
         error_table = "<h2>Errors by reason</h2><p>no error rows</p>"
 
-    pages = max(1, -(-len(ok) // PAGE_SIZE))
-    for page in range(1, pages + 1):
-        chunk = ok[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
-        sheet = (
-            f"<h2 id=sheet>Images {len(ok) and (page - 1) * PAGE_SIZE + 1}–{(page - 1) * PAGE_SIZE + len(chunk)} "
-            f"of {ok_total}{' (the first ' + str(len(ok)) + ' in the sheet)' if ok_total > len(ok) else ''}</h2>"
-            f"{_pages_nav(page, pages)}{_sheet(chunk)}{_pages_nav(page, pages)}"
-        )
-        body = (
-            title + counts + plot + shard_table + error_table + sheet
-            if page == 1
-            else f'{title}<p><a href="{REPORT_FILE}">summary</a></p>{sheet}'
-        )
-        _write(output, _page_name(page), (head + body + "</body></html>\n").encode())
-    log(f"[sdgen] report {output.storage.url(REPORT_FILE)}: {len(ok)} image(s) on {pages} page(s)")
-    return {"pages": pages, "thumbnails_made": len(missing), "rows": len(records)}
+    if sheet.pages > 1:
+        _write(output, REPORT_PAGES_FILE, (head + sheet.index() + "</body></html>\n").encode())
+    else:
+        output.storage.delete([REPORT_PAGES_FILE])  # an earlier, longer sheet's
+    output.delete_report_pages(sheet.pages + 1)  # left over from a longer sheet
+    body = title + counts + plot + shard_table + error_table + sheet.first_page
+    _write(output, REPORT_FILE, (head + body + "</body></html>\n").encode())  # last: its links exist
+    log(
+        f"[sdgen] report {output.storage.url(REPORT_FILE)}: {shown} image(s) on {sheet.pages} page(s), "
+        f"{made} new thumbnail(s) in {time.monotonic() - began:.1f}s"
+    )
+    return {"pages": sheet.pages, "images": shown, "thumbnails_made": made, "rows": rows_read}
 
 
 def main(argv: list[str] | None = None, prog: str = "sdgen report") -> int:
-    """Exit status: 0 written, 2 no sdgen output there."""
+    """Exit status: 0 written, 2 no sdgen output there (or bad options)."""
     parser = argparse.ArgumentParser(prog=prog, description="(Re)build OUTPUT/index.html, the job's HTML report.")
     parser.add_argument("output", help="the job's output folder or s3:// prefix")
     parser.add_argument(
-        "--max-images", type=int, default=MAX_IMAGES, help=f"images in the contact sheet (default {MAX_IMAGES})"
+        "--max-images", type=int, metavar="N", help="only the first N ok rows in the contact sheet (default: all)"
+    )
+    parser.add_argument(
+        "--page-size", type=int, default=PAGE_SIZE, metavar="N", help=f"thumbnails per page (default {PAGE_SIZE})"
     )
     args = parser.parse_args(argv)
     try:
-        build_report(args.output, max_images=args.max_images)
-    except (FileNotFoundError, OSError, RuntimeError) as exc:
+        build_report(args.output, max_images=args.max_images, page_size=args.page_size)
+    except (FileNotFoundError, OSError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-__all__ = ["PAGE_SIZE", "REPORT_FILE", "build_report", "make_thumbnail", "thumb_key", "throughput_svg"]
+__all__ = [
+    "PAGE_SIZE",
+    "REPORT_FILE",
+    "TimeHistogram",
+    "build_report",
+    "make_thumbnail",
+    "nav_pages",
+    "thumb_key",
+    "throughput_svg",
+]
 
 
 if __name__ == "__main__":

@@ -273,6 +273,9 @@ def execute(
 
     embedded, where = connect(address)
     log(f"[sdgen] running on {where}: {describe_cluster()}")
+    progress = progress_reporter(log, progress_every)  # a bar in a terminal, else lines
+    if hasattr(progress, "lines"):
+        log = progress.lines(log)  # lines above the bar, not glued to it
     execution = plan.spec.execution
     distributor = RayDistributor(
         execution.device, execution.workers, execution.max_attempts, log, execution.cpu_threads
@@ -281,13 +284,10 @@ def execute(
         check_output_shared(plan.spec, cluster_layout(), execution.device)  # before any worker starts
         distributor.start(worker_config(plan.spec), worker_factory)
         events = JobEvents(plan, log, ray_version())
-        progress = progress_reporter(log, progress_every)  # a bar in a terminal, else lines
         events.progress = progress
-        try:
-            return distributor.run(plan.tasks, events.first_worker_ready, events.shard_done, progress, progress_every)
-        finally:
-            getattr(progress, "close", lambda: None)()
+        return distributor.run(plan.tasks, events.first_worker_ready, events.shard_done, progress, progress_every)
     finally:
+        getattr(progress, "close", lambda: None)()
         distributor.shutdown()
         disconnect(embedded)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import glob as globlib
 import os
+import shutil
 import threading
 import uuid
 from pathlib import Path
@@ -179,6 +180,10 @@ class Storage:
         when the key already exists; otherwise always True."""
         raise NotImplementedError
 
+    def write_file(self, key: str, path: str) -> None:
+        """Commit the local file `path` whole under `key`, streamed (never held in memory)."""
+        raise NotImplementedError
+
     def exists(self, key: str) -> bool:
         raise NotImplementedError
 
@@ -235,6 +240,19 @@ class LocalStorage(Storage):
             if tmp.exists():
                 tmp.unlink()
         return True
+
+    def write_file(self, key: str, path: str) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            shutil.copyfile(path, tmp)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -346,6 +364,13 @@ class S3Storage(Storage):
         except Exception as exc:  # noqa: BLE001
             raise _s3_error(exc, self.url(key)) from None
         return True
+
+    def write_file(self, key: str, path: str) -> None:
+        """One upload (multipart when large): the object appears only when it is complete."""
+        try:
+            s3_client().upload_file(path, self.bucket, self._key(key))
+        except Exception as exc:  # noqa: BLE001 - re-raised with a clean message
+            raise _s3_error(exc, self.url(key)) from None
 
     def exists(self, key: str) -> bool:
         try:

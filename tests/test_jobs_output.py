@@ -37,8 +37,19 @@ def test_job_json_roundtrip_and_clear(tmp_path):
     assert output.read_job() == {"name": "x", "identity": {"a": 1}}
     output.storage.write("images/shard-00000/a.png", b"png")
     output.commit_records("shard-00000", [{"row": 0, "id": "a", "status": "ok"}])
+    for key in ("index.html", "report-page-2.html", "report-page-3.html", "report-pages.html", "thumbs/s/a.jpg"):
+        output.storage.write(key, b"the previous job's report")
     output.clear()
     assert output.storage.list() == []
+
+
+def test_iter_records_streams_in_shard_order(tmp_path):
+    output = Output(str(tmp_path))
+    for i in range(7):
+        output.commit_records(f"shard-{i:05d}", [{"row": i, "id": str(i), "status": "ok"}])
+    shards = [f"shard-{i:05d}" for i in (3, 0, 6, 1, 2, 5, 4)]
+    seen = [(s, t.column("row").to_pylist()) for s, t in output.iter_records(shards, ["row"], threads=2)]
+    assert seen == [(f"shard-{i:05d}", [i]) for i in range(7)]
 
 
 def test_count_records_per_committed_shard(tmp_path):

@@ -50,6 +50,17 @@ def test_exclusive_write_never_replaces(storage):
     assert storage.read("records/s.parquet") == b"first"
 
 
+def test_write_file_commits_a_local_file_whole(storage, tmp_path):
+    source = tmp_path / "big.bin"
+    data = bytes(range(256)) * 40_000  # 10 MB: a multipart upload on S3 (8 MB parts)
+    source.write_bytes(data)
+    storage.write_file("meta/metadata.jsonl", str(source))
+    assert storage.read("meta/metadata.jsonl") == data and storage.list("meta/") == ["meta/metadata.jsonl"]
+    source.write_bytes(b"replaced")
+    storage.write_file("meta/metadata.jsonl", str(source))
+    assert storage.read("meta/metadata.jsonl") == b"replaced"
+
+
 def test_url_names_the_object(storage):
     url = storage.url("records/a.parquet")
     assert url.endswith("records/a.parquet")
