@@ -76,9 +76,9 @@ def test_the_settings_and_request_come_from_the_record(made):
         "batch_invariant": False,
         "fixed_batch": 3,  # the worker's batch size: every forward ran 3 rows
     }
-    # The worker batches rows that start at the same step: txt2img rows 0, 2, 4 fill one forward,
-    # the img2img rows 1 and 3 (strength 0.75) another, padded to 3 rows.
-    assert [(r.batch_rows, r.batch_slot) for r in records] == [(3, 0), (3, 0), (3, 1), (3, 1), (3, 2)]
+    # Continuous batching over 3 slots: rows 0-2 take them; img2img row 1 (strength 0.75: 3 of 4
+    # steps) finishes first and row 3 takes slot 1; rows 0 and 2 finish next, row 4 takes slot 0.
+    assert [(r.batch_rows, r.batch_slot) for r in records] == [(3, 0), (3, 1), (3, 2), (3, 1), (3, 0)]
     assert recorded_slots(txt2img) == {"slots": [0]}
     request = generation_request(txt2img)
     assert (request.prompt, request.negative, request.seed, request.init_image, request.strength) == (
@@ -88,6 +88,8 @@ def test_the_settings_and_request_come_from_the_record(made):
         None,
         None,
     )
+    # The request carries the row's own settings (rows of other settings share forwards)
+    assert request.settings() == {k: v for k, v in settings.items() if k in request.settings()}
     with pytest.raises(ValueError, match="img2img record needs an init image"):
         generation_request(img2img)
     with pytest.raises(ValueError, match="txt2img record needs no init image"):
