@@ -37,11 +37,12 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .cluster import ClusterLayout, submitted_with_working_dir
-from .exit_codes import install_sigterm
+from .exit_codes import InfrastructureFault, install_sigterm
 from .faults import inject_fault, worker_restarts
 from .progress import Outcome, ProgressState
 from .reader import ShardTask
 from .retry import RetryPolicy
+from .storage import StorageError, TransientStorageError
 from .worker import ShardResult, ShardWorker, WorkerConfig, WorkerInfo, WorkerStartError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -124,7 +125,8 @@ class _WorkerActor:
             self.worker = factory(config)
         except Exception as exc:  # noqa: BLE001 - reported through info()
             self.error = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()  # the details, in the driver's log (log_to_driver)
+            if not isinstance(exc, (StorageError, FileNotFoundError)):  # those say all in their message
+                traceback.print_exc()  # the details, in the driver's log (log_to_driver)
 
     def info(self) -> tuple[str | None, WorkerInfo | None]:
         return (self.error, None) if self.worker is None else (None, self.worker.info())
@@ -384,6 +386,9 @@ class _ShardLoop:
         one clear error), else give up the shards still queued."""
         reason = "; ".join(dict.fromkeys(self.start_errors)) or "every worker died"
         if self.outcome.workers_ready == 0 and self.start_errors:
+            if all(e.startswith(f"{TransientStorageError.__name__}:") for e in self.start_errors):
+                # The weights' store did not answer (after the retries): not a bad job.
+                raise InfrastructureFault(f"stopped by a storage fault while loading the model: {reason}")
             raise WorkerStartError(reason)
         for task, _ in self.queue:
             self.outcome.failed[task.shard_id] = f"no live workers left ({reason})"

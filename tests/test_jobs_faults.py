@@ -119,6 +119,11 @@ def start_run(spec: Path, env: dict | None = None) -> subprocess.Popen:
     )
 
 
+def tries(n: int) -> dict[str, str]:
+    """Environment for `n` storage tries per call with a short backoff (faults.Backoff)."""
+    return {"SDGEN_STORAGE_ATTEMPTS": str(n), "SDGEN_STORAGE_BACKOFF_S": "0.05", "SDGEN_STORAGE_BACKOFF_CAP_S": "0.2"}
+
+
 def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -299,7 +304,7 @@ def test_transient_s3_faults_never_become_error_records(tmp_path, s3, moto_endpo
     out = f"s3://{bucket}/out"
     spec = write_spec(tmp_path / "job.yaml", spec_dict(str(manifest), out, execution={"max_attempts": 2}))
     with FaultProxy(moto_endpoint) as proxy:
-        run_env = {**env, "AWS_ENDPOINT_URL": proxy.url, "SDGEN_S3_ATTEMPTS": "2", "SDGEN_S3_TIMEOUT": "2"}
+        run_env = {**env, "AWS_ENDPOINT_URL": proxy.url, **tries(2), "SDGEN_S3_TIMEOUT": "2"}
         # Permanent: access denied on the output -> refused before any work, one line.
         proxy.add(Rule("denied", method="PUT", path="/out/"))
         denied = run_command([PYTHON, "jobs/run.py", str(spec)], env=run_env, check=False, timeout=120)
@@ -333,6 +338,50 @@ def test_transient_s3_faults_never_become_error_records(tmp_path, s3, moto_endpo
             f"first run exit {first.returncode}, no error record from them"
             + ("; the shard stayed uncommitted and the rerun completed it" if first.returncode == 1 else ""),
         )
+
+
+def test_transient_faults_before_any_work_are_retried_and_else_exit_3(tmp_path, s3, moto_endpoint, tiny_pipe):
+    """The manifest and the weights on S3: faults that stop before the tries run out are ridden
+    through; a store that stays down is an infrastructure fault (exit 3, one line), not a
+    refusal (2)."""
+    from sdcore.weights import export_single_file
+
+    bucket, client, env = s3
+    export_single_file(tiny_pipe, tmp_path / "tiny.safetensors")
+    client.upload_file(str(tmp_path / "tiny.safetensors"), bucket, "models/tiny.safetensors")
+    rows = small_rows(3)
+    client.upload_file(str(write_manifest(tmp_path / "m.parquet", rows, manifest_schema())), bucket, "in/m.parquet")
+    out = f"s3://{bucket}/out"
+    spec = write_spec(
+        tmp_path / "job.yaml",
+        spec_dict(f"s3://{bucket}/in/m.parquet", out, model={"weights": f"s3://{bucket}/models/tiny.safetensors"}),
+    )
+
+    def hits(proxy, path: str) -> int:
+        return sum(1 for _, p in proxy.requests if p.split("?")[0].endswith(path))
+
+    with FaultProxy(moto_endpoint) as proxy:
+        run_env = {**env, "AWS_ENDPOINT_URL": proxy.url, **tries(3), "SDGEN_CACHE_DIR": str(tmp_path / "cache")}
+        for what, path, words in (
+            ("manifest", "/in/m.parquet", "before any work"),
+            ("weights", "/models/tiny.safetensors", "while loading the model"),
+        ):
+            proxy.clear()
+            proxy.add(Rule("503", path=path))
+            down = run_command([PYTHON, "jobs/run.py", str(spec)], env=run_env, check=False, timeout=180)
+            errors = [line for line in down.stdout.splitlines() if line.startswith("error:")]
+            assert down.returncode == 3, down.stdout
+            assert len(errors) == 1 and words in errors[0] and "gave up after 3 tries" in errors[0], down.stdout
+            assert "Traceback" not in down.stdout
+            assert hits(proxy, path) == 3  # exactly the tries, then given up
+            note(f"S3 503 on every read of the {what}", f"3 tries, then exit 3 with one line: `{errors[0][:90]}…`")
+        proxy.clear()
+        proxy.add(Rule("500", path="/in/m.parquet", count=2))
+        proxy.add(Rule("slowdown", path="/models/tiny.safetensors", count=2))
+        proxy.add(Rule("reset", method="PUT", path="/out/lease.json", count=1))
+        run_command([PYTHON, "jobs/run.py", str(spec)], env=run_env, timeout=180)
+    assert_exactly_once(out, [r["id"] for r in rows])
+    note("S3 500 x2 on the manifest, SlowDown x2 on the weights, a reset on the lease", "retried, complete, exit 0")
 
 
 # --------------------------------------------------------------------------- randomised
@@ -401,7 +450,7 @@ def test_losing_the_endpoint_mid_run_is_exit_3_and_a_rerun_resumes(tmp_path, s3,
         return len(client.list_objects_v2(Bucket=bucket, Prefix="out/records/").get("Contents", []))
 
     with FaultProxy(moto_endpoint) as proxy:
-        run_env = {**env, "AWS_ENDPOINT_URL": proxy.url, "SDGEN_S3_ATTEMPTS": "1", "SDGEN_S3_TIMEOUT": "2"}
+        run_env = {**env, "AWS_ENDPOINT_URL": proxy.url, **tries(1), "SDGEN_S3_TIMEOUT": "2"}
         proc = start_run(spec, run_env)
         try:
             wait_for(lambda: committed() >= 1, 240, "a committed shard")
