@@ -5,7 +5,7 @@ heartbeat thread) and releases it at the end. The lease is one small JSON object
 at the output's root, created exclusively (local: `link(2)` of a temp file, which fails if the
 file exists; S3: `PUT` with `If-None-Match: *`). It names its holder (host, pid, start time) and
 when it was last renewed. Every later change is a compare-and-swap on the object's tag (S3: its
-ETag, with `If-Match`; local: the sha256 of its bytes, checked after renaming the file aside):
+ETag, with `If-Match`; local: the sha256 of its bytes, checked and replaced under an flock of the folder):
 renewing and releasing only touch the lease this run last wrote, and taking over a stale lease
 only replaces that stale lease, so two runs can never both hold it.
 
@@ -155,7 +155,7 @@ class OutputLease:
         """Take the output's lease; LeaseHeld when a live run holds it (unless `break_lease`).
 
         A stale lease is replaced conditionally (S3 `If-Match` on the ETag read; locally a
-        rename-aside compare-and-swap): of several runs taking over the same stale lease at once,
+        compare-and-swap under an flock of the folder): of several runs taking over the same stale lease at once,
         exactly one wins and the others are refused, naming it."""
         storage = storage or open_storage(output_uri)
         ttl = lease_ttl() if ttl is None else ttl

@@ -13,7 +13,7 @@ module returns or raises: `redact_uri` strips userinfo and query strings from UR
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import fnmatch
 import glob as globlib
 import hashlib
@@ -314,29 +314,30 @@ class LocalStorage(Storage):
         return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
     def _swap(self, path: Path, tmp: Path | None, if_match: str) -> bool:
-        """Put `tmp` at `path` (None: leave nothing there) only if `path` holds the bytes
-        tagged `if_match`. The current file is first renamed aside (atomic: of two racers, one
-        moves it, the other finds nothing), checked, and the new one linked in exclusively; a
-        file that was not the expected one is put back unless a newer one took its place."""
-        aside = self._temp(path)
+        """Put `tmp` at `path` (None: remove `path`) only if `path` holds the bytes tagged
+        `if_match`. Conditional changes in one folder take turns on an exclusive `flock` of the
+        folder, so a check and its change are one step; the file itself is replaced with
+        `rename(2)` and is never absent meanwhile, so exclusive creates (`link(2)`, no lock)
+        cannot slip in. (Across hosts this needs a file system whose flock spans them.)"""
         try:
-            os.rename(path, aside)
+            folder = os.open(path.parent, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             return False
         try:
-            if content_tag(aside.read_bytes()) == if_match:
-                if tmp is None:
-                    return True
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    return False
-                return True
-            with contextlib.suppress(FileExistsError):
-                os.link(aside, path)
-            return False
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            try:
+                current = path.read_bytes()
+            except FileNotFoundError:
+                return False
+            if content_tag(current) != if_match:
+                return False
+            if tmp is None:
+                path.unlink()
+            else:
+                os.replace(tmp, path)
+            return True
         finally:
-            aside.unlink()
+            os.close(folder)  # releases the lock
 
     def _delete_if(self, key: str, if_match: str) -> bool:
         return self._swap(self._path(key), None, if_match)
