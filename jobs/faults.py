@@ -212,12 +212,24 @@ def inject_fault(shard: str, attempt: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def inject_row_fault(row_ids: list[str | None]) -> None:
+    """Test hook: `$SDGEN_FAULT_CRASH_ROW` is a comma list of row ids; a worker about to
+    generate a batch holding one of them kills its own process with SIGSEGV (a crash inside
+    generation, as a native library's segfault would be). Unset: nothing happens."""
+    wanted = os.environ.get("SDGEN_FAULT_CRASH_ROW")
+    if wanted and set(wanted.split(",")) & {str(i) for i in row_ids}:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
 __all__ = [
     "TRANSIENT_CODES",
     "Backoff",
     "SettingError",
     "infrastructure_faults",
     "inject_fault",
+    "inject_row_fault",
     "is_transient",
     "retrying",
     "worker_restarts",

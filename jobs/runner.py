@@ -178,7 +178,7 @@ def _committed_shards(
             f"output {output.uri} holds records but no {JOB_FILE}: not an sdgen output "
             "(or a damaged one); use another output or pass --overwrite"
         )
-    stale = [k for k in output.partial_keys() if k.split("/")[1] in committed]
+    stale = [k for k in output.partial_files() if k.split("/")[1] in committed]
     if stale:
         output.storage.delete(stale)
     return committed

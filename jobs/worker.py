@@ -8,7 +8,9 @@ Around that loop, each idea has its own module: the records (`record.py`: one `R
 worker), the generate call made from a record (`generation.py`, shared with `reproduce.py`), init
 images and their cache (`init_images.py`), and what happens when a batch fails (`isolation.py`:
 rows retried one by one; a failure of the worker rather than the rows is raised, and the
-distributor retries the shard elsewhere instead of committing it as errors).
+distributor retries the shard elsewhere instead of committing it as errors). A row that kills the
+worker process itself is narrowed down across attempts from the in-flight note written before
+each batch (`_after_a_death`).
 
 Nothing here knows about Ray.
 """
@@ -30,6 +32,7 @@ from typing import Any
 from PIL import Image
 
 from . import __version__
+from .faults import inject_row_fault
 from .generation import generate_settings, generation_request
 from .init_images import InitImageCache, InitImageError
 from .isolation import RowOutcome, generate_isolated
@@ -206,14 +209,20 @@ class ShardWorker:
         progress(len(reused))
 
         requests, rejected = self._check_rows(task, set(reused), attempt)
-        for record in rejected:
+        requests, crashed, alone_first = self._after_a_death(task.shard_id, requests, attempt)
+        for record in rejected + crashed:
             writer.write(record)
             statuses[record.status] += 1
-        done = len(reused) + len(rejected)
+        if crashed:
+            writer.checkpoint()  # saved before anything else runs: it will not be tried again
+        done = len(reused) + len(rejected) + len(crashed)
         progress(done)
 
         generated = 0
-        for batch in self._batches(requests):
+        for batch in self._batches(requests, alone_first):
+            # Noted before the batch starts: if the worker process dies in it, the next attempt
+            # knows which rows were in flight (`_after_a_death`).
+            self.output.write_inflight(task.shard_id, [r.row for r in batch], batch[0].row in alone_first, attempt)
             for (record, image), request in zip(self._generate(batch, task.shard_id, attempt), batch):
                 if image is None:
                     writer.write(record)
@@ -275,9 +284,37 @@ class ShardWorker:
                 rejected.append(record)
         return requests, rejected
 
-    def _batches(self, requests: list[RowRequest]) -> list[list[RowRequest]]:
+    def _after_a_death(
+        self, shard: str, requests: list[RowRequest], attempt: int
+    ) -> tuple[list[RowRequest], list[Record], set[int]]:
+        """Narrow down a row that crashes its worker process (a segfault, an abort in a native
+        library: nothing to catch), from the in-flight note the dead attempt left. Rows of a
+        batch that was in flight run first, each alone (`alone_first`); a row that was in flight
+        alone when its worker died — its second death, after its batch's — becomes its own
+        error record and is not generated again, so the shard's other rows commit. Returns the
+        requests still to generate, those error records, and the rows to run alone first."""
+        note = self.output.read_inflight(shard)
+        pending = {request.row: request for request in requests}
+        in_flight = [row for row in (note or {}).get("rows", []) if row in pending]
+        if not in_flight:
+            return requests, [], set()
+        if note.get("alone") and len(in_flight) == 1:
+            row = in_flight[0]
+            error = (
+                "the worker process died while generating this row, in its batch and then alone "
+                f"(attempt {note.get('attempt')}); not generated again"
+            )
+            record = self.records.build(pending[row], shard=shard, attempt=attempt, started_at=_now(), error=error)
+            return [r for r in requests if r.row != row], [record], set()
+        return requests, [], set(in_flight)
+
+    def _batches(self, requests: list[RowRequest], alone_first: set[int] = frozenset()) -> list[list[RowRequest]]:
+        """Rows with equal settings in batches of `batch_size`; the rows of `alone_first` (in
+        flight when a worker died) first, one per batch."""
+        alone = [[r] for r in sorted(requests, key=lambda r: r.row) if r.row in alone_first]
+        requests = [r for r in requests if r.row not in alone_first]
         ordered = sorted(requests, key=lambda r: (r.batch_key(), r.row))
-        batches = []
+        batches = alone
         for _, group in groupby(ordered, key=RowRequest.batch_key):
             group = list(group)
             size = self.config.batch_size
@@ -295,6 +332,7 @@ class ShardWorker:
             return results
         # The rows of a batch share their settings (equal `batch_key`s, one sampler per worker).
         settings = generate_settings(prepared[ready[0]][0])
+        inject_row_fault([prepared[i][0].id for i in ready])  # test hook ($SDGEN_FAULT_CRASH_ROW); nothing otherwise
         outcomes = generate_isolated(
             lambda requests: generate_finite(self.pipe, requests, **settings),  # NaN/Inf: the row's error
             [generation_request(record, init_image) for record, init_image in (prepared[i] for i in ready)],

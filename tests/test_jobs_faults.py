@@ -217,6 +217,25 @@ def test_every_worker_killed_once(tmp_path):
     note("both workers killed (SIGKILL) in their first shard", "restarted, shards retried, exit 0")
 
 
+def test_a_row_that_crashes_its_worker_becomes_its_own_error_record(tmp_path):
+    """A row whose generation kills the worker process (SIGSEGV, every time): the shard's
+    batch in flight is retried row by row, the row that kills its worker alone too becomes its
+    error record, and the shard's other rows commit: exit 0 within max_attempts (3)."""
+    rows = small_rows(6)
+    manifest = write_manifest(tmp_path / "m.parquet", rows, manifest_schema())
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "job.yaml", spec_dict(str(manifest), str(out), execution={"shard_size": 6}))
+    result = run_command([PYTHON, "jobs/run.py", str(spec)], env={"SDGEN_FAULT_CRASH_ROW": "r003"}, timeout=300)
+    assert result.stdout.count("failed (worker died") == 2, result.stdout
+    records = {r["id"]: r for r in assert_exactly_once(str(out), [r["id"] for r in rows])}
+    assert {i for i, r in records.items() if r["status"] == "error"} == {"r003"}
+    error = records["r003"]["error"]
+    assert "worker process died while generating this row, in its batch and then alone" in error
+    assert not list(out.glob("partial/**/*"))  # the in-flight note went with the commit
+    note("a row whose generation crashes its worker (SIGSEGV, every time)",
+         f"its batch retried row by row; that row's error record: `{error}`; the others committed; exit 0")  # fmt: skip
+
+
 # --------------------------------------------------------------------------- hostile rows
 
 HOSTILE = {
