@@ -36,6 +36,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from . import watchdog
 from .cluster import ClusterLayout, submitted_with_working_dir
 from .exit_codes import InfrastructureFault, install_sigterm
 from .faults import inject_fault, worker_restarts
@@ -67,13 +68,18 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> tuple[bo
     # root on PYTHONPATH makes `jobs` and `sdcore` importable in them without any upload.
     paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    ray.init(
-        address="local",
-        num_cpus=num_cpus or os.cpu_count() or 1,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-    )
+    watchdog.guard()  # before Ray starts: a SIGKILLed driver's watchdog ends every Ray process after it
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
+    except BaseException:
+        watchdog.release()
+        raise
     install_sigterm()  # ray.init replaced it with one that aborts: SIGTERM must shut Ray down
     return True, "an embedded local Ray (no cluster address given)"
 
@@ -93,6 +99,7 @@ def cluster_layout() -> ClusterLayout:
 def disconnect(started: bool) -> None:
     if started and ray.is_initialized():
         ray.shutdown()
+        watchdog.release()
 
 
 def _code_runtime_env() -> dict[str, Any] | None:

@@ -34,6 +34,7 @@ from conftest import (
     kill_session,
     manifest_schema,
     run_command,
+    session_pids,
     small_rows,
     spec_dict,
     write_manifest,
@@ -150,19 +151,23 @@ def test_concurrent_run_refused_then_driver_killed_and_stale_lease_taken_over(tm
         assert "Traceback" not in second.stdout
         note("a second run on the same output while the first runs", "refused at once, exit 2, naming host/pid/start")
         wait_for(lambda: list((out / "records").glob("*.parquet")), 240, "a committed shard")
+        os.kill(first.pid, signal.SIGKILL)  # the driver alone: no clean-up at all
+        first.communicate(timeout=60)
+        # Its embedded Ray (GCS, raylet, agents, workers: all in the driver's session) goes too.
+        wait_for(lambda: not session_pids(first.pid), 20, "the killed driver's Ray processes to end")
     finally:
-        kill_session(first.pid)  # the driver and its embedded Ray, SIGKILL: no clean-up at all
-        first.communicate()
+        kill_session(first.pid)  # only if the above failed
     assert first.returncode == -signal.SIGKILL
     before = record_files(str(out))
     assert before and (out / "lease.json").exists()  # the dead run's lease is left behind
+    note("driver SIGKILLed mid-run (the driver process alone)", "its embedded Ray's processes all gone (watchdog)")
     status = run_command([PYTHON, "jobs/status.py", str(out)], check=False)
     assert status.returncode == 1 and ("interrupted" in status.stdout or "pending" in status.stdout)
     rerun = run_command([PYTHON, "jobs/run.py", str(spec)], timeout=300)
     assert "taking over the lease" in rerun.stdout and "is gone" in rerun.stdout
     assert_exactly_once(str(out), [r["id"] for r in rows], before)
     assert not (out / "lease.json").exists()
-    note("driver and embedded Ray killed (SIGKILL) mid-run", "lease left behind; status exit 1")
+    note("driver killed (SIGKILL) mid-run", "lease left behind; status exit 1")
     note("rerun after the driver kill (stale lease)", "lease taken over (pid gone), committed shards kept, exit 0")
 
 
