@@ -50,9 +50,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Raised for a call to an actor that Ray is restarting (Ray >= 2.2x; older versions queue the call).
 _ACTOR_UNAVAILABLE = getattr(ray.exceptions, "ActorUnavailableError", ())
 RESTART_POLL_S = 1.0  # how soon to ask a restarting worker again whether it is ready
-# Non-secret S3 settings that actors on other nodes should see like the driver does.
-# (Credentials are never forwarded: each node uses its own credentials chain.)
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+# Non-secret S3 settings that actors on other nodes should see like the driver does, and the
+# fault-injection test hooks (set only by tests; they must reach the actors of a cluster that
+# was started before they were set). Credentials are never forwarded: each node uses its own
+# credentials chain.
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "SDGEN_FAULT_KILL",
+    "SDGEN_FAULT_CRASH_ROW",
+)
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> tuple[bool, str]:

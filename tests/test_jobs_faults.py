@@ -411,54 +411,69 @@ def test_transient_faults_before_any_work_are_retried_and_else_exit_3(tmp_path, 
 # --------------------------------------------------------------------------- randomised
 
 
-def test_randomised_kills_and_driver_kills(tmp_path):
-    """Seeded random kill points over short jobs: worker kills at random shard attempts, and
-    sometimes the driver killed after a random number of committed shards; then reruns until
-    complete. `SDGEN_FAULT_SEED` replays a seed, `SDGEN_FAULT_JOBS` runs more jobs (default 1,
-    to keep CI short); the seed is in every failure message."""
+def test_randomised_kills_and_driver_kills(tmp_path, ray_local, monkeypatch):
+    """Seeded random fault points over several short jobs of the tiny model (random sizes,
+    shard and batch sizes): the first job's driver (a real `jobs/run.py`) SIGKILLed after a
+    random number of commits; each other job either workers killed at random shard attempts or
+    a random row that crashes its worker every time. Then reruns until complete, and the
+    exactly-once invariant after each job (a crashing row: its own error record). Runs after
+    the first are `run_job` in this process on the session's Ray, which keeps the test short.
+    `SDGEN_FAULT_SEED` replays a seed, `SDGEN_FAULT_JOBS` sets the number of jobs (default 3);
+    the seed is in every failure."""
     seed = int(os.environ.get("SDGEN_FAULT_SEED") or random.randrange(2**31))
     rng = random.Random(seed)
-    for job in range(int(os.environ.get("SDGEN_FAULT_JOBS") or 1)):
-        where = f"seed {seed} job {job}"
-        rows = small_rows(rng.randint(4, 8))
+    for job in range(int(os.environ.get("SDGEN_FAULT_JOBS") or 3)):
+        rows = small_rows(rng.randint(4, 7))
         shard_size = rng.randint(2, 3)
         shards = -(-len(rows) // shard_size)
-        kills = sorted({f"shard-{rng.randrange(shards):05d}@{rng.randint(1, 3)}" for _ in range(rng.randint(0, 3))})
-        kill_driver_after = rng.choice([None, 1]) if shards > 1 else None
-        manifest = write_manifest(tmp_path / f"m{job}.parquet", rows, manifest_schema())
-        out = tmp_path / f"out{job}"
-        spec = write_spec(
-            tmp_path / f"job{job}.yaml",
-            spec_dict(str(manifest), str(out), execution={"shard_size": shard_size, "batch_size": rng.randint(1, 2)}),
-        )
-        env = {"SDGEN_FAULT_KILL": ",".join(kills)}
-        if kill_driver_after:
-            proc = start_run(spec, env)
-            try:
-                wait_for(
-                    lambda out=out: len(list((out / "records").glob("*.parquet"))) >= 1, 240, f"a commit ({where})"
-                )
-            finally:
-                kill_session(proc.pid)
-                proc.communicate()
-        before = record_files(str(out)) if (out / "records").exists() else {}
-        for _ in range(3):
-            result = run_command([PYTHON, "jobs/run.py", str(spec)], env=env, check=False, timeout=300)
-            assert result.returncode in (0, 1), f"{where}: {result.stdout}"
-            if result.returncode == 0:
-                break
-            env = {}  # a shard given up after max_attempts kills: the rerun retries it
+        # One kind of fault per job (each worker death costs a worker restart, seconds here):
+        # the first job's driver is killed; the others get worker kills or a crashing row.
+        kills, crash, kill_driver_after = [], None, None
+        if job == 0:
+            kill_driver_after = rng.randint(1, shards - 1)
+        elif rng.random() < 0.5:
+            kills = sorted({f"shard-{rng.randrange(shards):05d}@{rng.randint(1, 3)}" for _ in range(rng.randint(1, 2))})
         else:
-            raise AssertionError(f"{where}: not complete after 3 reruns")
+            crash = rng.choice(rows)["id"]
+        what = f"seed {seed} job {job}: kills {kills}, crashing row {crash}, driver killed after {kill_driver_after}"
         try:
-            assert_exactly_once(str(out), [r["id"] for r in rows], before)
+            _random_job(tmp_path / f"job{job}", rows, shard_size, rng, kills, crash, kill_driver_after, monkeypatch)
         except AssertionError as exc:
-            raise AssertionError(f"{where} (kills {kills}, driver killed: {bool(kill_driver_after)}): {exc}") from None
-        note(
-            f"random (seed {seed}): worker kills at {', '.join(kills) or 'none'}"
-            + (", driver killed after a commit" if kill_driver_after else ""),
-            "complete after reruns, exactly once",
-        )
+            raise AssertionError(f"{what}: {exc}") from None
+        note(f"random (seed {seed}) job {job}: " + what.split(": ", 1)[1], "complete after reruns, exactly once")
+
+
+def _random_job(folder, rows, shard_size, rng, kills, crash, kill_driver_after, monkeypatch) -> None:
+    from jobs.runner import run_job
+
+    manifest = write_manifest(folder / "m.parquet", rows, manifest_schema())
+    out = folder / "out"
+    execution = {"shard_size": shard_size, "batch_size": rng.randint(1, 2)}
+    spec = write_spec(folder / "job.yaml", spec_dict(str(manifest), str(out), execution=execution))
+    hooks = {"SDGEN_FAULT_KILL": ",".join(kills), "SDGEN_FAULT_CRASH_ROW": crash or ""}
+    if kill_driver_after:
+        proc = start_run(spec, hooks)
+        try:
+            wait_for(lambda: len(list((out / "records").glob("*.parquet"))) >= kill_driver_after, 240, "commits")
+        finally:
+            kill_session(proc.pid)
+            proc.communicate()
+        hooks["SDGEN_FAULT_KILL"] = ""  # the kills were the killed run's
+    before = record_files(str(out)) if (out / "records").exists() else {}
+    for _ in range(3):
+        for key, value in hooks.items():
+            monkeypatch.setenv(key, value)  # forwarded to the actors (distributor.FORWARDED_ENV)
+        summary = run_job(str(spec), log=lambda line: None, progress_every=60)
+        if summary["complete"]:
+            break
+        hooks["SDGEN_FAULT_KILL"] = ""  # a shard given up after max_attempts kills: the rerun retries it
+    else:
+        raise AssertionError("not complete after 3 runs")
+    records = assert_exactly_once(str(out), [r["id"] for r in rows], before)
+    errors = {r["id"]: r["error"] for r in records if r["status"] == "error"}
+    assert errors.keys() == ({crash} if crash else set()), errors
+    if crash:
+        assert "worker process died while generating this row" in errors[crash]
 
 
 def test_losing_the_endpoint_mid_run_is_exit_3_and_a_rerun_resumes(tmp_path, s3, moto_endpoint):
