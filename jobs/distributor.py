@@ -147,13 +147,13 @@ class _WorkerActor:
     def info(self) -> tuple[str | None, WorkerInfo | None]:
         return (self.error, None) if self.worker is None else (None, self.worker.info())
 
-    def run(self, task: ShardTask, attempt: int, progress: Any) -> ShardResult:
+    def run(self, task: ShardTask, attempt: int, progress: Any, after_death: bool = False) -> ShardResult:
         def report(done: int) -> None:
             progress.update.remote(task.shard_id, done)
 
         inject_fault(task.shard_id, attempt)  # test hook ($SDGEN_FAULT_KILL); nothing otherwise
 
-        return self.worker.run(task, attempt, report)
+        return self.worker.run(task, attempt, report, after_death=after_death)
 
 
 class _Progress:
@@ -309,6 +309,7 @@ class _ShardLoop:
         self.restarting: list[tuple[float, Any]] = []  # (when to ask again, actor)
         self.idle: list[Any] = []
         self.inflight: dict[Any, tuple[Any, ShardTask, int]] = {}  # ref -> (actor, task, attempt)
+        self.died: set[str] = set()  # shards whose last attempt ended in a worker death
         self.start_errors: list[str] = []
         self.last_report = self.waiting_since = time.monotonic()
 
@@ -345,7 +346,10 @@ class _ShardLoop:
         while self.idle and self.queue:
             actor = self.idle.pop()
             task, attempt = self.queue.popleft()
-            self.inflight[actor.run.remote(task, attempt, self.progress_actor)] = (actor, task, attempt)
+            after_death = task.shard_id in self.died  # the worker then narrows down a crashing row
+            self.died.discard(task.shard_id)
+            ref = actor.run.remote(task, attempt, self.progress_actor, after_death)
+            self.inflight[ref] = (actor, task, attempt)
 
     # -------------------------------------------------------------------------- worker events
 
@@ -439,6 +443,7 @@ class _ShardLoop:
     def _worker_died(self, actor: Any, task: ShardTask, attempt: int, exc: BaseException) -> None:
         """The worker process died (crash, OOM, node lost): Ray restarts it (reloading the
         model) and it rejoins through `starting`; the shard goes to the next free worker."""
+        self.died.add(task.shard_id)
         self._attempt_failed(task, attempt, f"worker died: {_short_error(exc)}")
         self.outcome.workers_ready -= 1
         self.starting[actor.info.remote()] = actor

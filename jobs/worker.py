@@ -185,17 +185,33 @@ class ShardWorker:
 
     # ------------------------------------------------------------------------------ one shard
 
-    def run(self, task: ShardTask, attempt: int = 1, progress: Callable[[int], None] | None = None) -> ShardResult:
+    def run(
+        self,
+        task: ShardTask,
+        attempt: int = 1,
+        progress: Callable[[int], None] | None = None,
+        *,
+        after_death: bool = False,
+    ) -> ShardResult:
+        """Make and commit one shard. `after_death`: the shard's previous attempt ended in a
+        worker death (the distributor knows; an exception is not one), so the in-flight note it
+        left says which rows may have killed it (`_after_a_death`)."""
         started = time.perf_counter()
         writer = ShardWriter(self.output, task.shard_id, self.config.image_format, self.config.quality)
         try:
-            return self._run(task, attempt, progress or (lambda done: None), writer, started)
+            return self._run(task, attempt, progress or (lambda done: None), writer, started, after_death)
         except BaseException:
             writer.abort()
             raise
 
     def _run(
-        self, task: ShardTask, attempt: int, progress: Callable[[int], None], writer: ShardWriter, started: float
+        self,
+        task: ShardTask,
+        attempt: int,
+        progress: Callable[[int], None],
+        writer: ShardWriter,
+        started: float,
+        after_death: bool,
     ) -> ShardResult:
         statuses: Counter[str] = Counter()  # ok / error records handed to the writer
 
@@ -209,7 +225,9 @@ class ShardWorker:
         progress(len(reused))
 
         requests, rejected = self._check_rows(task, set(reused), attempt)
-        requests, crashed, alone_first = self._after_a_death(task.shard_id, requests, attempt)
+        requests, crashed, alone_first = requests, [], set()
+        if after_death:  # a failure that raised (e.g. a transient storage fault) never blames a row
+            requests, crashed, alone_first = self._after_a_death(task.shard_id, requests, attempt)
         for record in rejected + crashed:
             writer.write(record)
             statuses[record.status] += 1
