@@ -47,7 +47,13 @@ TABLE: list[tuple[str, str, str]] = []
 
 
 def note(fault: str, outcome: str) -> None:
+    fault, outcome = (_printable(text) for text in (fault, outcome))
     TABLE.append((os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[-1].split(" ")[0], fault, outcome))
+
+
+def _printable(text: str) -> str:
+    """Control characters (a NUL in a hostile path) written as escapes in the table."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 @pytest.fixture(scope="module", autouse=True)
