@@ -70,6 +70,13 @@ def fault_table():
             "manifest ids, each once; every ok image exists and matches its sha256; no committed shard "
             "regenerated.",
             "",
+            "Tried elsewhere, on the same real parts: storage retries request by request through the fault proxy "
+            "(each transient kind ridden through, exactly N tries then `TransientStorageError`, permanent faults "
+            "tried once: `tests/test_jobs_storage.py`); the lease's compare-and-swap on local folders and moto's "
+            "S3 (a lost holder cannot overwrite the new lease, eight simultaneous takeovers leave one holder: "
+            "`tests/test_jobs_lease.py`); image writes never replacing a committed image "
+            "(`tests/test_jobs_writer.py`); a dry run changing nothing (`tests/test_jobs_runner.py`).",
+            "",
             "| fault or input | what happened | test |",
             "|---|---|---|",
         ]
@@ -404,7 +411,8 @@ def test_transient_faults_before_any_work_are_retried_and_else_exit_3(tmp_path, 
             assert len(errors) == 1 and words in errors[0] and "gave up after 3 tries" in errors[0], down.stdout
             assert "Traceback" not in down.stdout
             assert hits(proxy, path) == 3  # exactly the tries, then given up
-            note(f"S3 503 on every read of the {what}", f"3 tries, then exit 3 with one line: `{errors[0][:90]}…`")
+            line = errors[0].replace(bucket, "BUCKET")
+            note(f"S3 503 on every read of the {what}", f"3 tries, then exit 3 with one line: `{line[:170]}…`")
         proxy.clear()
         proxy.add(Rule("500", path="/in/m.parquet", count=2))
         proxy.add(Rule("slowdown", path="/models/tiny.safetensors", count=2))
