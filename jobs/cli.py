@@ -78,14 +78,16 @@ def run_main(argv: Sequence[str], prog: str = "sdgen run") -> int:
 
 def _run(args: argparse.Namespace) -> int:
     # Imported after parsing, so that --help and usage errors come at once.
+    from .faults import Backoff, SettingError
     from .lease import LeaseHeld, LeaseLost
     from .manifest import ManifestError
     from .runner import JobConflict, run_job
     from .spec import SpecError, load_spec
-    from .storage import StorageError
+    from .storage import StorageError, TransientStorageError
     from .worker import WorkerStartError
 
     try:
+        Backoff.from_env()  # a bad $SDGEN_STORAGE_* setting is refused before anything starts
         summary = run_job(
             load_spec(args.spec, base_dir=args.base_dir) if args.base_dir else args.spec,
             overwrite=args.overwrite,
@@ -99,7 +101,24 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {one_line(exc, 2000)}", file=sys.stderr, flush=True)
         print("committed work is kept; rerun the same command to resume", file=sys.stderr, flush=True)
         return INFRASTRUCTURE
-    except (SpecError, ManifestError, JobConflict, WorkerStartError, StorageError, LeaseHeld, OSError) as exc:
+    except TransientStorageError as exc:  # before any work: the manifest, weights, lease or job.json
+        print(
+            f"error: stopped by a storage fault before any work: {one_line(redact_text(str(exc)), 2000)}; "
+            "rerun the same command when the store answers",
+            file=sys.stderr,
+            flush=True,
+        )
+        return INFRASTRUCTURE
+    except (
+        SettingError,
+        SpecError,
+        ManifestError,
+        JobConflict,
+        WorkerStartError,
+        StorageError,
+        LeaseHeld,
+        OSError,
+    ) as exc:
         print(f"error: {one_line(redact_text(str(exc)), 4000)}", file=sys.stderr, flush=True)
         return REFUSED
     if args.dry_run:

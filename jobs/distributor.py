@@ -36,21 +36,32 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from . import watchdog
 from .cluster import ClusterLayout, submitted_with_working_dir
-from .exit_codes import install_sigterm
+from .exit_codes import InfrastructureFault, install_sigterm
 from .faults import inject_fault, worker_restarts
 from .progress import Outcome, ProgressState
 from .reader import ShardTask
 from .retry import RetryPolicy
+from .storage import StorageError, TransientStorageError
 from .worker import ShardResult, ShardWorker, WorkerConfig, WorkerInfo, WorkerStartError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Raised for a call to an actor that Ray is restarting (Ray >= 2.2x; older versions queue the call).
 _ACTOR_UNAVAILABLE = getattr(ray.exceptions, "ActorUnavailableError", ())
 RESTART_POLL_S = 1.0  # how soon to ask a restarting worker again whether it is ready
-# Non-secret S3 settings that actors on other nodes should see like the driver does.
-# (Credentials are never forwarded: each node uses its own credentials chain.)
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+# Non-secret S3 settings that actors on other nodes should see like the driver does, and the
+# fault-injection test hooks (set only by tests; they must reach the actors of a cluster that
+# was started before they were set). Credentials are never forwarded: each node uses its own
+# credentials chain.
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "SDGEN_FAULT_KILL",
+    "SDGEN_FAULT_CRASH_ROW",
+)
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> tuple[bool, str]:
@@ -66,13 +77,18 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> tuple[bo
     # root on PYTHONPATH makes `jobs` and `sdcore` importable in them without any upload.
     paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    ray.init(
-        address="local",
-        num_cpus=num_cpus or os.cpu_count() or 1,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-    )
+    watchdog.guard()  # before Ray starts: a SIGKILLed driver's watchdog ends every Ray process after it
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
+    except BaseException:
+        watchdog.release()
+        raise
     install_sigterm()  # ray.init replaced it with one that aborts: SIGTERM must shut Ray down
     return True, "an embedded local Ray (no cluster address given)"
 
@@ -92,6 +108,7 @@ def cluster_layout() -> ClusterLayout:
 def disconnect(started: bool) -> None:
     if started and ray.is_initialized():
         ray.shutdown()
+        watchdog.release()
 
 
 def _code_runtime_env() -> dict[str, Any] | None:
@@ -124,18 +141,19 @@ class _WorkerActor:
             self.worker = factory(config)
         except Exception as exc:  # noqa: BLE001 - reported through info()
             self.error = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()  # the details, in the driver's log (log_to_driver)
+            if not isinstance(exc, (StorageError, FileNotFoundError)):  # those say all in their message
+                traceback.print_exc()  # the details, in the driver's log (log_to_driver)
 
     def info(self) -> tuple[str | None, WorkerInfo | None]:
         return (self.error, None) if self.worker is None else (None, self.worker.info())
 
-    def run(self, task: ShardTask, attempt: int, progress: Any) -> ShardResult:
+    def run(self, task: ShardTask, attempt: int, progress: Any, after_death: bool = False) -> ShardResult:
         def report(done: int) -> None:
             progress.update.remote(task.shard_id, done)
 
         inject_fault(task.shard_id, attempt)  # test hook ($SDGEN_FAULT_KILL); nothing otherwise
 
-        return self.worker.run(task, attempt, report)
+        return self.worker.run(task, attempt, report, after_death=after_death)
 
 
 class _Progress:
@@ -291,6 +309,7 @@ class _ShardLoop:
         self.restarting: list[tuple[float, Any]] = []  # (when to ask again, actor)
         self.idle: list[Any] = []
         self.inflight: dict[Any, tuple[Any, ShardTask, int]] = {}  # ref -> (actor, task, attempt)
+        self.died: set[str] = set()  # shards whose last attempt ended in a worker death
         self.start_errors: list[str] = []
         self.last_report = self.waiting_since = time.monotonic()
 
@@ -327,7 +346,10 @@ class _ShardLoop:
         while self.idle and self.queue:
             actor = self.idle.pop()
             task, attempt = self.queue.popleft()
-            self.inflight[actor.run.remote(task, attempt, self.progress_actor)] = (actor, task, attempt)
+            after_death = task.shard_id in self.died  # the worker then narrows down a crashing row
+            self.died.discard(task.shard_id)
+            ref = actor.run.remote(task, attempt, self.progress_actor, after_death)
+            self.inflight[ref] = (actor, task, attempt)
 
     # -------------------------------------------------------------------------- worker events
 
@@ -384,6 +406,9 @@ class _ShardLoop:
         one clear error), else give up the shards still queued."""
         reason = "; ".join(dict.fromkeys(self.start_errors)) or "every worker died"
         if self.outcome.workers_ready == 0 and self.start_errors:
+            if all(e.startswith(f"{TransientStorageError.__name__}:") for e in self.start_errors):
+                # The weights' store did not answer (after the retries): not a bad job.
+                raise InfrastructureFault(f"stopped by a storage fault while loading the model: {reason}")
             raise WorkerStartError(reason)
         for task, _ in self.queue:
             self.outcome.failed[task.shard_id] = f"no live workers left ({reason})"
@@ -418,6 +443,7 @@ class _ShardLoop:
     def _worker_died(self, actor: Any, task: ShardTask, attempt: int, exc: BaseException) -> None:
         """The worker process died (crash, OOM, node lost): Ray restarts it (reloading the
         model) and it rejoins through `starting`; the shard goes to the next free worker."""
+        self.died.add(task.shard_id)
         self._attempt_failed(task, attempt, f"worker died: {_short_error(exc)}")
         self.outcome.workers_ready -= 1
         self.starting[actor.info.remote()] = actor

@@ -33,7 +33,7 @@ from .errors import error_reason
 from .manifest import Manifest, parse_row
 from .progress import duration
 from .spec import JobSpec, SpecError
-from .storage import is_s3, local_path, redact_uri, uri_exists
+from .storage import TransientStorageError, is_s3, local_path, redact_uri, uri_exists
 
 
 def trial_job(spec: JobSpec, manifest: Manifest, limit: int) -> tuple[JobSpec, Manifest]:
@@ -60,6 +60,8 @@ def check_weights(weights: str) -> str | None:
     if is_s3(weights):
         try:
             found = uri_exists(weights) or uri_exists(weights.rstrip("/") + "/unet/config.json")
+        except TransientStorageError:
+            raise  # the store is unreachable, not the weights missing: exit 3
         except Exception as exc:  # noqa: BLE001 - any storage failure is a finding here
             return f"model.weights: {redact_uri(weights)}: cannot be checked ({exc})"
         return None if found else f"model.weights: not found: {redact_uri(weights)}"
@@ -203,6 +205,8 @@ def dry_run(spec: JobSpec, manifest: Manifest, plan_counts: dict[str, Any], log:
         log(f"[sdgen]   {count:>6}  {reason}   e.g. {rows['examples'][reason]}")
     try:
         cal = calibrate(spec, resolved["device"], resolved["threads"])
+    except TransientStorageError:
+        raise
     except Exception as exc:  # noqa: BLE001 - unreadable weights are a refusal, named
         raise SpecError(f"model.weights: {redact_uri(spec.model.weights)}: cannot be loaded ({exc})") from None
     log(

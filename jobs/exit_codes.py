@@ -28,8 +28,9 @@ exit codes (every sdgen command):
        reproduce: an image differs, or the stored image is missing or does not match its sha256)
   2    refused before any work (bad spec, manifest or arguments; output in use, unwritable or
        holding another job; no sdgen output there)
-  3    stopped mid-run by an infrastructure fault (storage unreachable, lease lost, Ray lost);
-       committed work is kept, rerun resumes
+  3    stopped mid-run by an infrastructure fault (storage unreachable, lease lost, Ray lost),
+       or before any work by storage unreachable after its retries; committed work is kept,
+       rerun resumes
   130  interrupted (Ctrl-C or SIGTERM); committed work is kept, rerun resumes"""
 
 

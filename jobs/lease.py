@@ -4,7 +4,10 @@ A run takes the lease before it writes anything to the output, renews it while i
 heartbeat thread) and releases it at the end. The lease is one small JSON object, `lease.json`
 at the output's root, created exclusively (local: `link(2)` of a temp file, which fails if the
 file exists; S3: `PUT` with `If-None-Match: *`). It names its holder (host, pid, start time) and
-when it was last renewed.
+when it was last renewed. Every later change is a compare-and-swap on the object's tag (S3: its
+ETag, with `If-Match`; local: the sha256 of its bytes, checked and replaced under an flock of the folder):
+renewing and releasing only touch the lease this run last wrote, and taking over a stale lease
+only replaces that stale lease, so two runs can never both hold it.
 
 A second run finds the object and is refused at once (`LeaseHeld`, naming the holder). A lease
 whose holder stopped renewing it (a crashed or killed driver) expires `ttl` seconds after its
@@ -33,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .exit_codes import one_line
-from .storage import Storage, StorageError, is_s3, local_path, open_storage, redact_uri
+from .storage import Storage, StorageError, TransientStorageError, is_s3, local_path, open_storage, redact_uri
 
 LEASE_FILE = "lease.json"
 DEFAULT_TTL_S = 120.0  # a lease not renewed for this long is stale
@@ -121,12 +124,17 @@ def read_lease(storage: Storage) -> LeaseInfo | None:
 
 
 class OutputLease:
-    """A held lease; `release()` (or leaving the `with` block) gives it back."""
+    """A held lease; `release()` (or leaving the `with` block) gives it back.
 
-    def __init__(self, storage: Storage, info: LeaseInfo, log: Callable[[str], None]):
+    `tag` is the tag (S3: ETag) of the lease object as this run last wrote it: renewing and
+    releasing are conditional on it, so a run whose lease was taken over can never overwrite or
+    delete the new holder's lease; it finds out and stops (`LeaseLost`)."""
+
+    def __init__(self, storage: Storage, info: LeaseInfo, log: Callable[[str], None], tag: str = ""):
         self.storage = storage
         self.info = info
         self.log = log
+        self.tag = tag
         self.lost: str | None = None  # why the lease was lost, once it is
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -144,7 +152,11 @@ class OutputLease:
         ttl: float | None = None,
         storage: Storage | None = None,
     ) -> OutputLease:
-        """Take the output's lease; LeaseHeld when a live run holds it (unless `break_lease`)."""
+        """Take the output's lease; LeaseHeld when a live run holds it (unless `break_lease`).
+
+        A stale lease is replaced conditionally (S3 `If-Match` on the ETag read; locally a
+        compare-and-swap under an flock of the folder): of several runs taking over the same stale lease at once,
+        exactly one wins and the others are refused, naming it."""
         storage = storage or open_storage(output_uri)
         ttl = lease_ttl() if ttl is None else ttl
         mine = LeaseInfo(
@@ -155,22 +167,24 @@ class OutputLease:
             renewed_at=time.time(),
             ttl=ttl,
         )
+        data = mine.to_bytes()
         for _ in range(3):
-            if storage.write(LEASE_FILE, mine.to_bytes(), exclusive=True):
-                return cls(storage, mine, log)
-            held = read_lease(storage)
+            tag = _put(storage, data, exclusive=True)
+            if tag is not None:
+                return cls(storage, mine, log, tag)
+            try:
+                current, current_tag = storage.read_tagged(LEASE_FILE)
+            except FileNotFoundError:
+                continue  # released between our write and our read: try again
+            held = LeaseInfo.parse(current)
             if held is None:
-                # Unreadable (a foreign or damaged file) or just released: only replaced when told.
-                try:
-                    storage.read(LEASE_FILE)
-                except FileNotFoundError:
-                    continue  # released between our write and our read: try again
+                # Unreadable (a foreign or damaged file): only replaced when told.
                 if not break_lease:
                     raise LeaseHeld(
                         f"output {storage.uri} has an unreadable {LEASE_FILE}; if no run is using the output, "
                         "pass --break-lease"
                     )
-                reason = "unreadable"
+                reason, holder = "unreadable", "an unreadable lease"
             else:
                 reason = "broken by --break-lease" if break_lease else held.stale_reason()
                 if reason is None:
@@ -179,8 +193,12 @@ class OutputLease:
                         f"{time.time() - held.renewed_at:.0f}s ago, expires after {held.ttl:.0f}s without "
                         "renewal). Wait for it to finish, or pass --break-lease if it is gone."
                     )
-                log(f"[sdgen] taking over the lease of {held.holder()}: {reason}")
-            storage.delete([LEASE_FILE])
+                holder = held.holder()
+            tag = _put(storage, data, if_match=current_tag)  # only if it is still that stale lease
+            if tag is not None:
+                log(f"[sdgen] taking over the lease of {holder}: {reason}")
+                return cls(storage, mine, log, tag)
+            # Another run replaced it first: look again (it now holds a live lease).
         raise LeaseHeld(f"output {storage.uri}: could not take the lease (another run is taking it at the same time)")
 
     # ------------------------------------------------------------------ keeping it
@@ -206,22 +224,28 @@ class OutputLease:
                 self.log(f"[sdgen] warning: could not renew the output lease ({type(exc).__name__}: {exc})")
 
     def renew(self) -> None:
-        held = read_lease(self.storage)
-        if held is None or held.token != self.info.token:
+        """Write the lease again with a new renewal time, only if the object there is still the
+        one this run last wrote (conditional on its tag); LeaseLost otherwise."""
+        renewed = LeaseInfo(**{**self.info.__dict__, "renewed_at": time.time()})
+        tag = _put(self.storage, renewed.to_bytes(), if_match=self.tag)
+        if tag is None:
+            try:
+                held = read_lease(self.storage)
+            except Exception:  # noqa: BLE001 - who holds it is only for the message
+                held = None
             who = held.holder() if held else "nobody"
             raise LeaseLost(f"the output lease of {self.storage.uri} was taken over (now held by {who})")
-        self.info = LeaseInfo(**{**self.info.__dict__, "renewed_at": time.time()})
-        self.storage.write(LEASE_FILE, self.info.to_bytes())
+        self.info, self.tag = renewed, tag
 
     def release(self) -> None:
-        """Stop renewing and delete the lease if it is still ours."""
+        """Stop renewing and delete the lease if it is still ours (conditional on its tag)."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        if self.lost:
+            return
         try:
-            held = read_lease(self.storage)
-            if held is not None and held.token == self.info.token:
-                self.storage.delete([LEASE_FILE])
+            self.storage.delete_tagged(LEASE_FILE, self.tag)
         except Exception as exc:  # noqa: BLE001 - it expires by itself
             self.log(f"[sdgen] warning: could not release the output lease ({type(exc).__name__}: {exc})")
 
@@ -230,6 +254,20 @@ class OutputLease:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def _put(storage: Storage, data: bytes, **condition: Any) -> str | None:
+    """A conditional write of the lease; its new tag, or None when the condition failed. A
+    write that failed its condition only because it had already succeeded (a retried request
+    whose first answer was lost) counts as done."""
+    tag = storage.write_tagged(LEASE_FILE, data, **condition)
+    if tag is not None:
+        return tag
+    try:
+        current, current_tag = storage.read_tagged(LEASE_FILE)
+    except FileNotFoundError:
+        return None
+    return current_tag if current == data else None
 
 
 def live_lease(storage: Storage) -> LeaseInfo | None:
@@ -247,8 +285,8 @@ def held_output(output_uri: str, *, break_lease: bool = False, log: Callable[[st
     new_folder = _new_local_folder(output_uri)
     try:
         lease = OutputLease.acquire(output_uri, break_lease=break_lease, log=log)
-    except LeaseHeld:
-        raise
+    except (LeaseHeld, TransientStorageError):
+        raise  # a transient fault that outlasted its retries: exit 3, not "unusable"
     except (OSError, StorageError) as exc:
         raise OutputUnusable(f"output {redact_uri(output_uri)} cannot be written: {one_line(exc)}") from None
     lease.start_heartbeat(on_lost=_thread.interrupt_main)

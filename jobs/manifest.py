@@ -33,6 +33,7 @@ from .rows import UNDECODABLE, column_values
 from .spec import SamplerSpec
 from .storage import (
     StorageError,
+    TransientStorageError,
     expand_uris,
     is_s3,
     join_uri,
@@ -127,6 +128,8 @@ def load_manifest(sources: Sequence[str]) -> Manifest:
     for source in sources:
         try:
             found = expand_uris(source)
+        except TransientStorageError:
+            raise  # not the manifest's fault: an infrastructure fault (exit 3), not a refusal
         except (StorageError, OSError) as exc:
             raise ManifestError(f"manifest {redact_uri(source)}: {exc}") from None
         if not found:
@@ -139,6 +142,8 @@ def load_manifest(sources: Sequence[str]) -> Manifest:
             data = read_uri(uri)
         except FileNotFoundError:
             raise ManifestError(f"manifest {redact_uri(uri)}: file not found") from None
+        except TransientStorageError:
+            raise
         except (StorageError, OSError) as exc:
             raise ManifestError(f"manifest {redact_uri(uri)}: cannot read ({exc})") from None
         digests.append(hashlib.sha256(data).hexdigest())

@@ -11,6 +11,8 @@ OUTPUT/
                               in flight. Deleted once the shard's record file is written.
   index.html, report-page-N.html, report-pages.html, thumbs/SHARD/*.jpg
                               the HTML report (jobs/report.py)
+  partial/SHARD/inflight.json the rows being generated now (written before each batch): after
+                              a worker death, which rows were in flight (see worker.py)
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ THUMBS_DIR = "thumbs"
 def report_page_key(page: int) -> str:
     """The report's page `page` (1-based): index.html, then report-page-2.html, ..."""
     return REPORT_FILE if page == 1 else f"report-page-{page}.html"
+
+
+INFLIGHT_FILE = "inflight.json"
 
 
 def table_bytes(table: pa.Table) -> bytes:
@@ -155,6 +160,29 @@ class Output:
         key = f"{self.partial_prefix(shard)}{first:012d}-{uuid.uuid4().hex[:8]}.parquet"
         self.storage.write(key, table_bytes(records_table(records)))
 
+    def inflight_key(self, shard: str) -> str:
+        return f"{self.partial_prefix(shard)}{INFLIGHT_FILE}"
+
+    def write_inflight(self, shard: str, rows: list[int], alone: bool, attempt: int) -> None:
+        """Before a batch is generated: its rows, whether it is one row run alone after an
+        earlier death, and the attempt (read back by the next attempt if the worker dies)."""
+        data = {"rows": rows, "alone": alone, "attempt": attempt}
+        self.storage.write(self.inflight_key(shard), json.dumps(data).encode())
+
+    def read_inflight(self, shard: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.storage.read(self.inflight_key(shard)))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None  # damaged: as if absent (at worst a crashing row is narrowed down again)
+        ok = isinstance(data, dict) and isinstance(data.get("rows"), list)
+        return data if ok and all(isinstance(r, int) for r in data["rows"]) else None
+
+    def partial_files(self, shard: str | None = None) -> list[str]:
+        """Every file under partial/ (of one shard): saved batches and the in-flight note."""
+        return self.storage.list(self.partial_prefix(shard) if shard else PARTIAL_DIR + "/")
+
     def partial_keys(self, shard: str | None = None) -> list[str]:
         prefix = self.partial_prefix(shard) if shard else PARTIAL_DIR + "/"
         return [k for k in self.storage.list(prefix) if k.endswith(".parquet")]
@@ -174,7 +202,7 @@ class Output:
         return found
 
     def clear_partials(self, shard: str) -> None:
-        self.storage.delete(self.partial_keys(shard))
+        self.storage.delete(self.partial_files(shard))
 
     # -- overwrite
     def clear(self) -> None:

@@ -42,7 +42,7 @@ from PIL import Image
 
 from .errors import error_reason
 from .output import REPORT_FILE, REPORT_PAGES_FILE, SUMMARY_FILE, THUMBS_DIR, Output, report_page_key
-from .storage import S3Storage, s3_client
+from .storage import S3Storage, _s3_error, s3_client
 
 THUMB = 128
 PAGE_SIZE = 120
@@ -91,7 +91,15 @@ def _write(output: Output, key: str, data: bytes) -> None:
     storage = output.storage
     if isinstance(storage, S3Storage):
         kind = CONTENT_TYPES.get(key[key.rfind(".") :], "application/octet-stream")
-        s3_client().put_object(Bucket=storage.bucket, Key=storage._key(key), Body=data, ContentType=kind)
+        from .faults import retrying
+
+        def put() -> None:
+            try:
+                s3_client().put_object(Bucket=storage.bucket, Key=storage._key(key), Body=data, ContentType=kind)
+            except Exception as exc:  # noqa: BLE001 - as storage's own calls: transient ones retried
+                raise _s3_error(exc, storage.url(key)) from None
+
+        retrying(put, storage.url(key))
     else:
         storage.write(key, data)
 

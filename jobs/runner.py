@@ -77,7 +77,7 @@ def run_job(
     if dry_run:
         from .dryrun import dry_run as check
 
-        plan = plan_job(spec, overwrite, log, limit)
+        plan = plan_job(spec, overwrite, log, limit, read_only=True)  # no lease held: nothing is changed
         return check(plan.spec, plan.manifest, plan.dry_run_summary(), log)
     if not isinstance(spec, JobSpec):
         spec = load_spec(spec)
@@ -125,11 +125,17 @@ class JobPlan:
 
 
 def plan_job(
-    spec: JobSpec | str, overwrite: bool = False, log: Callable[[str], None] = _print_line, limit: int | None = None
+    spec: JobSpec | str,
+    overwrite: bool = False,
+    log: Callable[[str], None] = _print_line,
+    limit: int | None = None,
+    *,
+    read_only: bool = False,
 ) -> JobPlan:
     """Steps 1-3: validate the spec and manifest, refuse a different job on the output, and plan
     the shards not yet committed. No Ray, no model, so a bad job fails in seconds. Raises
-    SpecError / ManifestError / JobConflict; changes nothing but stale partial files."""
+    SpecError / ManifestError / JobConflict; changes nothing but stale partial files, and with
+    `read_only` (a dry run, which holds no lease) nothing at all."""
     started_at, started = _now(), time.monotonic()
     if not isinstance(spec, JobSpec):
         spec = load_spec(spec)
@@ -143,7 +149,7 @@ def plan_job(
     _log_manifest(spec, manifest, log)
     output = Output(spec.output)
     existing = output.read_job()
-    committed = _committed_shards(output, existing, spec, manifest, overwrite)
+    committed = _committed_shards(output, existing, spec, manifest, overwrite, clean=not read_only)
     tasks = list(read_shards(manifest, spec.execution.shard_size, skip=committed))
     log(f"[sdgen] output {output.uri}: {len(committed)} shard(s) already committed, {len(tasks)} to run")
     return JobPlan(spec, manifest, output, existing, overwrite, committed, tasks, started_at, started)
@@ -162,11 +168,17 @@ def _log_manifest(spec: JobSpec, manifest: Manifest, log: Callable[[str], None])
 
 
 def _committed_shards(
-    output: Output, existing: dict[str, Any] | None, spec: JobSpec, manifest: Manifest, overwrite: bool
+    output: Output,
+    existing: dict[str, Any] | None,
+    spec: JobSpec,
+    manifest: Manifest,
+    overwrite: bool,
+    clean: bool = True,
 ) -> set[str]:
     """The shards a rerun skips: none with `overwrite` (everything is redone), else those with a
-    record file, once the output is known to hold this same job. Partial files of committed
-    shards (left by a crash between commit and clean-up) are deleted."""
+    record file, once the output is known to hold this same job. With `clean` (only under the
+    lease), partial files of committed shards (left by a crash between commit and clean-up) are
+    deleted."""
     problems = check_job(existing, spec, manifest)
     if problems and not overwrite:
         raise JobConflict(conflict_message(output, problems))
@@ -178,7 +190,7 @@ def _committed_shards(
             f"output {output.uri} holds records but no {JOB_FILE}: not an sdgen output "
             "(or a damaged one); use another output or pass --overwrite"
         )
-    stale = [k for k in output.partial_keys() if k.split("/")[1] in committed]
+    stale = [k for k in output.partial_files() if k.split("/")[1] in committed] if clean else []
     if stale:
         output.storage.delete(stale)
     return committed

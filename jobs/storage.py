@@ -13,8 +13,10 @@ module returns or raises: `redact_uri` strips userinfo and query strings from UR
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import glob as globlib
+import hashlib
 import os
 import shutil
 import threading
@@ -33,8 +35,8 @@ class StorageError(RuntimeError):
 
 
 class TransientStorageError(StorageError):
-    """A fault worth trying again later (5xx, throttling, reset, timeout) that outlasted boto3's
-    own retries: never a row's permanent result (see `faults.py`)."""
+    """A fault worth trying again later (5xx, throttling, reset, timeout); raised to callers once
+    it outlasted `faults.retrying`'s tries: never a row's permanent result (see `faults.py`)."""
 
 
 class TooLargeError(StorageError):
@@ -106,10 +108,11 @@ def s3_client():
             import boto3
             from botocore.config import Config
 
-            # Transient faults (5xx, SlowDown, throttling, resets, timeouts) are retried by boto3
-            # with bounded exponential backoff and full jitter; a stalled endpoint times out.
+            # Transient faults (5xx, SlowDown, throttling, resets, timeouts) are retried by
+            # `faults.retrying` around every call, not by boto3 (one try each, so the count is
+            # exact); a stalled endpoint times out.
             config = Config(
-                retries={"mode": "standard", "max_attempts": int(os.environ.get("SDGEN_S3_ATTEMPTS", 8))},
+                retries={"mode": "standard", "total_max_attempts": 1},
                 connect_timeout=float(os.environ.get("SDGEN_S3_TIMEOUT", 20)),
                 read_timeout=float(os.environ.get("SDGEN_S3_TIMEOUT", 20)),
             )
@@ -162,7 +165,12 @@ def _describe(exc: Exception) -> str:
 
 
 class Storage:
-    """A folder of objects. Keys are relative, `/`-separated."""
+    """A folder of objects. Keys are relative, `/`-separated.
+
+    Every public call is retried on transient faults (`faults.retrying`: bounded exponential
+    backoff with jitter, `$SDGEN_STORAGE_ATTEMPTS` tries); a permanent fault (missing key or
+    bucket, access denied, over a cap, not a regular file) is raised at once. Subclasses
+    implement the underscored methods, one try each."""
 
     uri: str  # redacted, for messages and records
 
@@ -173,27 +181,86 @@ class Storage:
         """The object's bytes; FileNotFoundError when absent. With `max_bytes`, only a regular
         file or an object is read (a FIFO or device is refused, not waited on), and one larger
         than `max_bytes` is a TooLargeError."""
-        raise NotImplementedError
+        return self._retrying(lambda: self._read(key, max_bytes), key)
+
+    def read_tagged(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and its tag (S3: the ETag; local: the sha256 of the bytes), for a
+        later `write_tagged(..., if_match=tag)`."""
+        return self._retrying(lambda: self._read_tagged(key), key)
 
     def write(self, key: str, data: bytes, *, exclusive: bool = False) -> bool:
         """Commit `data` whole under `key`. With `exclusive`, returns False (and writes nothing)
         when the key already exists; otherwise always True."""
-        raise NotImplementedError
+        return self.write_tagged(key, data, exclusive=exclusive) is not None
+
+    def write_tagged(
+        self, key: str, data: bytes, *, exclusive: bool = False, if_match: str | None = None
+    ) -> str | None:
+        """`write`, conditionally: with `exclusive` only if the key is absent (S3
+        `If-None-Match: *`), with `if_match` only if the object there now has that tag (S3
+        `If-Match`: a compare-and-swap). Returns the new object's tag, or None when the condition
+        did not hold (nothing written)."""
+        if exclusive and if_match is not None:
+            raise ValueError("write_tagged: exclusive and if_match exclude each other")
+        return self._retrying(lambda: self._write(key, data, exclusive, if_match), key)
 
     def write_file(self, key: str, path: str) -> None:
         """Commit the local file `path` whole under `key`, streamed (never held in memory)."""
-        raise NotImplementedError
+        self._retrying(lambda: self._write_file(key, path), key)
 
     def exists(self, key: str) -> bool:
-        raise NotImplementedError
+        return self._retrying(lambda: self._exists(key), key)
 
     def list(self, prefix: str = "") -> list[str]:
         """All keys under `prefix` (recursively), sorted; temp files are never listed."""
-        raise NotImplementedError
+        return self._retrying(lambda: self._list(prefix), prefix)
 
     def delete(self, keys: Iterable[str]) -> None:
         """Remove keys that exist; missing keys are ignored."""
+        keys = list(keys)
+        if keys:
+            self._retrying(lambda: self._delete(keys), keys[0])
+
+    def delete_tagged(self, key: str, if_match: str) -> bool:
+        """Remove `key` only if the object there has the tag `if_match` (S3 `If-Match`); False
+        when it is absent or another object is there (nothing removed)."""
+        return self._retrying(lambda: self._delete_if(key, if_match), key)
+
+    def _retrying(self, call, key: str):
+        from .faults import retrying
+
+        try:
+            what = self.url(key) if key else self.uri
+        except StorageError:
+            what = self.uri
+        return retrying(call, what)
+
+    # One try each, in the subclasses.
+    def _read(self, key: str, max_bytes: int | None) -> bytes:
         raise NotImplementedError
+
+    def _read_tagged(self, key: str) -> tuple[bytes, str]:
+        raise NotImplementedError
+
+    def _write(self, key: str, data: bytes, exclusive: bool, if_match: str | None) -> str | None:
+        raise NotImplementedError
+
+    def _exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def _list(self, prefix: str) -> list[str]:
+        raise NotImplementedError
+
+    def _delete(self, keys: list[str]) -> None:
+        raise NotImplementedError
+
+    def _delete_if(self, key: str, if_match: str) -> bool:
+        raise NotImplementedError
+
+
+def content_tag(data: bytes) -> str:
+    """A local object's tag: the sha256 of its bytes."""
+    return hashlib.sha256(data).hexdigest()
 
 
 class LocalStorage(Storage):
@@ -210,7 +277,7 @@ class LocalStorage(Storage):
     def url(self, key: str) -> str:
         return str(self._path(key))
 
-    def read(self, key: str, max_bytes: int | None = None) -> bytes:
+    def _read(self, key: str, max_bytes: int | None) -> bytes:
         try:
             if max_bytes is None:
                 return self._path(key).read_bytes()
@@ -220,10 +287,14 @@ class LocalStorage(Storage):
         except IsADirectoryError:
             raise StorageError(f"{self.url(key)}: is a directory") from None
 
-    def write(self, key: str, data: bytes, *, exclusive: bool = False) -> bool:
+    def _read_tagged(self, key: str) -> tuple[bytes, str]:
+        data = self._read(key, None)
+        return data, content_tag(data)
+
+    def _write(self, key: str, data: bytes, exclusive: bool, if_match: str | None) -> str | None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp = self._temp(path)
         try:
             with open(tmp, "wb") as handle:
                 handle.write(data)
@@ -233,18 +304,21 @@ class LocalStorage(Storage):
                 try:
                     os.link(tmp, path)  # atomic, and fails if `path` exists
                 except FileExistsError:
-                    return False
+                    return None
+            elif if_match is not None:
+                if not self._swap(path, tmp, if_match):
+                    return None
             else:
                 os.replace(tmp, path)
         finally:
             if tmp.exists():
                 tmp.unlink()
-        return True
+        return content_tag(data)
 
-    def write_file(self, key: str, path: str) -> None:
+    def _write_file(self, key: str, path: str) -> None:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp = self._temp(target)
         try:
             shutil.copyfile(path, tmp)
             with open(tmp, "rb+") as handle:
@@ -254,10 +328,42 @@ class LocalStorage(Storage):
             if tmp.exists():
                 tmp.unlink()
 
-    def exists(self, key: str) -> bool:
+    def _temp(self, path: Path) -> Path:
+        return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+    def _swap(self, path: Path, tmp: Path | None, if_match: str) -> bool:
+        """Put `tmp` at `path` (None: remove `path`) only if `path` holds the bytes tagged
+        `if_match`. Conditional changes in one folder take turns on an exclusive `flock` of the
+        folder, so a check and its change are one step; the file itself is replaced with
+        `rename(2)` and is never absent meanwhile, so exclusive creates (`link(2)`, no lock)
+        cannot slip in. (Across hosts this needs a file system whose flock spans them.)"""
+        try:
+            folder = os.open(path.parent, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            try:
+                current = path.read_bytes()
+            except FileNotFoundError:
+                return False
+            if content_tag(current) != if_match:
+                return False
+            if tmp is None:
+                path.unlink()
+            else:
+                os.replace(tmp, path)
+            return True
+        finally:
+            os.close(folder)  # releases the lock
+
+    def _delete_if(self, key: str, if_match: str) -> bool:
+        return self._swap(self._path(key), None, if_match)
+
+    def _exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def list(self, prefix: str = "") -> list[str]:
+    def _list(self, prefix: str) -> list[str]:
         base = self._path(prefix) if prefix else self.root
         if base.is_file():
             return [prefix]
@@ -269,7 +375,7 @@ class LocalStorage(Storage):
                 keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
         return sorted(keys)
 
-    def delete(self, keys: Iterable[str]) -> None:
+    def _delete(self, keys: list[str]) -> None:
         parents = set()
         for key in keys:
             path = self._path(key)
@@ -314,6 +420,16 @@ def _read_regular_file(path: Path, max_bytes: int) -> bytes:
         os.close(fd)
 
 
+def _precondition_failed(exc: Exception) -> bool:
+    from botocore.exceptions import ClientError
+
+    if not isinstance(exc, ClientError):
+        return False
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412
+
+
 class S3Storage(Storage):
     def __init__(self, uri: str):
         self.bucket, prefix = split_s3(uri)
@@ -326,7 +442,7 @@ class S3Storage(Storage):
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
-    def read(self, key: str, max_bytes: int | None = None) -> bytes:
+    def _get(self, key: str, max_bytes: int | None) -> tuple[bytes, str]:
         try:
             response = s3_client().get_object(Bucket=self.bucket, Key=self._key(key))
             if max_bytes is not None:
@@ -337,42 +453,53 @@ class S3Storage(Storage):
                 data = response["Body"].read(max_bytes + 1)
                 if len(data) > max_bytes:
                     raise TooLargeError(f"{self.url(key)}: over the cap of {max_bytes} bytes")
-                return data
-            return response["Body"].read()
+            else:
+                data = response["Body"].read()
+            return data, str(response.get("ETag", ""))
         except Exception as exc:  # noqa: BLE001 - re-raised with a clean message
             raise _s3_error(exc, self.url(key)) from None
 
-    def write(self, key: str, data: bytes, *, exclusive: bool = False) -> bool:
+    def _read(self, key: str, max_bytes: int | None) -> bytes:
+        return self._get(key, max_bytes)[0]
+
+    def _read_tagged(self, key: str) -> tuple[bytes, str]:
+        return self._get(key, None)
+
+    def _write(self, key: str, data: bytes, exclusive: bool, if_match: str | None) -> str | None:
         from botocore.exceptions import ClientError
 
         kwargs = {"Bucket": self.bucket, "Key": self._key(key), "Body": data}
         if exclusive:
             kwargs["IfNoneMatch"] = "*"
+        if if_match is not None:
+            kwargs["IfMatch"] = if_match
+        conditional = exclusive or if_match is not None
         try:
-            s3_client().put_object(**kwargs)
+            response = s3_client().put_object(**kwargs)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if exclusive and (code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412):
-                return False
+            if conditional and _precondition_failed(exc):
+                return None
+            if if_match is not None and code in ("NoSuchKey", "404"):
+                return None  # nothing there to match
             if exclusive and code in ("NotImplemented", "501"):
                 # An S3-compatible store without conditional writes: check, then put.
-                if self.exists(key):
-                    return False
-                return self.write(key, data)
+                if self._exists(key):
+                    return None
+                return self._write(key, data, False, None)
             raise _s3_error(exc, self.url(key)) from None
         except Exception as exc:  # noqa: BLE001
             raise _s3_error(exc, self.url(key)) from None
-        return True
+        return str(response.get("ETag", ""))
 
-    def write_file(self, key: str, path: str) -> None:
+    def _write_file(self, key: str, path: str) -> None:
         """One upload (multipart when large): the object appears only when it is complete."""
         try:
             s3_client().upload_file(path, self.bucket, self._key(key))
         except Exception as exc:  # noqa: BLE001 - re-raised with a clean message
             raise _s3_error(exc, self.url(key)) from None
 
-    def exists(self, key: str) -> bool:
+    def _exists(self, key: str) -> bool:
         try:
             s3_client().head_object(Bucket=self.bucket, Key=self._key(key))
             return True
@@ -382,7 +509,7 @@ class S3Storage(Storage):
                 return False
             raise err from None
 
-    def list(self, prefix: str = "") -> list[str]:
+    def _list(self, prefix: str) -> list[str]:
         full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
         strip = len(self.prefix) + 1 if self.prefix else 0
         keys = []
@@ -395,14 +522,47 @@ class S3Storage(Storage):
             raise _s3_error(exc, self.url(prefix)) from None
         return sorted(keys)
 
-    def delete(self, keys: Iterable[str]) -> None:
-        keys = list(keys)
+    def _delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
             chunk = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
             try:
                 s3_client().delete_objects(Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
             except Exception as exc:  # noqa: BLE001
                 raise _s3_error(exc, self.uri) from None
+
+    def _delete_if(self, key: str, if_match: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            s3_client().delete_object(Bucket=self.bucket, Key=self._key(key), IfMatch=if_match)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if _precondition_failed(exc) or code in ("NoSuchKey", "404"):
+                return False
+            raise _s3_error(exc, self.url(key)) from None
+        except Exception as exc:  # noqa: BLE001
+            raise _s3_error(exc, self.url(key)) from None
+        return True
+
+    def download(self, key: str, dest: Path) -> None:
+        """Stream one object into the local file `dest` (written whole: temp + rename), retried
+        like every other call (a retry starts the object again)."""
+
+        def once() -> None:
+            tmp = dest.with_name(f".{dest.name}{TEMP_MARK}{uuid.uuid4().hex[:8]}")
+            try:
+                response = s3_client().get_object(Bucket=self.bucket, Key=self._key(key))
+                with open(tmp, "wb") as handle:
+                    for chunk in response["Body"].iter_chunks(1 << 20):
+                        handle.write(chunk)
+                os.replace(tmp, dest)
+            except Exception as exc:  # noqa: BLE001 - re-raised with a clean message
+                raise _s3_error(exc, self.url(key)) from None
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+
+        self._retrying(once, key)
 
 
 def open_storage(uri: str) -> Storage:
@@ -441,7 +601,14 @@ def uri_exists(uri: str) -> bool:
 
 
 def s3_objects(uri: str) -> list[dict]:
-    """[{key, size, etag}] for the object at `uri`, or every object under it as a folder."""
+    """[{key, size, etag}] for the object at `uri`, or every object under it as a folder
+    (retried like every storage call)."""
+    from .faults import retrying
+
+    return retrying(lambda: _s3_objects(uri), redact_uri(uri))
+
+
+def _s3_objects(uri: str) -> list[dict]:
     bucket, key = split_s3(uri)
     client = s3_client()
     try:

@@ -3,7 +3,8 @@
 An s3:// URI names one object (`.safetensors`/`.ckpt`) or a prefix holding a diffusers folder.
 The cache entry is keyed by the redacted URI plus the objects' ETags and sizes, so a changed
 object is downloaded again; concurrent workers on one machine take a file lock and download it
-once. The cache lives in `$SDGEN_CACHE_DIR`, else `$XDG_CACHE_HOME/sdgen`, else `~/.cache/sdgen`.
+once. Each object is streamed to its file and retried on transient faults like every storage
+call (`faults.retrying`). The cache lives in `$SDGEN_CACHE_DIR`, else `$XDG_CACHE_HOME/sdgen`, else `~/.cache/sdgen`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from .storage import is_s3, local_path, redact_uri, s3_client, s3_objects, split_s3
+from .storage import S3Storage, is_s3, local_path, redact_uri, s3_objects, split_s3
 
 COMPLETE = ".complete"
 
@@ -58,7 +59,7 @@ def download_s3_weights(uri: str, root: Path | None = None) -> str:
         if entry.exists():
             shutil.rmtree(entry)
         staging = root / f".{digest}.{uuid.uuid4().hex[:8]}"
-        client = s3_client()
+        bucket_storage = S3Storage(f"s3://{bucket}")  # its downloads are retried (faults.retrying)
         try:
             for obj in objects:
                 if single:
@@ -69,7 +70,7 @@ def download_s3_weights(uri: str, root: Path | None = None) -> str:
                         continue
                     dest = staging / name / relative
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(bucket, obj["key"], str(dest))
+                bucket_storage.download(obj["key"], dest)
             (staging / COMPLETE).write_text(identity)
             os.replace(staging, entry)
         finally:

@@ -11,7 +11,9 @@ Around that loop, each idea has its own module: the records (`record.py`: one `R
 worker), the generate call made from a record (`generation.py`, shared with `reproduce.py`), init
 images and their cache (`init_images.py`), and what happens when a batch fails (`isolation.py`:
 rows retried one by one; a failure of the worker rather than the rows is raised, and the
-distributor retries the shard elsewhere instead of committing it as errors).
+distributor retries the shard elsewhere instead of committing it as errors). A row that kills the
+worker process itself is narrowed down across attempts from the in-flight note written as rows
+are taken (`_after_a_death`).
 
 Nothing here knows about Ray.
 """
@@ -33,6 +35,7 @@ from typing import Any
 from PIL import Image
 
 from . import __version__
+from .faults import inject_row_fault
 from .generation import generation_request
 from .init_images import InitImageCache, InitImageError
 from .isolation import RowOutcome, generate_isolated
@@ -185,17 +188,33 @@ class ShardWorker:
 
     # ------------------------------------------------------------------------------ one shard
 
-    def run(self, task: ShardTask, attempt: int = 1, progress: Callable[[int], None] | None = None) -> ShardResult:
+    def run(
+        self,
+        task: ShardTask,
+        attempt: int = 1,
+        progress: Callable[[int], None] | None = None,
+        *,
+        after_death: bool = False,
+    ) -> ShardResult:
+        """Make and commit one shard. `after_death`: the shard's previous attempt ended in a
+        worker death (the distributor knows; an exception is not one), so the in-flight note it
+        left says which rows may have killed it (`_after_a_death`)."""
         started = time.perf_counter()
         writer = ShardWriter(self.output, task.shard_id, self.config.image_format, self.config.quality)
         try:
-            return self._run(task, attempt, progress or (lambda done: None), writer, started)
+            return self._run(task, attempt, progress or (lambda done: None), writer, started, after_death)
         except BaseException:
             writer.abort()
             raise
 
     def _run(
-        self, task: ShardTask, attempt: int, progress: Callable[[int], None], writer: ShardWriter, started: float
+        self,
+        task: ShardTask,
+        attempt: int,
+        progress: Callable[[int], None],
+        writer: ShardWriter,
+        started: float,
+        after_death: bool,
     ) -> ShardResult:
         statuses: Counter[str] = Counter()  # ok / error records handed to the writer
 
@@ -209,14 +228,21 @@ class ShardWorker:
         progress(len(reused))
 
         requests, rejected = self._check_rows(task, set(reused), attempt)
-        for record in rejected:
+        crashed: list[Record] = []
+        alone_first: set[int] = set()
+        if after_death:  # a failure that raised (e.g. a transient storage fault) never blames a row
+            requests, crashed, alone_first = self._after_a_death(task.shard_id, requests, attempt)
+        for record in rejected + crashed:
             writer.write(record)
             statuses[record.status] += 1
-        done = len(reused) + len(rejected)
+        if crashed:
+            writer.checkpoint()  # saved before anything else runs: it will not be tried again
+        done = len(reused) + len(rejected) + len(crashed)
         progress(done)
 
         generated = 0
-        for record, image, name in self._generate(requests, task.shard_id, attempt):
+        unsaved = 0  # rows finished since the last checkpoint
+        for record, image, name in self._generate(requests, task.shard_id, attempt, alone_first):
             if image is None:
                 writer.write(record)
             else:
@@ -224,9 +250,11 @@ class ShardWorker:
                 generated += 1
             statuses[record.status] += 1
             done += 1
-            if (done - len(reused) - len(rejected)) % self.config.batch_size == 0:
+            unsaved += 1
+            if unsaved == self.config.batch_size:
                 writer.checkpoint()
                 progress(done)
+                unsaved = 0
         writer.checkpoint()
         progress(done)
 
@@ -282,43 +310,100 @@ class ShardWorker:
 
     # ------------------------------------------------------------------------------ generation
 
-    def _generate(self, requests: list[RowRequest], shard: str, attempt: int) -> Iterator[tuple[Record, Any, str]]:
-        """(record, image or None, image file name) per row, as rows finish. Each forward shape's
-        rows go through one stream; a row's init image is read when the stream takes the row."""
-        # Every forward at one shape: `batch_rows` rows (1 in the batch-invariant mode).
-        shape = {"batch_invariant": self.config.batch_invariant, "fixed_batch": self.records.batch_rows}
-        # Every request carries its own settings; these are only the defaults the call needs.
+    def _after_a_death(
+        self, shard: str, requests: list[RowRequest], attempt: int
+    ) -> tuple[list[RowRequest], list[Record], set[int]]:
+        """Narrow down a row that crashes its worker process (a segfault, an abort in a native
+        library: nothing to catch), from the in-flight note the dead attempt left. Rows that may
+        have been in flight run first, each alone (`alone_first`); a row that was in flight
+        alone when its worker died — its second death, after its stream's — becomes its own
+        error record and is not generated again, so the shard's other rows commit. Returns the
+        requests still to generate, those error records, and the rows to run alone first."""
+        note = self.output.read_inflight(shard)
+        pending = {request.row: request for request in requests}
+        in_flight = [row for row in (note or {}).get("rows", []) if row in pending]
+        if not in_flight:
+            return requests, [], set()
+        if note.get("alone") and len(in_flight) == 1:
+            row = in_flight[0]
+            error = (
+                "the worker process died while generating this row, in its batch and then alone "
+                f"(attempt {note.get('attempt')}); not generated again"
+            )
+            record = self.records.build(pending[row], shard=shard, attempt=attempt, started_at=_now(), error=error)
+            return [r for r in requests if r.row != row], [record], set()
+        return requests, [], set(in_flight)
+
+    # ------------------------------------------------------------------------------ generation
+
+    def _generate(
+        self, requests: list[RowRequest], shard: str, attempt: int, alone_first: set[int] = frozenset()
+    ) -> Iterator[tuple[Record, Any, str]]:
+        """(record, image or None, image file name) per row, as rows finish: the rows of
+        `alone_first` (in flight when a worker died) first, each in a stream of its own, then
+        one stream per forward shape (`RowRequest.forward_key`)."""
+        alone = [[r] for r in sorted(requests, key=lambda r: r.row) if r.row in alone_first]
+        ordered = sorted((r for r in requests if r.row not in alone_first), key=lambda r: (r.forward_key(), r.row))
+        shared = [list(group) for _, group in groupby(ordered, key=RowRequest.forward_key)]
+        for rows in alone:
+            yield from self._stream(rows, shard, attempt, alone=True)
+        for rows in shared:
+            yield from self._stream(rows, shard, attempt, alone=False)
+
+    def _stream(
+        self, requests: list[RowRequest], shard: str, attempt: int, alone: bool
+    ) -> Iterator[tuple[Record, Any, str]]:
+        """One stream of rows of one forward shape through the pipeline (continuous batching)."""
+        # Every forward at one shape: `batch_rows` rows (1 in the batch-invariant mode). Every
+        # request carries its own settings; the defaults are only what the call needs.
         spec = self.config.sampler
-        defaults = dict(sampler=spec.name, karras=spec.karras, steps=spec.steps, guidance_scale=spec.guidance_scale)
-        defaults.update(width=spec.width, height=spec.height, **shape)
-        ordered = sorted(requests, key=lambda r: (r.forward_key(), r.row))
-        for _, group in groupby(ordered, key=RowRequest.forward_key):
-            unusable: list[Record] = []  # rows whose init image failed: error records, not generated
+        settings = dict(sampler=spec.name, karras=spec.karras, steps=spec.steps, guidance_scale=spec.guidance_scale)
+        settings.update(width=spec.width, height=spec.height, batch_invariant=self.config.batch_invariant)
+        settings["fixed_batch"] = self.records.batch_rows
+        unusable: list[Record] = []  # rows whose init image failed: error records, not generated
+        in_flight: set[int] = set()  # rows the stream has taken and not finished
 
-            def stream(rows: Iterator[tuple[Record, Image.Image | None, str]]) -> Iterator:
-                requests = (generation_request(record, init_image) for record, init_image, _ in rows)
-                return generate_finite(self.pipe, requests, **defaults)  # NaN/Inf: the row's error
+        def stream(rows: Iterator[tuple[Record, Image.Image | None, str]]) -> Iterator:
+            requests = (generation_request(record, init_image) for record, init_image, _ in rows)
+            return generate_finite(self.pipe, requests, **settings)  # NaN/Inf: the row's error
 
-            rows = self._prepared(list(group), shard, attempt, unusable)
-            for (record, _, name), outcome in generate_isolated(stream, rows, before_retry=release_memory):
-                while unusable:
-                    yield unusable.pop(0), None, ""
-                record, image = _finish(record, outcome)
-                yield record, image, name
+        rows = self._prepared(requests, shard, attempt, unusable, in_flight, alone)
+        for (record, _, name), outcome in generate_isolated(stream, rows, before_retry=release_memory):
             while unusable:
                 yield unusable.pop(0), None, ""
+            in_flight.discard(record.row)
+            record, image = _finish(record, outcome)
+            yield record, image, name
+        while unusable:
+            yield unusable.pop(0), None, ""
 
     def _prepared(
-        self, requests: list[RowRequest], shard: str, attempt: int, unusable: list[Record]
+        self,
+        requests: list[RowRequest],
+        shard: str,
+        attempt: int,
+        unusable: list[Record],
+        in_flight: set[int],
+        alone: bool,
     ) -> Iterator[tuple[Record, Image.Image | None, str]]:
         """(record, init image, image file name) of each row that can be generated, prepared when
-        it is asked for; the error record of each row that cannot goes to `unusable`."""
-        for request in requests:
-            record, init_image = self._prepare(request, shard, attempt)
-            if record.status == "ok":
+        the stream takes it; the error record of each row that cannot goes to `unusable`.
+
+        Before each `batch_size` rows are taken, the in-flight note names them and the rows still
+        in flight (`Output.write_inflight`): if the worker process dies, the next attempt knows
+        which rows may have killed it."""
+        size = self.config.batch_size
+        for start in range(0, len(requests), size):
+            chunk = requests[start : start + size]
+            self.output.write_inflight(shard, sorted(in_flight | {r.row for r in chunk}), alone, attempt)
+            for request in chunk:
+                record, init_image = self._prepare(request, shard, attempt)
+                if record.status != "ok":
+                    unusable.append(record)
+                    continue
+                inject_row_fault([record.id])  # test hook ($SDGEN_FAULT_CRASH_ROW); nothing otherwise
+                in_flight.add(request.row)
                 yield record, init_image, request.name
-            else:
-                unusable.append(record)
 
     def _prepare(self, request: RowRequest, shard: str, attempt: int) -> tuple[Record, Image.Image | None]:
         """The row's record before generation, and its init image (img2img); an error record

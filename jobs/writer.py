@@ -6,6 +6,11 @@ each batch, waits for the batch's images, completes its records with their facts
 write time: `Record.with_image`, on the calling thread; the pool never touches a record) and saves
 them as a partial file; `close()` waits for every image, then writes the shard's record file —
 the completion marker — in one piece.
+
+An image write never replaces a committed image with other bytes, whatever the lease says:
+each is created exclusively (local `link(2)`, S3 `If-None-Match: *`); when the key exists, equal
+bytes are fine, bytes a record refers to are an `ImageConflict` (the shard fails, uncommitted),
+and an orphan of a dead attempt is replaced only by a compare-and-swap on its tag.
 """
 
 from __future__ import annotations
@@ -58,6 +63,10 @@ def read_parameters(data: bytes) -> str | None:
     return None
 
 
+class ImageConflict(RuntimeError):
+    """An image write found a committed image with other bytes at its key (never replaced)."""
+
+
 class ShardWriter:
     """Writes one shard's images and records into an Output."""
 
@@ -77,14 +86,48 @@ class ShardWriter:
         started = time.perf_counter()
         data = encode_image(image, self.format, parameters, self.quality)
         key = self.output.image_key(self.shard, name, self.extension)
-        self.output.storage.write(key, data)
+        sha256 = hashlib.sha256(data).hexdigest()
+        if not self.output.storage.write(key, data, exclusive=True):  # S3: If-None-Match: *
+            self._replace_uncommitted(key, data, sha256)
         return StoredImage(
             path=key,
             uri=self.output.storage.url(key),
-            sha256=hashlib.sha256(data).hexdigest(),
+            sha256=sha256,
             format=self.format,
             seconds=time.perf_counter() - started,
         )
+
+    def _replace_uncommitted(self, key: str, data: bytes, sha256: str) -> None:
+        """`key` already holds an image. The same bytes (an earlier attempt's write of this
+        row): nothing to do. Other bytes referenced by a record — the shard's committed record
+        file or a saved batch — are never replaced (ImageConflict). Other bytes that no record
+        refers to (an attempt that died before saving its batch, on other hardware) are replaced,
+        only if still exactly those bytes (compare-and-swap on their tag)."""
+        storage = self.output.storage
+        try:
+            existing, tag = storage.read_tagged(key)
+        except FileNotFoundError:  # removed since: write it as new
+            if storage.write(key, data, exclusive=True):
+                return
+            existing, tag = storage.read_tagged(key)
+        if hashlib.sha256(existing).hexdigest() == sha256:
+            return
+        if self._referenced(key):
+            raise ImageConflict(
+                f"{storage.url(key)}: a committed image with other bytes is there; not overwritten "
+                "(another run writing this output, or a damaged resume state)"
+            )
+        if storage.write_tagged(key, data, if_match=tag) is None:
+            raise ImageConflict(f"{storage.url(key)}: changed by someone else while being written; not overwritten")
+
+    def _referenced(self, key: str) -> bool:
+        """Whether a record of this shard (committed, or saved in a partial file) names `key`."""
+        output = self.output
+        if output.storage.exists(output.record_key(self.shard)):
+            paths = output.read_records(self.shard, columns=["image_path"]).column("image_path").to_pylist()
+            if key in paths:
+                return True
+        return any(r.get("image_path") == key for r in output.read_partials(self.shard).values())
 
     def write(self, record: Record, image: Image.Image | None = None, *, name: str = "", parameters: str = "") -> None:
         """Keep `record`; with an image, commit it as `images/SHARD/NAME.EXT` (asynchronously),

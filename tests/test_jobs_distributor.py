@@ -43,7 +43,8 @@ class StandIn:
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.name, "f" * 64, "float32", "cpu", "stand-in", {"torch": "0"})
 
-    def run(self, task, attempt=1, progress=None) -> ShardResult:
+    def run(self, task, attempt=1, progress=None, after_death=False) -> ShardResult:
+        (self.folder / f"after-death-{task.shard_id}-{attempt}").write_text(str(after_death))
         crash_marker = self.folder / f"crashed-{task.shard_id}"
         if (self.folder / f"crash-{task.shard_id}").exists() and not crash_marker.exists():
             crash_marker.touch()
@@ -99,6 +100,9 @@ def test_a_dead_worker_restarts_and_its_shard_is_retried(tmp_path):
     assert sorted(outcome.results) == ["shard-00000", "shard-00001", "shard-00002"] and not outcome.failed
     assert outcome.results["shard-00001"].attempt == 2
     assert any("shard-00001 attempt 1 failed (worker died" in line for line in lines)
+    # The retry after the death is told so (the worker then narrows down a crashing row).
+    assert (tmp_path / "after-death-shard-00001-2").read_text() == "True"
+    assert (tmp_path / "after-death-shard-00000-1").read_text() == "False"
 
 
 def test_a_shard_that_keeps_failing_is_reported_not_committed(tmp_path):
@@ -108,6 +112,8 @@ def test_a_shard_that_keeps_failing_is_reported_not_committed(tmp_path):
     assert list(outcome.failed) == ["shard-00001"]
     assert "RuntimeError: cannot write shard-00001" in outcome.failed["shard-00001"]
     assert any("failed after 2 attempt(s)" in line for line in lines)
+    # An attempt after one that raised is not "after a death": no row is blamed for an exception.
+    assert (tmp_path / "after-death-shard-00001-2").read_text() == "False"
 
 
 def test_workers_that_cannot_start_give_one_clear_error(tmp_path):

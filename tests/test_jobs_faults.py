@@ -34,6 +34,7 @@ from conftest import (
     kill_session,
     manifest_schema,
     run_command,
+    session_pids,
     small_rows,
     spec_dict,
     write_manifest,
@@ -46,7 +47,13 @@ TABLE: list[tuple[str, str, str]] = []
 
 
 def note(fault: str, outcome: str) -> None:
+    fault, outcome = (_printable(text) for text in (fault, outcome))
     TABLE.append((os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[-1].split(" ")[0], fault, outcome))
+
+
+def _printable(text: str) -> str:
+    """Control characters (a NUL in a hostile path) written as escapes in the table."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,6 +69,13 @@ def fault_table():
             "`tests/faultproxy.py`). Every row's test also asserts the exactly-once invariant: record ids = "
             "manifest ids, each once; every ok image exists and matches its sha256; no committed shard "
             "regenerated.",
+            "",
+            "Tried elsewhere, on the same real parts: storage retries request by request through the fault proxy "
+            "(each transient kind ridden through, exactly N tries then `TransientStorageError`, permanent faults "
+            "tried once: `tests/test_jobs_storage.py`); the lease's compare-and-swap on local folders and moto's "
+            "S3 (a lost holder cannot overwrite the new lease, eight simultaneous takeovers leave one holder: "
+            "`tests/test_jobs_lease.py`); image writes never replacing a committed image "
+            "(`tests/test_jobs_writer.py`); a dry run changing nothing (`tests/test_jobs_runner.py`).",
             "",
             "| fault or input | what happened | test |",
             "|---|---|---|",
@@ -119,6 +133,11 @@ def start_run(spec: Path, env: dict | None = None) -> subprocess.Popen:
     )
 
 
+def tries(n: int) -> dict[str, str]:
+    """Environment for `n` storage tries per call with a short backoff (faults.Backoff)."""
+    return {"SDGEN_STORAGE_ATTEMPTS": str(n), "SDGEN_STORAGE_BACKOFF_S": "0.05", "SDGEN_STORAGE_BACKOFF_CAP_S": "0.2"}
+
+
 def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -145,19 +164,23 @@ def test_concurrent_run_refused_then_driver_killed_and_stale_lease_taken_over(tm
         assert "Traceback" not in second.stdout
         note("a second run on the same output while the first runs", "refused at once, exit 2, naming host/pid/start")
         wait_for(lambda: list((out / "records").glob("*.parquet")), 240, "a committed shard")
+        os.kill(first.pid, signal.SIGKILL)  # the driver alone: no clean-up at all
+        first.communicate(timeout=60)
+        # Its embedded Ray (GCS, raylet, agents, workers: all in the driver's session) goes too.
+        wait_for(lambda: not session_pids(first.pid), 20, "the killed driver's Ray processes to end")
     finally:
-        kill_session(first.pid)  # the driver and its embedded Ray, SIGKILL: no clean-up at all
-        first.communicate()
+        kill_session(first.pid)  # only if the above failed
     assert first.returncode == -signal.SIGKILL
     before = record_files(str(out))
     assert before and (out / "lease.json").exists()  # the dead run's lease is left behind
+    note("driver SIGKILLed mid-run (the driver process alone)", "its embedded Ray's processes all gone (watchdog)")
     status = run_command([PYTHON, "jobs/status.py", str(out)], check=False)
     assert status.returncode == 1 and ("interrupted" in status.stdout or "pending" in status.stdout)
     rerun = run_command([PYTHON, "jobs/run.py", str(spec)], timeout=300)
     assert "taking over the lease" in rerun.stdout and "is gone" in rerun.stdout
     assert_exactly_once(str(out), [r["id"] for r in rows], before)
     assert not (out / "lease.json").exists()
-    note("driver and embedded Ray killed (SIGKILL) mid-run", "lease left behind; status exit 1")
+    note("driver killed (SIGKILL) mid-run", "lease left behind; status exit 1")
     note("rerun after the driver kill (stale lease)", "lease taken over (pid gone), committed shards kept, exit 0")
 
 
@@ -210,6 +233,25 @@ def test_every_worker_killed_once(tmp_path):
     assert result.stdout.count("failed (worker died") == 2, result.stdout
     assert_exactly_once(str(out), [r["id"] for r in rows])
     note("both workers killed (SIGKILL) in their first shard", "restarted, shards retried, exit 0")
+
+
+def test_a_row_that_crashes_its_worker_becomes_its_own_error_record(tmp_path):
+    """A row whose generation kills the worker process (SIGSEGV, every time): the shard's
+    batch in flight is retried row by row, the row that kills its worker alone too becomes its
+    error record, and the shard's other rows commit: exit 0 within max_attempts (3)."""
+    rows = small_rows(6)
+    manifest = write_manifest(tmp_path / "m.parquet", rows, manifest_schema())
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "job.yaml", spec_dict(str(manifest), str(out), execution={"shard_size": 6}))
+    result = run_command([PYTHON, "jobs/run.py", str(spec)], env={"SDGEN_FAULT_CRASH_ROW": "r003"}, timeout=300)
+    assert result.stdout.count("failed (worker died") == 2, result.stdout
+    records = {r["id"]: r for r in assert_exactly_once(str(out), [r["id"] for r in rows])}
+    assert {i for i, r in records.items() if r["status"] == "error"} == {"r003"}
+    error = records["r003"]["error"]
+    assert "worker process died while generating this row, in its batch and then alone" in error
+    assert not list(out.glob("partial/**/*"))  # the in-flight note went with the commit
+    note("a row whose generation crashes its worker (SIGSEGV, every time)",
+         f"its batch retried row by row; that row's error record: `{error}`; the others committed; exit 0")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- hostile rows
@@ -299,7 +341,7 @@ def test_transient_s3_faults_never_become_error_records(tmp_path, s3, moto_endpo
     out = f"s3://{bucket}/out"
     spec = write_spec(tmp_path / "job.yaml", spec_dict(str(manifest), out, execution={"max_attempts": 2}))
     with FaultProxy(moto_endpoint) as proxy:
-        run_env = {**env, "AWS_ENDPOINT_URL": proxy.url, "SDGEN_S3_ATTEMPTS": "2", "SDGEN_S3_TIMEOUT": "2"}
+        run_env = {**env, "AWS_ENDPOINT_URL": proxy.url, **tries(2), "SDGEN_S3_TIMEOUT": "2"}
         # Permanent: access denied on the output -> refused before any work, one line.
         proxy.add(Rule("denied", method="PUT", path="/out/"))
         denied = run_command([PYTHON, "jobs/run.py", str(spec)], env=run_env, check=False, timeout=120)
@@ -335,57 +377,117 @@ def test_transient_s3_faults_never_become_error_records(tmp_path, s3, moto_endpo
         )
 
 
+def test_transient_faults_before_any_work_are_retried_and_else_exit_3(tmp_path, s3, moto_endpoint, tiny_pipe):
+    """The manifest and the weights on S3: faults that stop before the tries run out are ridden
+    through; a store that stays down is an infrastructure fault (exit 3, one line), not a
+    refusal (2)."""
+    from sdcore.weights import export_single_file
+
+    bucket, client, env = s3
+    export_single_file(tiny_pipe, tmp_path / "tiny.safetensors")
+    client.upload_file(str(tmp_path / "tiny.safetensors"), bucket, "models/tiny.safetensors")
+    rows = small_rows(3)
+    client.upload_file(str(write_manifest(tmp_path / "m.parquet", rows, manifest_schema())), bucket, "in/m.parquet")
+    out = f"s3://{bucket}/out"
+    spec = write_spec(
+        tmp_path / "job.yaml",
+        spec_dict(f"s3://{bucket}/in/m.parquet", out, model={"weights": f"s3://{bucket}/models/tiny.safetensors"}),
+    )
+
+    def hits(proxy, path: str) -> int:
+        return sum(1 for _, p in proxy.requests if p.split("?")[0].endswith(path))
+
+    with FaultProxy(moto_endpoint) as proxy:
+        run_env = {**env, "AWS_ENDPOINT_URL": proxy.url, **tries(3), "SDGEN_CACHE_DIR": str(tmp_path / "cache")}
+        for what, path, words in (
+            ("manifest", "/in/m.parquet", "before any work"),
+            ("weights", "/models/tiny.safetensors", "while loading the model"),
+        ):
+            proxy.clear()
+            proxy.add(Rule("503", path=path))
+            down = run_command([PYTHON, "jobs/run.py", str(spec)], env=run_env, check=False, timeout=180)
+            errors = [line for line in down.stdout.splitlines() if line.startswith("error:")]
+            assert down.returncode == 3, down.stdout
+            assert len(errors) == 1 and words in errors[0] and "gave up after 3 tries" in errors[0], down.stdout
+            assert "Traceback" not in down.stdout
+            assert hits(proxy, path) == 3  # exactly the tries, then given up
+            line = errors[0].replace(bucket, "BUCKET")
+            note(f"S3 503 on every read of the {what}", f"3 tries, then exit 3 with one line: `{line[:170]}…`")
+        proxy.clear()
+        proxy.add(Rule("500", path="/in/m.parquet", count=2))
+        proxy.add(Rule("slowdown", path="/models/tiny.safetensors", count=2))
+        proxy.add(Rule("reset", method="PUT", path="/out/lease.json", count=1))
+        run_command([PYTHON, "jobs/run.py", str(spec)], env=run_env, timeout=180)
+    assert_exactly_once(out, [r["id"] for r in rows])
+    note("S3 500 x2 on the manifest, SlowDown x2 on the weights, a reset on the lease", "retried, complete, exit 0")
+
+
 # --------------------------------------------------------------------------- randomised
 
 
-def test_randomised_kills_and_driver_kills(tmp_path):
-    """Seeded random kill points over short jobs: worker kills at random shard attempts, and
-    sometimes the driver killed after a random number of committed shards; then reruns until
-    complete. `SDGEN_FAULT_SEED` replays a seed, `SDGEN_FAULT_JOBS` runs more jobs (default 1,
-    to keep CI short); the seed is in every failure message."""
+def test_randomised_kills_and_driver_kills(tmp_path, ray_local, monkeypatch):
+    """Seeded random fault points over several short jobs of the tiny model (random sizes,
+    shard and batch sizes): the first job's driver (a real `jobs/run.py`) SIGKILLed after a
+    random number of commits; each other job either workers killed at random shard attempts or
+    a random row that crashes its worker every time. Then reruns until complete, and the
+    exactly-once invariant after each job (a crashing row: its own error record). Runs after
+    the first are `run_job` in this process on the session's Ray, which keeps the test short.
+    `SDGEN_FAULT_SEED` replays a seed, `SDGEN_FAULT_JOBS` sets the number of jobs (default 3);
+    the seed is in every failure."""
     seed = int(os.environ.get("SDGEN_FAULT_SEED") or random.randrange(2**31))
     rng = random.Random(seed)
-    for job in range(int(os.environ.get("SDGEN_FAULT_JOBS") or 1)):
-        where = f"seed {seed} job {job}"
-        rows = small_rows(rng.randint(4, 8))
+    for job in range(int(os.environ.get("SDGEN_FAULT_JOBS") or 3)):
+        rows = small_rows(rng.randint(4, 7))
         shard_size = rng.randint(2, 3)
         shards = -(-len(rows) // shard_size)
-        kills = sorted({f"shard-{rng.randrange(shards):05d}@{rng.randint(1, 3)}" for _ in range(rng.randint(0, 3))})
-        kill_driver_after = rng.choice([None, 1]) if shards > 1 else None
-        manifest = write_manifest(tmp_path / f"m{job}.parquet", rows, manifest_schema())
-        out = tmp_path / f"out{job}"
-        spec = write_spec(
-            tmp_path / f"job{job}.yaml",
-            spec_dict(str(manifest), str(out), execution={"shard_size": shard_size, "batch_size": rng.randint(1, 2)}),
-        )
-        env = {"SDGEN_FAULT_KILL": ",".join(kills)}
-        if kill_driver_after:
-            proc = start_run(spec, env)
-            try:
-                wait_for(
-                    lambda out=out: len(list((out / "records").glob("*.parquet"))) >= 1, 240, f"a commit ({where})"
-                )
-            finally:
-                kill_session(proc.pid)
-                proc.communicate()
-        before = record_files(str(out)) if (out / "records").exists() else {}
-        for _ in range(3):
-            result = run_command([PYTHON, "jobs/run.py", str(spec)], env=env, check=False, timeout=300)
-            assert result.returncode in (0, 1), f"{where}: {result.stdout}"
-            if result.returncode == 0:
-                break
-            env = {}  # a shard given up after max_attempts kills: the rerun retries it
+        # One kind of fault per job (each worker death costs a worker restart, seconds here):
+        # the first job's driver is killed; the others get worker kills or a crashing row.
+        kills, crash, kill_driver_after = [], None, None
+        if job == 0:
+            kill_driver_after = rng.randint(1, shards - 1)
+        elif rng.random() < 0.5:
+            kills = sorted({f"shard-{rng.randrange(shards):05d}@{rng.randint(1, 3)}" for _ in range(rng.randint(1, 2))})
         else:
-            raise AssertionError(f"{where}: not complete after 3 reruns")
+            crash = rng.choice(rows)["id"]
+        what = f"seed {seed} job {job}: kills {kills}, crashing row {crash}, driver killed after {kill_driver_after}"
         try:
-            assert_exactly_once(str(out), [r["id"] for r in rows], before)
+            _random_job(tmp_path / f"job{job}", rows, shard_size, rng, kills, crash, kill_driver_after, monkeypatch)
         except AssertionError as exc:
-            raise AssertionError(f"{where} (kills {kills}, driver killed: {bool(kill_driver_after)}): {exc}") from None
-        note(
-            f"random (seed {seed}): worker kills at {', '.join(kills) or 'none'}"
-            + (", driver killed after a commit" if kill_driver_after else ""),
-            "complete after reruns, exactly once",
-        )
+            raise AssertionError(f"{what}: {exc}") from None
+        note(f"random (seed {seed}) job {job}: " + what.split(": ", 1)[1], "complete after reruns, exactly once")
+
+
+def _random_job(folder, rows, shard_size, rng, kills, crash, kill_driver_after, monkeypatch) -> None:
+    from jobs.runner import run_job
+
+    manifest = write_manifest(folder / "m.parquet", rows, manifest_schema())
+    out = folder / "out"
+    execution = {"shard_size": shard_size, "batch_size": rng.randint(1, 2)}
+    spec = write_spec(folder / "job.yaml", spec_dict(str(manifest), str(out), execution=execution))
+    hooks = {"SDGEN_FAULT_KILL": ",".join(kills), "SDGEN_FAULT_CRASH_ROW": crash or ""}
+    if kill_driver_after:
+        proc = start_run(spec, hooks)
+        try:
+            wait_for(lambda: len(list((out / "records").glob("*.parquet"))) >= kill_driver_after, 240, "commits")
+        finally:
+            kill_session(proc.pid)
+            proc.communicate()
+        hooks["SDGEN_FAULT_KILL"] = ""  # the kills were the killed run's
+    before = record_files(str(out)) if (out / "records").exists() else {}
+    for _ in range(3):
+        for key, value in hooks.items():
+            monkeypatch.setenv(key, value)  # forwarded to the actors (distributor.FORWARDED_ENV)
+        summary = run_job(str(spec), log=lambda line: None, progress_every=60)
+        if summary["complete"]:
+            break
+        hooks["SDGEN_FAULT_KILL"] = ""  # a shard given up after max_attempts kills: the rerun retries it
+    else:
+        raise AssertionError("not complete after 3 runs")
+    records = assert_exactly_once(str(out), [r["id"] for r in rows], before)
+    errors = {r["id"]: r["error"] for r in records if r["status"] == "error"}
+    assert errors.keys() == ({crash} if crash else set()), errors
+    if crash:
+        assert "worker process died while generating this row" in errors[crash]
 
 
 def test_losing_the_endpoint_mid_run_is_exit_3_and_a_rerun_resumes(tmp_path, s3, moto_endpoint):
@@ -401,7 +503,7 @@ def test_losing_the_endpoint_mid_run_is_exit_3_and_a_rerun_resumes(tmp_path, s3,
         return len(client.list_objects_v2(Bucket=bucket, Prefix="out/records/").get("Contents", []))
 
     with FaultProxy(moto_endpoint) as proxy:
-        run_env = {**env, "AWS_ENDPOINT_URL": proxy.url, "SDGEN_S3_ATTEMPTS": "1", "SDGEN_S3_TIMEOUT": "2"}
+        run_env = {**env, "AWS_ENDPOINT_URL": proxy.url, **tries(1), "SDGEN_S3_TIMEOUT": "2"}
         proc = start_run(spec, run_env)
         try:
             wait_for(lambda: committed() >= 1, 240, "a committed shard")

@@ -88,3 +88,67 @@ def test_s3_lease_is_conditional(s3):
     first.renew()
     first.release()
     assert read_lease(open_storage(uri)) is None
+
+
+@pytest.fixture(params=["local", "s3"])
+def output_uri(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "out")
+    bucket, _, _ = request.getfixturevalue("s3")
+    return f"s3://{bucket}/out"
+
+
+def test_renewal_is_conditional_so_a_lost_holder_never_overwrites_the_new_one(output_uri):
+    storage = open_storage(output_uri)
+    a = OutputLease.acquire(output_uri, log=lambda s: None, ttl=60)
+    a.renew()
+    b = OutputLease.acquire(output_uri, break_lease=True, log=lambda s: None)
+    taken = storage.read(LEASE_FILE)
+    with pytest.raises(LeaseLost, match="taken over"):
+        a.renew()
+    a.lost = "taken over"
+    a.release()
+    assert storage.read(LEASE_FILE) == taken  # b's lease: neither overwritten nor deleted by a
+    # The condition is the object's tag, not the token inside it: any write since b's last one
+    # (here one that even keeps b's token, which a read-check-write renewal would not notice)
+    # makes b's renewal fail instead of overwriting it.
+    forged = json.dumps({**json.loads(taken), "renewed_at": 1.0}).encode()
+    storage.write(LEASE_FILE, forged)
+    with pytest.raises(LeaseLost):
+        b.renew()
+    assert storage.read(LEASE_FILE) == forged
+    b.release()  # not b's object any more: left alone
+    assert storage.read(LEASE_FILE) == forged
+
+
+def test_simultaneous_takeovers_of_a_stale_lease_leave_exactly_one_holder(output_uri):
+    """Eight runs take over the same stale lease at the same instant, three times: each time
+    exactly one holds it and the others are refused, naming a holder."""
+    import threading
+
+    storage = open_storage(output_uri)
+    storage.write("x", b"")  # the output exists (local: its folder)
+    for _ in range(3):
+        stale = {"token": "old", "host": "elsewhere", "pid": 1, "started_at": "t", "renewed_at": 1.0, "ttl": 60}
+        storage.write(LEASE_FILE, json.dumps(stale).encode())
+        barrier = threading.Barrier(8)
+        won, refused = [], []
+
+        def take(barrier=barrier, won=won, refused=refused):
+            barrier.wait()
+            try:
+                won.append(OutputLease.acquire(output_uri, log=lambda s: None, ttl=60))
+            except LeaseHeld as exc:
+                refused.append(str(exc))
+
+        threads = [threading.Thread(target=take) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1 and len(refused) == 7, (won, refused)
+        assert read_lease(storage).token == won[0].info.token
+        won[0].renew()  # the winner's lease is intact
+        assert all("in use by another run" in r or "at the same time" in r for r in refused)
+        won[0].release()
+        assert read_lease(storage) is None

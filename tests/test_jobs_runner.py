@@ -199,3 +199,29 @@ def test_summary_lines():
         ),
         "[sdgen]   shard-00002: RuntimeError: boom",
     ]
+
+
+def test_a_dry_run_changes_nothing_in_the_output(tmp_path):
+    """A dry run holds no lease, so it must not touch the output: not the stale partial files
+    a real run would clean up, not another run's lease, nothing."""
+    manifest = write_manifest(tmp_path / "m.parquet", small_rows(5), manifest_schema())
+    spec = load_spec(write_spec(tmp_path / "s.yaml", spec_dict(str(manifest), str(tmp_path / "out"))))
+    output = Output(spec.output)
+    info = WorkerInfo("w", "f" * 64, "float32", "cpu", "cpu", {})
+    output.write_job(job_document(spec, load_manifest(spec.manifest), info, None, {}))
+    output.commit_records("shard-00000", [{"row": r, "id": f"r{r}", "status": "ok"} for r in range(3)])
+    output.write_partial("shard-00000", [{"row": 0, "id": "r0", "status": "ok"}])  # stale: a real run deletes it
+    output.write_inflight("shard-00000", [1, 2], False, 1)
+    output.write_partial("shard-00001", [{"row": 3, "id": "r3", "status": "ok"}])
+    output.storage.write("lease.json", b'{"token": "another run"}')
+
+    def tree() -> dict[str, tuple[bytes, int]]:
+        files = sorted(p for p in (tmp_path / "out").rglob("*") if p.is_file())
+        return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+
+    before = tree()
+    summary = run_job(spec, dry_run=True, log=lambda s: None)
+    assert summary["shards"] == {"total": 2, "committed": 1, "to_run": 1}
+    assert tree() == before
+    plan_job(spec, log=lambda s: None)  # a real run's plan (under its lease) does clean up
+    assert [k.split("/")[1] for k in output.partial_files()] == ["shard-00001"]

@@ -128,3 +128,116 @@ def test_s3_errors_do_not_leak_credentials(s3, monkeypatch):
     with pytest.raises(FileNotFoundError) as info:
         read_uri(f"s3://{bucket}/missing")
     assert env["AWS_SECRET_ACCESS_KEY"] not in str(info.value)
+
+
+# --------------------------------------------------------------------------- retries (faults.retrying)
+
+
+@pytest.fixture
+def proxied(s3, moto_endpoint, monkeypatch):
+    """An S3Storage reached through the fault proxy: 4 tries, short backoff, 1 s timeouts."""
+    from faultproxy import FaultProxy
+
+    from jobs import storage
+
+    bucket, _, _ = s3
+    with FaultProxy(moto_endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        monkeypatch.setenv("SDGEN_STORAGE_ATTEMPTS", "4")
+        monkeypatch.setenv("SDGEN_STORAGE_BACKOFF_S", "0.01")
+        monkeypatch.setenv("SDGEN_STORAGE_BACKOFF_CAP_S", "0.05")
+        monkeypatch.setenv("SDGEN_S3_TIMEOUT", "1")
+        storage.reset_clients()
+        yield open_storage(f"s3://{bucket}/p"), proxy, bucket
+    storage.reset_clients()
+
+
+def _hits(proxy, method: str, path: str) -> int:
+    return sum(1 for m, p in proxy.requests if m == method and p.split("?")[0].endswith(path))
+
+
+def test_transient_faults_are_ridden_through(proxied):
+    """Three faults of each transient kind in a row on a write and on a read (4 tries): the
+    call succeeds, after exactly four requests."""
+    from faultproxy import Rule
+
+    storage, proxy, _ = proxied
+    for kind, count in (("500", 3), ("503", 3), ("slowdown", 3), ("reset", 3), ("stall", 1)):
+        proxy.add(Rule(kind, method="PUT", path=f"/p/{kind}", count=count, stall_s=2))
+        assert storage.write(kind, b"data-" + kind.encode())
+        proxy.add(Rule(kind, method="GET", path=f"/p/{kind}", count=count, stall_s=2))
+        assert storage.read(kind) == b"data-" + kind.encode()
+        assert _hits(proxy, "PUT", f"/p/{kind}") == count + 1, kind
+        assert _hits(proxy, "GET", f"/p/{kind}") == count + 1, kind
+    storage.write("listed/a", b"a")
+    proxy.add(Rule("503", method="GET", path="list-type=2", count=2))  # a listing too
+    assert storage.list("listed/") == ["listed/a"]
+    assert sum(1 for m, p in proxy.requests if m == "GET" and "list-type=2" in p) == 3
+
+
+def test_a_fault_that_outlasts_the_tries_is_a_transient_storage_error(proxied):
+    from faultproxy import Rule
+
+    from jobs.storage import TransientStorageError
+
+    storage, proxy, bucket = proxied
+    proxy.add(Rule("503", method="GET", path="/p/gone"))
+    with pytest.raises(TransientStorageError, match=r"p/gone.*gave up after 4 tries"):
+        storage.read("gone")
+    assert _hits(proxy, "GET", "/p/gone") == 4
+
+
+def test_permanent_faults_are_not_retried(proxied):
+    from faultproxy import Rule
+
+    from jobs.storage import TooLargeError, TransientStorageError
+
+    storage, proxy, bucket = proxied
+    storage.write("secret", b"x")
+    storage.write("big", b"0123456789")
+    proxy.add(Rule("denied", method="GET", path="/p/secret"))
+    with pytest.raises(StorageError, match="AccessDenied") as info:
+        storage.read("secret")
+    assert not isinstance(info.value, TransientStorageError)
+    with pytest.raises(FileNotFoundError):
+        storage.read("missing")
+    with pytest.raises(TooLargeError):
+        storage.read("big", max_bytes=4)
+    with pytest.raises(FileNotFoundError, match="no such bucket"):
+        open_storage("s3://no-such-bucket-sdgen/p").read("x")
+    for path in ("/p/secret", "/p/missing", "/p/big"):
+        assert _hits(proxy, "GET", path) == 1, path  # once: a permanent fault is final
+
+
+def test_backoff_settings_are_bounded_and_checked(monkeypatch):
+    import random
+
+    from jobs.faults import Backoff, SettingError, retrying
+
+    monkeypatch.setenv("SDGEN_STORAGE_ATTEMPTS", "5")
+    monkeypatch.setenv("SDGEN_STORAGE_BACKOFF_S", "0.25")
+    monkeypatch.setenv("SDGEN_STORAGE_BACKOFF_CAP_S", "1")
+    backoff = Backoff.from_env()
+    assert backoff == Backoff(attempts=5, base_s=0.25, cap_s=1.0)
+    rng = random.Random(0)
+    for tries, bound in ((1, 0.25), (2, 0.5), (3, 1.0), (8, 1.0)):
+        delays = [backoff.delay(tries, rng) for _ in range(200)]
+        assert all(0 <= d <= bound for d in delays) and max(delays) > bound * 0.8  # jitter over [0, bound]
+    slept: list[float] = []
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        raise ConnectionResetError("reset by peer")
+
+    from jobs.storage import TransientStorageError
+
+    with pytest.raises(TransientStorageError, match="gave up after 5 tries"):
+        retrying(flaky, "thing", sleep=slept.append)
+    assert len(calls) == 5 and len(slept) == 4
+    for name, value in (("SDGEN_STORAGE_ATTEMPTS", "0"), ("SDGEN_STORAGE_ATTEMPTS", "two"),
+                        ("SDGEN_STORAGE_BACKOFF_S", "-1"), ("SDGEN_STORAGE_BACKOFF_CAP_S", "nan")):  # fmt: skip
+        monkeypatch.setenv(name, value)
+        with pytest.raises(SettingError, match=rf"\${name}: expected"):
+            Backoff.from_env()
+        monkeypatch.delenv(name)

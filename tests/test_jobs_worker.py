@@ -216,3 +216,20 @@ def test_worker_info(tiny_pipe, tmp_path):
     info = make_worker(tiny_pipe, tmp_path).info()
     assert info.model_fingerprint == tiny_pipe.fingerprint and info.device == "cpu" and info.dtype == "float32"
     assert info.versions["sdcore"] and info.worker == "test-worker"
+
+
+def test_only_a_worker_death_can_blame_a_row(tmp_path, tiny_pipe):
+    """The in-flight note names row 1, run alone when its worker died: after a worker death
+    (the distributor says so) that row is its own error record and the others are generated;
+    after a failure that raised (a transient storage fault, say) the note blames nobody."""
+    task = one_shard(tmp_path, small_rows(3))
+    for after_death, errors in ((False, []), (True, [1])):
+        out = tmp_path / f"out-{after_death}"
+        Output(str(out)).write_inflight("shard-00000", [1], True, 2)
+        result = make_worker(tiny_pipe, out, batch_size=2).run(task, 3, after_death=after_death)
+        records = Output(str(out)).read_records("shard-00000").to_pylist()
+        assert [r["row"] for r in records if r["status"] == "error"] == errors
+        assert (result.ok, result.error) == (3 - len(errors), len(errors))
+        if errors:
+            assert "died while generating this row, in its batch and then alone (attempt 2)" in records[1]["error"]
+        assert Output(str(out)).partial_files() == []  # the note goes with the commit

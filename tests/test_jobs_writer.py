@@ -177,3 +177,46 @@ def test_an_image_needs_a_name(tmp_path):
     with pytest.raises(ValueError, match="row 0: an image needs a file name"):
         writer.write(record(0, "a"), picture())
     writer.abort()
+
+
+@pytest.fixture(params=["local", "s3"])
+def output_uri(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "out")
+    bucket, _, _ = request.getfixturevalue("s3")
+    return f"s3://{bucket}/out"
+
+
+def test_an_image_write_never_replaces_a_committed_image_with_other_bytes(output_uri):
+    from jobs.writer import ImageConflict
+
+    output = Output(output_uri)
+    storage = output.storage
+
+    def write(shard_rows, color, *, close=True, checkpoint=False):
+        writer = ShardWriter(output, "shard-00000")
+        for row, name in shard_rows:
+            writer.write(record(row, name), picture(color), name=name, parameters=PARAMS)
+        if checkpoint:
+            writer.checkpoint()
+        return writer.close() if close else writer
+
+    # A batch saved in a partial file (row 0) is referenced: other bytes are refused there.
+    write([(0, "a")], (1, 1, 1), close=False, checkpoint=True)
+    saved = storage.read("images/shard-00000/a.png")
+    with pytest.raises(ImageConflict, match="committed image with other bytes"):
+        write([(0, "a")], (9, 9, 9))
+    assert storage.read("images/shard-00000/a.png") == saved
+    # An orphan (no record names it: its attempt died before saving its batch) is replaced.
+    storage.write("images/shard-00000/b.png", b"left by a dead attempt")
+    # The same bytes as already there (an earlier attempt of the same row): fine.
+    assert write([(0, "a"), (1, "b")], (1, 1, 1)) is True
+    records = {r["id"]: r for r in output.read_records("shard-00000").to_pylist()}
+    for name in ("a", "b"):
+        data = storage.read(records[name]["image_path"])
+        assert hashlib.sha256(data).hexdigest() == records[name]["image_sha256"]
+    committed = storage.read("images/shard-00000/b.png")
+    # Committed (the shard's record file names it): other bytes are refused, the image kept.
+    with pytest.raises(ImageConflict):
+        write([(1, "b")], (7, 7, 7))
+    assert storage.read("images/shard-00000/b.png") == committed
