@@ -8,7 +8,9 @@ Around that loop, each idea has its own module: the records (`record.py`: one `R
 worker), the generate call made from a record (`generation.py`, shared with `reproduce.py`), init
 images and their cache (`init_images.py`), and what happens when a batch fails (`isolation.py`:
 rows retried one by one; a failure of the worker rather than the rows is raised, and the
-distributor retries the shard elsewhere instead of committing it as errors).
+distributor retries the shard elsewhere instead of committing it as errors). Storage work runs
+beside generation: the next batch's init images are read ahead (`InitImagePrefetch`), and the
+writer encodes, commits and saves a batch's images while the next one generates.
 
 Nothing here knows about Ray.
 """
@@ -31,7 +33,7 @@ from PIL import Image
 
 from . import __version__
 from .generation import generate_settings, generation_request
-from .init_images import InitImageCache, InitImageError
+from .init_images import InitImage, InitImageCache, InitImageError, InitImagePrefetch
 from .isolation import RowOutcome, generate_isolated
 from .manifest import RowRequest, parse_row
 from .numerics import generate_finite
@@ -119,7 +121,15 @@ def _now() -> datetime:
 
 
 class ShardWorker:
-    """Loads the model once; `run(task)` makes and commits one shard."""
+    """Loads the model once; `run(task)` makes and commits one shard.
+
+    Storage work overlaps generation: the next batch's init images are read while this batch
+    generates (`read_ahead`), and a batch's images are encoded, committed and saved while the
+    next one generates (`write_lag` batches may still be saving). Both off (False, 0) is the
+    plain sequential loop, for benchmarks (bench/worker_io.py)."""
+
+    read_ahead = True
+    write_lag = 1
 
     def __init__(self, config: WorkerConfig, pipeline: Any = None):
         import torch
@@ -184,7 +194,9 @@ class ShardWorker:
 
     def run(self, task: ShardTask, attempt: int = 1, progress: Callable[[int], None] | None = None) -> ShardResult:
         started = time.perf_counter()
-        writer = ShardWriter(self.output, task.shard_id, self.config.image_format, self.config.quality)
+        writer = ShardWriter(
+            self.output, task.shard_id, self.config.image_format, self.config.quality, lag=self.write_lag
+        )
         try:
             return self._run(task, attempt, progress or (lambda done: None), writer, started)
         except BaseException:
@@ -213,17 +225,30 @@ class ShardWorker:
         progress(done)
 
         generated = 0
-        for batch in self._batches(requests):
-            for (record, image), request in zip(self._generate(batch, task.shard_id, attempt), batch):
-                if image is None:
-                    writer.write(record)
-                else:
-                    writer.write(record, image, name=request.name, parameters=a1111_parameters(record))
-                    generated += 1
-                statuses[record.status] += 1
-            writer.checkpoint()
-            done += len(batch)
-            progress(done)
+        batches = self._batches(requests)
+        # Init images are read one batch ahead, and images are encoded and saved behind (the
+        # writer's pool and saver), so the model does not wait on storage between batches.
+        prefetch = InitImagePrefetch(self.init_images)
+        try:
+            ahead = None
+            for index, batch in enumerate(batches):
+                # raises a transient storage fault: the shard fails
+                loaded = (ahead or prefetch.submit(r.init_image_uri for r in batch)).result()
+                ahead = None
+                if self.read_ahead and index + 1 < len(batches):
+                    ahead = prefetch.submit(r.init_image_uri for r in batches[index + 1])
+                for (record, image), request in zip(self._generate(batch, task.shard_id, attempt, loaded), batch):
+                    if image is None:
+                        writer.write(record)
+                    else:
+                        writer.write(record, image, name=request.name, parameters=a1111_parameters(record))
+                        generated += 1
+                    statuses[record.status] += 1
+                writer.checkpoint()
+                done += len(batch)
+                progress(done)
+        finally:
+            prefetch.close()
 
         committed = writer.close()
         return ShardResult(
@@ -286,9 +311,16 @@ class ShardWorker:
 
     # ------------------------------------------------------------------------------ generation
 
-    def _generate(self, batch: list[RowRequest], shard: str, attempt: int) -> list[tuple[Record, Image.Image | None]]:
-        """(record, image or None) per row of the batch, in batch order."""
-        prepared = [self._prepare(request, shard, attempt) for request in batch]  # (record, init image)
+    def _generate(
+        self,
+        batch: list[RowRequest],
+        shard: str,
+        attempt: int,
+        loaded: dict[str, tuple[InitImage | InitImageError, float]],
+    ) -> list[tuple[Record, Image.Image | None]]:
+        """(record, image or None) per row of the batch, in batch order; `loaded`: the batch's
+        init images by URI (`InitImagePrefetch`)."""
+        prepared = [self._prepare(request, shard, attempt, loaded) for request in batch]  # (record, init image)
         results: list[tuple[Record, Image.Image | None]] = [(record, None) for record, _ in prepared]
         ready = [i for i, (record, _) in enumerate(prepared) if record.status == "ok"]
         if not ready:
@@ -304,19 +336,23 @@ class ShardWorker:
             results[i] = _finish(prepared[i][0], outcome)
         return results
 
-    def _prepare(self, request: RowRequest, shard: str, attempt: int) -> tuple[Record, Image.Image | None]:
-        """The row's record before generation, and its init image (img2img); an error record
-        when the init image cannot be used."""
+    def _prepare(
+        self,
+        request: RowRequest,
+        shard: str,
+        attempt: int,
+        loaded: dict[str, tuple[InitImage | InitImageError, float]],
+    ) -> tuple[Record, Image.Image | None]:
+        """The row's record before generation, and its init image (img2img, read ahead into
+        `loaded`); an error record when the init image cannot be used."""
         started_at = _now()
         init_image = error = sha256 = load_seconds = None
         if request.init_image_uri:
-            t0 = time.perf_counter()
-            try:
-                loaded = self.init_images.load(request.init_image_uri)
-            except InitImageError as exc:
-                error = str(exc)
+            result, seconds = loaded[request.init_image_uri]
+            if isinstance(result, InitImageError):
+                error = str(result)
             else:
-                init_image, sha256, load_seconds = loaded.image, loaded.sha256, time.perf_counter() - t0
+                init_image, sha256, load_seconds = result.image, result.sha256, seconds
         record = self.records.build(
             request,
             shard=shard,
