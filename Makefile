@@ -43,4 +43,4 @@ test: lint chromium
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-test
-	$(PY) bench/bench_sdcore.py
+	$(PY) bench/side_by_side.py

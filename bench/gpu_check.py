@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]  # not installed on the GPU machine
 
-from bench_sdcore import reference_pipeline  # noqa: E402 - needs the paths above
+from side_by_side import reference_pipeline  # noqa: E402 - needs the paths above
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from sdcore import GenerationRequest  # noqa: E402

@@ -22,8 +22,11 @@ import hashlib
 import io
 import os
 import re
+import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from PIL import Image
@@ -107,12 +110,20 @@ class InitImageCache:
         self._images: OrderedDict[str, InitImage] = OrderedDict()
         self.nbytes = 0
 
-    def load(self, uri: str) -> InitImage:
+    def get(self, uri: str) -> InitImage | None:
         cached = self._images.get(uri)
         if cached is not None:
             self._images.move_to_end(uri)
+        return cached
+
+    def load(self, uri: str) -> InitImage:
+        cached = self.get(uri)
+        if cached is not None:
             return cached
-        loaded = read_init_image(uri)
+        return self.put(uri, read_init_image(uri))
+
+    def put(self, uri: str, loaded: InitImage) -> InitImage:
+        """Keep `loaded` (read by the caller) as `uri`'s image; returns it."""
         if loaded.nbytes <= self.max_bytes:
             self._images[uri] = loaded
             self.nbytes += loaded.nbytes
@@ -125,6 +136,54 @@ class InitImageCache:
         return len(self._images)
 
 
+class InitImagePrefetch:
+    """Reads and decodes init images one batch ahead, on a background thread, so that the model
+    never waits on storage: `submit(uris)` starts a batch's reads, its future gives
+    uri -> (InitImage or InitImageError, seconds). The images a batch misses in the cache are
+    read in parallel (`readers` at once: each is mostly a storage round trip); the cache is only
+    used from the background thread. At most the batch being generated and the one after it are
+    held (plus the bounded cache). Any other exception (a transient storage fault) is raised by
+    the future: the shard fails."""
+
+    def __init__(self, cache: InitImageCache, readers: int = 4):
+        self.cache = cache
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="init-images")
+        self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="init-read")
+
+    @staticmethod
+    def _read(uri: str) -> tuple[InitImage | InitImageError, float]:
+        started = time.perf_counter()
+        try:
+            result: InitImage | InitImageError = read_init_image(uri)
+        except InitImageError as exc:
+            result = exc
+        return result, time.perf_counter() - started
+
+    def _load(self, uris: list[str]) -> dict[str, tuple[InitImage | InitImageError, float]]:
+        loaded: dict[str, tuple[InitImage | InitImageError, float]] = {}
+        misses = []
+        for uri in uris:
+            started = time.perf_counter()
+            cached = self.cache.get(uri)
+            if cached is None:
+                misses.append(uri)
+            else:
+                loaded[uri] = (cached, time.perf_counter() - started)
+        for uri, (result, seconds) in zip(misses, self._readers.map(self._read, misses)):
+            if isinstance(result, InitImage):
+                result = self.cache.put(uri, result)
+            loaded[uri] = (result, seconds)
+        return {uri: loaded[uri] for uri in uris}  # in the batch's order
+
+    def submit(self, uris: Iterable[str | None]) -> Future[dict[str, tuple[InitImage | InitImageError, float]]]:
+        """Start reading the distinct URIs among `uris` (None: a txt2img row), in order."""
+        return self._thread.submit(self._load, list(dict.fromkeys(u for u in uris if u)))
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True, cancel_futures=True)
+        self._readers.shutdown(wait=True)
+
+
 __all__ = [
     "DEFAULT_CACHE_BYTES",
     "DEFAULT_CAPACITY",
@@ -133,6 +192,7 @@ __all__ = [
     "InitImage",
     "InitImageCache",
     "InitImageError",
+    "InitImagePrefetch",
     "decode_init_image",
     "read_init_image",
 ]

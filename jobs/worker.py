@@ -13,7 +13,9 @@ images and their cache (`init_images.py`), and what happens when a batch fails (
 rows retried one by one; a failure of the worker rather than the rows is raised, and the
 distributor retries the shard elsewhere instead of committing it as errors). A row that kills the
 worker process itself is narrowed down across attempts from the in-flight note written as rows
-are taken (`_after_a_death`).
+are taken (`_after_a_death`). Storage work runs beside generation: init images are read
+`batch_size` rows ahead of the stream (`InitImagePrefetch`), and the writer encodes, commits and
+saves finished rows while the next ones generate.
 
 Nothing here knows about Ray.
 """
@@ -37,7 +39,7 @@ from PIL import Image
 from . import __version__
 from .faults import inject_row_fault
 from .generation import generation_request
-from .init_images import InitImageCache, InitImageError
+from .init_images import InitImage, InitImageCache, InitImageError, InitImagePrefetch
 from .isolation import RowOutcome, generate_isolated
 from .manifest import RowRequest, parse_row
 from .numerics import generate_finite
@@ -125,7 +127,15 @@ def _now() -> datetime:
 
 
 class ShardWorker:
-    """Loads the model once; `run(task)` makes and commits one shard."""
+    """Loads the model once; `run(task)` makes and commits one shard.
+
+    Storage work overlaps generation: the next `batch_size` rows' init images are read while the
+    current ones generate (`read_ahead`), and finished rows are encoded, committed and saved while
+    the next ones generate (`write_lag` checkpoints may still be saving). Both off (False, 0) is
+    the plain sequential loop, for benchmarks (bench/worker_io.py)."""
+
+    read_ahead = True
+    write_lag = 1
 
     def __init__(self, config: WorkerConfig, pipeline: Any = None):
         import torch
@@ -200,7 +210,9 @@ class ShardWorker:
         worker death (the distributor knows; an exception is not one), so the in-flight note it
         left says which rows may have killed it (`_after_a_death`)."""
         started = time.perf_counter()
-        writer = ShardWriter(self.output, task.shard_id, self.config.image_format, self.config.quality)
+        writer = ShardWriter(
+            self.output, task.shard_id, self.config.image_format, self.config.quality, lag=self.write_lag
+        )
         try:
             return self._run(task, attempt, progress or (lambda done: None), writer, started, after_death)
         except BaseException:
@@ -389,35 +401,50 @@ class ShardWorker:
         """(record, init image, image file name) of each row that can be generated, prepared when
         the stream takes it; the error record of each row that cannot goes to `unusable`.
 
-        Before each `batch_size` rows are taken, the in-flight note names them and the rows still
-        in flight (`Output.write_inflight`): if the worker process dies, the next attempt knows
-        which rows may have killed it."""
+        Rows are prepared `batch_size` at a time, the next chunk's init images read ahead on a
+        background thread. Before a chunk is taken, the in-flight note names its rows and those
+        still in flight (`Output.write_inflight`): if the worker process dies, the next attempt
+        knows which rows may have killed it."""
         size = self.config.batch_size
-        for start in range(0, len(requests), size):
-            chunk = requests[start : start + size]
-            self.output.write_inflight(shard, sorted(in_flight | {r.row for r in chunk}), alone, attempt)
-            for request in chunk:
-                record, init_image = self._prepare(request, shard, attempt)
-                if record.status != "ok":
-                    unusable.append(record)
-                    continue
-                inject_row_fault([record.id])  # test hook ($SDGEN_FAULT_CRASH_ROW); nothing otherwise
-                in_flight.add(request.row)
-                yield record, init_image, request.name
+        chunks = [requests[start : start + size] for start in range(0, len(requests), size)]
+        prefetch = InitImagePrefetch(self.init_images)
+        try:
+            ahead = None
+            for index, chunk in enumerate(chunks):
+                # raises a transient storage fault: the shard fails
+                loaded = (ahead or prefetch.submit(r.init_image_uri for r in chunk)).result()
+                ahead = None
+                if self.read_ahead and index + 1 < len(chunks):
+                    ahead = prefetch.submit(r.init_image_uri for r in chunks[index + 1])
+                self.output.write_inflight(shard, sorted(in_flight | {r.row for r in chunk}), alone, attempt)
+                for request in chunk:
+                    record, init_image = self._prepare(request, shard, attempt, loaded)
+                    if record.status != "ok":
+                        unusable.append(record)
+                        continue
+                    inject_row_fault([record.id])  # test hook ($SDGEN_FAULT_CRASH_ROW); nothing otherwise
+                    in_flight.add(request.row)
+                    yield record, init_image, request.name
+        finally:
+            prefetch.close()
 
-    def _prepare(self, request: RowRequest, shard: str, attempt: int) -> tuple[Record, Image.Image | None]:
-        """The row's record before generation, and its init image (img2img); an error record
-        when the init image cannot be used."""
+    def _prepare(
+        self,
+        request: RowRequest,
+        shard: str,
+        attempt: int,
+        loaded: dict[str, tuple[InitImage | InitImageError, float]],
+    ) -> tuple[Record, Image.Image | None]:
+        """The row's record before generation, and its init image (img2img, read ahead into
+        `loaded`); an error record when the init image cannot be used."""
         started_at = _now()
         init_image = error = sha256 = load_seconds = None
         if request.init_image_uri:
-            t0 = time.perf_counter()
-            try:
-                loaded = self.init_images.load(request.init_image_uri)
-            except InitImageError as exc:
-                error = str(exc)
+            result, seconds = loaded[request.init_image_uri]
+            if isinstance(result, InitImageError):
+                error = str(result)
             else:
-                init_image, sha256, load_seconds = loaded.image, loaded.sha256, time.perf_counter() - t0
+                init_image, sha256, load_seconds = result.image, result.sha256, seconds
         record = self.records.build(
             request,
             shard=shard,

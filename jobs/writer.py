@@ -1,11 +1,15 @@
 """Writer: commits a shard's images, then its records — nothing visible half-written.
 
-`ShardWriter.write(record, image)` encodes and commits the image (on a small thread pool, so a
-batch's images are encoded and uploaded in parallel) and keeps the record; `checkpoint()`, after
-each batch, waits for the batch's images, completes its records with their facts (path, sha256,
-write time: `Record.with_image`, on the calling thread; the pool never touches a record) and saves
-them as a partial file; `close()` waits for every image, then writes the shard's record file —
-the completion marker — in one piece.
+`ShardWriter.write(record, image)` hands the image to a small thread pool that encodes and
+commits it (a batch's images are encoded and uploaded in parallel) and keeps the record;
+`checkpoint()`, after each batch, hands the batch to a saver thread that waits for its images,
+completes its records with their facts (path, sha256, write time: `Record.with_image` returns a
+new record; the records given to `write` are never changed) and saves them as a partial file.
+`checkpoint()` returns at once, so the next batch is generated while this one is encoded and
+saved; it waits only when more than `lag` batches are still unsaved (memory stays bounded: at
+most `lag + 1` batches of images are held), and raises there if an earlier save failed.
+`close()` waits for every save and image in order — the first failure is raised and nothing is
+committed — then writes the shard's record file, the completion marker, in one piece.
 
 An image write never replaces a committed image with other bytes, whatever the lease says:
 each is created exclusively (local `link(2)`, S3 `If-None-Match: *`); when the key exists, equal
@@ -18,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from PIL import Image, PngImagePlugin
@@ -70,15 +75,26 @@ class ImageConflict(RuntimeError):
 class ShardWriter:
     """Writes one shard's images and records into an Output."""
 
-    def __init__(self, output: Output, shard: str, image_format: str = "png", quality: int = 95, threads: int = 4):
+    def __init__(
+        self,
+        output: Output,
+        shard: str,
+        image_format: str = "png",
+        quality: int = 95,
+        threads: int = 4,
+        lag: int = 1,
+    ):
         self.output = output
         self.shard = shard
         self.format = image_format
         self.extension = FORMAT_EXTENSIONS[image_format]
         self.quality = quality
+        self.lag = lag  # batches that may still be saving when checkpoint() returns
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"write-{shard}")
+        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"save-{shard}")
         # Written since the last checkpoint, each with its image commit (None: no image).
         self._pending: list[tuple[Record, Future[StoredImage] | None]] = []
+        self._saving: deque[Future[list[Record]]] = deque()  # checkpointed batches, in order
         self._complete: list[Record] = []  # the shard's records so far, image facts filled in
 
     def _commit_image(self, image: Image.Image, name: str, parameters: str) -> StoredImage:
@@ -131,7 +147,7 @@ class ShardWriter:
 
     def write(self, record: Record, image: Image.Image | None = None, *, name: str = "", parameters: str = "") -> None:
         """Keep `record`; with an image, commit it as `images/SHARD/NAME.EXT` (asynchronously),
-        carrying `parameters`. The record gets the image's facts at the next checkpoint."""
+        carrying `parameters`. The record gets the image's facts when its batch is saved."""
         future = None
         if image is not None:
             if not name:
@@ -144,33 +160,52 @@ class ShardWriter:
         record file as it is, and is not saved again."""
         self._complete.append(record)
 
-    def _settle(self) -> list[Record]:
-        """Wait for the pending images; the pending records, completed (raises if a write failed)."""
-        pending, self._pending = self._pending, []
-        settled = [record if future is None else record.with_image(future.result()) for record, future in pending]
-        self._complete.extend(settled)
+    @staticmethod
+    def _settle(pending: list[tuple[Record, Future[StoredImage] | None]]) -> list[Record]:
+        """Wait for the images; the records, completed with their facts (raises if a write failed)."""
+        return [record if future is None else record.with_image(future.result()) for record, future in pending]
+
+    def _save(self, pending: list[tuple[Record, Future[StoredImage] | None]]) -> list[Record]:
+        """On the saver thread: one batch's records, once its images are committed, as a partial file."""
+        settled = self._settle(pending)
+        self.output.write_partial(self.shard, [r.as_dict() for r in settled])
         return settled
 
+    def _collect(self, keep_unsaved: int) -> None:
+        """Wait for the oldest saves until at most `keep_unsaved` remain (raises a failed save's error)."""
+        while len(self._saving) > keep_unsaved:
+            self._complete.extend(self._saving.popleft().result())
+
     def checkpoint(self) -> None:
-        """Save the records since the last checkpoint as a partial file, once their images are
-        committed. It returns only when that is done, so a crash after it loses nothing of
-        this batch: at most the batch being generated is ever lost."""
-        settled = self._settle()
-        if settled:
-            self.output.write_partial(self.shard, [r.as_dict() for r in settled])
+        """Save the records since the last checkpoint as a partial file once their images are
+        committed, on the saver thread. Returns once at most `lag` batches are unsaved, so a
+        crash loses at most the batch being generated and the `lag` batches before it; an
+        exception (a failed batch) still saves every checkpointed batch (`abort`)."""
+        pending, self._pending = self._pending, []
+        if pending:
+            self._saving.append(self._saver.submit(self._save, pending))
+        self._collect(self.lag)
 
     def close(self) -> bool:
-        """Wait for every image, then write the record file. False if the shard was already
-        committed (by an earlier attempt that was thought lost). Raises if any write failed."""
+        """Wait for every save and image, then write the record file. False if the shard was
+        already committed (by an earlier attempt that was thought lost). Raises if any write
+        failed: nothing is committed then."""
         try:
-            self._settle()
+            self._collect(0)
+            self._complete.extend(self._settle(self._pending))
+            self._pending = []
         finally:
-            self._pool.shutdown(wait=True)
+            self._shutdown()
         committed = self.output.commit_records(self.shard, [r.as_dict() for r in self._complete])
         self.output.clear_partials(self.shard)
         return committed
 
-    def abort(self) -> None:
-        """After a failure: let the image writes already queued finish (they are whole
-        objects either way), commit nothing more."""
+    def _shutdown(self) -> None:
         self._pool.shutdown(wait=True)
+        self._saver.shutdown(wait=True)
+
+    def abort(self) -> None:
+        """After a failure: let the image writes and batch saves already queued finish (they
+        are whole objects either way), commit nothing more."""
+        self._pool.shutdown(wait=True)  # the saver waits on these images
+        self._saver.shutdown(wait=True)

@@ -233,3 +233,92 @@ def test_only_a_worker_death_can_blame_a_row(tmp_path, tiny_pipe):
         if errors:
             assert "died while generating this row, in its batch and then alone (attempt 2)" in records[1]["error"]
         assert Output(str(out)).partial_files() == []  # the note goes with the commit
+
+
+class Watching:
+    """The tiny pipeline; before its first stream hands back its first image it waits (up to a
+    guard timeout) for `event`, and notes whether it came: set by a read of the next batch's init
+    image, it can only come while the first rows generate if that image is read ahead (the stream
+    takes no new row before a slot is free)."""
+
+    def __init__(self, pipe, event):
+        self.pipe, self.event, self.calls, self.saw_next_read = pipe, event, 0, None
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def generate_stream(self, rows, **kwargs):
+        self.calls += 1
+        for finished, result in enumerate(self.pipe.generate_stream(rows, **kwargs)):
+            if self.calls == 1 and finished == 0:  # the first rows are done, none taken since
+                self.saw_next_read = self.event.wait(timeout=60)  # a guard against hanging, not a speed check
+            yield result
+
+
+def test_init_images_are_read_a_batch_ahead_each_once_for_its_own_rows(tmp_path, tiny_pipe, monkeypatch):
+    import threading
+
+    import jobs.init_images
+
+    colors = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+    for k, color in enumerate(colors):
+        init_image(tmp_path / "m" / "init" / f"{k}.png", color=color)
+    # Six img2img rows in batches of 2: init images 0, 1 | 2, 3 | 0, 1 (the last two from the cache).
+    task = one_shard(tmp_path, [img2img_row(f"r{i}", 0.75, f"init/{i % 4}.png") for i in range(6)])
+    reads = []
+    next_batch_read = threading.Event()
+    read = jobs.init_images.read_init_image
+
+    def counting_read(uri, *args, **kwargs):
+        reads.append(uri.rsplit("/", 1)[-1])
+        if uri.endswith("/2.png"):
+            next_batch_read.set()
+        return read(uri, *args, **kwargs)
+
+    monkeypatch.setattr(jobs.init_images, "read_init_image", counting_read)
+    watching = Watching(tiny_pipe, next_batch_read)
+    result = make_worker(tiny_pipe, tmp_path / "out", batch_size=2, pipeline=watching).run(task)
+
+    assert (result.ok, result.error) == (6, 0)
+    assert watching.saw_next_read is True  # batch 2's image was read while batch 1 generated
+    assert sorted(reads) == ["0.png", "1.png", "2.png", "3.png"]  # each image read once
+    records = Output(str(tmp_path / "out")).read_records("shard-00000").to_pylist()
+    assert [r["row"] for r in records] == list(range(6))  # one record per row
+    for r in records:  # each row got its own init image
+        expected = hashlib.sha256((tmp_path / "m" / "init" / f"{r['row'] % 4}.png").read_bytes()).hexdigest()
+        assert r["init_image_sha256"] == expected and r["init_image"] == f"init/{r['row'] % 4}.png"
+
+
+def test_a_failed_background_image_write_fails_the_shard_and_commits_nothing(tmp_path, tiny_pipe):
+    from jobs.storage import LocalStorage
+
+    class Broken:
+        """Local storage whose write of one image of the second batch fails."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def write(self, key, data, *, exclusive=False):
+            if key.endswith("/r002.png"):
+                raise OSError("connection reset while uploading")
+            return self.inner.write(key, data, exclusive=exclusive)
+
+    task = one_shard(tmp_path, small_rows(6))
+    out = tmp_path / "out"
+    worker = make_worker(tiny_pipe, out, batch_size=2)
+    worker._output = Output(str(out), storage=Broken(LocalStorage(str(out))))
+    with pytest.raises(OSError, match="connection reset while uploading"):
+        worker.run(task)
+    output = Output(str(out))
+    assert output.committed_shards() == set()
+    saved = output.read_partials("shard-00000")
+    # The failed batch (rows 2, 3) was not saved; the saved batches' images are all there.
+    assert {0, 1} <= set(saved) and not {2, 3} & set(saved)
+    for r in saved.values():
+        assert hashlib.sha256((out / r["image_path"]).read_bytes()).hexdigest() == r["image_sha256"]
+    retried = make_worker(tiny_pipe, out, batch_size=2).run(task)  # storage works again
+    assert (retried.ok, retried.reused, retried.generated) == (6, len(saved), 6 - len(saved))
+    assert [r["row"] for r in output.read_records("shard-00000").to_pylist()] == list(range(6))

@@ -140,7 +140,7 @@ def test_failed_image_write_fails_the_shard_and_commits_nothing(tmp_path):
 
 
 def test_the_writer_does_not_change_the_records_it_is_given(tmp_path):
-    """Image facts reach the committed record through a new record, made on the calling thread."""
+    """Image facts reach the committed record through a new record; the given one is unchanged."""
     output = Output(str(tmp_path))
     writer = ShardWriter(output, "shard-00000")
     given = [record(0, "a"), record(1, "b", error="prompt is missing")]
@@ -194,7 +194,7 @@ def test_an_image_write_never_replaces_a_committed_image_with_other_bytes(output
     storage = output.storage
 
     def write(shard_rows, color, *, close=True, checkpoint=False):
-        writer = ShardWriter(output, "shard-00000")
+        writer = ShardWriter(output, "shard-00000", lag=0)  # checkpoint() returns once saved
         for row, name in shard_rows:
             writer.write(record(row, name), picture(color), name=name, parameters=PARAMS)
         if checkpoint:
@@ -220,3 +220,33 @@ def test_an_image_write_never_replaces_a_committed_image_with_other_bytes(output
     with pytest.raises(ImageConflict):
         write([(1, "b")], (7, 7, 7))
     assert storage.read("images/shard-00000/b.png") == committed
+
+
+def test_checkpoint_saves_behind_and_a_failed_background_write_is_raised_not_committed(tmp_path):
+    import threading
+
+    gate = threading.Event()
+
+    class Gated(RecordingStorage):
+        def write(self, key, data, *, exclusive=False):
+            if key.startswith("images/"):
+                if not gate.wait(timeout=60):  # a guard against hanging, not a speed check
+                    raise TimeoutError("checkpoint waited for its own batch")
+                if key.endswith("/b.png"):
+                    raise OSError("disk full")
+            return super().write(key, data, exclusive=exclusive)
+
+    storage = Gated(LocalStorage(str(tmp_path)))
+    output = Output(str(tmp_path), storage=storage)
+    writer = ShardWriter(output, "shard-00000", lag=1)
+    writer.write(record(0, "a"), picture(), name="a", parameters=PARAMS)
+    writer.checkpoint()  # returns while batch 1's image is still being written
+    assert storage.order == []
+    writer.write(record(1, "b"), picture(), name="b", parameters=PARAMS)
+    gate.set()
+    writer.checkpoint()  # batch 1 saved; batch 2's image write fails in the background
+    assert output.partial_keys("shard-00000") != []
+    with pytest.raises(OSError, match="disk full"):
+        writer.close()
+    assert output.committed_shards() == set()
+    assert sorted(output.read_partials("shard-00000")) == [0]
