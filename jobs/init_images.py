@@ -137,10 +137,10 @@ class InitImageCache:
 
 
 class InitImagePrefetch:
-    """Reads and decodes init images one batch ahead, on a background thread, so that the model
-    never waits on storage: `submit(uris)` starts a batch's reads, its future gives
-    uri -> (InitImage or InitImageError, seconds). The images a batch misses in the cache are
-    read in parallel (`readers` at once: each is mostly a storage round trip); the cache is only
+    """Reads and decodes init images one batch (`batch_size` rows of the stream) ahead, on a
+    background thread, so that the model never waits on storage: `submit(uris)` starts a batch's
+    reads, its future gives uri -> (InitImage or InitImageError, seconds). The images a batch
+    misses in the cache are read in parallel (`readers` at once: each is mostly a storage round trip); the cache is only
     used from the background thread. At most the batch being generated and the one after it are
     held (plus the bounded cache). Any other exception (a transient storage fault) is raised by
     the future: the shard fails."""

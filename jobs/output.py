@@ -6,12 +6,14 @@ OUTPUT/
   records/SHARD.parquet       one record per manifest row of the shard; written once, last:
                               the shard's completion marker
   summary.json                counts, timings, throughput (rewritten at the end of each run)
-  partial/SHARD/*.parquet     records of batches of a shard not yet committed (after their
-                              images); a rerun keeps them, so a crash loses at most the batch
-                              in flight. Deleted once the shard's record file is written.
+  partial/SHARD/*.parquet     records of finished rows of a shard not yet committed, saved every
+                              batch_size rows (after their images); a rerun keeps them, so a
+                              crash loses at most the rows in flight and the last unsaved ones.
+                              Deleted once the shard's record file is written.
   index.html, report-page-N.html, report-pages.html, thumbs/SHARD/*.jpg
                               the HTML report (jobs/report.py)
-  partial/SHARD/inflight.json the rows being generated now (written before each batch): after
+  partial/SHARD/inflight.json the rows that may be generating now (written before the stream
+                              takes each batch_size rows): after
                               a worker death, which rows were in flight (see worker.py)
 """
 
@@ -154,7 +156,7 @@ class Output:
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(shards)))) as pool:
             return dict(zip(shards, pool.map(count, shards)))
 
-    # -- partial records (per batch, before the shard commits)
+    # -- partial records (every batch_size finished rows, before the shard commits)
     def write_partial(self, shard: str, records: list[dict[str, Any]]) -> None:
         first = min(r["row"] for r in records)
         key = f"{self.partial_prefix(shard)}{first:012d}-{uuid.uuid4().hex[:8]}.parquet"

@@ -2,9 +2,10 @@
 
 `ShardWriter.write(record, image)` hands the image to a small thread pool that encodes and
 commits it (a batch's images are encoded and uploaded in parallel) and keeps the record;
-`checkpoint()`, after each batch, hands the batch to a saver thread that waits for its images,
-completes its records with their facts (path, sha256, write time: `Record.with_image` returns a
-new record; the records given to `write` are never changed) and saves them as a partial file.
+`checkpoint()`, after every `batch_size` finished rows (a "batch" here), hands the batch to a
+saver thread that waits for its images, completes its records with their facts (path, sha256,
+write time: `Record.with_image` returns a new record; the records given to `write` are never
+changed) and saves them as a partial file.
 `checkpoint()` returns at once, so the next batch is generated while this one is encoded and
 saved; it waits only when more than `lag` batches are still unsaved (memory stays bounded: at
 most `lag + 1` batches of images are held), and raises there if an earlier save failed.
