@@ -33,7 +33,10 @@ def job_status(uri: str) -> dict:
     rows, size = job["manifest"]["rows"], job["shards"]["size"]
     done = output.committed_shards()
     counts = output.count_records(done)
-    partial_rows = Counter(k.split("/")[1] for k in output.partial_keys())
+    partial_files = output.partial_files()
+    # A shard a run started: saved batches, or at least the in-flight note of its first rows.
+    started = {k.split("/")[1] for k in partial_files}
+    partial_rows = Counter(k.split("/")[1] for k in partial_files if k.endswith(".parquet"))
     failed = summary.get("failed_shards", {})
     running = live_lease(output.storage) is not None  # a run holds the output now
     shards = []
@@ -43,9 +46,9 @@ def job_status(uri: str) -> dict:
             entry.update(state="done", **counts[shard])
         elif shard in failed:
             entry.update(state="failed", error=failed[shard])
-        elif shard in partial_rows:
-            # Batches saved but not committed: being worked on while a run holds the lease,
-            # else left by a run that stopped (interrupted, killed); a rerun resumes it.
+        elif shard in started:
+            # Started but not committed: being worked on while a run holds the lease, else left
+            # by a run that stopped (interrupted, killed); a rerun resumes it.
             entry.update(state="running" if running else "interrupted", partial_files=partial_rows[shard])
         else:
             entry.update(state="pending")

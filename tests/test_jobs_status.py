@@ -72,3 +72,13 @@ def test_all_lists_every_shard(tmp_path, capsys):
     assert "shard-00000" in format_status(job_status(str(tmp_path)), show_all=True)
     assert main([str(tmp_path), "--all"], prog="sdgen status") == 1
     assert ["shard-00000", "done"] in [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
+
+
+def test_a_shard_stopped_in_its_first_rows_is_interrupted(tmp_path):
+    """A run that died before saving any batch of a shard left only the in-flight note: the shard
+    was started, so it is interrupted (not pending), with no batch file saved."""
+    output = make_output(tmp_path)
+    output.write_inflight("shard-00003", [6], False, 1)
+    entry = job_status(str(tmp_path))["shard_list"][3]
+    assert (entry["state"], entry["partial_files"]) == ("interrupted", 0)
+    assert "0 batch file(s) saved" in format_status(job_status(str(tmp_path)))
