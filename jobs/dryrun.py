@@ -189,7 +189,9 @@ def dry_run(spec: JobSpec, manifest: Manifest, plan_counts: dict[str, Any], log:
         f"[sdgen] dry run: {s.width}x{s.height}, {s.steps} steps, sampler {s.name}"
         f"{' (karras)' if s.karras else ''}, guidance {s.guidance_scale}, dtype {spec.model.dtype}, "
         f"device {resolved['device']} (this machine), {resolved['workers']} worker(s), batch {ex.batch_size}, "
-        f"shard {ex.shard_size}" + (f", {resolved['threads']} CPU threads" if resolved["threads"] else "")
+        f"shard {ex.shard_size}"
+        + (f", {resolved['threads']} CPU threads" if resolved["threads"] else "")
+        + (f", UNet compiled ({ex.compile_mode})" if ex.compile_mode != "none" else "")
     )
     rows = check_rows(spec, manifest)
     log(
@@ -221,7 +223,13 @@ def dry_run(spec: JobSpec, manifest: Manifest, plan_counts: dict[str, Any], log:
     )
     return {
         **plan_counts,
-        "settings": {**dataclasses.asdict(s), "dtype": cal["dtype"], **resolved, "batch_size": ex.batch_size},
+        "settings": {
+            **dataclasses.asdict(s),
+            "dtype": cal["dtype"],
+            **resolved,
+            "batch_size": ex.batch_size,
+            "compile": ex.compile_mode,
+        },
         "weights": {"uri": redact_uri(spec.model.weights), "fingerprint": cal["fingerprint"]},
         "rows": rows,
         "calibration": cal,

@@ -94,6 +94,10 @@ class Record:
     # manifest column order; null when the manifest has none. Added last: earlier columns keep
     # their order.
     labels: String | None = None
+    # Kernel choices that decide the last bits (sdcore.kernels), as a JSON object: "compile" (none
+    # | default | reduce-overhead: torch.compile, with CUDA graphs) and, on CUDA, the cuDNN and
+    # determinism settings. Null in records written before it (eager, default settings).
+    kernels: String | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Record:
@@ -204,6 +208,7 @@ class RecordBuilder:
     sdgen_version: str
     worker: str
     cuda_visible_devices: str | None = None
+    kernels: str | None = None  # JSON, see Record.kernels
 
     def build(
         self,

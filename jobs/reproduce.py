@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import hashlib
 import io
+import json
 import math
 import os
 import sys
@@ -115,14 +116,19 @@ class Reproducer:
         weights = self.weights_override or record.model_weights
         device = self.device or (record.device if record.device != "cuda" or torch.cuda.is_available() else "cpu")
         dtype = self.dtype or record.dtype
-        key = (weights, device, dtype)
+        compile_mode = json.loads(record.kernels or "{}").get("compile", "none")
+        if compile_mode == "reduce-overhead" and torch.device(device).type != "cuda":
+            compile_mode = "default"  # CUDA graphs replay the same kernels; off CUDA, compile alone
+        key = (weights, device, dtype, compile_mode)
         if torch.device(device).type == "cpu" and record.threads:
             torch.set_num_threads(int(record.threads))  # CPU sums depend on the thread count
         if key not in self._pipes:
+            sdcore.exact_kernels(device)  # as the worker had them (before the first CUDA work)
             try:
                 pipe = sdcore.load_pipeline(resolve_weights(weights), device=device, dtype=dtype)
             except (FileNotFoundError, ValueError, OSError, StorageError) as exc:
                 raise ReproduceError(f"cannot load the weights {redact_uri(weights)} ({exc}); pass --weights") from None
+            sdcore.compile_unet(pipe, compile_mode)  # a compiled UNet's bits differ from eager ones
             self._pipes[key] = pipe
         pipe = self._pipes[key]
         if pipe.fingerprint != record.model_fingerprint:

@@ -263,6 +263,7 @@ def worker_config(spec: JobSpec) -> WorkerConfig:
         dtype=spec.model.dtype,
         batch_size=spec.execution.batch_size,
         batch_invariant=spec.execution.batch_invariant,
+        compile_mode=spec.execution.compile_mode,
         image_format=spec.image.format,
         quality=spec.image.quality,
     )

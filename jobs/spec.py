@@ -65,6 +65,16 @@ class ExecutionSpec:
     # true: a local `output` is on storage every node mounts (NFS, EFS...); without it a local
     # output is refused on a cluster whose workers run on other nodes (jobs/cluster.py).
     shared_output: bool = False
+    # torch.compile the UNet (sdcore/kernels.py): false (default; measured slower at SD 1.5 size
+    # on CPU) | true. cuda_graphs: true compiles with CUDA graphs too (CUDA workers only). Both
+    # change the images' last bits, repeatably: records keep them and reproduce does the same.
+    compile: bool = False
+    cuda_graphs: bool = False
+
+    @property
+    def compile_mode(self) -> str:
+        """sdcore.kernels.compile_unet's mode for these settings."""
+        return "reduce-overhead" if self.cuda_graphs else "default" if self.compile else "none"
 
 
 @dataclass(frozen=True)
@@ -247,6 +257,8 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
             "cpu_threads",
             "batch_invariant",
             "shared_output",
+            "compile",
+            "cuda_graphs",
         },
     )
     d = ExecutionSpec()
@@ -267,7 +279,11 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
         cpu_threads=auto_ints["cpu_threads"],
         batch_invariant=c.boolean(e, "batch_invariant", "execution.batch_invariant", d.batch_invariant),
         shared_output=c.boolean(e, "shared_output", "execution.shared_output", d.shared_output),
+        compile=c.boolean(e, "compile", "execution.compile", d.compile),
+        cuda_graphs=c.boolean(e, "cuda_graphs", "execution.cuda_graphs", d.cuda_graphs),
     )
+    if execution.cuda_graphs and execution.device == "cpu":
+        errors.append("execution.cuda_graphs: CUDA graphs need CUDA workers, but execution.device is cpu")
 
     i = c.section(data, "image", {"format", "quality"})
     image = ImageSpec(

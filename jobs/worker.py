@@ -23,6 +23,7 @@ Nothing here knows about Ray.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import socket
@@ -65,6 +66,7 @@ class WorkerConfig:
     device: str = "cpu"  # cpu | cuda (resolved by the distributor)
     batch_size: int = 8
     batch_invariant: bool = False  # see ExecutionSpec.batch_invariant
+    compile_mode: str = "none"  # sdcore.kernels.compile_unet (ExecutionSpec.compile, cuda_graphs)
     image_format: str = "png"
     quality: int = 95
     threads: int | None = None  # torch intra-op threads on CPU (same for every worker of a job)
@@ -146,12 +148,16 @@ class ShardWorker:
             # by thread), so every worker of a job uses the same count, whatever the number of
             # workers, and records it.
             torch.set_num_threads(config.threads)
+        import sdcore
+
+        # Before the first CUDA work: repeatable kernel choices (recorded with every image).
+        kernels = sdcore.exact_kernels(config.device)
         if pipeline is None:
             if config.device == "cuda" and not torch.cuda.is_available():
                 raise RuntimeError("execution.device is cuda but this worker sees no CUDA device")
-            import sdcore
-
             pipeline = sdcore.load_pipeline(resolve_weights(config.weights), device=config.device, dtype=config.dtype)
+        sdcore.compile_unet(pipeline, config.compile_mode)
+        kernels["compile"] = config.compile_mode
         self.pipe = pipeline
         self.name = config.name or f"{socket.gethostname()}:{os.getpid()}"
         versions = software_versions()
@@ -182,6 +188,7 @@ class ShardWorker:
             sdgen_version=__version__,
             worker=self.name,
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES") or None,
+            kernels=json.dumps(kernels, sort_keys=True),
         )
         self.init_images = InitImageCache()
         self._output: Output | None = None

@@ -15,6 +15,8 @@ _LAZY = {
     "Pipeline": "pipeline",
     "load_pipeline": "weights",
     "export_single_file": "weights",
+    "exact_kernels": "kernels",
+    "compile_unet": "kernels",
 }
 
 __all__ = ["__version__", *_LAZY]

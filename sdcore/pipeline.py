@@ -146,6 +146,7 @@ class Pipeline:
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.fingerprint = fingerprint
         self.source = source
+        self.compile_mode = "none"  # see sdcore.kernels.compile_unet
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._embedding_bytes = 0
 

@@ -28,7 +28,17 @@ def test_minimal_spec_gets_defaults(tmp_path):
     assert (spec.sampler.name, spec.sampler.steps, spec.sampler.width) == ("ddim", 25, 512)
     assert (spec.execution.workers, spec.execution.batch_size, spec.execution.shard_size) == ("auto", 8, 1000)
     assert spec.execution.batch_invariant is False  # fixed-shape exact batches by default
+    assert spec.execution.compile_mode == "none"  # an eager UNet unless asked for
     assert spec.image.format == "png"
+
+
+@pytest.mark.parametrize(
+    "execution, mode",
+    [({"compile": True}, "default"), ({"cuda_graphs": True}, "reduce-overhead"), ({"compile": False}, "none")],
+)
+def test_compile_switches(tmp_path, execution, mode):
+    data = {"manifest": "m.parquet", "output": "out", "model": {"weights": "w"}, "execution": execution}
+    assert parse_spec(data, base_dir=tmp_path).execution.compile_mode == mode
 
 
 def test_the_spec_md_example_is_valid(tmp_path):
@@ -114,6 +124,19 @@ def test_every_problem_is_reported_with_its_key():
                 "sampler": {"name": "ddim", "karras": True},
             },
             "sampler.karras: karras sigmas apply only to dpmpp_2m",
+        ),
+        (
+            {"manifest": "m.parquet", "output": "o", "model": {"weights": "w"}, "execution": {"compile": "yes"}},
+            "execution.compile: expected true or false",
+        ),
+        (
+            {
+                "manifest": "m.parquet",
+                "output": "o",
+                "model": {"weights": "w"},
+                "execution": {"cuda_graphs": True, "device": "cpu"},
+            },
+            "execution.cuda_graphs: CUDA graphs need CUDA workers, but execution.device is cpu",
         ),
     ],
 )
