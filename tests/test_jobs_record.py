@@ -57,6 +57,7 @@ COLUMNS = [
     ("batch_slot", pa.int32()),
     ("cuda_visible_devices", pa.string()),  # which GPU made the image
     ("labels", pa.string()),  # added by the labels issue, last: earlier columns keep their order
+    ("kernels", pa.string()),  # kernel choices (compile mode, CUDA determinism): added last
 ]
 
 # Python type of a field -> the Arrow types its column may have.
