@@ -149,10 +149,11 @@ def test_sd15_size_reproduces_in_its_slot():
     torch.set_num_threads(2)
     config = ModelConfig.sd15()
     pipe = assemble(config, random_parts(config, seed=0), source="random sd15")
-    settings = dict(sampler="euler_a", steps=2, guidance_scale=7.5, width=64, height=64)
+    settings = dict(sampler="euler_a", steps=1, guidance_scale=7.5, width=64, height=64)
     batch = [GenerationRequest(f"row {k}", seed=k) for k in range(3)]
     placed = pipe.generate_placed(batch, fixed_batch=4, **settings)  # 3 rows + 1 filler
-    for request, (image, placement) in zip(batch, placed):
+    # The first slot and the last row's, beside the filler (each remake is a forward of 8 rows).
+    for request, (image, placement) in [(batch[0], placed[0]), (batch[2], placed[2])]:
         again = pipe.generate([request], fixed_batch=4, slots=[placement.slot], **settings)[0]
         assert np.array_equal(pixels(image), pixels(again)), placement
     del pipe
