@@ -350,3 +350,13 @@ class RayNode:
 
         kill_session(self.proc.pid)
         shutil.rmtree(self.temp, ignore_errors=True)
+
+
+@pytest.fixture(params=["local", "s3"])
+def output_uri(request, tmp_path):
+    """An output location, once on local disk and once on the S3 server (for tests that must
+    hold on both)."""
+    if request.param == "local":
+        return str(tmp_path / "out")
+    bucket, _, _ = request.getfixturevalue("s3")
+    return f"s3://{bucket}/out"

@@ -90,14 +90,6 @@ def test_s3_lease_is_conditional(s3):
     assert read_lease(open_storage(uri)) is None
 
 
-@pytest.fixture(params=["local", "s3"])
-def output_uri(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "out")
-    bucket, _, _ = request.getfixturevalue("s3")
-    return f"s3://{bucket}/out"
-
-
 def test_renewal_is_conditional_so_a_lost_holder_never_overwrites_the_new_one(output_uri):
     storage = open_storage(output_uri)
     a = OutputLease.acquire(output_uri, log=lambda s: None, ttl=60)

@@ -179,14 +179,6 @@ def test_an_image_needs_a_name(tmp_path):
     writer.abort()
 
 
-@pytest.fixture(params=["local", "s3"])
-def output_uri(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "out")
-    bucket, _, _ = request.getfixturevalue("s3")
-    return f"s3://{bucket}/out"
-
-
 def test_an_image_write_never_replaces_a_committed_image_with_other_bytes(output_uri):
     from jobs.writer import ImageConflict
 
