@@ -68,11 +68,22 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+def _embedding(rows: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, initialised N(0, 1) as usual except on the meta device.
+
+    Loaders build the model on meta and then fill it; there `normal_` would init nothing, yet its
+    first call imports torch._dynamo (1.6 s of every worker's start), so it is skipped."""
+    weight = torch.empty(rows, dim)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding(rows, dim, _weight=weight)
+
+
 class CLIPEmbeddings(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_embedding = _embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = _embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # (B, T) -> (B, T, D)
