@@ -203,8 +203,9 @@ def median_rate(samples: list[float]) -> float:
     return statistics.median(samples) if samples else float("nan")
 
 
-def time_pipelines(case: Case, ours, ref, repeats: int) -> dict:
-    """Images/s of the four variants, interleaved, and their peak memory."""
+def time_pipelines(case: Case, ours, ref, repeats: int, compiled=None) -> dict:
+    """Images/s of the four variants (five with `compiled`: a second sdcore pipeline whose UNet
+    is compiled, run fixed-shape), interleaved, and their peak memory."""
     rows = [{"prompt": prompt(i), "seed": 1000 + i} for i in range(case.images)]
     settings = dict(sampler="ddim", steps=case.steps, guidance_scale=GUIDANCE, width=case.size, height=case.size)
     chunks = [rows[i : i + case.batch] for i in range(0, len(rows), case.batch)]
@@ -238,6 +239,16 @@ def time_pipelines(case: Case, ours, ref, repeats: int) -> dict:
         "per_row": sdcore(batch_invariant=True),
         "diffusers": diffusers,
     }
+    compile_s = float("nan")
+    if compiled is not None:
+        variants["compiled"] = lambda: [
+            image
+            for chunk in chunks
+            for image in compiled.generate(chunk, **settings, batch_invariant=False, fixed_batch=case.batch)
+        ]
+        start = time.perf_counter()  # the first call compiles (one shape: fixed batch, guided)
+        compiled.generate(chunks[0], **settings, batch_invariant=False, fixed_batch=case.batch)
+        compile_s = time.perf_counter() - start
     # Warm-up, one batch each (allocator, oneDNN kernel choice), not timed.
     ours.generate(chunks[0], **settings, batch_invariant=False, fixed_batch=case.batch)
     ours.generate(chunks[0][:1], **settings)
@@ -269,6 +280,7 @@ def time_pipelines(case: Case, ours, ref, repeats: int) -> dict:
         "memory_mb": memory,
         "reproduce_identical": identical,
         "max_pixel_diff_vs_diffusers": diff,
+        "compile_s": compile_s,
     }
 
 
@@ -473,6 +485,20 @@ def report(args, header: str, results: list[dict]) -> str:
             f"{p['memory_mb']['fixed']:.0f} / {p['memory_mb']['diffusers']:.0f} | "
             f"{'identical' if p['reproduce_identical'] else 'DIFFERS'} | {p['max_pixel_diff_vs_diffusers']} |"
         )
+    compiled = [res for res in results if "compiled" in res["pipelines"]["rates"]]
+    if compiled:
+        lines += [
+            "",
+            "| case | compiled fixed-shape img/s (`execution.compile: default`) | compiled / eager fixed-shape "
+            "| compiled / diffusers (eager) | first call (compiles) s |",
+            "|---|---|---|---|---|",
+        ]
+        for res in compiled:
+            r = res["pipelines"]["rates"]
+            lines.append(
+                f"| {res['case'].title} | {fmt(r['compiled'])} | {r['compiled'] / r['fixed']:.3f}x | "
+                f"{r['compiled'] / r['diffusers']:.3f}x | {fmt(res['pipelines']['compile_s'], 1)} |"
+            )
     lines += [
         "",
         "Targets (issue 11): fixed / batched >= 0.97 (shapes, SD 1.5); fixed / diffusers >= 1.1 at SD 1.5 size, "
@@ -528,6 +554,11 @@ def main() -> None:
     parser.add_argument("--job-repeats", type=int, default=None, help="job rounds (default 2; quick 1)")
     parser.add_argument("--no-jobs", action="store_true", help="skip the job-runner measurements")
     parser.add_argument(
+        "--compiled",
+        default="",
+        help="comma-separated cases that also time a compiled UNet (torch.compile, mode default), e.g. tiny,shapes",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=torch.get_num_threads(),
@@ -554,7 +585,14 @@ def main() -> None:
         ours = assemble(config, parts, source=case.title)
         ref = reference_pipeline(config, parts)
         result = {"case": case}
-        result["pipelines"] = time_pipelines(case, ours, ref, repeats)
+        compiled = None
+        if key in args.compiled.split(","):
+            from sdcore.kernels import compile_unet
+
+            compiled = assemble(config, parts, source=case.title)
+            compile_unet(compiled, "default")
+        result["pipelines"] = time_pipelines(case, ours, ref, repeats, compiled)
+        del compiled
         result["unet"] = time_unets(case, ours, ref, max(3, repeats), peak)
         weights = f"builtin:{key}"
         if key == "sd15" and case.job_rows and not args.no_jobs:
