@@ -24,10 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-import torch
-
 from sdcore.clip import CLIPTextModel
 from sdcore.config import ModelConfig, UNetConfig, VAEConfig
+from sdcore.meta import on_meta
 from sdcore.unet import UNet2DConditionModel
 from sdcore.vae import AutoencoderKL
 
@@ -261,7 +260,7 @@ def module_shapes(config: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
 
     Read from the real modules built on the meta device: no memory, no initialisation.
     """
-    with torch.device("meta"):
+    with on_meta():
         modules = {
             "unet": UNet2DConditionModel(config.unet),
             "vae": AutoencoderKL(config.vae),
