@@ -39,8 +39,13 @@ chromium:
 	    $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium; \
 	  else echo "chromium not found and no apt-get: install Chromium for tests/test_jobs_report.py" >&2; exit 1; fi; fi
 
+# Two pytest-xdist workers: most of the suite waits on subprocesses and Ray rather than computing,
+# so two share a 2-core machine well. Tests that must share one worker are grouped in
+# tests/conftest.py (xdist_group). TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
+
 test: lint chromium
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 bench: $(VENV)/.installed-test
 	$(PY) bench/side_by_side.py
