@@ -21,44 +21,6 @@ PYTHON = sys.executable
 
 
 # ---------------------------------------------------------------------------------------------
-# pytest-xdist (`make test` runs two workers with --dist loadgroup): what must share a worker
-
-# Modules whose module-scoped fixture makes something costly (a finished job, a Ray cluster of
-# its own, a model folder): all their tests on one worker, so it is made once.
-SHARED_FIXTURE_MODULES = {
-    "test_fixed_batch",
-    "test_jobs_datasets",
-    "test_jobs_e2e_cluster",
-    "test_jobs_e2e_cluster_gpus",
-    "test_jobs_e2e_cluster_nodes",
-    "test_jobs_e2e_local",
-    "test_jobs_generation",
-    "test_jobs_reproduce",
-    "test_pipeline",
-    "test_weights",
-}
-# The two tests that hold a full SD 1.5-size model (several GB each): one at a time.
-SD15_MEMORY = {
-    "test_fixed_batch.py::test_sd15_size_reproduces_in_its_slot",
-    "test_models.py::test_full_sd15_size_matches_diffusers",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.path.stem
-        if f"{item.path.name}::{item.name}" in SD15_MEMORY or module == "test_fixed_batch":
-            group = "sd15-memory"  # test_fixed_batch's module fixture is with its SD 1.5 test
-        elif module in SHARED_FIXTURE_MODULES:
-            group = module
-        elif "ray_local" in getattr(item, "fixturenames", ()):
-            group = "ray_local"  # one in-process local Ray (a session fixture) for all its tests
-        else:
-            continue
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
-# ---------------------------------------------------------------------------------------------
 # S3: moto's server on 127.0.0.1, reached over real HTTP by boto3
 
 
