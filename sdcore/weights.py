@@ -21,7 +21,6 @@ from safetensors.torch import load_file, safe_open, save_file
 from .clip import CLIPTextModel
 from .config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from .convert import TEXT_PREFIX, CheckpointError, compvis_to_parts, parts_to_compvis
-from .meta import on_meta, to_empty
 from .pipeline import Pipeline
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
@@ -109,10 +108,10 @@ def assemble(
     parts = dict(parts)
     parts["text_encoder"] = {k: v for k, v in parts["text_encoder"].items() if k not in IGNORED_TEXT_KEYS}
     fp = fingerprint(parts)
-    with on_meta():
+    with torch.device("meta"):
         models = build_models(config)
     for part, model in models.items():
-        to_empty(model, "cpu")
+        model.to_empty(device="cpu")
         _check_and_load(model, parts[part], part)
         model.to(device=device, dtype=target)
     return Pipeline(config, models["unet"], models["vae"], models["text_encoder"], fingerprint=fp, source=source)
@@ -318,7 +317,7 @@ def random_parts(config: ModelConfig, seed: int) -> dict[str, dict[str, torch.Te
     weights 1, biases 0, embeddings N(0, 0.02) — so activations stay finite through the network.
     """
     generator = torch.Generator("cpu").manual_seed(seed)
-    with on_meta():
+    with torch.device("meta"):
         models = build_models(config)
     parts = {}
     for part in PARTS:

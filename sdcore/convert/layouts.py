@@ -24,9 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+import torch
+
 from sdcore.clip import CLIPTextModel
 from sdcore.config import ModelConfig, UNetConfig, VAEConfig
-from sdcore.meta import on_meta
 from sdcore.unet import UNet2DConditionModel
 from sdcore.vae import AutoencoderKL
 
@@ -260,7 +261,7 @@ def module_shapes(config: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
 
     Read from the real modules built on the meta device: no memory, no initialisation.
     """
-    with on_meta():
+    with torch.device("meta"):
         modules = {
             "unet": UNet2DConditionModel(config.unet),
             "vae": AutoencoderKL(config.vae),
