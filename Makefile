@@ -39,8 +39,16 @@ chromium:
 	    $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium; \
 	  else echo "chromium not found and no apt-get: install Chromium for tests/test_jobs_report.py" >&2; exit 1; fi; fi
 
+# Two pytest-xdist workers, tests handed out one by one (--dist load): much of the suite waits on
+# subprocesses and Ray start-up, so two keep a 2-core machine busy. Every port is free_port()/0 and
+# every path per test, so the workers do not collide; a session fixture (moto, the local Ray, the
+# tiny model) is made once per worker. TEST_WORKERS=0 runs the suite in this process.
+# (No xdist_group: with pytest 9.2, xdist 3.8's loadgroup ignores the groups; it renames nodeids
+# through item._nodeid, which pytest no longer reads.)
+TEST_WORKERS ?= 2
+
 test: lint chromium
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(VENV)/.installed-test
 	$(PY) bench/side_by_side.py

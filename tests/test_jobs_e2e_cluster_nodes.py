@@ -12,6 +12,7 @@ loss is noticed in seconds rather than Ray's default half minute.
 from __future__ import annotations
 
 import io
+import re
 import time
 import uuid
 
@@ -141,9 +142,21 @@ def test_a_node_lost_mid_job_costs_only_its_shard(two_nodes, s3, tmp_path):
     (head_worker,) = {
         r["worker"] for shard in records.values() for r in shard if not r["worker"].endswith("@127.0.0.2")
     }
+    lost = {r["worker"] for shard in records.values() for r in shard if r["worker"].endswith("@127.0.0.2")}
     for shard in retried:
-        assert shard not in before_loss
         redone = records[shard]
-        assert all(r["worker"] == head_worker and r["attempt"] >= 2 for r in redone), redone
+        if re.search(
+            rf"\[sdgen\] {shard} done: .*(kept from an earlier attempt|already committed by an earlier attempt)", logs
+        ):
+            # The race the loss can land in: the lost node had finished this shard's rows (saved,
+            # or even committed) but died before its report reached the driver. The head's retry
+            # kept them instead of generating them again; any row it did generate is its own.
+            assert all(
+                (r["worker"] == head_worker and r["attempt"] >= 2) or (r["worker"] in lost and r["attempt"] == 1)
+                for r in redone
+            ), redone
+        else:
+            assert shard not in before_loss
+            assert all(r["worker"] == head_worker and r["attempt"] >= 2 for r in redone), redone
     nodes = {r["worker"].rsplit("@", 1)[1] for shard in records.values() for r in shard}
     assert len(nodes) == 2 and "127.0.0.2" in nodes  # both nodes did work before the loss
