@@ -211,11 +211,11 @@ def time_pipelines(case: Case, ours, ref, repeats: int, compiled=None) -> dict:
     chunks = [rows[i : i + case.batch] for i in range(0, len(rows), case.batch)]
     outputs: dict[str, list] = {}
 
-    def sdcore(**mode):
+    def sdcore(pipe=ours, **mode):
         def run():
             images = []
             for chunk in chunks:
-                images += ours.generate(chunk, **settings, **mode)
+                images += pipe.generate(chunk, **settings, **mode)
             return images
 
         return run
@@ -241,11 +241,7 @@ def time_pipelines(case: Case, ours, ref, repeats: int, compiled=None) -> dict:
     }
     compile_s = float("nan")
     if compiled is not None:
-        variants["compiled"] = lambda: [
-            image
-            for chunk in chunks
-            for image in compiled.generate(chunk, **settings, batch_invariant=False, fixed_batch=case.batch)
-        ]
+        variants["compiled"] = sdcore(compiled, batch_invariant=False, fixed_batch=case.batch)
         start = time.perf_counter()  # the first call compiles (one shape: fixed batch, guided)
         compiled.generate(chunks[0], **settings, batch_invariant=False, fixed_batch=case.batch)
         compile_s = time.perf_counter() - start

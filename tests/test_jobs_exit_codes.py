@@ -47,8 +47,8 @@ def test_status_and_dry_run_exit_right_every_time(tmp_path):
     codes = {"status": [], "dry-run": []}
     # The two commands run side by side, each REPEATS times in a row.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for round in range(max(REPEATS.values())):
-            due = {name: args for name, args in commands.items() if round < REPEATS[name]}
+        for attempt in range(max(REPEATS.values())):
+            due = {name: args for name, args in commands.items() if attempt < REPEATS[name]}
             runs = {name: pool.submit(run_command, args, check=False, timeout=60) for name, args in due.items()}
             for name, run in runs.items():
                 _no_traceback(run.result())
