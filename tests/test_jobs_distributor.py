@@ -80,16 +80,13 @@ def distribute(tmp_path, tasks, workers=2, max_attempts=3, on_ready=None):
 def test_shards_go_to_whichever_worker_is_free(tmp_path):
     (tmp_path / "one-slow").touch()
     tasks = tasks_for(tmp_path, 8)
-    started = time.monotonic()
     outcome, _, ready = distribute(tmp_path, tasks)
-    elapsed = time.monotonic() - started
     assert sorted(outcome.results) == [t.shard_id for t in tasks] and not outcome.failed
     by_worker = {}
     for result in outcome.results.values():
         by_worker.setdefault(result.worker.split("-")[0], []).append(result.shard_id)
     # The slow worker takes 2 s a shard: it gets one (maybe two), the fast one does the rest.
     assert len(by_worker.get("slow", [])) <= 2 and len(by_worker["fast"]) >= 6
-    assert elapsed < 30
     assert len(ready) == 1  # on_ready: once, for the first worker
 
 
