@@ -152,6 +152,7 @@ def calibrate(spec: JobSpec, device: str, threads: int | None) -> dict[str, Any]
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     pipe = sdcore.load_pipeline(resolve_weights(spec.model.weights), device=device, dtype=spec.model.dtype)
+    sdcore.set_conv_algorithm(pipe, spec.execution.conv)
     load_s = time.perf_counter() - t0
     s = spec.sampler
     times = []
@@ -229,6 +230,7 @@ def dry_run(spec: JobSpec, manifest: Manifest, plan_counts: dict[str, Any], log:
             **resolved,
             "batch_size": ex.batch_size,
             "compile": ex.compile_mode,
+            "conv": ex.conv,
         },
         "weights": {"uri": redact_uri(spec.model.weights), "fingerprint": cal["fingerprint"]},
         "rows": rows,

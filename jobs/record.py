@@ -95,8 +95,10 @@ class Record:
     # their order.
     labels: String | None = None
     # Kernel choices that decide the last bits (sdcore.kernels), as a JSON object: "compile" (none
-    # | default | reduce-overhead: torch.compile, with CUDA graphs) and, on CUDA, the cuDNN and
-    # determinism settings. Null in records written before it (eager, default settings).
+    # | default | reduce-overhead: torch.compile, with CUDA graphs), "conv" (winograd-f2x3 |
+    # direct: how the 3x3 convolutions ran; absent before the Winograd path: direct) and, on
+    # CUDA, the cuDNN and determinism settings. Null in records written before it (eager,
+    # default settings).
     kernels: String | None = None
 
     @classmethod

@@ -116,10 +116,13 @@ class Reproducer:
         weights = self.weights_override or record.model_weights
         device = self.device or (record.device if record.device != "cuda" or torch.cuda.is_available() else "cpu")
         dtype = self.dtype or record.dtype
-        compile_mode = json.loads(record.kernels or "{}").get("compile", "none")
+        kernels = json.loads(record.kernels or "{}")
+        compile_mode = kernels.get("compile", "none")
         if compile_mode == "reduce-overhead" and torch.device(device).type != "cuda":
             compile_mode = "default"  # CUDA graphs replay the same kernels; off CUDA, compile alone
-        key = (weights, device, dtype, compile_mode)
+        # Records from before the Winograd convolutions were made with direct ones.
+        conv = kernels.get("conv", "direct")
+        key = (weights, device, dtype, compile_mode, conv)
         if torch.device(device).type == "cpu" and record.threads:
             torch.set_num_threads(int(record.threads))  # CPU sums depend on the thread count
         if key not in self._pipes:
@@ -128,6 +131,7 @@ class Reproducer:
                 pipe = sdcore.load_pipeline(resolve_weights(weights), device=device, dtype=dtype)
             except (FileNotFoundError, ValueError, OSError, StorageError) as exc:
                 raise ReproduceError(f"cannot load the weights {redact_uri(weights)} ({exc}); pass --weights") from None
+            sdcore.set_conv_algorithm(pipe, conv)  # before compiling: the compiled graph follows it
             sdcore.compile_unet(pipe, compile_mode)  # a compiled UNet's bits differ from eager ones
             self._pipes[key] = pipe
         pipe = self._pipes[key]

@@ -264,6 +264,7 @@ def worker_config(spec: JobSpec) -> WorkerConfig:
         batch_size=spec.execution.batch_size,
         batch_invariant=spec.execution.batch_invariant,
         compile_mode=spec.execution.compile_mode,
+        conv_algorithm=spec.execution.conv,
         image_format=spec.image.format,
         quality=spec.image.quality,
     )

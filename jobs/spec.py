@@ -70,6 +70,10 @@ class ExecutionSpec:
     # change the images' last bits, repeatably: records keep them and reproduce does the same.
     compile: bool = False
     cuda_graphs: bool = False
+    # How CPU float32 workers run the 3x3 convolutions of 256+ channels (sdcore/winograd.py):
+    # winograd-f2x3 (default; faster at SD 1.5 size, keeps a transformed copy of those filters,
+    # 16/9 of their size: +4 GB at SD 1.5) | direct. Recorded; reproduce does the same.
+    conv: str = rules.DEFAULT_CONV_ALGORITHM
 
     @property
     def compile_mode(self) -> str:
@@ -259,6 +263,7 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
             "shared_output",
             "compile",
             "cuda_graphs",
+            "conv",
         },
     )
     d = ExecutionSpec()
@@ -281,6 +286,7 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
         shared_output=c.boolean(e, "shared_output", "execution.shared_output", d.shared_output),
         compile=c.boolean(e, "compile", "execution.compile", d.compile),
         cuda_graphs=c.boolean(e, "cuda_graphs", "execution.cuda_graphs", d.cuda_graphs),
+        conv=c.choice(e, "conv", "execution.conv", rules.CONV_ALGORITHMS, d.conv),
     )
     if execution.cuda_graphs and execution.device == "cpu":
         errors.append("execution.cuda_graphs: CUDA graphs need CUDA workers, but execution.device is cpu")

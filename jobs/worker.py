@@ -67,6 +67,7 @@ class WorkerConfig:
     batch_size: int = 8
     batch_invariant: bool = False  # see ExecutionSpec.batch_invariant
     compile_mode: str = "none"  # sdcore.kernels.compile_unet (ExecutionSpec.compile, cuda_graphs)
+    conv_algorithm: str | None = None  # sdcore.kernels.set_conv_algorithm (ExecutionSpec.conv); None: the pipeline's
     image_format: str = "png"
     quality: int = 95
     threads: int | None = None  # torch intra-op threads on CPU (same for every worker of a job)
@@ -156,8 +157,11 @@ class ShardWorker:
             if config.device == "cuda" and not torch.cuda.is_available():
                 raise RuntimeError("execution.device is cuda but this worker sees no CUDA device")
             pipeline = sdcore.load_pipeline(resolve_weights(config.weights), device=config.device, dtype=config.dtype)
+        if config.conv_algorithm is not None:
+            sdcore.set_conv_algorithm(pipeline, config.conv_algorithm)  # before compiling: the graph follows it
         sdcore.compile_unet(pipeline, config.compile_mode)
         kernels["compile"] = config.compile_mode
+        kernels["conv"] = pipeline.conv_algorithm  # sdcore.kernels.set_conv_algorithm
         self.pipe = pipeline
         self.name = config.name or f"{socket.gethostname()}:{os.getpid()}"
         versions = software_versions()

@@ -17,6 +17,7 @@ _LAZY = {
     "export_single_file": "weights",
     "exact_kernels": "kernels",
     "compile_unet": "kernels",
+    "set_conv_algorithm": "kernels",
 }
 
 __all__ = ["__version__", *_LAZY]

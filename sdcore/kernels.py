@@ -7,6 +7,12 @@ workspace (`CUBLAS_WORKSPACE_CONFIG`, read when CUDA starts: call this before th
 work). On CPU there is nothing to set: oneDNN picks algorithms by shape, and the thread count is
 set by the caller. It returns what it set, for the record.
 
+`set_conv_algorithm(pipe, name)` picks how the 3x3 convolutions run: "winograd-f2x3" (the
+default for every pipeline; sdcore/winograd.py, on the CPU in float32, for convolutions of at
+least 256 channels, the rest direct) or "direct" (`F.conv2d` everywhere, what images made
+before the Winograd path were made with). The two give other last bits, so the name is recorded
+and a remake sets the same one.
+
 `compile_unet(pipe, mode)` optionally compiles the UNet with `torch.compile` ("default"), or with
 CUDA graphs as well ("reduce-overhead", CUDA only: the fixed-shape forwards are what make graphs
 possible). A compiled UNet gives other bits than the eager one (fused kernels), repeatably, so
@@ -21,6 +27,8 @@ import os
 from typing import Any
 
 import torch
+
+from .rules import CONV_ALGORITHMS, DEFAULT_CONV_ALGORITHM
 
 COMPILE_MODES = ("none", "default", "reduce-overhead")
 
@@ -45,6 +53,28 @@ def exact_kernels(device: str | torch.device) -> dict[str, Any]:
     }
 
 
+def set_conv_algorithm(pipe: Any, name: str) -> str:
+    """Run `pipe`'s eligible 3x3 convolutions with algorithm `name` (one of CONV_ALGORITHMS);
+    returns the name that decides its bits: "direct" where no convolution can take the Winograd
+    path (not CPU float32, or no layer of 256 channels), so the record says what ran."""
+    from . import winograd
+    from .layers import Conv2d
+
+    if name not in CONV_ALGORITHMS:
+        raise ValueError(f"conv algorithm: expected one of {', '.join(CONV_ALGORITHMS)}, got {name!r}")
+    used = False
+    for model in (pipe.unet, pipe.vae):
+        for module in getattr(model, "_orig_mod", model).modules():  # a compiled UNet's modules too
+            if isinstance(module, Conv2d):
+                module.use_winograd = name == "winograd-f2x3" and winograd.eligible(module)
+                module.forget_winograd_weight()
+                if module.use_winograd and pipe.device.type == "cpu" and pipe.dtype == torch.float32:
+                    module.winograd_weight()  # transform the filters now, not in the first forward
+                    used = True
+    pipe.conv_algorithm = name if used else "direct"
+    return pipe.conv_algorithm
+
+
 def compile_unet(pipe: Any, mode: str) -> None:
     """Compile `pipe.unet` in `mode` (one of COMPILE_MODES; "none" leaves it eager)."""
     if mode not in COMPILE_MODES:
@@ -58,4 +88,11 @@ def compile_unet(pipe: Any, mode: str) -> None:
     pipe.compile_mode = mode
 
 
-__all__ = ["COMPILE_MODES", "compile_unet", "exact_kernels"]
+__all__ = [
+    "COMPILE_MODES",
+    "CONV_ALGORITHMS",
+    "DEFAULT_CONV_ALGORITHM",
+    "compile_unet",
+    "exact_kernels",
+    "set_conv_algorithm",
+]

@@ -10,6 +10,41 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import winograd
+
+
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` that runs as Winograd F(2x2, 3x3) (sdcore/winograd.py) where `use_winograd` is
+    set: by `sdcore.kernels.set_conv_algorithm`, on eligible convolutions only. Same parameters,
+    same state-dict keys.
+
+    The transformed filters are kept beside the weight (16/9 of its size) and remade when the
+    weight is replaced or changed in place through autograd-visible ops; after writing through
+    `.data`, call `set_conv_algorithm` again."""
+
+    use_winograd = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_winograd and winograd.applies(x):
+            # Under torch.compile, the filters transformed by set_conv_algorithm (the cache check
+            # would break the graph).
+            u = self._winograd_u if torch.compiler.is_compiling() else self.winograd_weight()
+            return winograd.conv3x3(x, u, self.bias)
+        return super().forward(x)
+
+    def winograd_weight(self) -> torch.Tensor:
+        weight = self.weight
+        # inference tensors keep no version counter (they cannot be changed in place either)
+        version = 0 if weight.is_inference() else weight._version
+        key = (weight.data_ptr(), version, weight.dtype, weight.device)
+        if getattr(self, "_winograd_key", None) != key:
+            self._winograd_u = winograd.transform_weight(weight.detach())
+            self._winograd_key = key
+        return self._winograd_u
+
+    def forget_winograd_weight(self) -> None:
+        self._winograd_u = self._winograd_key = None
+
 
 class ResnetBlock2D(nn.Module):
     """GroupNorm -> SiLU -> conv, twice, with an optional time-embedding bias in between.
@@ -28,10 +63,10 @@ class ResnetBlock2D(nn.Module):
     ):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         # A 1x1 projection only where the channel count changes; identity otherwise.
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
@@ -106,7 +141,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         # (B, C, H, W) -> (B, C, 2H, 2W) or (B, C, *size)

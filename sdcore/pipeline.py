@@ -32,6 +32,7 @@ from PIL import Image
 from . import rules
 from .clip import CLIPTextModel
 from .config import ModelConfig
+from .kernels import DEFAULT_CONV_ALGORITHM, set_conv_algorithm
 from .request import GenerationRequest
 from .samplers import Sampler, Trajectory
 from .tokenizer import tokenize
@@ -147,6 +148,7 @@ class Pipeline:
         self.fingerprint = fingerprint
         self.source = source
         self.compile_mode = "none"  # see sdcore.kernels.compile_unet
+        set_conv_algorithm(self, DEFAULT_CONV_ALGORITHM)  # sets self.conv_algorithm
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._embedding_bytes = 0
 

@@ -27,6 +27,11 @@ NUM_TRAIN_TIMESTEPS = 1000
 STEPS_OFFSET = 1
 MAX_STEPS = NUM_TRAIN_TIMESTEPS - STEPS_OFFSET
 
+# How the 3x3 convolutions run (sdcore/kernels.py, sdcore/winograd.py): Winograd F(2x2, 3x3)
+# where it applies (the default), or the direct convolution everywhere.
+CONV_ALGORITHMS = ("winograd-f2x3", "direct")
+DEFAULT_CONV_ALGORITHM = "winograd-f2x3"
+
 # Seeds are stored as int64 (manifest column, record field, Parquet), so that is the range
 # everywhere, the library included: 0 .. 2**63 - 1.
 MAX_SEED = 2**63 - 1

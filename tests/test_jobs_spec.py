@@ -29,6 +29,7 @@ def test_minimal_spec_gets_defaults(tmp_path):
     assert (spec.execution.workers, spec.execution.batch_size, spec.execution.shard_size) == ("auto", 8, 1000)
     assert spec.execution.batch_invariant is False  # fixed-shape exact batches by default
     assert spec.execution.compile_mode == "none"  # an eager UNet unless asked for
+    assert spec.execution.conv == "winograd-f2x3"  # the faster CPU convolutions unless asked for
     assert spec.image.format == "png"
 
 
@@ -137,6 +138,10 @@ def test_every_problem_is_reported_with_its_key():
                 "execution": {"cuda_graphs": True, "device": "cpu"},
             },
             "execution.cuda_graphs: CUDA graphs need CUDA workers, but execution.device is cpu",
+        ),
+        (
+            {"manifest": "m.parquet", "output": "o", "model": {"weights": "w"}, "execution": {"conv": "winograd"}},
+            "execution.conv: expected one of winograd-f2x3, direct",
         ),
     ],
 )

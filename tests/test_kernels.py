@@ -73,5 +73,5 @@ def test_eager_records_say_so(tiny_pipe, tmp_path):
     for task in read_shards(manifest, 1):
         worker.run(task)
     (record,) = Output(str(tmp_path / "out")).read_records("shard-00000").to_pylist()
-    assert json.loads(record["kernels"]) == {**exact_kernels("cpu"), "compile": "none"}
+    assert json.loads(record["kernels"]) == {**exact_kernels("cpu"), "compile": "none", "conv": "direct"}
     assert sdcore.exact_kernels is exact_kernels

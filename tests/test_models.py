@@ -10,8 +10,10 @@ import torch
 from transformers import CLIPTextConfig
 from transformers import CLIPTextModel as CLIPTextModelReference
 
+from sdcore import winograd
 from sdcore.clip import CLIPTextModel
 from sdcore.config import ModelConfig, UNetConfig, VAEConfig
+from sdcore.layers import Conv2d
 from sdcore.unet import UNet2DConditionModel
 from sdcore.vae import AutoencoderKL
 from sdcore.weights import random_parts
@@ -95,6 +97,15 @@ def test_full_sd15_size_matches_diffusers():
     ref_text.load_state_dict(transformers_text_state_dict(parts["text_encoder"], ref_text), strict=True)
     ours = sdcore_models(cfg, parts)
     assert sum(p.numel() for p in ours[0].parameters()) == 859_520_964
+    check_parity(cfg, ref_unet, ref_vae, ref_text, *ours, latent_hw=(4, 4), image_hw=(32, 32))
+    # Again with the 3x3 convolutions of 256+ channels as Winograd F(2x2, 3x3), as pipelines run
+    # them on the CPU by default (sdcore/winograd.py).
+    switched = 0
+    for module in [*ours[0].modules(), *ours[1].modules()]:
+        if isinstance(module, Conv2d) and winograd.eligible(module):
+            module.use_winograd = True
+            switched += 1
+    assert switched > 40
     check_parity(cfg, ref_unet, ref_vae, ref_text, *ours, latent_hw=(4, 4), image_hw=(32, 32))
 
 
