@@ -14,11 +14,13 @@ In one process, on the same weights, rows, seeds, sampler (DDIM), steps, size an
   (measured here);
 - the real job runner (`python jobs/run.py`, embedded local Ray, one worker) on a generated
   manifest: rows/s at steady state (from the second shard's commit to the last one's) against
-  the bare pipeline's fixed-shape images/s, the fixed cost of a run (wall time minus rows at the
-  steady rate; split into plan, Ray start, model load and wind-down from the driver's log), the
-  gap between one shard's commit and the next shard's first row; and a mixed manifest (half
-  txt2img, half img2img at four strengths, each img2img row's `steps` chosen so it runs the same
-  number of denoising steps) against an all-txt2img one.
+  the bare pipeline's fixed-shape images/s measured right beside it (a fresh process loading the
+  job's weights runs one shard's rows before each txt2img job round and once after the last, so
+  the ratio compares runs minutes apart, not the pipeline rounds of the start), the fixed cost
+  of a run (wall time minus rows at the steady rate; split into plan, Ray start, model load and
+  wind-down from the driver's log), the gap between one shard's commit and the next shard's
+  first row; and a mixed manifest (half txt2img, half img2img at four strengths, each img2img
+  row's `steps` chosen so it runs the same number of denoising steps) against an all-txt2img one.
 
 Results are appended to bench/RESULTS.md with the date, machine, torch, threads and git commit.
 
@@ -29,6 +31,7 @@ Results are appended to bench/RESULTS.md with the date, machine, torch, threads 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -290,9 +293,11 @@ def time_unets(case: Case, ours, ref, repeats: int, peak: float) -> dict:
     context = torch.randn(rows, 77, ours.config.unet.cross_attention_dim, generator=generator)
     t = torch.tensor(500)
     with torch.inference_mode():
+        # The model's nominal FLOPs (direct convolutions), so that "achieved FLOP/s" compares both
+        # UNets on one count: sdcore's Winograd convolutions do fewer multiplies for the same work.
         counter = FlopCounterMode(display=False)
         with counter:
-            ours.unet(x, t, context)
+            ref.unet(x, t, encoder_hidden_states=context)
         flops = counter.get_total_flops()
         runs = {
             "sdcore": lambda: ours.unet(x, t, context),
@@ -438,12 +443,42 @@ def run_job(spec: Path, folder: Path) -> dict:
     }
 
 
+def bare_rate(case: Case, weights: str, threads: int) -> float:
+    """Images/s of the bare fixed-shape pipeline on one shard of the job's txt2img rows, in a fresh
+    process that loads the job's weights as its worker does (and exits before the job starts)."""
+    spec = json.dumps(dataclasses.asdict(case))
+    command = [sys.executable, __file__, "--bare-of", spec, "--weights", weights, "--threads", str(threads)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"bare run exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["rate"]
+
+
+def bare_main(case: Case, weights: str, threads: int) -> None:
+    """`--bare-of`: time the job's first shard of rows through the loaded pipeline; print JSON."""
+    from sdcore.weights import load_pipeline
+
+    torch.set_num_threads(threads)
+    pipe = load_pipeline(weights, dtype="float32")
+    rows = [{"prompt": prompt(i), "seed": 5000 + i} for i in range(case.shard_size)]
+    settings = dict(sampler="ddim", guidance_scale=GUIDANCE, width=case.size, height=case.size)
+    pipe.generate(rows[: case.batch], steps=1, **settings, fixed_batch=case.batch)  # warm: the same shapes
+    start = time.perf_counter()
+    pipe.generate(rows, steps=case.steps, **settings, fixed_batch=case.batch)
+    print(json.dumps({"rate": len(rows) / (time.perf_counter() - start)}))
+
+
 def time_jobs(case: Case, weights: str, threads: int, repeats: int, work: Path) -> dict:
-    """The job's txt2img manifest (and the mixed one), interleaved over `repeats` rounds."""
+    """The job's txt2img manifest (and the mixed one), interleaved over `repeats` rounds, with the
+    bare pipeline timed before each txt2img round and after the last round."""
     kinds = ["txt2img", "mixed"] if case.mixed else ["txt2img"]
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
+    bare: list[float] = []
     for r in range(repeats):
         for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:
+            if kind == "txt2img":
+                bare.append(bare_rate(case, weights, threads))
+                print(f"  bare fixed-shape (fresh process): {bare[-1]:.3f} img/s", flush=True)
             folder = Path(tempfile.mkdtemp(prefix=f"{case.key}-{kind}-", dir=work))
             spec = write_job(folder, case, weights, case.job_rows, kind == "mixed", threads)
             result = run_job(spec, folder)
@@ -453,7 +488,10 @@ def time_jobs(case: Case, weights: str, threads: int, repeats: int, work: Path) 
                 f"gap {result['gap']:.2f}s",
                 flush=True,
             )
-    return {k: {field: statistics.median(run[field] for run in v) for field in v[0]} for k, v in runs.items()}
+    bare.append(bare_rate(case, weights, threads))
+    print(f"  bare fixed-shape (fresh process): {bare[-1]:.3f} img/s", flush=True)
+    jobs = {k: {field: statistics.median(run[field] for run in v) for field in v[0]} for k, v in runs.items()}
+    return {"kinds": jobs, "bare": statistics.median(bare), "bare_runs": bare}
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -499,12 +537,14 @@ def report(args, header: str, results: list[dict]) -> str:
         "",
         "Targets (issue 11): fixed / batched >= 0.97 (shapes, SD 1.5); fixed / diffusers >= 1.1 at SD 1.5 size, "
         ">= 1.2 on the tiny config; job / bare >= 0.95 at steady state. Peak extra RSS: resident memory above the "
-        "loaded models while the variant ran.",
+        "loaded models while the variant ran. UNet FLOPs are the model's nominal count (direct "
+        "convolutions, as diffusers runs them); sdcore's Winograd convolutions (256+ channels) do fewer "
+        "multiplies, so its GFLOP/s there is effective, not executed.",
     ]
     lines += [
         "",
-        "| case | UNet GFLOP per forward (rows) | sdcore UNet GFLOP/s | diffusers UNet GFLOP/s | sdcore / diffusers "
-        "| sdcore % of matmul peak |",
+        "| case | UNet GFLOP per forward, nominal (rows) | sdcore UNet GFLOP/s | diffusers UNet GFLOP/s "
+        "| sdcore / diffusers | sdcore % of matmul peak |",
         "|---|---|---|---|---|---|",
     ]
     for res in results:
@@ -518,13 +558,14 @@ def report(args, header: str, results: list[dict]) -> str:
     if jobs:
         lines += [
             "",
-            "| case | manifest | rows (shards of) | job steady rows/s | bare fixed-shape img/s | job / bare | "
+            "| case | manifest | rows (shards of) | job steady rows/s | bare fixed-shape img/s (beside the jobs) "
+            "| job / bare | "
             "fixed cost s | plan / Ray start / model load / wind-down s | shard gap s | in-shard non-UNet s |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for res in jobs:
-            c, bare = res["case"], res["pipelines"]["rates"]["fixed"]
-            for kind, j in res["jobs"].items():
+            c, bare = res["case"], res["jobs"]["bare"]
+            for kind, j in res["jobs"]["kinds"].items():
                 lines.append(
                     f"| {c.title} | {kind} | {j['rows']:.0f} ({c.shard_size}) | {fmt(j['rate'])} | {fmt(bare)} | "
                     f"{j['rate'] / bare:.3f}x | {fmt(j['fixed'], 1)} | {fmt(j['plan'], 1)} / "
@@ -533,8 +574,10 @@ def report(args, header: str, results: list[dict]) -> str:
                     f"{fmt(j['in_shard_overhead'], 2)} |"
                 )
         for res in jobs:
-            if "mixed" in res["jobs"]:
-                ratio = res["jobs"]["mixed"]["rate"] / res["jobs"]["txt2img"]["rate"]
+            runs = ", ".join(f"{rate:.3f}" for rate in res["jobs"]["bare_runs"])
+            lines.append(f"\nBare fixed-shape img/s beside the jobs, {res['case'].title}: {runs} (median used).")
+            if "mixed" in res["jobs"]["kinds"]:
+                ratio = res["jobs"]["kinds"]["mixed"]["rate"] / res["jobs"]["kinds"]["txt2img"]["rate"]
                 lines.append(
                     f"\nMixed manifest (half img2img at strengths {', '.join(map(str, STRENGTHS))}, the same "
                     f"denoising steps per row) / all-txt2img, {res['case'].title}: {ratio:.3f}x (target >= 0.9)."
@@ -562,7 +605,12 @@ def main() -> None:
     )
     parser.add_argument("--note", default="", help="free text recorded with the results")
     parser.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
+    parser.add_argument("--bare-of", help=argparse.SUPPRESS)  # internal: one bare run (bare_rate)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bare_of:
+        bare_main(Case(**json.loads(args.bare_of)), args.weights, args.threads)
+        return
     repeats = args.repeats or (1 if args.quick else 5)
     job_repeats = args.job_repeats or (1 if args.quick else 2)
     cases = QUICK if args.quick else FULL

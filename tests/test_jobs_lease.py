@@ -74,9 +74,11 @@ def test_the_heartbeat_renews_and_a_takeover_interrupts_the_run(tmp_path, monkey
             before = lease.info.renewed_at
             time.sleep(0.5)
             assert read_lease(open_storage(str(tmp_path))).renewed_at > before
-            open_storage(str(tmp_path)).write(LEASE_FILE, b'{"token": "other"}')
+            # Another run takes it over as a run does (a conditional write: an unconditional one
+            # could land between a renewal's check and its write, which no run ever does).
+            other = OutputLease.acquire(str(tmp_path), break_lease=True, log=lambda s: None)
             time.sleep(5)  # interrupted by the heartbeat well before this ends
-    assert (tmp_path / LEASE_FILE).read_bytes() == b'{"token": "other"}'  # not ours: left alone
+    assert read_lease(open_storage(str(tmp_path))).token == other.info.token  # not ours: left alone
 
 
 def test_s3_lease_is_conditional(s3):
