@@ -28,6 +28,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+# Both constants decide images' last bits (which layers take this path; the GEMMs' shapes), and
+# records name the algorithm only ("winograd-f2x3"): changing either needs a new name in
+# sdcore/rules.py CONV_ALGORITHMS, or older records would no longer reproduce identical.
 # Below this many input or output channels the direct convolution is faster on the measured CPU.
 MIN_CHANNELS = 256
 # Tile columns (tiles x images) per chunk: 16 x channels x 512 floats is 8-32 MB for 256-1280
