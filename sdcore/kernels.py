@@ -58,21 +58,29 @@ def set_conv_algorithm(pipe: Any, name: str) -> str:
     returns the name that decides its bits: "direct" where no convolution can take the Winograd
     path (not CPU float32, or no layer of 256 channels), so the record says what ran."""
     from . import winograd
-    from .layers import Conv2d
 
     if name not in CONV_ALGORITHMS:
         raise ValueError(f"conv algorithm: expected one of {', '.join(CONV_ALGORITHMS)}, got {name!r}")
+    wanted = name == "winograd-f2x3" and winograd.supported(pipe.device, pipe.dtype)
     used = False
-    for model in (pipe.unet, pipe.vae):
-        for module in getattr(model, "_orig_mod", model).modules():  # a compiled UNet's modules too
-            if isinstance(module, Conv2d):
-                module.use_winograd = name == "winograd-f2x3" and winograd.eligible(module)
-                module.forget_winograd_weight()
-                if module.use_winograd and pipe.device.type == "cpu" and pipe.dtype == torch.float32:
-                    module.winograd_weight()  # transform the filters now, not in the first forward
-                    used = True
+    for module in _convs(pipe):
+        # The filters are transformed at the module's first Winograd forward (so a pipeline
+        # switched to direct before it runs never holds them), or by compile_unet.
+        module.use_winograd = wanted and winograd.eligible(module)
+        module.forget_winograd_weight()
+        used = used or module.use_winograd
     pipe.conv_algorithm = name if used else "direct"
     return pipe.conv_algorithm
+
+
+def _convs(pipe: Any):
+    """The pipeline's sdcore Conv2d modules (a compiled UNet's too)."""
+    from .layers import Conv2d
+
+    for model in (pipe.unet, pipe.vae):
+        for module in getattr(model, "_orig_mod", model).modules():
+            if isinstance(module, Conv2d):
+                yield module
 
 
 def compile_unet(pipe: Any, mode: str) -> None:
@@ -83,6 +91,9 @@ def compile_unet(pipe: Any, mode: str) -> None:
         return
     if mode == "reduce-overhead" and pipe.device.type != "cuda":
         raise ValueError("CUDA graphs (compile mode reduce-overhead) need a CUDA device")
+    for module in _convs(pipe):  # the compiled graph reads the transformed filters as they are
+        if module.use_winograd:
+            module.winograd_weight()
     # dynamic=False: every forward of a job has one of at most two shapes (guided or not)
     pipe.unet = torch.compile(pipe.unet, mode=mode, dynamic=False)
     pipe.compile_mode = mode

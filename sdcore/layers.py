@@ -26,8 +26,8 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_winograd and winograd.applies(x):
-            # Under torch.compile, the filters transformed by set_conv_algorithm (the cache check
-            # would break the graph).
+            # Under torch.compile, the filters compile_unet transformed (the cache check would
+            # break the graph).
             u = self._winograd_u if torch.compiler.is_compiling() else self.winograd_weight()
             return winograd.conv3x3(x, u, self.bias)
         return super().forward(x)
@@ -38,7 +38,10 @@ class Conv2d(nn.Conv2d):
         version = 0 if weight.is_inference() else weight._version
         key = (weight.data_ptr(), version, weight.dtype, weight.device)
         if getattr(self, "_winograd_key", None) != key:
-            self._winograd_u = winograd.transform_weight(weight.detach())
+            # A normal tensor even when first made inside inference_mode, so that later forwards
+            # outside it (autograd recording) can use it too.
+            with torch.inference_mode(False), torch.no_grad():
+                self._winograd_u = winograd.transform_weight(weight.detach())
             self._winograd_key = key
         return self._winograd_u
 

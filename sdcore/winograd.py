@@ -54,16 +54,15 @@ def eligible(conv: nn.Conv2d) -> bool:
     )
 
 
+def supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Float32 on the CPU: elsewhere cuDNN picks its own algorithms."""
+    return device.type == "cpu" and dtype == torch.float32
+
+
 def applies(x: torch.Tensor) -> bool:
-    """Whether an eligible convolution takes this path for input `x`: float32 on the CPU (elsewhere
-    cuDNN picks its own algorithms), even height and width (whole 2x2 output tiles)."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and x.dim() == 4
-        and x.shape[-2] % 2 == 0
-        and x.shape[-1] % 2 == 0
-    )
+    """Whether an eligible convolution takes this path for input `x`: `supported` device and
+    dtype, even height and width (whole 2x2 output tiles)."""
+    return supported(x.device, x.dtype) and x.dim() == 4 and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0
 
 
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:

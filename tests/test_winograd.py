@@ -139,6 +139,22 @@ def test_pipelines_default_to_winograd_where_it_applies(wide_pipe, tiny_pipe):
     assert wide_pipe.conv_algorithm == "winograd-f2x3"  # a refused name changes nothing
 
 
+def test_a_pipeline_switched_to_direct_before_it_runs_never_transforms_its_filters(monkeypatch):
+    """`execution.conv: direct` is for hosts short of memory: the transformed copy must never be
+    made, not even once at load; switched back, it is made at the first forward."""
+    made = []
+    monkeypatch.setattr(winograd, "transform_weight", lambda w: made.append(w.shape) or w.new_zeros(16, *w.shape[:2]))
+    pipe = assemble(WIDE, random_parts(WIDE, seed=0), source="wide")
+    sdcore.set_conv_algorithm(pipe, "direct")
+    settings = dict(sampler="ddim", steps=1, guidance_scale=5.0, width=64, height=64)
+    pipe.generate([GenerationRequest("a red square", seed=1)], **settings)
+    assert made == []
+    sdcore.set_conv_algorithm(pipe, "winograd-f2x3")
+    assert made == []  # not at the switch either
+    pipe.generate([GenerationRequest("a red square", seed=1)], **settings)
+    assert made and all(shape[0] >= winograd.MIN_CHANNELS for shape in made)
+
+
 def test_the_two_algorithms_give_other_bits_and_each_repeats(wide_pipe):
     settings = dict(sampler="ddim", steps=2, guidance_scale=5.0, width=64, height=64, fixed_batch=2)
     rows = [GenerationRequest("a red square", seed=1), GenerationRequest("a blue circle", seed=2)]
