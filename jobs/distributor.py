@@ -262,11 +262,14 @@ class RayDistributor:
         on_result: Callable[[ShardResult], None] = lambda r: None,
         on_progress: Callable[[ProgressState], None] = lambda p: None,
         progress_every: float = 10.0,
+        check: Callable[[], None] = lambda: None,
     ) -> Outcome:
         """Run every task; `on_ready(info)` is called once, for the first worker ready (it may
         raise to abort before any shard is handed out); `on_result` after each shard committed;
-        `on_progress` every `progress_every` seconds and after each shard."""
-        return _ShardLoop(self, tasks, on_ready, on_result, on_progress, progress_every).run()
+        `on_progress` every `progress_every` seconds and after each shard; `check` at every turn
+        of the loop, at least once a second (it raises to stop the run: the caller's `shutdown`
+        then stops the workers)."""
+        return _ShardLoop(self, tasks, on_ready, on_result, on_progress, progress_every, check).run()
 
     def shutdown(self) -> None:
         for actor in [*self.actors, self.progress_actor]:
@@ -297,7 +300,9 @@ class _ShardLoop:
         on_result: Callable[[ShardResult], None],
         on_progress: Callable[[ProgressState], None],
         progress_every: float,
+        check: Callable[[], None],
     ):
+        self.check = check
         self.retry, self.log, self.progress_actor = distributor.retry, distributor.log, distributor.progress_actor
         self.on_ready, self.on_result, self.on_progress = on_ready, on_result, on_progress
         self.progress_every = progress_every
@@ -315,6 +320,7 @@ class _ShardLoop:
 
     def run(self) -> Outcome:
         while self.queue or self.inflight:
+            self.check()
             if not (self.starting or self.restarting or self.idle or self.inflight):
                 self._no_workers_left()
                 break

@@ -9,6 +9,12 @@ ETag, with `If-Match`; local: the sha256 of its bytes, checked and replaced unde
 renewing and releasing only touch the lease this run last wrote, and taking over a stale lease
 only replaces that stale lease, so two runs can never both hold it.
 
+A run whose lease is taken over finds out at its next renewal (`lost` is set) and stops at its
+next `check()`: the job's shard loop checks at every turn (at least once a second), and the
+summary and report are only written after a check. The check is a plain flag read on the
+run's own thread, so it does not depend on signal delivery (an earlier version interrupted the
+main thread with `_thread.interrupt_main()`, which some process states never deliver).
+
 A second run finds the object and is refused at once (`LeaseHeld`, naming the holder). A lease
 whose holder stopped renewing it (a crashed or killed driver) expires `ttl` seconds after its
 last renewal, and the next run takes it over; on the same host a lease whose pid is no longer
@@ -21,7 +27,6 @@ should keep their clocks in sync (NTP), well within the ttl.
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import json
 import os
@@ -237,6 +242,12 @@ class OutputLease:
             raise LeaseLost(f"the output lease of {self.storage.uri} was taken over (now held by {who})")
         self.info, self.tag = renewed, tag
 
+    def check(self) -> None:
+        """LeaseLost if another run took the lease over (seen by the heartbeat); called by the
+        run before each step that writes to the output."""
+        if self.lost:
+            raise LeaseLost(self.lost)
+
     def release(self) -> None:
         """Stop renewing and delete the lease if it is still ours (conditional on its tag)."""
         self._stop.set()
@@ -280,8 +291,8 @@ def live_lease(storage: Storage) -> LeaseInfo | None:
 def held_output(output_uri: str, *, break_lease: bool = False, log: Callable[[str], None] = print):
     """Hold the output's lease for the block: taken first (a permanent output fault — missing
     bucket, access denied, read-only folder — is `OutputUnusable` here, before any work), renewed
-    by a heartbeat, released at the end. If another run takes it over meanwhile, the main thread
-    is interrupted and `LeaseLost` raised."""
+    by a heartbeat, released at the end. If another run takes it over meanwhile, the lease's
+    `check()` raises `LeaseLost`: the block calls it before each step that writes."""
     new_folder = _new_local_folder(output_uri)
     try:
         lease = OutputLease.acquire(output_uri, break_lease=break_lease, log=log)
@@ -289,13 +300,9 @@ def held_output(output_uri: str, *, break_lease: bool = False, log: Callable[[st
         raise  # a transient fault that outlasted its retries: exit 3, not "unusable"
     except (OSError, StorageError) as exc:
         raise OutputUnusable(f"output {redact_uri(output_uri)} cannot be written: {one_line(exc)}") from None
-    lease.start_heartbeat(on_lost=_thread.interrupt_main)
+    lease.start_heartbeat()
     try:
         yield lease
-    except KeyboardInterrupt:
-        if lease.lost:
-            raise LeaseLost(lease.lost) from None
-        raise
     finally:
         lease.release()
         if new_folder is not None:

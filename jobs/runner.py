@@ -82,14 +82,21 @@ def run_job(
     if not isinstance(spec, JobSpec):
         spec = load_spec(spec)
     leased = spec.output if limit is None else f"{spec.output.rstrip('/')}-limit{limit}"  # where it writes
-    with held_output(leased, break_lease=break_lease, log=log):  # before anything is written
+    with held_output(leased, break_lease=break_lease, log=log) as lease:  # before anything is written
         plan = plan_job(spec, overwrite, log, limit)
         with infrastructure_faults():  # from here on a storage fault stops the run (exit 3)
             outcome = execute(
-                plan, address=address, log=log, worker_factory=worker_factory, progress_every=progress_every
+                plan,
+                address=address,
+                log=log,
+                worker_factory=worker_factory,
+                progress_every=progress_every,
+                check=lease.check,  # a run whose lease was taken over stops within a second
             )
             summary = summarise(plan, outcome)
+            lease.check()
             plan.output.write_json(SUMMARY_FILE, summary)
+        lease.check()
         write_report(plan.output.uri, log)  # index.html, still under the lease
     for line in summary_lines(summary):
         log(line)
@@ -277,9 +284,11 @@ def execute(
     log: Callable[[str], None] = _print_line,
     worker_factory: Callable[[WorkerConfig], Any] = ShardWorker,
     progress_every: float = 10.0,
+    check: Callable[[], None] = lambda: None,
 ) -> Outcome:
     """Steps 4-5: connect to Ray, start the workers, run the planned shards. Ray is imported only
-    here, so validation and dry runs never start it."""
+    here, so validation and dry runs never start it. `check` is called at every turn of the
+    shard loop and stops the run when it raises (the lease's check: LeaseLost)."""
     if not plan.tasks:
         log("[sdgen] nothing to do: every shard is committed")
         return Outcome()
@@ -299,7 +308,9 @@ def execute(
         distributor.start(worker_config(plan.spec), worker_factory)
         events = JobEvents(plan, log, ray_version())
         events.progress = progress
-        return distributor.run(plan.tasks, events.first_worker_ready, events.shard_done, progress, progress_every)
+        return distributor.run(
+            plan.tasks, events.first_worker_ready, events.shard_done, progress, progress_every, check=check
+        )
     finally:
         getattr(progress, "close", lambda: None)()
         distributor.shutdown()

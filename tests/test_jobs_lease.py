@@ -1,5 +1,5 @@
 """One writer per output: the lease on local folders and on S3 (moto's server), and two real
-`run.py` on one output."""
+`run.py` on one output; a run taken over mid-job stops."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_an_expired_lease_is_taken_over_and_break_lease_takes_a_live_one(tmp_pat
     broken.release()
 
 
-def test_a_lease_taken_over_is_lost_and_interrupts_the_holder(tmp_path):
+def test_a_lease_taken_over_is_lost_at_the_next_renewal(tmp_path):
     lease = OutputLease.acquire(str(tmp_path), log=lambda s: None, ttl=60)
     lease.renew()
     OutputLease.acquire(str(tmp_path), break_lease=True, log=lambda s: None)
@@ -67,18 +67,56 @@ def test_a_lease_taken_over_is_lost_and_interrupts_the_holder(tmp_path):
         lease.renew()
 
 
-def test_the_heartbeat_renews_and_a_takeover_interrupts_the_run(tmp_path, monkeypatch):
+def test_the_heartbeat_renews_and_a_takeover_fails_the_runs_next_check(tmp_path, monkeypatch):
     monkeypatch.setenv("SDGEN_LEASE_TTL", "0.4")  # renewed every 0.1 s
+    lines = []
     with pytest.raises(LeaseLost, match="taken over"):
-        with held_output(str(tmp_path), log=lambda s: None) as lease:
+        with held_output(str(tmp_path), log=lines.append) as lease:
             before = lease.info.renewed_at
             time.sleep(0.5)
             assert read_lease(open_storage(str(tmp_path))).renewed_at > before
+            lease.check()  # still ours: passes
             # Another run takes it over as a run does (a conditional write: an unconditional one
             # could land between a renewal's check and its write, which no run ever does).
             other = OutputLease.acquire(str(tmp_path), break_lease=True, log=lambda s: None)
-            time.sleep(5)  # interrupted by the heartbeat well before this ends
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # the heartbeat notices within one beat
+                lease.check()
+                time.sleep(0.02)
+    assert any("taken over" in line for line in lines)  # said, not only raised
     assert read_lease(open_storage(str(tmp_path))).token == other.info.token  # not ours: left alone
+
+
+def test_a_job_whose_lease_is_taken_over_stops_without_finishing(tmp_path, monkeypatch, ray_local):
+    """A real run on local Ray: another run takes its output over after the first shard; the
+    run stops with LeaseLost at its shard loop's next turn, leaves the rest of the shards and
+    the summary to the new holder, and does not touch the new holder's lease."""
+    from jobs.output import Output
+    from jobs.runner import SUMMARY_FILE, run_job
+
+    from conftest import small_rows, spec_dict, write_manifest, write_spec
+
+    monkeypatch.setenv("SDGEN_LEASE_TTL", "1")  # renewed every 0.25 s
+    out = tmp_path / "out"
+    manifest = write_manifest(tmp_path / "m.parquet", small_rows(8))
+    spec = write_spec(tmp_path / "spec.yaml", spec_dict(str(manifest), str(out), execution={"shard_size": 1}))
+    lines, taken = [], []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if " done: " in line and not taken:  # the first shard is committed: take the output over
+            taken.append(OutputLease.acquire(str(out), break_lease=True, log=lambda s: None))
+            deadline = time.monotonic() + 10
+            while not any("taken over" in seen for seen in lines) and time.monotonic() < deadline:
+                time.sleep(0.02)  # until the heartbeat has seen it (it logs on its own thread)
+
+    with pytest.raises(LeaseLost, match="taken over"):
+        run_job(str(spec), log=log, progress_every=1.0)
+    done = Output(str(out)).committed_shards()
+    assert 1 <= len(done) < 8  # stopped: at most the shard in flight was committed after the first
+    assert not (out / SUMMARY_FILE).exists()
+    assert read_lease(open_storage(str(out))).token == taken[0].info.token
+    taken[0].release()
 
 
 def test_s3_lease_is_conditional(s3):
