@@ -34,9 +34,7 @@ class Conv2d(nn.Conv2d):
 
     def winograd_weight(self) -> torch.Tensor:
         weight = self.weight
-        # inference tensors keep no version counter (they cannot be changed in place either)
-        version = 0 if weight.is_inference() else weight._version
-        key = (weight.data_ptr(), version, weight.dtype, weight.device)
+        key = _tensor_key(weight)
         if getattr(self, "_winograd_key", None) != key:
             # A normal tensor even when first made inside inference_mode, so that later forwards
             # outside it (autograd recording) can use it too.
@@ -105,10 +103,10 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, query_dim, bias=qkv_bias)
         # A ModuleList so the key is `to_out.0`, as in every SD checkpoint layout.
         self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim)])
+        self._context_cache: tuple | None = None  # (context, weights' key, K, V): see _keys_values
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, N, C); context: (B, M, C_ctx), defaults to x (self-attention)
-        context = x if context is None else context
         batch, n, channels = x.shape
 
         def split_heads(t: torch.Tensor) -> torch.Tensor:
@@ -116,12 +114,43 @@ class Attention(nn.Module):
             return t.view(batch, -1, self.heads, channels // self.heads).transpose(1, 2)
 
         q = split_heads(self.to_q(x))
-        k = split_heads(self.to_k(context))
-        v = split_heads(self.to_v(context))
+        if context is None:
+            k, v = split_heads(self.to_k(x)), split_heads(self.to_v(x))
+        else:
+            k, v = self._keys_values(context, split_heads)
         out = F.scaled_dot_product_attention(q, k, v)
         # (B, heads, N, C / heads) -> (B, N, C)
         out = out.transpose(1, 2).reshape(batch, n, channels)
         return self.to_out[0](out)
+
+    def _keys_values(self, context: torch.Tensor, split_heads) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the text context, kept while the same context tensor comes back: the
+        pipeline passes one context tensor to every step of a batch whose rows stay the same, and
+        the prompts' K and V do not change between steps. The same ops on the same tensor, so the
+        bits are those of computing them afresh. Remade for any other tensor (checked by
+        identity: the cache holds the tensor, so its id cannot be reused) or when a weight
+        changes; not used where autograd records (training) or under torch.compile."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return split_heads(self.to_k(context)), split_heads(self.to_v(context))
+        weights = tuple(_tensor_key(p) for p in (self.to_k.weight, self.to_k.bias, self.to_v.weight, self.to_v.bias))
+        cached = self._context_cache
+        if cached is not None and cached[0] is context and cached[1] == weights:
+            return cached[2], cached[3]
+        k, v = split_heads(self.to_k(context)), split_heads(self.to_v(context))
+        self._context_cache = (context, weights, k, v)
+        return k, v
+
+    def forget_context(self) -> None:
+        """Drop the cached K and V (and the context they came from)."""
+        self._context_cache = None
+
+
+def _tensor_key(t: torch.Tensor | None) -> tuple | None:
+    """What identifies a parameter's current values: its storage and in-place version
+    (inference tensors have no version counter; they cannot be changed outside inference mode)."""
+    if t is None:
+        return None
+    return (t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype, t.device)
 
 
 class Downsample2D(nn.Module):

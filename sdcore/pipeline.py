@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -82,6 +82,7 @@ class _Lane:
         self.guided = guided
         self.slots: list[_Flight | None] = [None] * rows
         self.queue: deque[tuple[int, GenerationRequest, int | None]] = deque()
+        self._context: tuple[list[_Flight | None], torch.Tensor] | None = None  # (slots it was built for, it)
 
     @staticmethod
     def key_of(request: GenerationRequest) -> tuple:
@@ -95,6 +96,21 @@ class _Lane:
     def wants_more(self) -> bool:
         """Fewer requests wait than slots are free."""
         return len(self.queue) < sum(flight is None for flight in self.slots)
+
+    def context(self, encode_prompt: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The forward's text context: each slot's prompt embedding ((negative, then prompt) x
+        rows when guided; the empty prompt in a free slot). The same tensor object while the
+        slots hold the same rows, so the UNet's cross-attentions keep its K and V between steps
+        (sdcore/layers.py)."""
+        flights = self.slots
+        if self._context is not None and all(a is b for a, b in zip(self._context[0], flights)):
+            return self._context[1]
+        cond = [encode_prompt("" if f is None else f.request.prompt) for f in flights]
+        if self.guided:
+            cond = [encode_prompt("" if f is None else f.request.negative) for f in flights] + cond
+        # The slots it was built for are kept, so their ids cannot be reused by new flights.
+        self._context = (list(flights), torch.cat(cond))
+        return self._context[1]
 
     def admit(self) -> list[tuple[int, int, GenerationRequest]]:
         """Fill free slots from the queue in order: (slot, index, request) for each admitted; a
@@ -331,7 +347,18 @@ class Pipeline:
             sizes = Counter(_Lane.key_of(request) for _, request in resolved)
             lane_rows = sizes.__getitem__
             resolved = iter(resolved)
+        try:
+            yield from self._run_lanes(resolved, lane_rows, fixed_batch, slots)
+        finally:
+            self.unet.forget_context()  # the last batch's text K and V: not kept past the generation
 
+    def _run_lanes(
+        self,
+        resolved: Iterator[tuple[int, GenerationRequest]],
+        lane_rows: Callable[[tuple], int],
+        fixed_batch: int | None,
+        slots: Sequence[int | None] | None,
+    ) -> Iterator[tuple[int, Image.Image, Placement]]:
         lanes: dict[tuple, _Lane] = {}
         exhausted = False
         while True:
@@ -385,14 +412,13 @@ class Pipeline:
         filler = torch.zeros_like(next(f.x for f in flights if f is not None))
         x = torch.cat([filler if f is None else f.trajectory.model_input(f.x) for f in flights])  # (rows, 4, h, w)
         t = torch.stack([_FILLER_T if f is None else f.trajectory.timestep() for f in flights]).to(self.device)
-        cond = torch.cat([self.encode_prompt("" if f is None else f.request.prompt) for f in flights])
+        context = lane.context(self.encode_prompt)
         if lane.guided:
-            uncond = torch.cat([self.encode_prompt("" if f is None else f.request.negative) for f in flights])
             # Both halves in one forward, unconditional first as diffusers orders them:
             # (rows, ...) x 2 -> (2 rows, ...)
-            eps_uncond, eps_cond = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+            eps_uncond, eps_cond = self.unet(torch.cat([x, x]), torch.cat([t, t]), context).chunk(2)
         else:  # diffusers skips the unconditional pass at guidance <= 1
-            eps_cond = self.unet(x, t, cond)
+            eps_cond = self.unet(x, t, context)
         finished = []
         for slot, flight in enumerate(flights):
             if flight is None:

@@ -263,3 +263,10 @@ class UNet2DConditionModel(nn.Module):
             x = block.up(x, temb, context, skips)
         # (B, C0, h, w) -> (B, 4, h, w)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def forget_context(self) -> None:
+        """Drop the text context's K and V that the cross-attentions keep between steps
+        (sdcore/layers.py `Attention`); the pipeline calls it when a generation ends."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.forget_context()

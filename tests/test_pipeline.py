@@ -165,6 +165,45 @@ def test_the_prompt_cache_is_bounded_in_bytes(ours, monkeypatch):
     ours.clear_embedding_cache()
 
 
+def test_cross_attention_keys_and_values_are_kept_between_steps_with_the_same_bits(model_folder):
+    """The prompts' K and V are computed once per batch of rows, not at every step, and the
+    cached ones give the bits of computing them afresh; a new context or a changed weight remakes
+    them; nothing is kept after a generation."""
+    pipe = sdcore.load_pipeline(model_folder)
+    unet = pipe.unet
+    cross = [m.attn2 for m in unet.modules() if hasattr(m, "attn2")]
+    calls = []
+    for attention in cross:
+        attention.to_k.register_forward_hook(lambda *a: calls.append(1))
+    gen = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 6, 8, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    t = torch.tensor([999.0, 10.0])
+    with torch.inference_mode():
+        first = unet(x, t, context)
+        second = unet(x * 0.5, t - 5, context)  # the same context object: K and V reused
+        assert len(calls) == len(cross)  # computed once, not twice
+        fresh = unet(x * 0.5, t - 5, context.clone())  # another tensor: computed again
+        assert len(calls) == 2 * len(cross)
+        assert torch.equal(second, fresh)
+        assert not torch.equal(first, second)
+        assert torch.equal(unet(x * 0.5, t - 5, context), second)  # `context`'s K and V cached again
+    # A weight changed in place between forwards: the cached K is stale and must be remade.
+    with torch.no_grad():
+        cross[0].to_k.weight.mul_(1.5)
+    with torch.inference_mode():
+        changed = unet(x * 0.5, t - 5, context)
+        assert torch.equal(changed, unet(x * 0.5, t - 5, context.clone()))
+        assert not torch.equal(changed, fresh)
+    # Through the pipeline: one K/V per batch (4 rows in one fixed-shape forward, 6 steps), and
+    # nothing held once the images are out.
+    calls.clear()
+    rows = [{"prompt": f"a shape {i}", "seed": i} for i in range(4)]
+    pipe.generate(rows, sampler="ddim", steps=6, guidance_scale=5.0, width=32, height=32, fixed_batch=4,
+                  batch_invariant=False)  # fmt: skip
+    assert len(calls) == len(cross)
+    assert all(attention._context_cache is None for attention in cross)
+
+
 def test_odd_latent_size_runs(ours):
     """Any multiple of 8 works, including sizes whose latent does not halve evenly."""
     image = ours.generate(
