@@ -15,8 +15,9 @@ In one process, on the same weights, rows, seeds, sampler (DDIM), steps, size an
 - the real job runner (`python jobs/run.py`, embedded local Ray, one worker) on a generated
   manifest: rows/s at steady state (from the second shard's commit to the last one's) against
   the bare pipeline's fixed-shape images/s measured right beside it (a fresh process loading the
-  job's weights runs one shard's rows before each txt2img job round and once after the last, so
-  the ratio compares runs minutes apart, not the pipeline rounds of the start), the fixed cost
+  job's weights runs as many rows as the job's steady window holds, before each txt2img job round
+  and once after the last, so the ratio compares runs minutes apart and of the same length, not
+  the pipeline rounds of the start), the fixed cost
   of a run (wall time minus rows at the steady rate; split into plan, Ray start, model load and
   wind-down from the driver's log), the gap between one shard's commit and the next shard's
   first row; and a mixed manifest (half txt2img, half img2img at four strengths, each img2img
@@ -444,8 +445,9 @@ def run_job(spec: Path, folder: Path) -> dict:
 
 
 def bare_rate(case: Case, weights: str, threads: int) -> float:
-    """Images/s of the bare fixed-shape pipeline on one shard of the job's txt2img rows, in a fresh
-    process that loads the job's weights as its worker does (and exits before the job starts)."""
+    """Images/s of the bare fixed-shape pipeline on the job's txt2img rows (as many as its steady
+    window), in a fresh process that loads the job's weights as its worker does (and exits
+    before the job starts)."""
     spec = json.dumps(dataclasses.asdict(case))
     command = [sys.executable, __file__, "--bare-of", spec, "--weights", weights, "--threads", str(threads)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
@@ -455,12 +457,16 @@ def bare_rate(case: Case, weights: str, threads: int) -> float:
 
 
 def bare_main(case: Case, weights: str, threads: int) -> None:
-    """`--bare-of`: time the job's first shard of rows through the loaded pipeline; print JSON."""
+    """`--bare-of`: time as many of the job's rows as its steady-state window holds (all shards
+    but the first and the last; at least one shard) through the loaded pipeline; print JSON. As
+    long as the job's window, so a short burst on a host whose speed moves with its load is not
+    set against minutes of sustained work."""
     from sdcore.weights import load_pipeline
 
     torch.set_num_threads(threads)
     pipe = load_pipeline(weights, dtype="float32")
-    rows = [{"prompt": prompt(i), "seed": 5000 + i} for i in range(case.shard_size)]
+    count = max(case.shard_size, case.job_rows - 2 * case.shard_size)
+    rows = [{"prompt": prompt(i), "seed": 5000 + i} for i in range(count)]
     settings = dict(sampler="ddim", guidance_scale=GUIDANCE, width=case.size, height=case.size)
     pipe.generate(rows[: case.batch], steps=1, **settings, fixed_batch=case.batch)  # warm: the same shapes
     start = time.perf_counter()
