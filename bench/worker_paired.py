@@ -1,0 +1,141 @@
+"""The job's worker against the bare pipeline, in pairs: does the shard machinery cost throughput?
+
+On a host whose speed moves 25-40% within minutes, a job timed in one minute and the bare
+pipeline in another cannot show a gap under ~20%. Here both are loaded at once, in two
+processes, and take turns shard by shard (order alternating), so each pair sees the same host:
+
+- a Ray actor holding a `jobs.worker.ShardWorker` (the job's worker: row checks, init-image
+  read-ahead, the NaN/Inf hooks, the writer, in-flight notes, checkpoints, the commit) runs the
+  next shard of a generated txt2img manifest into a local output;
+- a plain Python process holding the bare pipeline generates the same number of rows, fixed-shape.
+
+It prints each pair's rows/s and appends the median ratio to bench/RESULTS.md. What it leaves out
+of the whole job: the driver (its shard loop, the progress actor, the log) and Ray's start.
+
+    .venv/bin/python bench/worker_paired.py --case shapes --pairs 12 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import side_by_side as sbs  # noqa: E402 - needs the path above
+
+# The bare side: a process that loads the pipeline, then generates one shard's rows per line read.
+BARE = r"""
+import json, sys, time, torch
+sys.path[:0] = json.loads(sys.argv[1])
+import side_by_side as sbs
+from sdcore.weights import load_pipeline
+case = sbs.Case(**json.loads(sys.argv[2]))
+torch.set_num_threads(int(sys.argv[3]))
+pipe = load_pipeline(sys.argv[4], dtype="float32")
+settings = dict(sampler="ddim", guidance_scale=sbs.GUIDANCE, width=case.size, height=case.size)
+done = 0
+print("ready", flush=True)
+for _ in sys.stdin:
+    rows = [{"prompt": sbs.prompt(done + i), "seed": 5000 + done + i} for i in range(case.shard_size)]
+    done += case.shard_size
+    start = time.perf_counter()
+    pipe.generate(rows, steps=case.steps, **settings, fixed_batch=case.batch)
+    print(len(rows) / (time.perf_counter() - start), flush=True)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", default="shapes", choices=["tiny", "shapes"])
+    parser.add_argument("--pairs", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
+    args = parser.parse_args()
+    case = sbs.FULL[args.case]
+    weights = f"builtin:{args.case}"
+    work = Path(tempfile.mkdtemp(prefix="worker-paired-"))
+    rows = (args.pairs + 1) * case.shard_size  # one warm-up shard
+    spec_path = sbs.write_job(work, dataclasses.replace(case, job_rows=rows), weights, rows, False, args.threads)
+
+    import json
+
+    import ray
+
+    bare = subprocess.Popen(
+        [sys.executable, "-c", BARE, json.dumps([str(REPO), str(REPO / "bench")]),
+         json.dumps(dataclasses.asdict(case)), str(args.threads), weights],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert bare.stdout.readline().strip() == "ready"
+
+    ray.init(num_cpus=args.threads, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+
+    @ray.remote(num_cpus=args.threads)
+    class Worker:
+        def __init__(self, spec_path: str, threads: int):
+            from jobs.manifest import load_manifest
+            from jobs.reader import read_shards
+            from jobs.runner import worker_config
+            from jobs.spec import load_spec
+            from jobs.worker import ShardWorker
+
+            spec = load_spec(spec_path)
+            config = dataclasses.replace(worker_config(spec), threads=threads, device="cpu")
+            self.worker = ShardWorker(config)
+            self.tasks = list(read_shards(load_manifest(spec.manifest), spec.execution.shard_size, skip=set()))
+
+        def shard(self) -> float:
+            task = self.tasks.pop(0)
+            start = time.perf_counter()
+            self.worker.run(task)
+            return task.num_rows / (time.perf_counter() - start)
+
+    def bare_shard() -> float:
+        bare.stdin.write("go\n")
+        bare.stdin.flush()
+        return float(bare.stdout.readline())
+
+    worker = Worker.remote(str(spec_path), args.threads)
+    ray.get(worker.shard.remote())  # warm-up, both sides
+    bare_shard()
+    ratios = []
+    for pair in range(args.pairs):
+        got = {}
+        for side in ("job worker", "bare") if pair % 2 == 0 else ("bare", "job worker"):
+            got[side] = ray.get(worker.shard.remote()) if side == "job worker" else bare_shard()
+        ratios.append(got["job worker"] / got["bare"])
+        print(f"pair {pair + 1}: job worker {got['job worker']:.3f} rows/s, bare {got['bare']:.3f} img/s, "
+              f"ratio {ratios[-1]:.3f}", flush=True)  # fmt: skip
+    bare.stdin.close()
+    bare.wait()
+    ray.shutdown()
+
+    median = statistics.median(ratios)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    entry = (
+        f"\n## {stamp} — job worker vs bare pipeline, in pairs (`bench/worker_paired.py`), "
+        f"commit {sbs.git_commit()}\n\n"
+        f"{sbs.cpu_model()}, {args.threads} thread(s), {weights}, {case.size}x{case.size}, batch {case.batch}, "
+        f"DDIM {case.steps}, shards of {case.shard_size}. A Ray actor holding the job's `ShardWorker` (every "
+        f"shard committed to a local output) and a plain process holding the bare fixed-shape pipeline take "
+        f"turns, {args.pairs} pairs, order alternating.\n\n"
+        f"Job worker / bare per pair: {', '.join(f'{r:.3f}' for r in ratios)}. "
+        f"**Median {median:.3f}x**, mean {statistics.mean(ratios):.3f}x.\n"
+    )
+    with open(args.out, "a") as handle:
+        handle.write(entry)
+    print(f"median job worker / bare: {median:.3f}x (appended to {args.out})")
+
+
+if __name__ == "__main__":
+    main()
