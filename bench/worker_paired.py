@@ -10,7 +10,9 @@ processes, and take turns shard by shard (order alternating), so each pair sees 
 - a plain Python process holding the bare pipeline generates the same number of rows, fixed-shape.
 
 It prints each pair's rows/s and appends the median ratio to bench/RESULTS.md. What it leaves out
-of the whole job: the driver (its shard loop, the progress actor, the log) and Ray's start.
+of the whole job: the driver (its shard loop, the progress actor, the log) and Ray's start. With
+`--load 6`, half the pairs run the worker's turn beside a process busy 6% of one core, about what
+the driver side of a run takes, to show what such a load costs the worker.
 
     .venv/bin/python bench/worker_paired.py --case shapes --pairs 12 --threads 2
 """
@@ -54,11 +56,30 @@ for _ in sys.stdin:
 """
 
 
+# With --load: a process that keeps one core busy that percentage of the time, in 50 ms periods,
+# as Ray's raylet, GCS, agents and the driver do during a job (~6% of this machine together).
+BUSY = r"""
+import sys, time
+busy = 0.05 * float(sys.argv[1]) / 100
+while True:
+    start = time.perf_counter()
+    while time.perf_counter() - start < busy:
+        pass
+    time.sleep(0.05 - busy)
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", default="shapes", choices=["tiny", "shapes"])
     parser.add_argument("--pairs", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--load",
+        type=float,
+        default=0.0,
+        help="percent of one core kept busy beside every other pair of the worker's turns",
+    )
     parser.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
     args = parser.parse_args()
     case = sbs.FULL[args.case]
@@ -108,19 +129,30 @@ def main() -> None:
     worker = Worker.remote(str(spec_path), args.threads)
     ray.get(worker.shard.remote())  # warm-up, both sides
     bare_shard()
-    ratios = []
+    ratios, loaded = [], []
     for pair in range(args.pairs):
+        # With --load: pairs 3-4, 7-8, ... run the job worker's turn beside a busy process.
+        load = args.load and pair % 4 >= 2
         got = {}
         for side in ("job worker", "bare") if pair % 2 == 0 else ("bare", "job worker"):
-            got[side] = ray.get(worker.shard.remote()) if side == "job worker" else bare_shard()
+            if side == "bare":
+                got[side] = bare_shard()
+                continue
+            busy = subprocess.Popen([sys.executable, "-c", BUSY, str(args.load)]) if load else None
+            got[side] = ray.get(worker.shard.remote())
+            if busy is not None:
+                busy.kill()
+                busy.wait()
         ratios.append(got["job worker"] / got["bare"])
+        loaded.append(load)
         print(f"pair {pair + 1}: job worker {got['job worker']:.3f} rows/s, bare {got['bare']:.3f} img/s, "
-              f"ratio {ratios[-1]:.3f}", flush=True)  # fmt: skip
+              f"ratio {ratios[-1]:.3f}{' (busy process beside the worker)' if load else ''}", flush=True)  # fmt: skip
     bare.stdin.close()
     bare.wait()
     ray.shutdown()
 
-    median = statistics.median(ratios)
+    plain = [r for r, w in zip(ratios, loaded) if not w]
+    median = statistics.median(plain)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     entry = (
         f"\n## {stamp} — job worker vs bare pipeline, in pairs (`bench/worker_paired.py`), "
@@ -129,9 +161,16 @@ def main() -> None:
         f"DDIM {case.steps}, shards of {case.shard_size}. A Ray actor holding the job's `ShardWorker` (every "
         f"shard committed to a local output) and a plain process holding the bare fixed-shape pipeline take "
         f"turns, {args.pairs} pairs, order alternating.\n\n"
-        f"Job worker / bare per pair: {', '.join(f'{r:.3f}' for r in ratios)}. "
-        f"**Median {median:.3f}x**, mean {statistics.mean(ratios):.3f}x.\n"
+        f"Job worker / bare per pair: {', '.join(f'{r:.3f}' for r in plain)}. "
+        f"**Median {median:.3f}x**, mean {statistics.mean(plain):.3f}x.\n"
     )
+    if args.load:
+        busy_ratios = [r for r, w in zip(ratios, loaded) if w]
+        entry += (
+            f"\nWith a process busy {args.load:g}% of one core beside the job worker's turns (as the driver side "
+            f"of a run is): {', '.join(f'{r:.3f}' for r in busy_ratios)}; "
+            f"**median {statistics.median(busy_ratios):.3f}x**.\n"
+        )
     with open(args.out, "a") as handle:
         handle.write(entry)
     print(f"median job worker / bare: {median:.3f}x (appended to {args.out})")
