@@ -122,3 +122,47 @@ def test_sigterm_stops_the_run_and_its_embedded_ray(tmp_path):
     assert not (out / "lease.json").exists()
     status = run_command([PYTHON, "jobs/status.py", str(out)], check=False)
     assert status.returncode == 1 and "0 running" in status.stdout
+
+
+def test_a_run_whose_lease_is_taken_over_exits_3_and_stops_its_ray(tmp_path):
+    """Another run takes the output over (`--break-lease`) while this one generates: the driver
+    says so, exits 3 within seconds, leaves no process of its session behind, and does not touch
+    the new holder's lease."""
+    import subprocess
+    import time
+
+    from jobs.lease import OutputLease, read_lease
+    from jobs.storage import open_storage
+
+    from conftest import REPO, command_env, kill_session, session_pids
+
+    manifest = write_manifest(tmp_path / "m.parquet", small_rows(80), manifest_schema())
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "job.yaml", spec_dict(str(manifest), str(out), execution={"shard_size": 1}))
+    log = tmp_path / "run.log"
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(
+            [PYTHON, "jobs/run.py", str(spec)], cwd=REPO, env=command_env({"SDGEN_LEASE_TTL": "2"}),
+            stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while " done: " not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert " done: " in log.read_text(), log.read_text()
+        other = OutputLease.acquire(str(out), break_lease=True, log=lambda s: None)
+        taken_at = time.monotonic()
+        assert proc.wait(timeout=60) == 3, log.read_text()
+        assert time.monotonic() - taken_at < 30  # the heartbeat (every 0.5 s) and the loop's check
+        deadline = time.monotonic() + 20
+        while session_pids(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not session_pids(proc.pid)
+    finally:
+        kill_session(proc.pid)
+    text = log.read_text()
+    assert "was taken over" in text and "Traceback" not in text, text
+    assert read_lease(open_storage(str(out))).token == other.info.token
+    assert not (out / "summary.json").exists()
+    assert len(Output(str(out)).committed_shards()) < 80  # stopped long before the end (80 shards of ~0.1 s)
+    other.release()
