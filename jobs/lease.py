@@ -12,8 +12,7 @@ only replaces that stale lease, so two runs can never both hold it.
 A run whose lease is taken over finds out at its next renewal (`lost` is set) and stops at its
 next `check()`: the job's shard loop checks at every turn (at least once a second), and the
 summary and report are only written after a check. The check is a plain flag read on the
-run's own thread, so it does not depend on signal delivery (an earlier version interrupted the
-main thread with `_thread.interrupt_main()`, which some process states never deliver).
+run's own thread: no signal to the main thread, whose delivery some process states swallow.
 
 A second run finds the object and is refused at once (`LeaseHeld`, naming the holder). A lease
 whose holder stopped renewing it (a crashed or killed driver) expires `ttl` seconds after its
@@ -143,7 +142,6 @@ class OutputLease:
         self.lost: str | None = None  # why the lease was lost, once it is
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._on_lost: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ taking it
 
@@ -208,10 +206,9 @@ class OutputLease:
 
     # ------------------------------------------------------------------ keeping it
 
-    def start_heartbeat(self, on_lost: Callable[[], None] = lambda: None, every: float | None = None) -> None:
-        """Renew the lease every `every` seconds (default ttl/4) on a daemon thread; `on_lost`
-        is called (once, on that thread) if another run took it over."""
-        self._on_lost = on_lost
+    def start_heartbeat(self, every: float | None = None) -> None:
+        """Renew the lease every `every` seconds (default ttl/4) on a daemon thread; if another
+        run took it over, `lost` says so and `check()` raises from then on."""
         every = self.info.ttl / 4 if every is None else every
         self._thread = threading.Thread(target=self._beat, args=(every,), name="sdgen-lease", daemon=True)
         self._thread.start()
@@ -223,7 +220,6 @@ class OutputLease:
             except LeaseLost as exc:
                 self.lost = str(exc)
                 self.log(f"[sdgen] error: {exc}")
-                self._on_lost()
                 return
             except Exception as exc:  # noqa: BLE001 - a storage blip: try again at the next beat
                 self.log(f"[sdgen] warning: could not renew the output lease ({type(exc).__name__}: {exc})")
