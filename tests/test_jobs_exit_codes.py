@@ -85,36 +85,58 @@ def test_bad_input_and_environment_give_one_line_not_a_traceback(tmp_path, s3):
         assert len(errors) == 1, (what, result.stdout)
 
 
+def _start_run(spec: Path, log: Path, env: dict | None = None):
+    """`jobs/run.py spec` in its own session, its output going to `log`."""
+    import subprocess
+
+    from conftest import REPO, command_env
+
+    with open(log, "w") as handle:
+        return subprocess.Popen(
+            [PYTHON, "jobs/run.py", str(spec)], cwd=REPO, env=command_env(env), stdout=handle,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
+def _wait_for_line(log: Path, text: str) -> None:
+    import time
+
+    deadline = time.monotonic() + 180
+    while text not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert text in log.read_text(), log.read_text()
+
+
+def _assert_session_gone(pid: int) -> None:
+    """No process of the run's session (its embedded Ray) outlives it for long."""
+    import time
+
+    from conftest import session_pids
+
+    deadline = time.monotonic() + 20
+    while session_pids(pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = session_pids(pid)
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:100] for p in left]
+
+
 def test_sigterm_stops_the_run_and_its_embedded_ray(tmp_path):
     """SIGTERM (as Ctrl-C) of the driver: exit 130, the embedded Ray it started shut down (no
     process of its session left), the lease released; status then says interrupted or pending."""
     import signal
-    import subprocess
-    import time
 
-    from conftest import REPO, command_env, kill_session, session_pids
+    from conftest import kill_session
 
     manifest = write_manifest(tmp_path / "m.parquet", small_rows(30), manifest_schema())
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "job.yaml", spec_dict(str(manifest), str(out), execution={"batch_size": 1}))
     log = tmp_path / "run.log"
-    with open(log, "w") as handle:
-        proc = subprocess.Popen(
-            [PYTHON, "jobs/run.py", str(spec)], cwd=REPO, env=command_env(), stdout=handle,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    proc = _start_run(spec, log)
     try:
-        deadline = time.monotonic() + 180
-        while "model builtin:tiny" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert "model builtin:tiny" in log.read_text(), log.read_text()
+        _wait_for_line(log, "model builtin:tiny")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 130, log.read_text()
-        deadline = time.monotonic() + 20
-        while session_pids(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = session_pids(proc.pid)
-        assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:100] for p in left]
+        _assert_session_gone(proc.pid)
     finally:
         kill_session(proc.pid)
     text = log.read_text()
@@ -126,38 +148,23 @@ def test_sigterm_stops_the_run_and_its_embedded_ray(tmp_path):
 
 def test_a_run_whose_lease_is_taken_over_exits_3_and_stops_its_ray(tmp_path):
     """Another run takes the output over (`--break-lease`) while this one generates: the driver
-    says so, exits 3 within seconds, leaves no process of its session behind, and does not touch
-    the new holder's lease."""
-    import subprocess
-    import time
-
+    says so, exits 3, stops long before the end, leaves no process of its session behind, and
+    does not touch the new holder's lease."""
     from jobs.lease import OutputLease, read_lease
     from jobs.storage import open_storage
 
-    from conftest import REPO, command_env, kill_session, session_pids
+    from conftest import kill_session
 
     manifest = write_manifest(tmp_path / "m.parquet", small_rows(80), manifest_schema())
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "job.yaml", spec_dict(str(manifest), str(out), execution={"shard_size": 1}))
     log = tmp_path / "run.log"
-    with open(log, "w") as handle:
-        proc = subprocess.Popen(
-            [PYTHON, "jobs/run.py", str(spec)], cwd=REPO, env=command_env({"SDGEN_LEASE_TTL": "2"}),
-            stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    proc = _start_run(spec, log, {"SDGEN_LEASE_TTL": "2"})  # renewed every 0.5 s
     try:
-        deadline = time.monotonic() + 180
-        while " done: " not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert " done: " in log.read_text(), log.read_text()
+        _wait_for_line(log, " done: ")
         other = OutputLease.acquire(str(out), break_lease=True, log=lambda s: None)
-        taken_at = time.monotonic()
         assert proc.wait(timeout=60) == 3, log.read_text()
-        assert time.monotonic() - taken_at < 30  # the heartbeat (every 0.5 s) and the loop's check
-        deadline = time.monotonic() + 20
-        while session_pids(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not session_pids(proc.pid)
+        _assert_session_gone(proc.pid)
     finally:
         kill_session(proc.pid)
     text = log.read_text()
