@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,44 +30,42 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import side_by_side as sbs  # noqa: E402 - needs the path above
 
-# The bare side: a process that loads the pipeline, then generates one shard's rows per line read.
-BARE = r"""
-import json, sys, time, torch
-sys.path[:0] = json.loads(sys.argv[1])
-import side_by_side as sbs
-from sdcore.weights import load_pipeline
-case = sbs.Case(**json.loads(sys.argv[2]))
-torch.set_num_threads(int(sys.argv[3]))
-pipe = load_pipeline(sys.argv[4], dtype="float32")
-settings = dict(sampler="ddim", guidance_scale=sbs.GUIDANCE, width=case.size, height=case.size)
-done = 0
-print("ready", flush=True)
-for _ in sys.stdin:
-    rows = [{"prompt": sbs.prompt(done + i), "seed": 5000 + done + i} for i in range(case.shard_size)]
-    done += case.shard_size
-    start = time.perf_counter()
-    pipe.generate(rows, steps=case.steps, **settings, fixed_batch=case.batch)
-    print(len(rows) / (time.perf_counter() - start), flush=True)
-"""
+
+def bare_server(case: sbs.Case, weights: str, threads: int) -> None:
+    """`--bare-server`: load the bare pipeline, then generate one shard's rows, fixed-shape, per
+    line read from stdin, printing each run's images/s."""
+    from sdcore.weights import load_pipeline
+
+    torch.set_num_threads(threads)
+    pipe = load_pipeline(weights, dtype="float32")
+    settings = dict(sampler="ddim", guidance_scale=sbs.GUIDANCE, width=case.size, height=case.size)
+    done = 0
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        rows = [{"prompt": sbs.prompt(done + i), "seed": 5000 + done + i} for i in range(case.shard_size)]
+        done += case.shard_size
+        start = time.perf_counter()
+        pipe.generate(rows, steps=case.steps, **settings, fixed_batch=case.batch)
+        print(len(rows) / (time.perf_counter() - start), flush=True)
 
 
-# With --load: a process that keeps one core busy that percentage of the time, in 50 ms periods,
-# as Ray's raylet, GCS, agents and the driver do during a job (~6% of this machine together).
-BUSY = r"""
-import sys, time
-busy = 0.05 * float(sys.argv[1]) / 100
-while True:
-    start = time.perf_counter()
-    while time.perf_counter() - start < busy:
-        pass
-    time.sleep(0.05 - busy)
-"""
+def busy(percent: float) -> None:
+    """`--busy`: keep one core busy `percent` of the time, in 50 ms periods, as Ray's raylet,
+    GCS, agents and the driver do during a job (~5% of one core together on this machine)."""
+    spin = 0.05 * percent / 100
+    while True:
+        start = time.perf_counter()
+        while time.perf_counter() - start < spin:
+            pass
+        time.sleep(0.05 - spin)
 
 
 def main() -> None:
@@ -81,20 +80,23 @@ def main() -> None:
         help="percent of one core kept busy beside every other pair of the worker's turns",
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
+    parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)  # internal: the bare side
+    parser.add_argument("--busy", type=float, help=argparse.SUPPRESS)  # internal: the --load process
     args = parser.parse_args()
     case = sbs.FULL[args.case]
     weights = f"builtin:{args.case}"
+    if args.bare_server:
+        return bare_server(case, weights, args.threads)
+    if args.busy is not None:
+        return busy(args.busy)
     work = Path(tempfile.mkdtemp(prefix="worker-paired-"))
     rows = (args.pairs + 1) * case.shard_size  # one warm-up shard
     spec_path = sbs.write_job(work, dataclasses.replace(case, job_rows=rows), weights, rows, False, args.threads)
 
-    import json
-
     import ray
 
     bare = subprocess.Popen(
-        [sys.executable, "-c", BARE, json.dumps([str(REPO), str(REPO / "bench")]),
-         json.dumps(dataclasses.asdict(case)), str(args.threads), weights],
+        [sys.executable, __file__, "--bare-server", "--case", args.case, "--threads", str(args.threads)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert bare.stdout.readline().strip() == "ready"
@@ -126,6 +128,12 @@ def main() -> None:
         bare.stdin.flush()
         return float(bare.stdout.readline())
 
+    # The --load process starts once, stopped; it runs only during the worker's loaded turns.
+    burner = None
+    if args.load:
+        burner = subprocess.Popen([sys.executable, __file__, "--busy", str(args.load)])
+        time.sleep(10)  # past its imports
+        burner.send_signal(signal.SIGSTOP)
     worker = Worker.remote(str(spec_path), args.threads)
     ray.get(worker.shard.remote())  # warm-up, both sides
     bare_shard()
@@ -138,17 +146,20 @@ def main() -> None:
             if side == "bare":
                 got[side] = bare_shard()
                 continue
-            busy = subprocess.Popen([sys.executable, "-c", BUSY, str(args.load)]) if load else None
+            if load:
+                burner.send_signal(signal.SIGCONT)
             got[side] = ray.get(worker.shard.remote())
-            if busy is not None:
-                busy.kill()
-                busy.wait()
+            if load:
+                burner.send_signal(signal.SIGSTOP)
         ratios.append(got["job worker"] / got["bare"])
         loaded.append(load)
         print(f"pair {pair + 1}: job worker {got['job worker']:.3f} rows/s, bare {got['bare']:.3f} img/s, "
               f"ratio {ratios[-1]:.3f}{' (busy process beside the worker)' if load else ''}", flush=True)  # fmt: skip
     bare.stdin.close()
     bare.wait()
+    if burner is not None:
+        burner.kill()
+        burner.wait()
     ray.shutdown()
 
     plain = [r for r, w in zip(ratios, loaded) if not w]
