@@ -11,9 +11,11 @@
   runs.
 - `RayDistributor.run()` is a small event loop (`_ShardLoop`): it hands shards out one at a time
   to whichever worker is free, so a slow worker holds at most the shard it is on, and reacts to
-  each event Ray reports (worker started or failed to start, shard done, worker died, shard
-  raised). Whether a failed shard is tried again on another worker or given up (reported
-  failed, not committed, retried by a rerun) is decided by `retry.RetryPolicy` alone.
+  each event Ray reports (worker started or failed to start, a shard's rows done so far or its
+  result, worker died, shard raised). A shard's call is a Ray streaming generator: its progress
+  comes back with it, so a run has no actor but its workers. Whether a failed shard is tried
+  again on another worker or given up (reported failed, not committed, retried by a rerun) is
+  decided by `retry.RetryPolicy` alone.
 
 The runner never imports Ray: it imports this module only once there is work to run, and gets
 Ray's version for job.json from `ray_version()`.
@@ -28,13 +30,12 @@ import socket
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import watchdog
 from .cluster import ClusterLayout, submitted_with_working_dir
@@ -147,26 +148,15 @@ class _WorkerActor:
     def info(self) -> tuple[str | None, WorkerInfo | None]:
         return (self.error, None) if self.worker is None else (None, self.worker.info())
 
-    def run(self, task: ShardTask, attempt: int, progress: Any, after_death: bool = False) -> ShardResult:
-        def report(done: int) -> None:
-            progress.update.remote(task.shard_id, done)
-
+    @ray.method(num_returns="streaming")
+    def run(self, task: ShardTask, attempt: int, after_death: bool = False) -> Iterator[int | ShardResult]:
+        """One shard, streamed to the driver: the rows done so far (ints, after each saved batch)
+        and last its `ShardResult`. The progress travels with the shard's own call, so it needs
+        no separate actor (an idle Ray worker process wakes ~170 times a second: on a host whose
+        cores all compute, that is taken from the UNet)."""
         inject_fault(task.shard_id, attempt)  # test hook ($SDGEN_FAULT_KILL); nothing otherwise
-
-        return self.worker.run(task, attempt, report, after_death=after_death)
-
-
-class _Progress:
-    """Rows done per shard in flight, as last reported by the workers."""
-
-    def __init__(self) -> None:
-        self.done: dict[str, int] = {}
-
-    def update(self, shard: str, done: int) -> None:
-        self.done[shard] = done
-
-    def snapshot(self) -> dict[str, int]:
-        return dict(self.done)
+        result = yield from self.worker.shard_steps(task, attempt, after_death=after_death)
+        yield result
 
 
 def _short_error(exc: BaseException) -> str:
@@ -192,7 +182,6 @@ class RayDistributor:
         self.retry = RetryPolicy(max_attempts, log)
         self.log = log
         self.actors: list[Any] = []
-        self.progress_actor = None
 
     # -------------------------------------------------------------------------- placement
 
@@ -250,9 +239,6 @@ class RayDistributor:
             **options,
         )
         self.actors = [actor_cls.remote(factory, replace(config, name=None)) for _ in range(workers)]
-        # On the driver's node: a node lost mid-job must not take the job's progress with it.
-        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        self.progress_actor = ray.remote(_Progress).options(num_cpus=0, scheduling_strategy=here).remote()
         return device
 
     def run(
@@ -272,13 +258,10 @@ class RayDistributor:
         return _ShardLoop(self, tasks, on_ready, on_result, on_progress, progress_every, check).run()
 
     def shutdown(self) -> None:
-        for actor in [*self.actors, self.progress_actor]:
-            if actor is None:
-                continue
+        for actor in self.actors:
             with contextlib.suppress(Exception):  # the actor is already gone: nothing left to stop
                 ray.kill(actor)
         self.actors = []
-        self.progress_actor = None
 
 
 class _ShardLoop:
@@ -303,7 +286,7 @@ class _ShardLoop:
         check: Callable[[], None],
     ):
         self.check = check
-        self.retry, self.log, self.progress_actor = distributor.retry, distributor.log, distributor.progress_actor
+        self.retry, self.log = distributor.retry, distributor.log
         self.on_ready, self.on_result, self.on_progress = on_ready, on_result, on_progress
         self.progress_every = progress_every
         self.queue: deque[tuple[ShardTask, int]] = deque((task, 1) for task in tasks)  # (task, attempt)
@@ -313,7 +296,9 @@ class _ShardLoop:
         self.starting: dict[Any, Any] = {actor.info.remote(): actor for actor in distributor.actors}
         self.restarting: list[tuple[float, Any]] = []  # (when to ask again, actor)
         self.idle: list[Any] = []
-        self.inflight: dict[Any, tuple[Any, ShardTask, int]] = {}  # ref -> (actor, task, attempt)
+        # a shard's stream (ObjectRefGenerator) -> (actor, task, attempt)
+        self.inflight: dict[Any, tuple[Any, ShardTask, int]] = {}
+        self.rows_done: dict[str, int] = {}  # shard in flight -> rows done, as last streamed
         self.died: set[str] = set()  # shards whose last attempt ended in a worker death
         self.start_errors: list[str] = []
         self.last_report = self.waiting_since = time.monotonic()
@@ -338,7 +323,8 @@ class _ShardLoop:
         return self.outcome
 
     def _wait(self) -> list[Any]:
-        """The next finished call (a worker's `info` or a shard), or none within a second."""
+        """The next finished call (a worker's `info`) or streamed item (a shard's progress or
+        result), or none within a second."""
         refs = [*self.starting, *self.inflight]
         if not refs:  # only restarting workers: nothing to wait on but the clock
             time.sleep(RESTART_POLL_S / 4)
@@ -354,8 +340,8 @@ class _ShardLoop:
             task, attempt = self.queue.popleft()
             after_death = task.shard_id in self.died  # the worker then narrows down a crashing row
             self.died.discard(task.shard_id)
-            ref = actor.run.remote(task, attempt, self.progress_actor, after_death)
-            self.inflight[ref] = (actor, task, attempt)
+            self.inflight[actor.run.remote(task, attempt, after_death)] = (actor, task, attempt)
+            self.rows_done[task.shard_id] = 0
 
     # -------------------------------------------------------------------------- worker events
 
@@ -429,16 +415,27 @@ class _ShardLoop:
 
     # -------------------------------------------------------------------------- shard events
 
-    def _shard_returned(self, ref: Any) -> None:
-        actor, task, attempt = self.inflight.pop(ref)
+    def _shard_returned(self, stream: Any) -> None:
+        """The next item of a shard's stream: rows done so far, or the end (result or error)."""
+        actor, task, attempt = self.inflight[stream]
         try:
-            result: ShardResult = ray.get(ref)
+            item = ray.get(next(stream))
         except ray.exceptions.RayActorError as exc:
+            self._shard_ended(stream)
             self._worker_died(actor, task, attempt, exc)
-        except ray.exceptions.RayError as exc:
+        except (ray.exceptions.RayError, StopIteration) as exc:  # StopIteration: ended without a result
+            self._shard_ended(stream)
             self._shard_raised(actor, task, attempt, exc)
         else:
-            self._shard_done(actor, task, result)
+            if isinstance(item, ShardResult):
+                self._shard_ended(stream)
+                self._shard_done(actor, task, item)
+            else:
+                self.rows_done[task.shard_id] = item
+
+    def _shard_ended(self, stream: Any) -> None:
+        _, task, _ = self.inflight.pop(stream)
+        self.rows_done.pop(task.shard_id, None)
 
     def _shard_done(self, actor: Any, task: ShardTask, result: ShardResult) -> None:
         self.outcome.results[task.shard_id] = result
@@ -469,14 +466,13 @@ class _ShardLoop:
 
     def _report(self, force: bool = False) -> None:
         """A `ProgressState` to `on_progress`: after each shard, else every `progress_every` s.
-        Rows of shards in flight count as far as their workers have reported them."""
+        Rows of shards in flight count as far as their workers have streamed them."""
         now = time.monotonic()
         if not force and now - self.last_report < self.progress_every:
             return
         self.last_report = now
-        live = ray.get(self.progress_actor.snapshot.remote()) if self.inflight else {}
         rows_done = sum(r.rows for r in self.outcome.results.values())
-        rows_done += sum(min(live.get(t.shard_id, 0), t.num_rows) for _, t, _ in self.inflight.values())
+        rows_done += sum(min(self.rows_done.get(t.shard_id, 0), t.num_rows) for _, t, _ in self.inflight.values())
         first_ready = self.outcome.first_ready_at
         self.on_progress(
             ProgressState(

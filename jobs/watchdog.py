@@ -2,13 +2,15 @@
 
 Ray ties its head processes (GCS, raylet) to the driver that started them, but not all of
 theirs: after a SIGKILL of the driver, Ray's dashboard and runtime-env agents were seen living
-on. So `guard()` (called by `distributor.connect` just before it starts an embedded Ray) starts a small
-watchdog process. It holds the read end of a pipe whose only write end is the driver's; it
-notes, once a second, the driver's descendants that started after it (Ray's processes: the
-driver starts no others); and when the pipe reaches end-of-file — the driver is gone, however
-it died — it SIGKILLs every noted process still alive (pid and start time both matching, so a
-reused pid is never hit), and any process those left behind started, then exits. A clean end
-(`release()`, after `ray.shutdown()`) writes one byte first: the watchdog exits without killing.
+on. So `guard()` (called by `distributor.connect` just before it starts an embedded Ray) starts
+a small watchdog process. It holds the read end of a pipe whose only write end is the driver's;
+it notes the driver's descendants that started after it (Ray's processes: the driver starts no
+others), once a second while Ray starts and every few seconds after (each scan reads all of
+/proc: on a host whose cores all compute, a scan a second is CPU taken from the job); and when
+the pipe reaches end-of-file — the driver is gone, however it died — it SIGKILLs every noted
+process still alive (pid and start time both matching, so a reused pid is never hit), and any
+process those left behind started, then exits. A clean end (`release()`, after `ray.shutdown()`)
+writes one byte first: the watchdog exits without killing.
 
 Linux only (it reads /proc); elsewhere `guard()` does nothing.
 """
@@ -22,7 +24,9 @@ import subprocess
 import sys
 import time
 
-SCAN_EVERY_S = 1.0
+SCAN_EVERY_S = 1.0  # while Ray starts its processes
+SCAN_LATER_S = 5.0  # after SETTLE_S: a worker Ray restarts later is the raylet's child, which the
+SETTLE_S = 60.0  # kill pass finds from the raylet (noted) even when the scan has not seen it yet
 QUIT = b"q"
 
 _guard: tuple[subprocess.Popen, int] | None = None  # (the watchdog, our end of its pipe)
@@ -102,12 +106,14 @@ def watch(driver: int) -> None:
     me = os.getpid()
     born = _processes().get(me, (0, 0))[1]
     noted: dict[int, int] = {}  # pid -> start time
+    settled_at = time.monotonic() + SETTLE_S
     while True:
         table = _processes()
         for pid in _descendants({driver}, table):
             if pid != me and table[pid][1] >= born:
                 noted[pid] = table[pid][1]
-        ready, _, _ = select.select([0], [], [], SCAN_EVERY_S)
+        every = SCAN_EVERY_S if time.monotonic() < settled_at else SCAN_LATER_S
+        ready, _, _ = select.select([0], [], [], every)
         if ready:
             if os.read(0, 1) == QUIT:
                 return  # a clean end: Ray was shut down by the driver

@@ -29,7 +29,7 @@ import platform
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import groupby
@@ -217,28 +217,43 @@ class ShardWorker:
         *,
         after_death: bool = False,
     ) -> ShardResult:
-        """Make and commit one shard. `after_death`: the shard's previous attempt ended in a
-        worker death (the distributor knows; an exception is not one), so the in-flight note it
-        left says which rows may have killed it (`_after_a_death`)."""
+        """Make and commit one shard, calling `progress(rows done)` as `shard_steps` yields."""
+        steps = self.shard_steps(task, attempt, after_death=after_death)
+        while True:
+            try:
+                done = next(steps)
+            except StopIteration as end:
+                return end.value
+            if progress is not None:
+                progress(done)
+
+    def shard_steps(
+        self, task: ShardTask, attempt: int = 1, *, after_death: bool = False
+    ) -> Generator[int, None, ShardResult]:
+        """Make and commit one shard: yields the rows done so far (at the start and after each
+        saved batch) and returns the `ShardResult`. A generator, so that the Ray actor streams
+        the progress to the driver along with the work (no other channel, no other process).
+        `after_death`: the shard's previous attempt ended in a worker death (the distributor
+        knows; an exception is not one), so the in-flight note it left says which rows may have
+        killed it (`_after_a_death`)."""
         started = time.perf_counter()
         writer = ShardWriter(
             self.output, task.shard_id, self.config.image_format, self.config.quality, lag=self.write_lag
         )
         try:
-            return self._run(task, attempt, progress or (lambda done: None), writer, started, after_death)
-        except BaseException:
+            return (yield from self._steps(task, attempt, writer, started, after_death))
+        except BaseException:  # GeneratorExit too: a stream closed before its end leaves nothing
             writer.abort()
             raise
 
-    def _run(
+    def _steps(
         self,
         task: ShardTask,
         attempt: int,
-        progress: Callable[[int], None],
         writer: ShardWriter,
         started: float,
         after_death: bool,
-    ) -> ShardResult:
+    ) -> Generator[int, None, ShardResult]:
         statuses: Counter[str] = Counter()  # ok / error records handed to the writer
 
         reused = self._saved_records(task)
@@ -248,7 +263,7 @@ class ShardWorker:
         for record in reused.values():
             writer.keep(record)
             statuses[record.status] += 1
-        progress(len(reused))
+        yield len(reused)
 
         requests, rejected = self._check_rows(task, set(reused), attempt)
         crashed: list[Record] = []
@@ -261,7 +276,7 @@ class ShardWorker:
         if crashed:
             writer.checkpoint()  # saved before anything else runs: it will not be tried again
         done = len(reused) + len(rejected) + len(crashed)
-        progress(done)
+        yield done
 
         generated = 0
         unsaved = 0  # rows finished since the last checkpoint
@@ -276,10 +291,10 @@ class ShardWorker:
             unsaved += 1
             if unsaved == self.config.batch_size:
                 writer.checkpoint()
-                progress(done)
+                yield done
                 unsaved = 0
         writer.checkpoint()
-        progress(done)
+        yield done
 
         committed = writer.close()
         return ShardResult(

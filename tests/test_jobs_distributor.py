@@ -43,7 +43,7 @@ class StandIn:
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.name, "f" * 64, "float32", "cpu", "stand-in", {"torch": "0"})
 
-    def run(self, task, attempt=1, progress=None, after_death=False) -> ShardResult:
+    def shard_steps(self, task, attempt=1, after_death=False):
         (self.folder / f"after-death-{task.shard_id}-{attempt}").write_text(str(after_death))
         crash_marker = self.folder / f"crashed-{task.shard_id}"
         if (self.folder / f"crash-{task.shard_id}").exists() and not crash_marker.exists():
@@ -51,9 +51,11 @@ class StandIn:
             os._exit(1)  # the actor process dies mid-shard
         if (self.folder / f"raise-{task.shard_id}").exists():
             raise RuntimeError(f"cannot write {task.shard_id}")
+        if (self.folder / "halfway").exists():  # a long shard: its rows done so far, then a pause
+            yield task.num_rows // 2
+            time.sleep(1.5)
         time.sleep(2.0 if self.slow else 0.05)
-        if progress:
-            progress(task.num_rows)
+        yield task.num_rows
         rows = task.num_rows
         return ShardResult(task.shard_id, rows, rows, 0, rows, 0, True, attempt, 0.0, self.name)
 
@@ -63,7 +65,7 @@ def tasks_for(tmp_path, shards: int):
     return list(read_shards(manifest, 2))
 
 
-def distribute(tmp_path, tasks, workers=2, max_attempts=3, on_ready=None):
+def distribute(tmp_path, tasks, workers=2, max_attempts=3, on_ready=None, on_progress=lambda p: None):
     from jobs.distributor import RayDistributor
 
     lines = []
@@ -71,7 +73,7 @@ def distribute(tmp_path, tasks, workers=2, max_attempts=3, on_ready=None):
     ready = []
     try:
         distributor.start(WorkerConfig(weights="builtin:tiny", output=str(tmp_path)), StandIn)
-        outcome = distributor.run(tasks, on_ready or ready.append, progress_every=0.5)
+        outcome = distributor.run(tasks, on_ready or ready.append, on_progress=on_progress, progress_every=0.5)
     finally:
         distributor.shutdown()
     return outcome, lines, ready
@@ -88,6 +90,17 @@ def test_shards_go_to_whichever_worker_is_free(tmp_path):
     # The slow worker takes 2 s a shard: it gets one (maybe two), the fast one does the rest.
     assert len(by_worker.get("slow", [])) <= 2 and len(by_worker["fast"]) >= 6
     assert len(ready) == 1  # on_ready: once, for the first worker
+
+
+def test_rows_of_a_shard_in_flight_count_as_its_worker_streams_them(tmp_path):
+    (tmp_path / "halfway").touch()
+    tasks = tasks_for(tmp_path, 2)  # two shards of 2 rows, one worker: each pauses at 1 row done
+    states = []
+    outcome, _, _ = distribute(tmp_path, tasks, workers=1, on_progress=states.append)
+    assert sorted(outcome.results) == [t.shard_id for t in tasks]
+    seen = {(s.rows_done, s.shards_done) for s in states}
+    assert (1, 0) in seen and (3, 1) in seen  # mid-shard, before its result came back
+    assert states[-1].rows_done == 4
 
 
 def test_a_dead_worker_restarts_and_its_shard_is_retried(tmp_path):

@@ -192,6 +192,29 @@ def test_a_crash_loses_at_most_the_batch_in_flight(tmp_path, tiny_pipe):
     assert output.partial_keys() == []
 
 
+def test_a_shard_streams_its_rows_done_and_a_stream_closed_early_commits_nothing(tmp_path, tiny_pipe):
+    # What the Ray actor streams to the driver: rows done at the start and after each saved batch.
+    task = one_shard(tmp_path, small_rows(6))
+    out = tmp_path / "out"
+    steps = make_worker(tiny_pipe, out, batch_size=2).shard_steps(task)
+    assert [next(steps) for _ in range(3)] == [0, 0, 2]
+    steps.close()  # the stream dropped mid-shard (the driver stopped): nothing is committed
+    output = Output(str(out))
+    assert output.committed_shards() == set() and sorted(output.read_partials("shard-00000")) == [0, 1]
+
+    steps = make_worker(tiny_pipe, out, batch_size=2).shard_steps(task)
+    counts = []
+    while True:
+        try:
+            counts.append(next(steps))
+        except StopIteration as end:
+            result = end.value
+            break
+    assert counts == [2, 2, 4, 6, 6]  # the saved batch is kept: a rerun starts at 2 rows done
+    assert (result.reused, result.generated, result.ok, result.committed) == (2, 4, 6, True)
+    assert output.committed_shards() == {"shard-00000"}
+
+
 def test_a_failing_row_does_not_take_its_batch_with_it(tmp_path, tiny_pipe):
     task = one_shard(tmp_path, small_rows(3))
     bad_seed = 1001
