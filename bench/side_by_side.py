@@ -497,7 +497,10 @@ def time_jobs(case: Case, weights: str, threads: int, repeats: int, work: Path) 
     bare.append(bare_rate(case, weights, threads))
     print(f"  bare fixed-shape (fresh process): {bare[-1]:.3f} img/s", flush=True)
     jobs = {k: {field: statistics.median(run[field] for run in v) for field in v[0]} for k, v in runs.items()}
-    return {"kinds": jobs, "bare": statistics.median(bare), "bare_runs": bare}
+    # Each txt2img round against the bare run just before it: the host's speed moves between
+    # minutes, so a pair taken a minute apart says more than medians taken across the hour.
+    pairs = [run["rate"] / before for run, before in zip(runs["txt2img"], bare)]
+    return {"kinds": jobs, "bare": statistics.median(bare), "bare_runs": bare, "pairs": pairs}
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -507,15 +510,15 @@ def fmt(value: float, digits: int = 3) -> str:
     return "—" if value != value else f"{value:.{digits}f}"
 
 
-def report(args, header: str, results: list[dict]) -> str:
-    lines = [header, ""]
-    lines += [
+def _timing_tables(timed: list[dict]) -> list[str]:
+    """The pipeline, compiled and UNet tables of the timed cases."""
+    lines = [
         "| case | size | batch | steps | images | fixed-shape img/s | batched img/s | per-row img/s | diffusers img/s "
         "| fixed / batched | fixed / diffusers | peak extra RSS MB (fixed / diffusers) | reproduce "
         "| max px diff vs diffusers |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for res in results:
+    for res in timed:
         c, p = res["case"], res["pipelines"]
         r = p["rates"]
         lines.append(
@@ -525,7 +528,7 @@ def report(args, header: str, results: list[dict]) -> str:
             f"{p['memory_mb']['fixed']:.0f} / {p['memory_mb']['diffusers']:.0f} | "
             f"{'identical' if p['reproduce_identical'] else 'DIFFERS'} | {p['max_pixel_diff_vs_diffusers']} |"
         )
-    compiled = [res for res in results if "compiled" in res["pipelines"]["rates"]]
+    compiled = [res for res in timed if "compiled" in res["pipelines"]["rates"]]
     if compiled:
         lines += [
             "",
@@ -553,13 +556,21 @@ def report(args, header: str, results: list[dict]) -> str:
         "| sdcore / diffusers | sdcore % of matmul peak |",
         "|---|---|---|---|---|---|",
     ]
-    for res in results:
+    for res in timed:
         c, u = res["case"], res["unet"]
         a = u["achieved"]
         lines.append(
             f"| {c.title} | {u['flops'] / 1e9:.2f} ({u['rows']}) | {a['sdcore'] / 1e9:.1f} | "
             f"{a['diffusers'] / 1e9:.1f} | {a['sdcore'] / a['diffusers']:.3f}x | {100 * a['sdcore'] / u['peak']:.1f}% |"
         )
+    return lines
+
+
+def report(args, header: str, results: list[dict]) -> str:
+    lines = [header, ""]
+    timed = [res for res in results if "pipelines" in res]  # all but --jobs-only runs
+    if timed:
+        lines += _timing_tables(timed)
     jobs = [res for res in results if res.get("jobs")]
     if jobs:
         lines += [
@@ -582,6 +593,11 @@ def report(args, header: str, results: list[dict]) -> str:
         for res in jobs:
             runs = ", ".join(f"{rate:.3f}" for rate in res["jobs"]["bare_runs"])
             lines.append(f"\nBare fixed-shape img/s beside the jobs, {res['case'].title}: {runs} (median used).")
+            pairs = res["jobs"]["pairs"]
+            lines.append(
+                f"\nEach txt2img job round / the bare run just before it, {res['case'].title}: "
+                f"{', '.join(f'{r:.3f}' for r in pairs)}; median {statistics.median(pairs):.3f}x."
+            )
             if "mixed" in res["jobs"]["kinds"]:
                 ratio = res["jobs"]["kinds"]["mixed"]["rate"] / res["jobs"]["kinds"]["txt2img"]["rate"]
                 lines.append(
@@ -598,6 +614,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5; quick 1)")
     parser.add_argument("--job-repeats", type=int, default=None, help="job rounds (default 2; quick 1)")
     parser.add_argument("--no-jobs", action="store_true", help="skip the job-runner measurements")
+    parser.add_argument(
+        "--jobs-only", action="store_true", help="only the job-runner measurements (job / bare), no pipeline timing"
+    )
     parser.add_argument(
         "--compiled",
         default="",
@@ -631,6 +650,11 @@ def main() -> None:
     for key in args.cases.split(","):
         case = cases[key]
         print(f"{case.title}: {case.images} images, batch {case.batch}, {case.steps} steps, {case.size}px", flush=True)
+        if args.jobs_only and key != "sd15":  # the built-in weights: nothing to build or time here
+            if case.job_rows:
+                jobs = time_jobs(case, f"builtin:{key}", args.threads, job_repeats, work)
+                results.append({"case": case, "jobs": jobs})
+            continue
         config, parts = case_weights(case)
         ours = assemble(config, parts, source=case.title)
         ref = reference_pipeline(config, parts)
@@ -641,9 +665,10 @@ def main() -> None:
 
             compiled = assemble(config, parts, source=case.title)
             compile_unet(compiled, "default")
-        result["pipelines"] = time_pipelines(case, ours, ref, repeats, compiled)
+        if not args.jobs_only:
+            result["pipelines"] = time_pipelines(case, ours, ref, repeats, compiled)
+            result["unet"] = time_unets(case, ours, ref, max(3, repeats), peak)
         del compiled
-        result["unet"] = time_unets(case, ours, ref, max(3, repeats), peak)
         weights = f"builtin:{key}"
         if key == "sd15" and case.job_rows and not args.no_jobs:
             from sdcore.weights import export_single_file
