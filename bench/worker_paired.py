@@ -10,9 +10,10 @@ processes, and take turns shard by shard (order alternating), so each pair sees 
 - a plain Python process holding the bare pipeline generates the same number of rows, fixed-shape.
 
 It prints each pair's rows/s and appends the median ratio to bench/RESULTS.md. What it leaves out
-of the whole job: the driver (its shard loop, the progress actor, the log) and Ray's start. With
-`--load 6`, half the pairs run the worker's turn beside a process busy 6% of one core, about what
-the driver side of a run takes, to show what such a load costs the worker.
+of the whole job: the driver (its shard loop, the log), Ray's daemons' share of the cores (see
+`ray_background.py`) and Ray's start. With `--load 6`, half the pairs run the worker's turn
+beside a process busy 6% of one core, about what the driver side of a run took, to show what
+such a load costs the worker.
 
     .venv/bin/python bench/worker_paired.py --case shapes --pairs 12 --threads 2
 """

@@ -37,6 +37,23 @@ class ClusterPathError(SpecError):
     """A path of the job is unsafe where the job runs (refused before any work, exit 2)."""
 
 
+class ClusterAddressError(SpecError):
+    """A cluster address the run cannot use (refused before connecting, exit 2)."""
+
+
+def check_address(address: str | None) -> None:
+    """Refuse a Ray Client address (`ray://`, given or in $RAY_ADDRESS): the driver would run
+    here, holding the whole job on this machine's connection and writing its summary and report
+    to this machine's disk, and Ray Client cannot carry streamed actor calls (how each shard's
+    progress comes back)."""
+    address = address or os.environ.get("RAY_ADDRESS") or ""
+    if address.strip().lower().startswith("ray://"):
+        raise ClusterAddressError(
+            f"{address}: a Ray Client address; sdgen's driver must run on the cluster. Submit the job "
+            "instead: ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/run.py SPEC"
+        )
+
+
 def submitted_with_working_dir() -> bool:
     """Whether Ray's job manager started this process with a `working_dir` runtime env (`ray job
     submit --working-dir ...`): then the code and relative paths live in Ray's temporary copy."""
@@ -142,8 +159,10 @@ def check_output_shared(spec: JobSpec, layout: ClusterLayout, device: str) -> No
 
 
 __all__ = [
+    "ClusterAddressError",
     "ClusterLayout",
     "ClusterPathError",
+    "check_address",
     "check_output_shared",
     "check_paths_where_submitted",
     "job_working_dir",

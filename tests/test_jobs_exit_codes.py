@@ -85,6 +85,20 @@ def test_bad_input_and_environment_give_one_line_not_a_traceback(tmp_path, s3):
         assert len(errors) == 1, (what, result.stdout)
 
 
+def test_a_ray_client_address_is_refused_before_anything_is_written(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", small_rows(2), manifest_schema())
+    spec = write_spec(tmp_path / "job.yaml", spec_dict(str(manifest), str(tmp_path / "out")))
+    for argv, env in [
+        (["--address", "ray://127.0.0.1:10001"], None),
+        ([], {"RAY_ADDRESS": "RAY://head.example:10001"}),
+    ]:
+        result = run_command([PYTHON, "jobs/run.py", str(spec), *argv], check=False, env=env, timeout=60)
+        _no_traceback(result)
+        assert result.returncode == 2, result.stdout
+        assert "a Ray Client address" in result.stdout and "ray job submit" in result.stdout, result.stdout
+        assert not (tmp_path / "out").exists()  # refused before the lease: nothing written
+
+
 def _start_run(spec: Path, log: Path, env: dict | None = None):
     """`jobs/run.py spec` in its own session, its output going to `log`."""
     import subprocess
