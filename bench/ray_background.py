@@ -49,8 +49,14 @@ def _children_table() -> dict[int, list[int]]:
     return table
 
 
-def daemons(driver: int) -> list[int]:
-    """The driver's descendants but its workers: Ray's daemons and the watchdog."""
+# `--stop python`: the daemons a cluster started with `ray start --no-monitor
+# --include-log-monitor=false` (and no API server) would not have
+PYTHON_DAEMONS = ("autoscaler/_private/monitor.py", "_private/log_monitor.py", "dashboard/dashboard.py")
+
+
+def daemons(driver: int, which: str) -> list[int]:
+    """The driver's descendants but its workers: Ray's daemons and the watchdog (`all`), or only
+    the Python ones of PYTHON_DAEMONS (`python`)."""
     table, found, stack = _children_table(), [], [driver]
     while stack:
         for child in table.get(stack.pop(), []):
@@ -60,7 +66,7 @@ def daemons(driver: int) -> list[int]:
                     command = handle.read()
             except OSError:
                 continue
-            if "_WorkerActor" not in command:
+            if (which == "all" and "_WorkerActor" not in command) or any(d in command for d in PYTHON_DAEMONS):
                 found.append(child)
     return found
 
@@ -73,6 +79,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=40, help="windows, alternately running and stopped")
     parser.add_argument("--seconds", type=float, default=6.0, help="length of a window")
+    parser.add_argument(
+        "--stop",
+        choices=["all", "python"],
+        default="all",
+        help="all: every daemon and the watchdog; python: the autoscaler monitor, log monitor and API server only",
+    )
     parser.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
     args = parser.parse_args()
 
@@ -92,7 +104,7 @@ def main() -> None:
         shards_done += "done:" in line
         if shards_done == 2:
             break
-    stopped_pids = daemons(run.pid)
+    stopped_pids = daemons(run.pid, args.stop)
     print(f"{len(stopped_pids)} processes to stop: {stopped_pids}", flush=True)
     rates: dict[bool, list[float]] = {True: [], False: []}  # stopped? -> images/s per window
     try:
@@ -121,17 +133,21 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             run.kill()
 
-    running, stopped = statistics.mean(rates[False]), statistics.mean(rates[True])
+    running, stopped_rate = statistics.mean(rates[False]), statistics.mean(rates[True])
+    stopped = {
+        "all": "Ray's daemons and the watchdog",
+        "python": "Ray's Python daemons (autoscaler monitor, log monitor, API server)",
+    }[args.stop]
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (
         f"\n## {when} — Ray's daemons stopped and running, inside one job (`bench/ray_background.py`), "
         f"commit {sbs.git_commit()}\n\n{sbs.cpu_model()}, 2 thread(s), {case.title}, {case.size}x{case.size}, "
         f"batch {case.batch}, DDIM {case.steps}, shards of {case.shard_size}; {args.windows} windows of "
-        f"{args.seconds:g} s, alternately with Ray's daemons and the watchdog running and stopped "
+        f"{args.seconds:g} s, alternately with {stopped} running and stopped "
         f"({len(stopped_pids)} processes; the driver and the worker always run).\n\n"
         f"Images/s, daemons running: {', '.join(f'{r:.2f}' for r in rates[False])}; mean {running:.3f}.\n\n"
-        f"Images/s, daemons stopped: {', '.join(f'{r:.2f}' for r in rates[True])}; mean {stopped:.3f}.\n\n"
-        f"**Running / stopped: {running / stopped:.3f}x** (a window counts whole batches of "
+        f"Images/s, daemons stopped: {', '.join(f'{r:.2f}' for r in rates[True])}; mean {stopped_rate:.3f}.\n\n"
+        f"**Running / stopped: {running / stopped_rate:.3f}x** (a window counts whole batches of "
         f"{case.batch} images: single windows are coarse, the means are not).\n"
     )
     print(text)
