@@ -341,7 +341,6 @@ class _ShardLoop:
             after_death = task.shard_id in self.died  # the worker then narrows down a crashing row
             self.died.discard(task.shard_id)
             self.inflight[actor.run.remote(task, attempt, after_death)] = (actor, task, attempt)
-            self.rows_done[task.shard_id] = 0
 
     # -------------------------------------------------------------------------- worker events
 

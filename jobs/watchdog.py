@@ -24,9 +24,12 @@ import subprocess
 import sys
 import time
 
-SCAN_EVERY_S = 1.0  # while Ray starts its processes
-SCAN_LATER_S = 5.0  # after SETTLE_S: a worker Ray restarts later is the raylet's child, which the
-SETTLE_S = 60.0  # kill pass finds from the raylet (noted) even when the scan has not seen it yet
+# A scan a second while Ray starts its processes, then one every SCAN_LATER_S: a worker Ray
+# restarts later is the raylet's child, which the kill pass finds from the (noted) raylet even
+# when no scan has seen it yet.
+SCAN_EVERY_S = 1.0
+SETTLE_S = 60.0
+SCAN_LATER_S = 5.0
 QUIT = b"q"
 
 _guard: tuple[subprocess.Popen, int] | None = None  # (the watchdog, our end of its pipe)

@@ -242,7 +242,7 @@ class ShardWorker:
         )
         try:
             return (yield from self._steps(task, attempt, writer, started, after_death))
-        except BaseException:  # GeneratorExit too: a stream closed before its end leaves nothing
+        except BaseException:  # GeneratorExit too: a stream closed before its end commits nothing
             writer.abort()
             raise
 
