@@ -57,19 +57,22 @@ def progress_line(p: ProgressState) -> str:
 
 class ProgressLog:
     """Turns the distributor's snapshots (every `every` seconds, and after each shard) into log
-    lines: one when rows moved, else one a minute, so a long shard still shows life without
-    repeating the same line every few seconds."""
+    lines: one when rows moved or a shard ended, else one a minute, so a long shard still shows
+    life without repeating the same line every few seconds. A shard's rows stream in before its
+    result, so the last rows can be counted a moment before the last shard is: that shard's end
+    still gets its line."""
 
     def __init__(self, log: Callable[[str], None], every: float = 10.0):
         self.log = log
         self.quiet_for = max(60.0, every)
-        self.last_rows = -1
+        self.last_counts: tuple[int, int, int] | None = None
         self.last_at = 0.0
 
     def __call__(self, p: ProgressState) -> None:
-        if p.rows_done == self.last_rows and time.monotonic() - self.last_at < self.quiet_for:
+        counts = (p.rows_done, p.shards_done, p.shards_failed)
+        if counts == self.last_counts and time.monotonic() - self.last_at < self.quiet_for:
             return
-        self.last_rows, self.last_at = p.rows_done, time.monotonic()
+        self.last_counts, self.last_at = counts, time.monotonic()
         self.log(progress_line(p))
 
 

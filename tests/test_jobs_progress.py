@@ -5,9 +5,15 @@ from __future__ import annotations
 from jobs.progress import ProgressLog, ProgressState, duration, progress_line
 
 
-def state(rows_done: int, elapsed: float = 10.0) -> ProgressState:
+def state(rows_done: int, elapsed: float = 10.0, shards_done: int = 1) -> ProgressState:
     return ProgressState(
-        rows_done=rows_done, rows_total=40, shards_done=1, shards_failed=0, shards_total=4, workers=2, elapsed=elapsed
+        rows_done=rows_done,
+        rows_total=40,
+        shards_done=shards_done,
+        shards_failed=0,
+        shards_total=4,
+        workers=2,
+        elapsed=elapsed,
     )
 
 
@@ -22,12 +28,17 @@ def test_progress_line_has_rate_and_eta():
     assert "| 0.00 rows/s | ETA ? |" in progress_line(state(0, elapsed=0.0))
 
 
-def test_a_line_only_when_rows_moved():
+def test_a_line_only_when_rows_moved_or_a_shard_ended():
     lines = []
     progress = ProgressLog(lines.append, every=10.0)
     for rows in (0, 0, 5, 5, 5, 8):
         progress(state(rows))
     assert [line.split()[1] for line in lines] == ["0/40", "5/40", "8/40"]
+    # The last rows streamed in before the last shard's result: its end still gets a line.
+    progress(state(40, shards_done=3))
+    progress(state(40, shards_done=4))
+    progress(state(40, shards_done=4))
+    assert [line.split("| ")[3] for line in lines[3:]] == ["shards 3/4 done, 0 failed ", "shards 4/4 done, 0 failed "]
 
 
 def test_progress_bar_in_a_terminal_lines_otherwise():
