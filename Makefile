@@ -48,7 +48,7 @@ chromium:
 TEST_WORKERS ?= 2
 
 test: lint chromium
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 bench: $(VENV)/.installed-test
 	$(PY) bench/side_by_side.py
