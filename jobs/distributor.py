@@ -63,6 +63,12 @@ FORWARDED_ENV = (
     "SDGEN_FAULT_KILL",
     "SDGEN_FAULT_CRASH_ROW",
 )
+# Ray lowers each worker process's priority by its `worker_niceness` (default 15), read by the
+# worker itself at start, so that Ray's own daemons win the CPU. An sdgen worker is the job's
+# whole compute: on a host whose cores all compute, every daemon wake-up then cuts into it (at 15
+# a worker made ~5% fewer images than at 0 inside one job, bench/RESULTS.md). Ray's job
+# supervisor runs its drivers at 0 the same way; a value set in the driver's environment wins.
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> tuple[bool, str]:
@@ -123,10 +129,11 @@ def _code_runtime_env() -> dict[str, Any] | None:
     return {"py_modules": [str(Path(__file__).resolve().parent), str(Path(sdcore.__file__).resolve().parent)]}
 
 
-def _actor_runtime_env() -> dict[str, Any] | None:
-    """Non-secret S3 settings of the driver, for actors on other nodes."""
+def _actor_runtime_env() -> dict[str, Any]:
+    """Non-secret S3 settings of the driver, for actors on other nodes, and the workers'
+    niceness (0 unless the driver's environment says otherwise)."""
     forwarded = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    return {"env_vars": forwarded} if forwarded else None
+    return {"env_vars": {**forwarded, WORKER_NICENESS_ENV: os.environ.get(WORKER_NICENESS_ENV, "0")}}
 
 
 class _WorkerActor:

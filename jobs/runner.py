@@ -238,6 +238,12 @@ class JobEvents:
             f"[sdgen] model {plan.spec.to_dict()['model']['weights']} fingerprint {info.model_fingerprint[:12]} "
             f"{info.dtype} on {info.device} ({info.device_name})"
         )
+        if info.device == "cpu" and info.niceness > 0:
+            self.log(
+                f"[sdgen] note: the worker runs at niceness {info.niceness}: where its threads take every core, "
+                "Ray's own processes cut into it (sdgen runs workers at 0 unless RAY_worker_niceness is set "
+                "in the driver's environment or Ray itself runs under `nice`)"
+            )
 
     def _note_device_change(self, info: WorkerInfo) -> None:
         """Device and thread count are not part of the job (images barely depend on them), but a
@@ -476,6 +482,7 @@ def job_document(
             "device": info.device,
             "device_name": info.device_name,
             "threads": info.threads,
+            "niceness": info.niceness,
         },
         "shards": {
             "size": spec.execution.shard_size,

@@ -83,6 +83,7 @@ class WorkerInfo:
     device_name: str
     versions: dict[str, str]
     threads: int | None = None  # torch intra-op threads (CPU only)
+    niceness: int = 0  # the process's scheduling niceness (Ray starts workers at its `worker_niceness`)
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,7 @@ class ShardWorker:
             device_name=device_name(pipeline.device),
             versions=versions,
             threads=torch.get_num_threads() if pipeline.device.type == "cpu" else None,
+            niceness=os.nice(0),
         )
         self.records = RecordBuilder(  # every record this worker makes comes from here
             sampler=config.sampler.name,

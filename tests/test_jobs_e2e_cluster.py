@@ -101,22 +101,28 @@ def test_ray_job_submit_runs_the_job_on_the_cluster(ray_cluster, tmp_path):
     records = [r for t in output.read_all_records(output.committed_shards()).values() for r in t.to_pylist()]
     assert sorted(r["row"] for r in records) == [0, 1, 2, 3]
     assert all(r["status"] == "ok" and (tmp_path / "out" / r["image_path"]).exists() for r in records)
+    assert output.read_job()["model"]["niceness"] == os.nice(0)  # Ray's 15 is not added on a cluster either
+    assert "note: the worker runs at niceness" not in result.stdout
 
 
 def test_ray_address_from_the_environment_is_used(ray_cluster, tmp_path):
     """`RAY_ADDRESS=... python jobs/run.py` (no job submission, no working dir): the driver joins
-    the cluster and ships `jobs` and `sdcore` to the actors as py_modules."""
+    the cluster and ships `jobs` and `sdcore` to the actors as py_modules. The driver's
+    environment asks for workers at niceness 3: they run so, and the run says what it costs."""
     _, gcs_address, env = ray_cluster
     manifest = write_manifest(tmp_path / "m.parquet", small_rows(2), manifest_schema())
     spec = write_spec(tmp_path / "job.yaml", spec_dict(str(manifest), str(tmp_path / "out")))
     result = run_command(
         [PYTHON, str(REPO / "jobs" / "run.py"), str(spec)],
-        env={**env, "RAY_ADDRESS": gcs_address},
+        env={**env, "RAY_ADDRESS": gcs_address, "RAY_worker_niceness": "3"},
         cwd=tmp_path,
         timeout=300,
     )
     assert f"running on the Ray cluster at {gcs_address}" in result.stdout
     assert "complete: 2 ok, 0 error, 0 missing of 2 rows" in result.stdout
+    niceness = os.nice(0) + 3
+    assert Output(str(tmp_path / "out")).read_job()["model"]["niceness"] == niceness
+    assert f"[sdgen] note: the worker runs at niceness {niceness}: where its threads take every core" in result.stdout
 
 
 def test_relative_paths_under_ray_job_submit_are_refused_before_any_work(ray_cluster, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -84,6 +85,7 @@ def test_job_and_summary_files(finished_job):
     job = json.loads((tmp / "out" / "job.json").read_text())
     assert job["spec"]["sampler"]["steps"] == 3 and job["manifest"]["rows"] == 8
     assert len(job["model"]["fingerprint"]) == 64 and job["versions"]["torch"] and job["versions"]["ray"]
+    assert job["model"]["niceness"] == os.nice(0)  # not Ray's default of 15 above this process
     summary = json.loads((tmp / "out" / "summary.json").read_text())
     assert (summary["ok"], summary["error"], summary["total"], summary["complete"]) == (7, 1, 8, True)
     assert summary["run"]["rows_per_s"] > 0
