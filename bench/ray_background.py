@@ -9,15 +9,22 @@ watchdog) with windows in which they run, counting the images the worker commits
 driver keeps running: the worker streams each shard's progress and result to it. Alternating
 windows of a few seconds within one run keeps the host's drift out of the comparison.
 
+With `--worker-niceness N`, the daemons always run and the alternate windows instead lower the
+worker's priority to niceness N (Ray's own default for workers is 15; sdgen starts them at 0):
+what Ray's daemons cost a worker that yields to them. Setting the worker back to 0 after each
+such window needs root (CAP_SYS_NICE).
+
 A diagnostic only: a few seconds without its daemons does not hurt the run here, but no run
 should ever be treated so.
 
     .venv/bin/python bench/ray_background.py --windows 40 --seconds 6
+    .venv/bin/python bench/ray_background.py --windows 30 --seconds 6 --worker-niceness 15
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import signal
@@ -71,6 +78,28 @@ def daemons(driver: int, which: str) -> list[int]:
     return found
 
 
+def worker_of(driver: int) -> int:
+    """The job's (only) worker process among the driver's descendants."""
+    table, stack = _children_table(), [driver]
+    while stack:
+        for child in table.get(stack.pop(), []):
+            stack.append(child)
+            try:
+                with open(f"/proc/{child}/cmdline") as handle:
+                    if "_WorkerActor" in handle.read():
+                        return child
+            except OSError:
+                continue
+    raise RuntimeError("the job's worker process was not found")
+
+
+def renice(pid: int, niceness: int) -> None:
+    """Every thread of `pid` (Linux niceness is per thread)."""
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, int(thread), niceness)
+
+
 def images(folder: Path) -> int:
     return sum(len(files) for _, _, files in os.walk(folder / "out" / "images"))
 
@@ -84,6 +113,12 @@ def main() -> None:
         choices=["all", "python"],
         default="all",
         help="all: every daemon and the watchdog; python: the autoscaler monitor, log monitor and API server only",
+    )
+    parser.add_argument(
+        "--worker-niceness",
+        type=int,
+        default=None,
+        help="instead of stopping daemons, run the worker at this niceness in alternate windows (needs root)",
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
     args = parser.parse_args()
@@ -104,51 +139,76 @@ def main() -> None:
         shards_done += "done:" in line
         if shards_done == 2:
             break
-    stopped_pids = daemons(run.pid, args.stop)
-    print(f"{len(stopped_pids)} processes to stop: {stopped_pids}", flush=True)
-    rates: dict[bool, list[float]] = {True: [], False: []}  # stopped? -> images/s per window
+    niced = args.worker_niceness is not None
+    worker = worker_of(run.pid)
+    base_niceness = os.getpriority(os.PRIO_PROCESS, worker)
+    stopped_pids = [] if niced else daemons(run.pid, args.stop)
+    print(f"worker {worker} at niceness {base_niceness}; {len(stopped_pids)} processes to stop", flush=True)
+
+    def change(on: bool) -> None:
+        """The alternate windows' state: the daemons stopped, or the worker reniced."""
+        if niced:
+            renice(worker, args.worker_niceness if on else base_niceness)
+            return
+        for pid in stopped_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP if on else signal.SIGCONT)
+
+    rates: dict[bool, list[float]] = {True: [], False: []}  # changed? -> images/s per window
     try:
         for window in range(args.windows):
-            stop = window % 2 == 1
-            if stop:
-                for pid in stopped_pids:
-                    os.kill(pid, signal.SIGSTOP)
+            changed = window % 2 == 1
+            if changed:
+                change(True)
             count, start = images(folder), time.monotonic()
             time.sleep(args.seconds)
-            rates[stop].append((images(folder) - count) / (time.monotonic() - start))
-            if stop:
-                for pid in stopped_pids:
-                    os.kill(pid, signal.SIGCONT)
+            rates[changed].append((images(folder) - count) / (time.monotonic() - start))
+            if changed:
+                change(False)
             time.sleep(1.0)  # whatever the daemons kept waiting happens outside the windows
-            print(f"window {window + 1}: {'stopped' if stop else 'running'} {rates[stop][-1]:.2f} img/s", flush=True)
+            label = ("reniced" if niced else "stopped") if changed else "as started"
+            print(f"window {window + 1}: {label} {rates[changed][-1]:.2f} img/s", flush=True)
     finally:
-        for pid in stopped_pids:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        change(False)
         run.send_signal(signal.SIGINT)  # the run shuts its Ray down and exits
         try:
             run.wait(timeout=60)
         except subprocess.TimeoutExpired:
             run.kill()
 
-    running, stopped_rate = statistics.mean(rates[False]), statistics.mean(rates[True])
-    stopped = {
-        "all": "Ray's daemons and the watchdog",
-        "python": "Ray's Python daemons (autoscaler monitor, log monitor, API server)",
-    }[args.stop]
+    as_started, changed_rate = statistics.mean(rates[False]), statistics.mean(rates[True])
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = (
-        f"\n## {when} — Ray's daemons stopped and running, inside one job (`bench/ray_background.py`), "
+    setup = (
         f"commit {sbs.git_commit()}\n\n{sbs.cpu_model()}, 2 thread(s), {case.title}, {case.size}x{case.size}, "
         f"batch {case.batch}, DDIM {case.steps}, shards of {case.shard_size}; {args.windows} windows of "
-        f"{args.seconds:g} s, alternately with {stopped} running and stopped "
-        f"({len(stopped_pids)} processes; the driver and the worker always run).\n\n"
-        f"Images/s, daemons running: {', '.join(f'{r:.2f}' for r in rates[False])}; mean {running:.3f}.\n\n"
-        f"Images/s, daemons stopped: {', '.join(f'{r:.2f}' for r in rates[True])}; mean {stopped_rate:.3f}.\n\n"
-        f"**Running / stopped: {running / stopped_rate:.3f}x** (a window counts whole batches of "
-        f"{case.batch} images: single windows are coarse, the means are not).\n"
+        f"{args.seconds:g} s, "
+    )
+    if niced:
+        title = "the worker at two priorities, inside one job"
+        setup += (
+            f"the worker alternately at niceness {base_niceness} (as started) and {args.worker_niceness}; "
+            "Ray's daemons always run."
+        )
+        labels = (f"worker at niceness {base_niceness}", f"worker at niceness {args.worker_niceness}")
+        ratio = f"At niceness {args.worker_niceness} / at {base_niceness}: {changed_rate / as_started:.3f}x"
+    else:
+        stopped = {
+            "all": "Ray's daemons and the watchdog",
+            "python": "Ray's Python daemons (autoscaler monitor, log monitor, API server)",
+        }[args.stop]
+        title = "Ray's daemons stopped and running, inside one job"
+        setup += (
+            f"alternately with {stopped} running and stopped ({len(stopped_pids)} processes; the driver and "
+            f"the worker (niceness {base_niceness}) always run)."
+        )
+        labels = ("daemons running", "daemons stopped")
+        ratio = f"Running / stopped: {as_started / changed_rate:.3f}x"
+    text = (
+        f"\n## {when} — {title} (`bench/ray_background.py`), {setup}\n\n"
+        f"Images/s, {labels[0]}: {', '.join(f'{r:.2f}' for r in rates[False])}; mean {as_started:.3f}.\n\n"
+        f"Images/s, {labels[1]}: {', '.join(f'{r:.2f}' for r in rates[True])}; mean {changed_rate:.3f}.\n\n"
+        f"**{ratio}** (a window counts whole batches of {case.batch} images: single windows are coarse, "
+        "the means are not).\n"
     )
     print(text)
     with open(args.out, "a") as handle:

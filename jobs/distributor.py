@@ -63,11 +63,14 @@ FORWARDED_ENV = (
     "SDGEN_FAULT_KILL",
     "SDGEN_FAULT_CRASH_ROW",
 )
-# Ray lowers each worker process's priority by its `worker_niceness` (default 15), read by the
-# worker itself at start, so that Ray's own daemons win the CPU. An sdgen worker is the job's
-# whole compute: on a host whose cores all compute, every daemon wake-up then cuts into it (at 15
-# a worker made ~5% fewer images than at 0 inside one job, bench/RESULTS.md). Ray's job
-# supervisor runs its drivers at 0 the same way; a value set in the driver's environment wins.
+# Ray lowers each worker process's priority by its `worker_niceness` (default 15, read by the
+# worker itself at start from its environment) so that Ray's own daemons win the CPU. An sdgen
+# worker is the job's whole compute: on a host whose cores all compute, the daemons' wake-ups
+# then cut into it (0.95-0.99x the images of a worker at 0 in three trials inside one job,
+# bench/RESULTS.md). So workers run at 0, as Ray's job supervisor runs its drivers; a value set
+# in the driver's environment wins. An embedded Ray's processes inherit the driver's
+# environment; on a cluster it goes in the actors' runtime env (a worker with its own runtime
+# env cannot be one Ray started ahead: ~1 s more per worker start, so not used when embedded).
 WORKER_NICENESS_ENV = "RAY_worker_niceness"
 
 
@@ -84,6 +87,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> tuple[bo
     # root on PYTHONPATH makes `jobs` and `sdcore` importable in them without any upload.
     paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    os.environ.setdefault(WORKER_NICENESS_ENV, "0")
     watchdog.guard()  # before Ray starts: a SIGKILLed driver's watchdog ends every Ray process after it
     try:
         ray.init(
@@ -129,11 +133,13 @@ def _code_runtime_env() -> dict[str, Any] | None:
     return {"py_modules": [str(Path(__file__).resolve().parent), str(Path(sdcore.__file__).resolve().parent)]}
 
 
-def _actor_runtime_env() -> dict[str, Any]:
-    """Non-secret S3 settings of the driver, for actors on other nodes, and the workers'
-    niceness (0 unless the driver's environment says otherwise)."""
-    forwarded = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    return {"env_vars": {**forwarded, WORKER_NICENESS_ENV: os.environ.get(WORKER_NICENESS_ENV, "0")}}
+def _actor_runtime_env(embedded: bool) -> dict[str, Any] | None:
+    """Non-secret S3 settings of the driver, for actors on other nodes, and on a cluster the
+    workers' niceness (an embedded Ray's workers inherit it from the driver)."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    if not embedded:
+        env[WORKER_NICENESS_ENV] = os.environ.get(WORKER_NICENESS_ENV, "0")
+    return {"env_vars": env} if env else None
 
 
 class _WorkerActor:
@@ -182,8 +188,10 @@ class RayDistributor:
         max_attempts: int = 3,
         log: Callable[[str], None] = print,
         cpu_threads: int | str = "auto",
+        embedded: bool = False,
     ):
         self.device_request = device
+        self.embedded = embedded  # on the Ray `connect` started for this run
         self.cpu_threads = cpu_threads
         self.workers_request = workers
         self.retry = RetryPolicy(max_attempts, log)
@@ -242,7 +250,7 @@ class RayDistributor:
         actor_cls = ray.remote(_WorkerActor).options(
             max_restarts=worker_restarts(self.retry.max_attempts),
             max_task_retries=0,
-            runtime_env=_actor_runtime_env(),
+            runtime_env=_actor_runtime_env(self.embedded),
             **options,
         )
         self.actors = [actor_cls.remote(factory, replace(config, name=None)) for _ in range(workers)]

@@ -308,7 +308,7 @@ def execute(
         log = progress.lines(log)  # lines above the bar, not glued to it
     execution = plan.spec.execution
     distributor = RayDistributor(
-        execution.device, execution.workers, execution.max_attempts, log, execution.cpu_threads
+        execution.device, execution.workers, execution.max_attempts, log, execution.cpu_threads, embedded
     )
     try:
         check_output_shared(plan.spec, cluster_layout(), execution.device)  # before any worker starts
