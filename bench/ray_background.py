@@ -59,11 +59,15 @@ def _children_table() -> dict[int, list[int]]:
 # `--stop python`: the daemons a cluster started with `ray start --no-monitor
 # --include-log-monitor=false` (and no API server) would not have
 PYTHON_DAEMONS = ("autoscaler/_private/monitor.py", "_private/log_monitor.py", "dashboard/dashboard.py")
+# `--stop unused`: those of them an embedded single-node run never uses (no autoscaling, no
+# dashboard or job API); the log monitor carries the workers' output to the driver's
+UNUSED_DAEMONS = ("autoscaler/_private/monitor.py", "dashboard/dashboard.py")
 
 
 def daemons(driver: int, which: str) -> list[int]:
     """The driver's descendants but its workers: Ray's daemons and the watchdog (`all`), or only
-    the Python ones of PYTHON_DAEMONS (`python`)."""
+    the Python ones of PYTHON_DAEMONS (`python`) or UNUSED_DAEMONS (`unused`)."""
+    named = UNUSED_DAEMONS if which == "unused" else PYTHON_DAEMONS
     table, found, stack = _children_table(), [], [driver]
     while stack:
         for child in table.get(stack.pop(), []):
@@ -73,7 +77,7 @@ def daemons(driver: int, which: str) -> list[int]:
                     command = handle.read()
             except OSError:
                 continue
-            if (which == "all" and "_WorkerActor" not in command) or any(d in command for d in PYTHON_DAEMONS):
+            if (which == "all" and "_WorkerActor" not in command) or any(d in command for d in named):
                 found.append(child)
     return found
 
@@ -110,9 +114,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="length of a window")
     parser.add_argument(
         "--stop",
-        choices=["all", "python"],
+        choices=["all", "python", "unused"],
         default="all",
-        help="all: every daemon and the watchdog; python: the autoscaler monitor, log monitor and API server only",
+        help="all: every daemon and the watchdog; python: the autoscaler monitor, log monitor and API server "
+        "only; unused: the autoscaler monitor and API server only",
     )
     parser.add_argument(
         "--worker-niceness",
@@ -195,6 +200,7 @@ def main() -> None:
         stopped = {
             "all": "Ray's daemons and the watchdog",
             "python": "Ray's Python daemons (autoscaler monitor, log monitor, API server)",
+            "unused": "the daemons an embedded run does not use (autoscaler monitor, API server)",
         }[args.stop]
         title = "Ray's daemons stopped and running, inside one job"
         setup += (
