@@ -64,36 +64,36 @@ PYTHON_DAEMONS = ("autoscaler/_private/monitor.py", "_private/log_monitor.py", "
 UNUSED_DAEMONS = ("autoscaler/_private/monitor.py", "dashboard/dashboard.py")
 
 
+def descendants(driver: int) -> dict[int, str]:
+    """pid -> command line of every live descendant of the driver."""
+    table, found, stack = _children_table(), {}, [driver]
+    while stack:
+        for child in table.get(stack.pop(), []):
+            stack.append(child)
+            try:
+                with open(f"/proc/{child}/cmdline") as handle:
+                    found[child] = handle.read()
+            except OSError:
+                continue
+    return found
+
+
 def daemons(driver: int, which: str) -> list[int]:
     """The driver's descendants but its workers: Ray's daemons and the watchdog (`all`), or only
     the Python ones of PYTHON_DAEMONS (`python`) or UNUSED_DAEMONS (`unused`)."""
     named = UNUSED_DAEMONS if which == "unused" else PYTHON_DAEMONS
-    table, found, stack = _children_table(), [], [driver]
-    while stack:
-        for child in table.get(stack.pop(), []):
-            stack.append(child)
-            try:
-                with open(f"/proc/{child}/cmdline") as handle:
-                    command = handle.read()
-            except OSError:
-                continue
-            if (which == "all" and "_WorkerActor" not in command) or any(d in command for d in named):
-                found.append(child)
-    return found
+    return [
+        pid
+        for pid, command in descendants(driver).items()
+        if (which == "all" and "_WorkerActor" not in command) or any(d in command for d in named)
+    ]
 
 
 def worker_of(driver: int) -> int:
     """The job's (only) worker process among the driver's descendants."""
-    table, stack = _children_table(), [driver]
-    while stack:
-        for child in table.get(stack.pop(), []):
-            stack.append(child)
-            try:
-                with open(f"/proc/{child}/cmdline") as handle:
-                    if "_WorkerActor" in handle.read():
-                        return child
-            except OSError:
-                continue
+    for pid, command in descendants(driver).items():
+        if "_WorkerActor" in command:
+            return pid
     raise RuntimeError("the job's worker process was not found")
 
 
