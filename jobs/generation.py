@@ -63,11 +63,15 @@ def generate_settings(record: Record) -> dict[str, Any]:
 
 
 def recorded_slots(record: Record) -> dict[str, Any]:
-    """To remake one record's image alone: put its row back in the slot it had (fillers take the
-    other slots of the forward). Empty for records without a recorded placement."""
-    if not record.batch_rows or record.batch_slot is None:
-        return {}
-    return {"slots": [int(record.batch_slot)]}
+    """To remake one record's image alone: put its row back in the slots it had in its UNet
+    forwards and its VAE decode (fillers take the others). Empty for records without a recorded
+    placement; no decode slot for records from before batched decodes (decoded alone)."""
+    placed: dict[str, Any] = {}
+    if record.batch_rows and record.batch_slot is not None:
+        placed["slots"] = [int(record.batch_slot)]
+    if record.decode_rows and record.decode_slot is not None:
+        placed.update(decode_batch=int(record.decode_rows), decode_slots=[int(record.decode_slot)])
+    return placed
 
 
 __all__ = ["generate_settings", "generation_request", "recorded_slots"]

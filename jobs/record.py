@@ -100,6 +100,11 @@ class Record:
     # CUDA, the cuDNN and determinism settings. Null in records written before it (eager,
     # default settings).
     kernels: String | None = None
+    # The VAE decode that made the image (sdcore.pipeline.Placement): `decode_rows` latents per
+    # decode, this row's in `decode_slot`. Null in records written before batched decodes (each
+    # image decoded alone, as decode_rows 1).
+    decode_rows: Int32 | None = None
+    decode_slot: Int32 | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Record:
@@ -114,7 +119,10 @@ class Record:
         """This record after its generate() call: the row's share of the call's time, the
         failure, if the row has no image, and where the row sat in its forwards (a
         `sdcore.pipeline.Placement`, when it has an image)."""
-        placed = {} if placement is None else {"batch_rows": placement.rows, "batch_slot": placement.slot}
+        placed = {}
+        if placement is not None:
+            placed = {"batch_rows": placement.rows, "batch_slot": placement.slot}
+            placed.update(decode_rows=placement.decode_rows, decode_slot=placement.decode_slot)
         return dataclasses.replace(self, time_generate_s=seconds, status=_status(error), error=error, **placed)
 
     def with_image(self, image: StoredImage) -> Record:

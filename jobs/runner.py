@@ -279,6 +279,7 @@ def worker_config(spec: JobSpec) -> WorkerConfig:
         batch_invariant=spec.execution.batch_invariant,
         compile_mode=spec.execution.compile_mode,
         conv_algorithm=spec.execution.conv,
+        decode_batch=spec.execution.decode_batch,
         image_format=spec.image.format,
         quality=spec.image.quality,
     )

@@ -74,6 +74,12 @@ class ExecutionSpec:
     # winograd-f2x3 (default; faster at SD 1.5 size, keeps a transformed copy of those filters,
     # 16/9 of their size: +4 GB at SD 1.5) | direct. Recorded; reproduce does the same.
     conv: str = rules.DEFAULT_CONV_ALGORITHM
+    # Finished latents per VAE decode, at that one shape (the last one of a shard padded); each
+    # image's decode slot is recorded, so reproduce stays identical. auto (default): batch_size
+    # on CUDA workers (one 512x512 decode leaves a GPU mostly idle: 2x the decode throughput
+    # measured on an H200), 1 on CPU workers (batching is no faster there) and with
+    # batch_invariant. An integer >= 1 sets it for every worker.
+    decode_batch: int | str = "auto"
 
     @property
     def compile_mode(self) -> str:
@@ -264,11 +270,12 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
             "compile",
             "cuda_graphs",
             "conv",
+            "decode_batch",
         },
     )
     d = ExecutionSpec()
     auto_ints = {}
-    for key in ("workers", "cpu_threads"):
+    for key in ("workers", "cpu_threads", "decode_batch"):
         value = e.get(key, "auto")
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             errors.append(f"execution.{key}: expected 'auto' or an integer >= 1, got {_short(value)}")
@@ -287,9 +294,15 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
         compile=c.boolean(e, "compile", "execution.compile", d.compile),
         cuda_graphs=c.boolean(e, "cuda_graphs", "execution.cuda_graphs", d.cuda_graphs),
         conv=c.choice(e, "conv", "execution.conv", rules.CONV_ALGORITHMS, d.conv),
+        decode_batch=auto_ints["decode_batch"],
     )
     if execution.cuda_graphs and execution.device == "cpu":
         errors.append("execution.cuda_graphs: CUDA graphs need CUDA workers, but execution.device is cpu")
+    if execution.batch_invariant and execution.decode_batch not in ("auto", 1):
+        errors.append(
+            f"execution.decode_batch: {execution.decode_batch} decodes per VAE forward contradicts "
+            "batch_invariant: true (images the same whatever the batching need one decode per image)"
+        )
 
     i = c.section(data, "image", {"format", "quality"})
     image = ImageSpec(

@@ -4,8 +4,10 @@ images and one record per row — a bad row becomes an error record, never an ex
 Within a shard, rows of one forward shape (size, guided or not: `RowRequest.forward_key`) are
 streamed through `Pipeline.generate_stream`, whose `batch_size` slots each take the next row as
 soon as theirs finishes (continuous batching: rows of other samplers, step counts, strengths and
-guidance scales share forwards). A row's image depends only on its own inputs and its slot
-(sdcore's per-row generators, fixed-shape forwards), which its record keeps. Records are saved
+guidance scales share forwards). Finished latents are decoded `decode_rows` at a time (the
+spec's `decode_batch`: batch_size on CUDA, 1 on CPU). A row's image depends only on its own inputs
+and its slots in its forwards and its decode (sdcore's per-row generators, fixed shapes), which
+its record keeps. Records are saved
 every `batch_size` finished rows.
 Around that loop, each idea has its own module: the records (`record.py`: one `RecordBuilder` per
 worker), the generate call made from a record (`generation.py`, shared with `reproduce.py`), init
@@ -68,6 +70,7 @@ class WorkerConfig:
     batch_invariant: bool = False  # see ExecutionSpec.batch_invariant
     compile_mode: str = "none"  # sdcore.kernels.compile_unet (ExecutionSpec.compile, cuda_graphs)
     conv_algorithm: str | None = None  # sdcore.kernels.set_conv_algorithm (ExecutionSpec.conv); None: the pipeline's
+    decode_batch: int | str = "auto"  # latents per VAE decode (ExecutionSpec.decode_batch)
     image_format: str = "png"
     quality: int = 95
     threads: int | None = None  # torch intra-op threads on CPU (same for every worker of a job)
@@ -102,6 +105,15 @@ class ShardResult:
 
 class WorkerStartError(RuntimeError):
     """No worker could be started (the message is the worker's own error, e.g. bad weights)."""
+
+
+def _decode_rows(config: WorkerConfig, device_type: str) -> int:
+    """Latents per VAE decode (ExecutionSpec.decode_batch): auto is the batch size on CUDA, where
+    one image per decode leaves the GPU mostly idle, and 1 on CPU (no faster batched) and when
+    images must not depend on the batching at all."""
+    if config.decode_batch != "auto":
+        return int(config.decode_batch)
+    return config.batch_size if device_type == "cuda" and not config.batch_invariant else 1
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -196,6 +208,7 @@ class ShardWorker:
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES") or None,
             kernels=json.dumps(kernels, sort_keys=True),
         )
+        self.decode_rows = _decode_rows(config, pipeline.device.type)
         self.init_images = InitImageCache()
         self._output: Output | None = None
 
@@ -400,6 +413,7 @@ class ShardWorker:
         settings = dict(sampler=spec.name, karras=spec.karras, steps=spec.steps, guidance_scale=spec.guidance_scale)
         settings.update(width=spec.width, height=spec.height, batch_invariant=self.config.batch_invariant)
         settings["fixed_batch"] = self.records.batch_rows
+        settings["decode_batch"] = self.decode_rows
         unusable: list[Record] = []  # rows whose init image failed: error records, not generated
         in_flight: set[int] = set()  # rows the stream has taken and not finished
 

@@ -4,8 +4,9 @@ The randomness contract (SPEC.md): row r gets `torch.Generator("cpu").manual_see
 draws, in order and shape, what diffusers' StableDiffusion(Img2Img)Pipeline draws for one image:
 txt2img: initial noise (1, 4, h, w); img2img: VAE posterior noise, then add-noise; then the
 sampler's per-step noise (DDPM, Euler ancestral). Every per-row computation whose result could
-depend on its batch neighbours runs one row at a time: text encoding, VAE encode/decode, and —
-unless `batch_invariant=False` — the UNet. Convolution and matmul kernels (oneDNN, cuDNN, cuBLAS)
+depend on its batch neighbours runs one row at a time: text encoding, VAE encode, the VAE decode
+unless `decode_batch` > 1 (then at one fixed shape, as below), and — unless
+`batch_invariant=False` — the UNet. Convolution and matmul kernels (oneDNN, cuDNN, cuBLAS)
 choose their algorithm by input shape, batch included, so the same row computed inside a batch
 of 8 and alone can differ in the last float bits and, after rounding, by one pixel level. At one
 fixed shape they do not depend on the *other* rows (measured: any neighbours leave a row's bits
@@ -22,7 +23,7 @@ sizes.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -47,13 +48,16 @@ EMBEDDING_CACHE_BYTES = 64 * 2**20
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a request sat in its UNet forwards, which decides its image's last bits: `rows`
-    rows per forward (each a guidance pair when guided), the request in `slot`. Rebuilding a
-    forward of `rows` rows with the request in `slot` (any filler around it) gives the same
-    image. `rows == 0` means the forwards were not fixed-shape (see `generate`)."""
+    """Where a request sat in its UNet forwards and its VAE decode, which decides its image's
+    last bits: `rows` rows per forward (each a guidance pair when guided), the request in `slot`;
+    `decode_rows` latents per decode, the request's in `decode_slot`. Rebuilding both with the
+    request in its slots (any filler around it) gives the same image. `rows == 0` means the
+    forwards were not fixed-shape (see `generate`)."""
 
     rows: int
     slot: int
+    decode_rows: int = 1
+    decode_slot: int = 0
 
 
 _UNPLACED = Placement(rows=0, slot=0)
@@ -71,6 +75,50 @@ class _Flight:
     generator: torch.Generator
     trajectory: Trajectory
     x: torch.Tensor  # (1, 4, h, w)
+
+
+class _Decoder:
+    """The VAE decodes of a stream: finished latents wait, per latent size, until `rows` of them
+    fill one decode, which then runs at that fixed shape (the stream's end pads a short one with
+    zero latents). As with the UNet, a latent's pixels then depend on its slot in the decode,
+    not on its neighbours. `rows` 1: each latent decoded alone as it finishes."""
+
+    def __init__(self, rows: int, decode: Callable[[torch.Tensor], list[Image.Image]]):
+        self.rows = rows
+        self._decode = decode
+        self._waiting: dict[tuple, list[tuple[int, torch.Tensor, Placement] | None]] = {}
+
+    def add(
+        self, index: int, latent: torch.Tensor, placement: Placement, slot: int | None = None
+    ) -> Iterator[tuple[int, Image.Image, Placement]]:
+        """Queue a finished latent (1, 4, h, w), in `slot` if given; yields what a full decode
+        made."""
+        key = tuple(latent.shape)
+        slots = self._waiting.get(key)
+        if slots is not None and slot is not None and slots[slot] is not None:
+            yield from self._run(key)  # that slot is taken: decode what waits first
+            slots = None
+        if slots is None:
+            slots = self._waiting[key] = [None] * self.rows
+        if slot is None:
+            slot = slots.index(None)
+        slots[slot] = (index, latent, placement)
+        if all(entry is not None for entry in slots):
+            yield from self._run(key)
+
+    def flush(self) -> Iterator[tuple[int, Image.Image, Placement]]:
+        """Decode every latent still waiting (short decodes padded)."""
+        for key in list(self._waiting):
+            yield from self._run(key)
+
+    def _run(self, key: tuple) -> Iterator[tuple[int, Image.Image, Placement]]:
+        slots = self._waiting.pop(key)
+        filler = torch.zeros_like(next(entry[1] for entry in slots if entry is not None))
+        images = self._decode(torch.cat([filler if entry is None else entry[1] for entry in slots]))
+        for decode_slot, entry in enumerate(slots):
+            if entry is not None:
+                index, _, placement = entry
+                yield index, images[decode_slot], replace(placement, decode_rows=self.rows, decode_slot=decode_slot)
 
 
 class _Lane:
@@ -136,12 +184,13 @@ def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor
     return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
-def tensor_to_image(x: torch.Tensor) -> Image.Image:
-    """(1, 3, H, W) in [-1, 1] -> 8-bit RGB, rounding as diffusers' image processor does."""
+def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> B 8-bit RGB images, rounding as diffusers' image processor does
+    (elementwise: a row's pixels do not depend on the others)."""
     x = (x / 2 + 0.5).clamp(0, 1)
-    # (1, 3, H, W) -> (H, W, 3)
-    array = x[0].permute(1, 2, 0).float().cpu().numpy()
-    return Image.fromarray((array * 255).round().astype(np.uint8))
+    # (B, 3, H, W) -> (B, H, W, 3), one copy to the host for the whole batch
+    arrays = x.permute(0, 2, 3, 1).float().cpu().numpy()
+    return [Image.fromarray((array * 255).round().astype(np.uint8)) for array in arrays]
 
 
 class Pipeline:
@@ -228,6 +277,8 @@ class Pipeline:
         batch_invariant: bool = True,
         fixed_batch: int | None = None,
         slots: Sequence[int | None] | None = None,
+        decode_batch: int = 1,
+        decode_slots: Sequence[int | None] | None = None,
     ) -> list[Image.Image]:
         """Images for `requests`, in order.
 
@@ -244,6 +295,13 @@ class Pipeline:
         - else `batch_invariant=True` (default): one row per forward: images are the same
           whatever the batching.
         - else: all rows of a group in one forward, whatever their number.
+
+        The VAE decodes each finished latent alone by default (`decode_batch=1`: on a CPU that is
+        as fast per image as batching). `decode_batch=M` decodes M finished latents per VAE
+        forward, at that one shape (the last one padded with zero latents): what a GPU needs,
+        where one 512x512 decode leaves most of the chip idle. Each image then depends on its
+        slot in its decode too (`Placement.decode_slot`); `decode_slots` asks for one per
+        request, the way `slots` does for the UNet.
         """
         placed = self.generate_placed(
             requests,
@@ -256,6 +314,8 @@ class Pipeline:
             batch_invariant=batch_invariant,
             fixed_batch=fixed_batch,
             slots=slots,
+            decode_batch=decode_batch,
+            decode_slots=decode_slots,
         )
         return [image for image, _ in placed]
 
@@ -273,6 +333,8 @@ class Pipeline:
         batch_invariant: bool = True,
         fixed_batch: int | None = None,
         slots: Sequence[int | None] | None = None,
+        decode_batch: int = 1,
+        decode_slots: Sequence[int | None] | None = None,
     ) -> list[tuple[Image.Image, Placement]]:
         """`generate`, with where each request sat in its UNet forwards. Every request is checked
         before any is generated."""
@@ -281,7 +343,9 @@ class Pipeline:
         )
         resolved = [self._resolve(i, request, defaults) for i, request in enumerate(requests)]
         placed: list[tuple[Image.Image, Placement] | None] = [None] * len(resolved)
-        stream = self._stream(enumerate(resolved), batch_invariant, fixed_batch, slots, len(resolved))
+        stream = self._stream(
+            enumerate(resolved), batch_invariant, fixed_batch, slots, len(resolved), decode_batch, decode_slots
+        )
         for index, image, placement in stream:
             placed[index] = (image, placement)
         return placed
@@ -299,6 +363,8 @@ class Pipeline:
         batch_invariant: bool = True,
         fixed_batch: int | None = None,
         slots: Sequence[int | None] | None = None,
+        decode_batch: int = 1,
+        decode_slots: Sequence[int | None] | None = None,
     ) -> Iterator[tuple[int, Image.Image, Placement]]:
         """`generate_placed` as a stream: (request index, image, placement) per request as soon
         as its image is made, in completion order.
@@ -314,7 +380,7 @@ class Pipeline:
         resolved = ((i, self._resolve(i, request, defaults)) for i, request in enumerate(requests))
         count = len(slots) if slots is not None else None
         with torch.inference_mode():
-            yield from self._stream(resolved, batch_invariant, fixed_batch, slots, count)
+            yield from self._stream(resolved, batch_invariant, fixed_batch, slots, count, decode_batch, decode_slots)
 
     def _stream(
         self,
@@ -323,6 +389,8 @@ class Pipeline:
         fixed_batch: int | None,
         slots: Sequence[int | None] | None,
         count: int | None,
+        decode_batch: int = 1,
+        decode_slots: Sequence[int | None] | None = None,
     ) -> Iterator[tuple[int, Image.Image, Placement]]:
         """Continuous batching (see the module docstring): requests go into lanes, one per forward
         shape (width, height, guided or not); a lane runs until it drains, its free slots taking
@@ -337,6 +405,14 @@ class Pipeline:
             for slot in slots:
                 if slot is not None and not 0 <= slot < fixed_batch:
                     raise ValueError(f"slot {slot} outside 0..{fixed_batch - 1}")
+        if isinstance(decode_batch, bool) or not isinstance(decode_batch, int) or decode_batch < 1:
+            raise ValueError(f"decode_batch: expected an integer >= 1, got {decode_batch!r}")
+        if decode_slots is not None:
+            if len(decode_slots) != count:
+                raise ValueError("decode_slots need one entry per request")
+            for slot in decode_slots:
+                if slot is not None and not 0 <= slot < decode_batch:
+                    raise ValueError(f"decode slot {slot} outside 0..{decode_batch - 1}")
         resolved = iter(resolved)
         if fixed_batch is not None:
             lane_rows = lambda key: fixed_batch  # noqa: E731
@@ -348,7 +424,8 @@ class Pipeline:
             lane_rows = sizes.__getitem__
             resolved = iter(resolved)
         try:
-            yield from self._run_lanes(resolved, lane_rows, fixed_batch, slots)
+            decoder = _Decoder(decode_batch, self._decode)
+            yield from self._run_lanes(resolved, lane_rows, fixed_batch, slots, decoder, decode_slots)
         finally:
             self.unet.forget_context()  # the last batch's text K and V: not kept past the generation
 
@@ -358,6 +435,8 @@ class Pipeline:
         lane_rows: Callable[[tuple], int],
         fixed_batch: int | None,
         slots: Sequence[int | None] | None,
+        decoder: _Decoder,
+        decode_slots: Sequence[int | None] | None,
     ) -> Iterator[tuple[int, Image.Image, Placement]]:
         lanes: dict[tuple, _Lane] = {}
         exhausted = False
@@ -376,12 +455,14 @@ class Pipeline:
                 lanes[key].queue.append((index, request, None if slots is None else slots[index]))
                 lane = lane or lanes[key]
             if lane is None:
+                yield from decoder.flush()
                 return
             for slot, index, request in lane.admit():
                 lane.slots[slot] = self._start(index, request)
             for slot, flight in self._forward(lane):
                 placement = Placement(rows=lane.rows, slot=slot) if fixed_batch is not None else _UNPLACED
-                yield flight.index, self._decode(flight.x), placement
+                decode_slot = None if decode_slots is None else decode_slots[flight.index]
+                yield from decoder.add(flight.index, flight.x, placement, decode_slot)
 
     def _resolve(self, index: int, request: GenerationRequest | Mapping[str, Any], defaults: dict) -> GenerationRequest:
         try:
@@ -450,6 +531,6 @@ class Pipeline:
         noise = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
         return schedule.img2img_latents(init, noise, schedule.start_index(request.strength))
 
-    def _decode(self, latent: torch.Tensor) -> Image.Image:
-        pixels = self.vae.decode(latent / self.config.vae.scaling_factor)
-        return tensor_to_image(pixels)
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents (B, 4, h, w) -> B images, in one VAE forward."""
+        return tensor_to_images(self.vae.decode(latents / self.config.vae.scaling_factor))

@@ -107,6 +107,39 @@ def test_rows_of_any_settings_share_forwards_and_reproduce_in_their_slots(shapes
         assert np.array_equal(pixels(image), pixels(again)), request.prompt
 
 
+def test_batched_decodes_run_at_one_shape_and_reproduce_in_their_decode_slots(shapes):
+    """decode_batch=2: finished latents wait until two fill a VAE decode (the last one padded),
+    whatever order the rows finish in; each image is remade alone in its UNet slot and its decode
+    slot, and a row's pixels do not depend on its decode neighbours."""
+    settings = dict(sampler="euler_a", steps=6, guidance_scale=5.0, width=64, height=64)
+    batch = rows(64)
+    decodes = []
+    hook = shapes.vae.decoder.register_forward_pre_hook(lambda module, args: decodes.append(args[0].shape[0]))
+    try:
+        placed = shapes.generate_placed(batch, fixed_batch=3, decode_batch=2, **settings)
+    finally:
+        hook.remove()
+    assert decodes == [2, 2, 2]  # five latents: two full decodes and a padded one
+    # Row 2 (3 steps) finishes first and waits for a neighbour: rows 0 and 1 end together.
+    assert [(p.decode_rows, p.decode_slot) for _, p in placed] == [(2, 1), (2, 0), (2, 0), (2, 1), (2, 0)]
+    for request, (image, placement) in zip(batch, placed):
+        again = shapes.generate(
+            [request],
+            fixed_batch=3,
+            slots=[placement.slot],
+            decode_batch=2,
+            decode_slots=[placement.decode_slot],
+            **settings,
+        )[0]
+        assert np.array_equal(pixels(image), pixels(again)), request.prompt
+    # The same row, asked into decode slot 1 beside other neighbours.
+    others = [GenerationRequest("another", seed=77), batch[3], GenerationRequest("more", seed=78)]
+    again = shapes.generate_placed(
+        others, fixed_batch=3, slots=[None, 2, None], decode_batch=2, decode_slots=[None, 1, None], **settings
+    )[1]
+    assert again[1] == placed[3][1] and np.array_equal(pixels(again[0]), pixels(placed[3][0]))
+
+
 def test_the_stream_reads_rows_only_as_slots_free(shapes):
     settings = dict(sampler="ddim", steps=2, guidance_scale=5.0, width=64, height=64)
     read = []
@@ -141,6 +174,10 @@ def test_bad_shaping_is_refused(shapes):
         shapes.generate(rows(64)[:1], fixed_batch=3, slots=[3], **settings)
     with pytest.raises(ValueError, match="slots need fixed_batch"):
         shapes.generate(rows(64)[:1], slots=[0], **settings)
+    with pytest.raises(ValueError, match="decode_batch: expected an integer >= 1, got 0"):
+        shapes.generate(rows(64)[:1], fixed_batch=2, decode_batch=0, **settings)
+    with pytest.raises(ValueError, match="decode slot 2 outside 0..1"):
+        shapes.generate(rows(64)[:1], fixed_batch=2, decode_batch=2, decode_slots=[2], **settings)
 
 
 def test_sd15_size_reproduces_in_its_slot():

@@ -79,7 +79,8 @@ def test_the_settings_and_request_come_from_the_record(made):
     # Continuous batching over 3 slots: rows 0-2 take them; img2img row 1 (strength 0.75: 3 of 4
     # steps) finishes first and row 3 takes slot 1; rows 0 and 2 finish next, row 4 takes slot 0.
     assert [(r.batch_rows, r.batch_slot) for r in records] == [(3, 0), (3, 1), (3, 2), (3, 1), (3, 0)]
-    assert recorded_slots(txt2img) == {"slots": [0]}
+    # A CPU worker decodes each image alone (execution.decode_batch auto): one latent, slot 0.
+    assert recorded_slots(txt2img) == {"slots": [0], "decode_batch": 1, "decode_slots": [0]}
     request = generation_request(txt2img)
     assert (request.prompt, request.negative, request.seed, request.init_image, request.strength) == (
         txt2img.prompt,

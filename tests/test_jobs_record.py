@@ -57,7 +57,9 @@ COLUMNS = [
     ("batch_slot", pa.int32()),
     ("cuda_visible_devices", pa.string()),  # which GPU made the image
     ("labels", pa.string()),  # added by the labels issue, last: earlier columns keep their order
-    ("kernels", pa.string()),  # kernel choices (compile mode, CUDA determinism): added last
+    ("kernels", pa.string()),  # kernel choices (compile mode, CUDA determinism)
+    ("decode_rows", pa.int32()),  # the VAE decode's shape and this row's slot in it: added last
+    ("decode_slot", pa.int32()),
 ]
 
 # Python type of a field -> the Arrow types its column may have.

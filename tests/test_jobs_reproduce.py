@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from jobs.generation import generate_settings, generation_request
 from jobs.manifest import load_manifest
 from jobs.output import Output
 from jobs.reader import read_shards
@@ -19,12 +22,10 @@ from jobs.worker import ShardWorker, WorkerConfig
 from conftest import init_image, manifest_schema, small_rows, write_manifest
 
 
-@pytest.fixture(scope="module")
-def made(tmp_path_factory, tiny_pipe):
+def make_output(tmp, tiny_pipe, size=32, **worker_settings):
     """An output made by the worker (no Ray) from a model stored as a local file."""
     from sdcore.weights import export_single_file
 
-    tmp = tmp_path_factory.mktemp("reproduce")
     weights = tmp / "tiny.safetensors"
     export_single_file(tiny_pipe, weights)
     init_image(tmp / "m" / "init" / "a.png")
@@ -33,9 +34,10 @@ def made(tmp_path_factory, tiny_pipe):
     config = WorkerConfig(
         weights=str(weights),
         output=str(tmp / "out"),
-        sampler=SamplerSpec(steps=2, width=32, height=32),
+        sampler=SamplerSpec(steps=2, width=size, height=size),
         dtype="float32",
         threads=1,
+        **worker_settings,
     )
     worker = ShardWorker(config, pipeline=tiny_pipe)
     for task in read_shards(manifest, 3):
@@ -43,6 +45,11 @@ def made(tmp_path_factory, tiny_pipe):
     job = {"spec": {"image": {"quality": 95}}, "manifest": {"sources": [str(tmp / "m" / "m.parquet")]}}
     Output(str(tmp / "out")).write_job(job)
     return tmp
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, tiny_pipe):
+    return make_output(tmp_path_factory.mktemp("reproduce"), tiny_pipe)
 
 
 def record(made, rid):
@@ -60,6 +67,34 @@ def test_identical_txt2img_and_img2img(made):
         result, data = reproducer.compare(record(made, rid), 40.0, exact=True)
         assert (result.verdict, result.passed) == ("identical", True), result.detail
         assert data == (made / "out" / record(made, rid).image_path).read_bytes()
+
+
+def test_batched_decodes_reproduce_in_their_decode_slots(tmp_path, tiny_pipe):
+    """execution.decode_batch 2 on a CPU worker (auto would be 1 there): rows decoded two at a
+    time, the shard's last one padded with a filler; every record keeps its decode slot and
+    remakes identical. At 64x64 a batched decode gives some rows other last bits than decoding
+    them alone, so the recorded decode is what makes the remake identical."""
+    made = make_output(tmp_path, tiny_pipe, size=64, decode_batch=2, batch_size=2)
+    output = Output(str(made / "out"))
+    records = [record(made, f"r{k:03d}") for k in range(3)]
+    assert {(r.decode_rows, r.batch_rows) for r in records} == {(2, 2)}
+    assert sorted(r.decode_slot for r in records) == [0, 0, 1]  # one decode of 2, one of 1 + filler
+    reproducer = Reproducer(output)
+    for found in records:
+        result, _ = reproducer.compare(found, 40.0, exact=True)
+        assert (result.verdict, result.passed) == ("identical", True), (found.id, result.detail)
+    txt2img = [r for r in records if r.mode == "txt2img"]
+    alone = [
+        tiny_pipe.generate([generation_request(r)], **generate_settings(r), slots=[r.batch_slot])[0] for r in txt2img
+    ]
+    stored = [np.asarray(Image.open(made / "out" / r.image_path)) for r in txt2img]
+    assert any(not np.array_equal(np.asarray(a), b) for a, b in zip(alone, stored))
+
+
+def test_a_cpu_worker_decodes_each_image_alone_by_default(made):
+    assert {(record(made, f"r{k:03d}").decode_rows, record(made, f"r{k:03d}").decode_slot) for k in range(3)} == {
+        (1, 0)
+    }
 
 
 def test_other_weights_are_refused_by_fingerprint(made, tmp_path):

@@ -30,6 +30,7 @@ def test_minimal_spec_gets_defaults(tmp_path):
     assert spec.execution.batch_invariant is False  # fixed-shape exact batches by default
     assert spec.execution.compile_mode == "none"  # an eager UNet unless asked for
     assert spec.execution.conv == "winograd-f2x3"  # the faster CPU convolutions unless asked for
+    assert spec.execution.decode_batch == "auto"  # batch_size on CUDA workers, 1 on CPU ones
     assert spec.image.format == "png"
 
 
@@ -40,6 +41,13 @@ def test_minimal_spec_gets_defaults(tmp_path):
 def test_compile_switches(tmp_path, execution, mode):
     data = {"manifest": "m.parquet", "output": "out", "model": {"weights": "w"}, "execution": execution}
     assert parse_spec(data, base_dir=tmp_path).execution.compile_mode == mode
+
+
+def test_decode_batch_takes_auto_or_a_count(tmp_path):
+    data = {"manifest": "m.parquet", "output": "out", "model": {"weights": "w"}, "execution": {"decode_batch": 16}}
+    assert parse_spec(data, base_dir=tmp_path).execution.decode_batch == 16
+    data["execution"] = {"decode_batch": 1, "batch_invariant": True}  # one decode per image: invariant
+    assert parse_spec(data, base_dir=tmp_path).execution.decode_batch == 1
 
 
 def test_the_spec_md_example_is_valid(tmp_path):
@@ -142,6 +150,19 @@ def test_every_problem_is_reported_with_its_key():
         (
             {"manifest": "m.parquet", "output": "o", "model": {"weights": "w"}, "execution": {"conv": "winograd"}},
             "execution.conv: expected one of winograd-f2x3, direct",
+        ),
+        (
+            {"manifest": "m.parquet", "output": "o", "model": {"weights": "w"}, "execution": {"decode_batch": 0}},
+            "execution.decode_batch: expected 'auto' or an integer >= 1, got 0",
+        ),
+        (
+            {
+                "manifest": "m.parquet",
+                "output": "o",
+                "model": {"weights": "w"},
+                "execution": {"decode_batch": 4, "batch_invariant": True},
+            },
+            "execution.decode_batch: 4 decodes per VAE forward contradicts batch_invariant: true",
         ),
     ],
 )

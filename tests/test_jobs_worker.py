@@ -345,3 +345,21 @@ def test_a_failed_background_image_write_fails_the_shard_and_commits_nothing(tmp
     retried = make_worker(tiny_pipe, out, batch_size=2).run(task)  # storage works again
     assert (retried.ok, retried.reused, retried.generated) == (6, len(saved), 6 - len(saved))
     assert [r["row"] for r in output.read_records("shard-00000").to_pylist()] == list(range(6))
+
+
+def test_decode_batch_from_the_spec_reaches_the_worker(tmp_path):
+    """execution.decode_batch -> WorkerConfig; auto resolves per device when the worker starts:
+    the batch size on CUDA, one image per decode on CPU and in the batch-invariant mode."""
+    import dataclasses
+
+    from jobs.runner import worker_config
+    from jobs.spec import parse_spec
+    from jobs.worker import _decode_rows
+
+    data = {"manifest": "m.parquet", "output": "out", "model": {"weights": "w"}, "execution": {"batch_size": 6}}
+    config = worker_config(parse_spec(data, base_dir=tmp_path))
+    assert config.decode_batch == "auto"
+    assert (_decode_rows(config, "cuda"), _decode_rows(config, "cpu")) == (6, 1)
+    assert _decode_rows(dataclasses.replace(config, batch_invariant=True), "cuda") == 1
+    data["execution"]["decode_batch"] = 3
+    assert _decode_rows(worker_config(parse_spec(data, base_dir=tmp_path)), "cpu") == 3
