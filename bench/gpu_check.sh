@@ -3,8 +3,10 @@
 # pyarrow and pillow but no network, no diffusers, no ftfy, no Ray. Pure-Python wheels it lacks
 # are installed from a local folder first (default .whl/ in the repository root), made on a
 # machine with PyPI access:
-#   pip download --no-deps --only-binary=:all: -d .whl diffusers ftfy wcwidth importlib_metadata zipp
-# Usage: bash bench/gpu_check.sh [WHEEL_DIR] [-- gpu_check.py options]; finishes in about 5 minutes.
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl diffusers ftfy wcwidth importlib_metadata lazy-importer
+# (add zipp where the machine lacks it). Usage: bash bench/gpu_check.sh [WHEEL_DIR] [-- gpu_check.py
+# options]. The eager measurements take a few minutes; compiled modes run while --budget-s allows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 wheels="${1:-.whl}"
@@ -15,4 +17,4 @@ fi
 shift $(( $# > 0 ? 1 : 0 ))
 [ "${1:-}" = "--" ] && shift
 export PYTHONUNBUFFERED=1
-timeout 600 python3 bench/gpu_check.py "$@"
+timeout 600 python3 "${GPU_CHECK:-bench/gpu_check.py}" "$@"
