@@ -1,0 +1,181 @@
+"""GPU job check: the job runner's worker on one CUDA device, without Ray, then reproduce.
+
+`bench/gpu_check.py` measures the pipeline; this runs what a job's CUDA worker runs
+(`jobs.worker.ShardWorker`: the weights loaded from a file, shards of a Parquet manifest with
+txt2img and img2img rows at four strengths, images and records committed to a local output),
+for each compile mode asked for, and reports: the worker's rows/s at steady state (the first
+shard, which compiles, left out) against the bare pipeline on the same rows, what its records
+say (decode batch, kernels), and `jobs.reproduce` verdicts for rows in the first, last and a
+padded slot, remade from their records alone as `sdgen reproduce` would. Ray is not needed (the
+GPU machine has none): the worker knows nothing of it.
+
+Run through `GPU_CHECK=bench/gpu_job_check.py bash bench/gpu_check.sh .whl` (same wheels as
+gpu_check.py). CPU smoke run: `python bench/gpu_job_check.py --device cpu --weights builtin:tiny
+--size 32 --rows 12 --shard-size 6 --batch 4 --steps 2 --compile none`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "bench")]  # not installed on the GPU machine
+
+from gpu_check import Report, attempt, timed  # noqa: E402 - needs the paths above
+
+from jobs.manifest import load_manifest  # noqa: E402
+from jobs.output import Output  # noqa: E402
+from jobs.reader import read_shards  # noqa: E402
+from jobs.reproduce import Reproducer, find_records  # noqa: E402
+from jobs.spec import SamplerSpec  # noqa: E402
+from jobs.worker import ShardWorker, WorkerConfig  # noqa: E402
+from sdcore import GenerationRequest  # noqa: E402
+from sdcore.config import ModelConfig  # noqa: E402
+from sdcore.weights import assemble, export_single_file, random_parts  # noqa: E402
+
+STRENGTHS = (0.3, 0.5, 0.7, 0.9)
+
+
+def random_sd15_file(folder: Path, dtype: torch.dtype) -> str:
+    """Random SD 1.5 weights as a single-file checkpoint (what a user points a job at)."""
+    config = ModelConfig.sd15()
+    pipe = assemble(config, random_parts(config, seed=0), source="random sd15", dtype=dtype, owned=True)
+    path = folder / "sd15-random.safetensors"
+    export_single_file(pipe, path)
+    return str(path)
+
+
+def write_manifest(folder: Path, rows: int, size: int) -> tuple[str, list[dict]]:
+    """Half txt2img, half img2img at four strengths from small random pictures."""
+    rng = np.random.default_rng(0)
+    entries = []
+    for k in range(rows):
+        entry = {"id": f"r{k:04d}", "prompt": f"a photo of thing number {k}", "negative": "", "seed": 1000 + k}
+        entry.update(strength=None, init_image=None)
+        if k % 2:
+            init = folder / "init" / f"{k:04d}.png"
+            init.parent.mkdir(parents=True, exist_ok=True)
+            picture = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(picture).resize((size, size), Image.BILINEAR).save(init)
+            entry.update(strength=STRENGTHS[(k // 2) % len(STRENGTHS)], init_image=f"init/{init.name}")
+        entries.append(entry)
+    path = folder / "manifest.parquet"
+    pq.write_table(pa.Table.from_pylist(entries), path)
+    return str(path), entries
+
+
+def bare_rows_per_s(pipe, entries: list[dict], folder: Path, settings: dict, batch: int) -> float:
+    """The pipeline alone on the same rows, shaped as the worker shapes them (after a warm-up)."""
+    requests = []
+    for entry in entries:
+        init = Image.open(folder / entry["init_image"]).convert("RGB") if entry["init_image"] else None
+        requests.append(
+            GenerationRequest(
+                entry["prompt"],
+                seed=entry["seed"],
+                negative=entry["negative"],
+                init_image=init,
+                strength=entry["strength"],
+            )
+        )
+    shaped = dict(settings, fixed_batch=batch, decode_batch=batch if pipe.device.type == "cuda" else 1)
+    pipe.generate(requests[:batch], **shaped)
+    return len(requests) / timed(pipe.device, lambda: pipe.generate(requests, **shaped))
+
+
+def run_mode(report: Report, args, weights: str, manifest_path: str, entries: list[dict], mode: str) -> None:
+    folder = Path(manifest_path).parent
+    output = folder / f"out-{mode}"
+    sampler = SamplerSpec(steps=args.steps, width=args.size, height=args.size, guidance_scale=7.5)
+    dtype = "float16" if args.device == "cuda" else "float32"
+    config = WorkerConfig(
+        weights=weights,
+        output=str(output),
+        sampler=sampler,
+        dtype=dtype,
+        device=args.device,
+        batch_size=args.batch,
+        compile_mode=mode,
+    )
+    started = time.perf_counter()
+    worker = ShardWorker(config)
+    load_s = time.perf_counter() - started
+    shard_s = []
+    for task in read_shards(load_manifest([manifest_path]), args.shard_size):
+        shard_s.append(timed(worker.pipe.device, lambda task=task: worker.run(task)))
+    steady_rows = args.rows - args.shard_size
+    job_rate = steady_rows / sum(shard_s[1:])
+    Output(str(output)).write_job(
+        {"spec": {"image": {"quality": 95}}, "manifest": {"sources": [manifest_path]}}
+    )  # what reproduce reads
+    settings = dict(sampler="ddim", steps=args.steps, guidance_scale=7.5, width=args.size, height=args.size)
+    bare = bare_rows_per_s(worker.pipe, entries[args.shard_size :], folder, settings, args.batch)
+    out = Output(str(output))
+    records = [r for r in find_records(out, [e["id"] for e in entries], []).values()]
+    last_decode_slot = max(r.decode_slot for r in records)
+    wanted = (  # the first UNet slot, the last, an img2img row, the last decode slot
+        lambda r: r.batch_slot == 0,
+        lambda r: r.batch_slot == args.batch - 1,
+        lambda r: r.mode == "img2img",
+        lambda r: r.decode_slot == last_decode_slot,
+    )
+    chosen = {r.id: r for r in (next(r for r in records if test(r)) for test in wanted)}
+    reproducer = Reproducer(out)
+    verdicts = [reproducer.compare(r, 40.0, exact=True)[0].verdict for r in chosen.values()]
+    statuses = {r.status for r in records}
+    report.add(
+        f"- compile {mode}: worker start {load_s:.0f} s, first shard {shard_s[0]:.1f} s, then "
+        f"{job_rate:.2f} rows/s; bare pipeline {bare:.2f} rows/s (job / bare {job_rate / bare:.2f}x); "
+        f"{len(records)} records {sorted(statuses)}, decode_rows {sorted({r.decode_rows for r in records})}, "
+        f"kernels {records[0].kernels}; reproduce of {len(verdicts)} rows "
+        f"({', '.join(f'{r.id} slot {r.batch_slot}/decode {r.decode_slot}' for r in chosen.values())}): "
+        f"{', '.join(verdicts)}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--weights", default="random-sd15", help="random-sd15, or a path / builtin: name")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--rows", type=int, default=48)
+    parser.add_argument("--shard-size", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--compile", default="none,reduce-overhead", help="compile modes, one job each")
+    parser.add_argument("--out", default=str(REPO / "bench" / "GPU_RESULTS.md"))
+    args = parser.parse_args()
+    report = Report(args.out)
+    folder = Path(tempfile.mkdtemp(prefix="gpu-job-check-"))
+    started = time.monotonic()
+    weights = args.weights
+    if weights == "random-sd15":
+        weights = random_sd15_file(folder, torch.float16 if args.device == "cuda" else torch.float32)
+    manifest_path, entries = write_manifest(folder, args.rows, args.size)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    report.add(
+        f"\n## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} — job worker check "
+        f"(bench/gpu_job_check.py), {name}, torch {torch.__version__}, {args.weights}, {args.size}x{args.size}, "
+        f"DDIM {args.steps}, batch {args.batch}, {args.rows} rows (half img2img at {STRENGTHS}) in shards of "
+        f"{args.shard_size}\n"
+    )
+    for mode in args.compile.split(","):
+        attempt(
+            report, f"compile {mode}", lambda mode=mode: run_mode(report, args, weights, manifest_path, entries, mode)
+        )
+    report.add(f"\nTotal {time.monotonic() - started:.0f} s.")
+
+
+if __name__ == "__main__":
+    main()
