@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from jobs.generation import generate_settings, generation_request
+from jobs.generation import generate_settings, generation_request, recorded_slots
 from jobs.manifest import load_manifest
 from jobs.output import Output
 from jobs.reader import read_shards
@@ -26,6 +26,7 @@ def make_output(tmp, tiny_pipe, size=32, **worker_settings):
     """An output made by the worker (no Ray) from a model stored as a local file."""
     from sdcore.weights import export_single_file
 
+    tmp.mkdir(parents=True, exist_ok=True)
     weights = tmp / "tiny.safetensors"
     export_single_file(tiny_pipe, weights)
     init_image(tmp / "m" / "init" / "a.png")
@@ -89,6 +90,39 @@ def test_batched_decodes_reproduce_in_their_decode_slots(tmp_path, tiny_pipe):
     ]
     stored = [np.asarray(Image.open(made / "out" / r.image_path)) for r in txt2img]
     assert any(not np.array_equal(np.asarray(a), b) for a, b in zip(alone, stored))
+
+
+def test_a_row_whose_decode_goes_non_finite_costs_only_itself(tmp_path, tiny_pipe):
+    """Batched decodes and a fault in one image's decode (as a float16 VAE can overflow): the
+    decode that held it fails, its rows are retried one by one, and only that row becomes an
+    error record; the others are committed and still reproduce identical."""
+    clean = make_output(tmp_path / "clean", tiny_pipe, size=64, decode_batch=2, batch_size=2)
+    victim = record(clean, "r000")
+    seen = []
+    capture = tiny_pipe.vae.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        tiny_pipe.generate([generation_request(victim)], **generate_settings(victim), **recorded_slots(victim))
+    finally:
+        capture.remove()
+    target = seen[0][victim.decode_slot]  # r000's final latent, as the decoder gets it
+
+    def poison(module, args, output):
+        for row, latent in enumerate(args[0]):  # close, not equal: a retried row sits in another slot
+            if torch.allclose(latent, target, atol=1e-3):
+                output[row] = float("nan")
+
+    hook = tiny_pipe.vae.decoder.register_forward_hook(poison)
+    try:
+        made = make_output(tmp_path / "poisoned", tiny_pipe, size=64, decode_batch=2, batch_size=2)
+    finally:
+        hook.remove()
+    records = {rid: record(made, rid) for rid in ("r000", "r001", "r002")}
+    assert records["r000"].status == "error" and "(decoded pixels)" in records["r000"].error
+    reproducer = Reproducer(Output(str(made / "out")))
+    for rid in ("r001", "r002"):
+        assert records[rid].status == "ok"
+        result, _ = reproducer.compare(records[rid], 40.0, exact=True)
+        assert (result.verdict, result.passed) == ("identical", True), (rid, result.detail)
 
 
 def test_a_cpu_worker_decodes_each_image_alone_by_default(made):
