@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 wheels="${1:-.whl}"
 if compgen -G "$wheels/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu-check-site "$wheels"/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/gpu-check-site "$wheels"/*.whl
   export PYTHONPATH="/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 shift $(( $# > 0 ? 1 : 0 ))
