@@ -378,7 +378,7 @@ class Pipeline:
             sampler=sampler, karras=karras, steps=steps, guidance_scale=guidance_scale, width=width, height=height
         )
         resolved = ((i, self._resolve(i, request, defaults)) for i, request in enumerate(requests))
-        count = len(slots) if slots is not None else None
+        count = next((len(asked) for asked in (slots, decode_slots) if asked is not None), None)
         with torch.inference_mode():
             yield from self._stream(resolved, batch_invariant, fixed_batch, slots, count, decode_batch, decode_slots)
 

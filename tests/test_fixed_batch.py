@@ -138,6 +138,9 @@ def test_batched_decodes_run_at_one_shape_and_reproduce_in_their_decode_slots(sh
         others, fixed_batch=3, slots=[None, 2, None], decode_batch=2, decode_slots=[None, 1, None], **settings
     )[1]
     assert again[1] == placed[3][1] and np.array_equal(pixels(again[0]), pixels(placed[3][0]))
+    # A stream may ask for decode slots without UNet slots.
+    stream = shapes.generate_stream(iter(batch[:1]), fixed_batch=3, decode_batch=2, decode_slots=[1], **settings)
+    assert [placement.decode_slot for _, _, placement in stream] == [1]
 
 
 def test_the_stream_reads_rows_only_as_slots_free(shapes):
