@@ -102,13 +102,16 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def images_per_s(device: torch.device, run, images: int) -> tuple[float, float]:
-    """(images/s, peak GiB) of `run`: one warm-up (allocator, kernel choice), then the median of
-    TIMED_RUNS."""
+def median_seconds(device: torch.device, run) -> float:
+    """Seconds of `run`: one warm-up (allocator, kernel choice), then the median of TIMED_RUNS."""
     run()
+    return statistics.median(timed(device, run) for _ in range(TIMED_RUNS))
+
+
+def images_per_s(device: torch.device, run, images: int) -> tuple[float, float]:
+    """(images/s, peak GiB) of `run` (median_seconds; the warm-up does the same work)."""
     reset_peak_memory(device)
-    seconds = statistics.median(timed(device, run) for _ in range(TIMED_RUNS))
-    return images / seconds, peak_memory_gib(device)
+    return images / median_seconds(device, run), peak_memory_gib(device)
 
 
 def requests_for(batch: int, first_seed: int = 0) -> list[GenerationRequest]:

@@ -75,7 +75,7 @@ def write_manifest(folder: Path, rows: int, size: int) -> tuple[str, list[dict]]
     return str(path), entries
 
 
-def bare_rows_per_s(pipe, entries: list[dict], folder: Path, settings: dict, batch: int) -> float:
+def bare_rows_per_s(pipe, entries: list[dict], folder: Path, settings: dict, batch: int, decode_rows: int) -> float:
     """The pipeline alone on the same rows, shaped as the worker shapes them (after a warm-up)."""
     requests = []
     for entry in entries:
@@ -89,7 +89,7 @@ def bare_rows_per_s(pipe, entries: list[dict], folder: Path, settings: dict, bat
                 strength=entry["strength"],
             )
         )
-    shaped = dict(settings, fixed_batch=batch, decode_batch=batch if pipe.device.type == "cuda" else 1)
+    shaped = dict(settings, fixed_batch=batch, decode_batch=decode_rows)  # as the worker runs them
     pipe.generate(requests[:batch], **shaped)
     return len(requests) / timed(pipe.device, lambda: pipe.generate(requests, **shaped))
 
@@ -120,7 +120,7 @@ def run_mode(report: Report, args, weights: str, manifest_path: str, entries: li
         {"spec": {"image": {"quality": 95}}, "manifest": {"sources": [manifest_path]}}
     )  # what reproduce reads
     settings = dict(sampler="ddim", steps=args.steps, guidance_scale=7.5, width=args.size, height=args.size)
-    bare = bare_rows_per_s(worker.pipe, entries[args.shard_size :], folder, settings, args.batch)
+    bare = bare_rows_per_s(worker.pipe, entries[args.shard_size :], folder, settings, args.batch, worker.decode_rows)
     out = Output(str(output))
     records = [r for r in find_records(out, [e["id"] for e in entries], []).values()]
     last_decode_slot = max(r.decode_slot for r in records)

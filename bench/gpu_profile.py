@@ -11,7 +11,6 @@ how much of the batch's wall time the GPU was busy. Results are printed and appe
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -19,6 +18,7 @@ from gpu_check import (
     Report,
     deterministic,
     diffusers_run,
+    median_seconds,
     sdcore_run,
     timed,
     unet_inputs,
@@ -30,13 +30,6 @@ from torch.profiler import ProfilerActivity, profile
 from sdcore.config import ModelConfig
 from sdcore.kernels import exact_kernels
 from sdcore.weights import assemble, random_parts
-
-REPEATS = 3
-
-
-def median_s(device, run) -> float:
-    run()
-    return statistics.median(timed(device, run) for _ in range(REPEATS))
 
 
 def busiest(report: Report, device, what: str, run) -> None:
@@ -86,29 +79,23 @@ def main() -> None:
     latents = torch.randn(batch, 4, size // 8, size // 8, device=device, dtype=dtype)
     with torch.inference_mode():
         parts_ms = {}
-        with deterministic(True):
-            parts_ms["sdcore batch (exact kernels)"] = median_s(device, sdcore_run(ours, batch, size, steps))
-            parts_ms[f"sdcore UNet x{steps} (exact kernels)"] = median_s(
-                device, lambda: [ours.unet(x, t, context) for _ in range(steps)]
-            )
-            parts_ms["sdcore VAE decode, row by row (exact kernels)"] = median_s(
-                device, lambda: [ours.vae.decode(latents[i : i + 1]) for i in range(batch)]
-            )
+        for exact, kernels in ((True, "exact kernels"), (False, "default kernels")):
+            with deterministic(exact):
+                parts_ms[f"sdcore batch ({kernels})"] = median_seconds(device, sdcore_run(ours, batch, size, steps))
+                parts_ms[f"sdcore UNet x{steps} ({kernels})"] = median_seconds(
+                    device, lambda: [ours.unet(x, t, context) for _ in range(steps)]
+                )
+                parts_ms[f"sdcore VAE decode, row by row ({kernels})"] = median_seconds(
+                    device, lambda: [ours.vae.decode(latents[i : i + 1]) for i in range(batch)]
+                )
         with deterministic(False):
-            parts_ms["sdcore batch (default kernels)"] = median_s(device, sdcore_run(ours, batch, size, steps))
-            parts_ms[f"sdcore UNet x{steps} (default kernels)"] = median_s(
-                device, lambda: [ours.unet(x, t, context) for _ in range(steps)]
-            )
-            parts_ms["sdcore VAE decode, row by row (default kernels)"] = median_s(
-                device, lambda: [ours.vae.decode(latents[i : i + 1]) for i in range(batch)]
-            )
-            batched = median_s(device, lambda: ours.vae.decode(latents))
+            batched = median_seconds(device, lambda: ours.vae.decode(latents))
             parts_ms["sdcore VAE decode, batched (default kernels)"] = batched
-            parts_ms["diffusers batch"] = median_s(device, diffusers_run(ref, batch, size, steps))
-            parts_ms[f"diffusers UNet x{steps}"] = median_s(
+            parts_ms["diffusers batch"] = median_seconds(device, diffusers_run(ref, batch, size, steps))
+            parts_ms[f"diffusers UNet x{steps}"] = median_seconds(
                 device, lambda: [ref.unet(x, t, encoder_hidden_states=context).sample for _ in range(steps)]
             )
-            parts_ms["diffusers VAE decode, batched"] = median_s(device, lambda: ref.vae.decode(latents).sample)
+            parts_ms["diffusers VAE decode, batched"] = median_seconds(device, lambda: ref.vae.decode(latents).sample)
         report.add("| part | ms |", "|---|---|", *(f"| {k} | {1e3 * v:.1f} |" for k, v in parts_ms.items()))
         with deterministic(True):
             busiest(report, device, "sdcore batch, exact kernels", sdcore_run(ours, batch, size, steps))
