@@ -6,18 +6,21 @@ txt2img and img2img rows at four strengths, images and records committed to a lo
 for each compile mode asked for, and reports: the worker's rows/s at steady state (the first
 shard, which compiles, left out) against the bare pipeline on the same rows, what its records
 say (decode batch, kernels), and `jobs.reproduce` verdicts for rows in the first, last and a
-padded slot, remade from their records alone as `sdgen reproduce` would. Ray is not needed (the
-GPU machine has none): the worker knows nothing of it.
+padded slot, remade from their records alone as `sdgen reproduce` would: once in this process
+and once in a new one (`python jobs/reproduce.py OUT ID... --exact`, the user's case: a remake
+days later, on a fresh CUDA context with its own kernel choices). Ray is not needed (the GPU
+machine has none): the worker knows nothing of it.
 
 Run through `GPU_CHECK=bench/gpu_job_check.py bash bench/gpu_check.sh .whl` (same wheels as
 gpu_check.py). CPU smoke run: `python bench/gpu_job_check.py --device cpu --weights builtin:tiny
---size 32 --rows 12 --shard-size 6 --batch 4 --steps 2 --compile none`.
+--size 32 --rows 12 --shard-size 6 --batch 4 --steps 4 --compile none`.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import subprocess
 import sys
 import tempfile
 import time
@@ -134,13 +137,21 @@ def run_mode(report: Report, args, weights: str, manifest_path: str, entries: li
     reproducer = Reproducer(out)
     verdicts = [reproducer.compare(r, 40.0, exact=True)[0].verdict for r in chosen.values()]
     statuses = {r.status for r in records}
+    started = time.perf_counter()
+    remake = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "reproduce.py"), str(output), *chosen, "--exact"],
+        capture_output=True,
+        text=True,
+    )
+    remake_s = time.perf_counter() - started
+    lines = remake.stdout.strip().splitlines() or remake.stderr.strip().splitlines()[-3:]
     report.add(
         f"- compile {mode}: worker start {load_s:.0f} s, first shard {shard_s[0]:.1f} s, then "
         f"{job_rate:.2f} rows/s; bare pipeline {bare:.2f} rows/s (job / bare {job_rate / bare:.2f}x); "
         f"{len(records)} records {sorted(statuses)}, decode_rows {sorted({r.decode_rows for r in records})}, "
         f"kernels {records[0].kernels}; reproduce of {len(verdicts)} rows "
         f"({', '.join(f'{r.id} slot {r.batch_slot}/decode {r.decode_slot}' for r in chosen.values())}): "
-        f"{', '.join(verdicts)}"
+        f"{', '.join(verdicts)}; in a new process (exit {remake.returncode}, {remake_s:.0f} s): " + "; ".join(lines)
     )
 
 
