@@ -11,14 +11,17 @@ windows of a few seconds within one run keeps the host's drift out of the compar
 
 With `--worker-niceness N`, the daemons always run and the alternate windows instead lower the
 worker's priority to niceness N (Ray's own default for workers is 15; sdgen starts them at 0):
-what Ray's daemons cost a worker that yields to them. Setting the worker back to 0 after each
-such window needs root (CAP_SYS_NICE).
+what Ray's daemons cost a worker that yields to them. With `--daemon-niceness N`, the alternate
+windows instead lower the priority of the driver and of every daemon but the raylet (the workers
+are its children: they would inherit it) to niceness N: what the worker would gain if a run
+reniced them. Setting a process back to 0 after such a window needs root (CAP_SYS_NICE).
 
 A diagnostic only: a few seconds without its daemons does not hurt the run here, but no run
 should ever be treated so.
 
     .venv/bin/python bench/ray_background.py --windows 40 --seconds 6
     .venv/bin/python bench/ray_background.py --windows 30 --seconds 6 --worker-niceness 15
+    .venv/bin/python bench/ray_background.py --windows 40 --seconds 6 --daemon-niceness 19
 """
 
 from __future__ import annotations
@@ -125,8 +128,17 @@ def main() -> None:
         default=None,
         help="instead of stopping daemons, run the worker at this niceness in alternate windows (needs root)",
     )
+    parser.add_argument(
+        "--daemon-niceness",
+        type=int,
+        default=None,
+        help="instead, run the driver and every daemon but the raylet at this niceness in alternate windows "
+        "(needs root)",
+    )
     parser.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
     args = parser.parse_args()
+    if args.worker_niceness is not None and args.daemon_niceness is not None:
+        parser.error("--worker-niceness and --daemon-niceness are two experiments: give one")
 
     case = sbs.FULL["shapes"]
     folder = Path(tempfile.mkdtemp(prefix="ray-background-"))
@@ -145,15 +157,24 @@ def main() -> None:
         if shards_done == 2:
             break
     niced = args.worker_niceness is not None
+    daemons_niced = args.daemon_niceness is not None
     worker = worker_of(run.pid)
     base_niceness = os.getpriority(os.PRIO_PROCESS, worker)
     stopped_pids = [] if niced else daemons(run.pid, args.stop)
-    print(f"worker {worker} at niceness {base_niceness}; {len(stopped_pids)} processes to stop", flush=True)
+    if daemons_niced:  # the raylet's children (workers) inherit its niceness: it keeps its own
+        stopped_pids = [pid for pid in stopped_pids if "raylet/raylet" not in descendants(run.pid).get(pid, "")]
+        stopped_pids.append(run.pid)
+    print(f"worker {worker} at niceness {base_niceness}; {len(stopped_pids)} processes to change", flush=True)
 
     def change(on: bool) -> None:
-        """The alternate windows' state: the daemons stopped, or the worker reniced."""
+        """The alternate windows' state: the daemons stopped or reniced, or the worker reniced."""
         if niced:
             renice(worker, args.worker_niceness if on else base_niceness)
+            return
+        if daemons_niced:
+            for pid in stopped_pids:
+                with contextlib.suppress(FileNotFoundError):
+                    renice(pid, args.daemon_niceness if on else base_niceness)
             return
         for pid in stopped_pids:
             with contextlib.suppress(ProcessLookupError):
@@ -171,7 +192,7 @@ def main() -> None:
             if changed:
                 change(False)
             time.sleep(1.0)  # whatever the daemons kept waiting happens outside the windows
-            label = ("reniced" if niced else "stopped") if changed else "as started"
+            label = ("reniced" if niced or daemons_niced else "stopped") if changed else "as started"
             print(f"window {window + 1}: {label} {rates[changed][-1]:.2f} img/s", flush=True)
     finally:
         change(False)
@@ -196,6 +217,14 @@ def main() -> None:
         )
         labels = (f"worker at niceness {base_niceness}", f"worker at niceness {args.worker_niceness}")
         ratio = f"At niceness {args.worker_niceness} / at {base_niceness}: {changed_rate / as_started:.3f}x"
+    elif daemons_niced:
+        title = "Ray's daemons at two priorities, inside one job"
+        setup += (
+            f"alternately with the driver and Ray's daemons but the raylet ({len(stopped_pids)} processes) at "
+            f"niceness {base_niceness} (as started) and {args.daemon_niceness}; the worker at {base_niceness}."
+        )
+        labels = (f"daemons at niceness {base_niceness}", f"daemons at niceness {args.daemon_niceness}")
+        ratio = f"Daemons at {args.daemon_niceness} / at {base_niceness}: {changed_rate / as_started:.3f}x"
     else:
         stopped = {
             "all": "Ray's daemons and the watchdog",
