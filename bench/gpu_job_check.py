@@ -7,7 +7,7 @@ for each compile mode asked for, and reports: the worker's rows/s at steady stat
 shard, which compiles, left out) against the bare pipeline on the same rows, what its records
 say (decode batch, kernels), and `jobs.reproduce` verdicts for rows in the first, last and a
 padded slot, remade from their records alone as `sdgen reproduce` would: once in this process
-and once in a new one (`python jobs/reproduce.py OUT ID... --exact`, the user's case: a remake
+and once in a new one (`python -m jobs.reproduce OUT ID... --exact`, the user's case: a remake
 days later, on a fresh CUDA context with its own kernel choices). Ray is not needed (the GPU
 machine has none): the worker knows nothing of it.
 
@@ -139,7 +139,8 @@ def run_mode(report: Report, args, weights: str, manifest_path: str, entries: li
     statuses = {r.status for r in records}
     started = time.perf_counter()
     remake = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "reproduce.py"), str(output), *chosen, "--exact"],
+        [sys.executable, "-m", "jobs.reproduce", str(output), *chosen, "--exact"],
+        cwd=REPO,  # sdgen is not installed on the GPU machine: `-m` from the checkout finds it
         capture_output=True,
         text=True,
     )
