@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from jobs.generation import generate_settings, generation_request, recorded_slots
@@ -73,8 +71,10 @@ def test_identical_txt2img_and_img2img(made):
 def test_batched_decodes_reproduce_in_their_decode_slots(tmp_path, tiny_pipe):
     """execution.decode_batch 2 on a CPU worker (auto would be 1 there): rows decoded two at a
     time, the shard's last one padded with a filler; every record keeps its decode slot and
-    remakes identical. At 64x64 a batched decode gives some rows other last bits than decoding
-    them alone, so the recorded decode is what makes the remake identical."""
+    remakes identical, and the remake rebuilds the recorded decode: the row's latent in its slot
+    of a decode of 2, a zero filler in the other. (Whether a decode's shape or slot changes the
+    last bits depends on the host's kernels — on some CPUs it does at 64x64, on others not — so
+    the rebuilt decode itself is what is checked.)"""
     made = make_output(tmp_path, tiny_pipe, size=64, decode_batch=2, batch_size=2)
     output = Output(str(made / "out"))
     records = [record(made, f"r{k:03d}") for k in range(3)]
@@ -82,14 +82,17 @@ def test_batched_decodes_reproduce_in_their_decode_slots(tmp_path, tiny_pipe):
     assert sorted(r.decode_slot for r in records) == [0, 0, 1]  # one decode of 2, one of 1 + filler
     reproducer = Reproducer(output)
     for found in records:
-        result, _ = reproducer.compare(found, 40.0, exact=True)
+        decoder = reproducer.pipeline(found).vae.decoder
+        decodes = []  # per decode: which of its latents hold a row (the rest are zero fillers)
+        hook = decoder.register_forward_pre_hook(
+            lambda module, args, decodes=decodes: decodes.append([bool(z.abs().sum()) for z in args[0]])
+        )
+        try:
+            result, _ = reproducer.compare(found, 40.0, exact=True)
+        finally:
+            hook.remove()
         assert (result.verdict, result.passed) == ("identical", True), (found.id, result.detail)
-    txt2img = [r for r in records if r.mode == "txt2img"]
-    alone = [
-        tiny_pipe.generate([generation_request(r)], **generate_settings(r), slots=[r.batch_slot])[0] for r in txt2img
-    ]
-    stored = [np.asarray(Image.open(made / "out" / r.image_path)) for r in txt2img]
-    assert any(not np.array_equal(np.asarray(a), b) for a, b in zip(alone, stored))
+        assert decodes == [[k == found.decode_slot for k in range(2)]], (found.id, decodes)
 
 
 def test_a_row_whose_decode_goes_non_finite_costs_only_itself(tmp_path, tiny_pipe):
