@@ -162,7 +162,8 @@ def main() -> None:
     base_niceness = os.getpriority(os.PRIO_PROCESS, worker)
     stopped_pids = [] if niced else daemons(run.pid, args.stop)
     if daemons_niced:  # the raylet's children (workers) inherit its niceness: it keeps its own
-        stopped_pids = [pid for pid in stopped_pids if "raylet/raylet" not in descendants(run.pid).get(pid, "")]
+        commands = descendants(run.pid)
+        stopped_pids = [pid for pid in stopped_pids if "raylet/raylet" not in commands.get(pid, "")]
         stopped_pids.append(run.pid)
     print(f"worker {worker} at niceness {base_niceness}; {len(stopped_pids)} processes to change", flush=True)
 
