@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pyarrow.parquet as pq
+
 from jobs.output import Output
 
 
@@ -29,6 +31,24 @@ def test_committed_shards_and_partials(tmp_path):
     assert len(output.partial_keys()) == 2
     output.clear_partials("shard-00001")
     assert output.partial_keys() == [] and output.read_partials("shard-00001") == {}
+
+
+def test_partials_are_plain_scratch_and_record_files_compressed(tmp_path):
+    """A saved batch is rewritten into the shard's record file at its commit, so it is written
+    cheaply (no compression, statistics or dictionaries: it is written every batch on the
+    worker's cores); the record file, which stays, is zstd-compressed."""
+    output = Output(str(tmp_path))
+    rows = [{"row": r, "id": f"r{r}", "status": "ok", "prompt": "a red circle " * 20} for r in range(8)]
+    output.write_partial("shard-00000", rows)
+    output.commit_records("shard-00000", rows)
+    (partial,) = output.partial_keys("shard-00000")
+    partial_meta = pq.ParquetFile(tmp_path / partial).metadata.row_group(0)
+    record_meta = pq.ParquetFile(tmp_path / Output.record_key("shard-00000")).metadata.row_group(0)
+    columns = range(partial_meta.num_columns)
+    assert {partial_meta.column(c).compression for c in columns} == {"UNCOMPRESSED"}
+    assert not any(partial_meta.column(c).is_stats_set for c in columns)
+    assert {record_meta.column(c).compression for c in columns} == {"ZSTD"}
+    assert [r["id"] for r in output.read_partials("shard-00000").values()] == [f"r{r}" for r in range(8)]
 
 
 def test_job_json_roundtrip_and_clear(tmp_path):
