@@ -107,6 +107,24 @@ def renice(pid: int, niceness: int) -> None:
             os.setpriority(os.PRIO_PROCESS, int(thread), niceness)
 
 
+def set_policy(pid: int, policy: int, skip: frozenset[int] = frozenset()) -> None:
+    """Every thread of `pid` but those in `skip` to scheduling `policy` (os.SCHED_*)."""
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        if int(thread) not in skip:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.sched_setscheduler(int(thread), policy, os.sched_param(0))
+
+
+def busiest_threads(pid: int, count: int) -> frozenset[int]:
+    """The `count` threads of `pid` with the most CPU time so far: a busy worker's compute threads."""
+    used = {}
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{thread}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+            used[int(thread)] = int(fields[11]) + int(fields[12])  # utime + stime
+    return frozenset(sorted(used, key=used.get, reverse=True)[:count])
+
+
 def images(folder: Path) -> int:
     return sum(len(files) for _, _, files in os.walk(folder / "out" / "images"))
 
@@ -135,10 +153,18 @@ def main() -> None:
         help="instead, run the driver and every daemon but the raylet at this niceness in alternate windows "
         "(needs root)",
     )
+    parser.add_argument(
+        "--policy",
+        choices=["batch", "idle"],
+        default=None,
+        help="instead, run every thread of Ray's daemons, the driver and the worker but its two compute "
+        "threads under SCHED_BATCH or SCHED_IDLE in alternate windows",
+    )
     parser.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
     args = parser.parse_args()
-    if args.worker_niceness is not None and args.daemon_niceness is not None:
-        parser.error("--worker-niceness and --daemon-niceness are two experiments: give one")
+    experiments = [args.worker_niceness, args.daemon_niceness, args.policy]
+    if sum(e is not None for e in experiments) > 1:
+        parser.error("--worker-niceness, --daemon-niceness and --policy are three experiments: give one")
 
     case = sbs.FULL["shapes"]
     folder = Path(tempfile.mkdtemp(prefix="ray-background-"))
@@ -158,19 +184,32 @@ def main() -> None:
             break
     niced = args.worker_niceness is not None
     daemons_niced = args.daemon_niceness is not None
+    policy = {"batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}.get(args.policy)
     worker = worker_of(run.pid)
     base_niceness = os.getpriority(os.PRIO_PROCESS, worker)
     stopped_pids = [] if niced else daemons(run.pid, args.stop)
+    compute = busiest_threads(worker, 2)
+    if policy is not None:
+        stopped_pids = [*daemons(run.pid, "all"), run.pid, worker]
     if daemons_niced:  # the raylet's children (workers) inherit its niceness: it keeps its own
         commands = descendants(run.pid)
         stopped_pids = [pid for pid in stopped_pids if "raylet/raylet" not in commands.get(pid, "")]
         stopped_pids.append(run.pid)
-    print(f"worker {worker} at niceness {base_niceness}; {len(stopped_pids)} processes to change", flush=True)
+    print(
+        f"worker {worker} at niceness {base_niceness}, compute threads {sorted(compute)}; "
+        f"{len(stopped_pids)} processes to change",
+        flush=True,
+    )
 
     def change(on: bool) -> None:
         """The alternate windows' state: the daemons stopped or reniced, or the worker reniced."""
         if niced:
             renice(worker, args.worker_niceness if on else base_niceness)
+            return
+        if policy is not None:
+            for pid in stopped_pids:
+                with contextlib.suppress(FileNotFoundError):
+                    set_policy(pid, policy if on else os.SCHED_OTHER, compute)
             return
         if daemons_niced:
             for pid in stopped_pids:
@@ -193,7 +232,8 @@ def main() -> None:
             if changed:
                 change(False)
             time.sleep(1.0)  # whatever the daemons kept waiting happens outside the windows
-            label = ("reniced" if niced or daemons_niced else "stopped") if changed else "as started"
+            stopping = not (niced or daemons_niced or policy is not None)
+            label = ("stopped" if stopping else "changed") if changed else "as started"
             print(f"window {window + 1}: {label} {rates[changed][-1]:.2f} img/s", flush=True)
     finally:
         change(False)
@@ -218,6 +258,15 @@ def main() -> None:
         )
         labels = (f"worker at niceness {base_niceness}", f"worker at niceness {args.worker_niceness}")
         ratio = f"At niceness {args.worker_niceness} / at {base_niceness}: {changed_rate / as_started:.3f}x"
+    elif policy is not None:
+        name = f"SCHED_{args.policy.upper()}"
+        title = f"Ray's threads under {name}, inside one job"
+        setup += (
+            f"alternately with every thread of Ray's daemons, the driver and the worker but its two compute "
+            f"threads ({len(stopped_pids)} processes) under SCHED_OTHER (as started) and {name}."
+        )
+        labels = ("SCHED_OTHER", name)
+        ratio = f"{name} / SCHED_OTHER: {changed_rate / as_started:.3f}x"
     elif daemons_niced:
         title = "Ray's daemons at two priorities, inside one job"
         setup += (
