@@ -41,6 +41,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import side_by_side as sbs  # noqa: E402 - needs the path above
+from ray_background import descendants  # noqa: E402
+from worker_paired import job_worker  # noqa: E402
 
 # The Ray node: an embedded cluster and one idle actor holding the cores a job's worker would.
 RAY_NODE = """
@@ -60,40 +62,13 @@ ray.shutdown()
 def worker_server(spec_path: str, threads: int) -> None:
     """`--worker-server`: load the job's ShardWorker, then run the manifest's next shard per line
     read from stdin, printing each shard's rows/s."""
-    from jobs.manifest import load_manifest
-    from jobs.reader import read_shards
-    from jobs.runner import worker_config
-    from jobs.spec import load_spec
-    from jobs.worker import ShardWorker
-
-    spec = load_spec(spec_path)
-    worker = ShardWorker(dataclasses.replace(worker_config(spec), threads=threads, device="cpu"))
-    tasks = list(read_shards(load_manifest(spec.manifest), spec.execution.shard_size, skip=set()))
+    worker, tasks = job_worker(spec_path, threads)
     print("ready", flush=True)
     for _ in sys.stdin:
         task = tasks.pop(0)
         start = time.perf_counter()
         worker.run(task)
         print(task.num_rows / (time.perf_counter() - start), flush=True)
-
-
-def descendants(root: int) -> list[int]:
-    """Every live descendant process of `root`."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    stat = handle.read()
-            except OSError:
-                continue
-            children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry))
-    found, stack = [], [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
 
 
 class Server:
@@ -143,7 +118,7 @@ def main() -> None:
         [python, "-c", RAY_NODE.format(threads=args.threads)],
         env={**os.environ, "RAY_worker_niceness": "0", "PYTHONPATH": str(REPO)},  # as sdgen starts workers
     )
-    node_pids = [node.process.pid, *descendants(node.process.pid)]
+    node_pids = [node.process.pid, *descendants(node.process.pid)]  # its keys: the pids
 
     def ray_running(running: bool) -> None:
         for pid in node_pids:
@@ -153,11 +128,7 @@ def main() -> None:
                 pass
         time.sleep(0.5)  # what a stopped node kept waiting runs outside the turns
 
-    turns = {
-        "bare": lambda: bare.shard(),
-        "worker": lambda: worker.shard(),
-        "bare beside Ray": lambda: bare.shard(),
-    }
+    turns = {"bare": bare.shard, "worker": worker.shard, "bare beside Ray": bare.shard}
     ray_running(False)
     bare.shard(), worker.shard()  # warm-up
     rates: dict[str, list[float]] = {name: [] for name in turns}

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,6 +57,20 @@ def bare_server(case: sbs.Case, weights: str, threads: int) -> None:
         start = time.perf_counter()
         pipe.generate(rows, steps=case.steps, **settings, fixed_batch=case.batch)
         print(len(rows) / (time.perf_counter() - start), flush=True)
+
+
+def job_worker(spec_path: str, threads: int) -> tuple[Any, list[Any]]:
+    """The job's `ShardWorker` for the job spec at `spec_path` (CPU, `threads` torch threads) and
+    its manifest's shards, in order."""
+    from jobs.manifest import load_manifest
+    from jobs.reader import read_shards
+    from jobs.runner import worker_config
+    from jobs.spec import load_spec
+    from jobs.worker import ShardWorker
+
+    spec = load_spec(spec_path)
+    worker = ShardWorker(dataclasses.replace(worker_config(spec), threads=threads, device="cpu"))
+    return worker, list(read_shards(load_manifest(spec.manifest), spec.execution.shard_size, skip=set()))
 
 
 def busy(percent: float) -> None:
@@ -107,16 +122,7 @@ def main() -> None:
     @ray.remote(num_cpus=args.threads)
     class Worker:
         def __init__(self, spec_path: str, threads: int):
-            from jobs.manifest import load_manifest
-            from jobs.reader import read_shards
-            from jobs.runner import worker_config
-            from jobs.spec import load_spec
-            from jobs.worker import ShardWorker
-
-            spec = load_spec(spec_path)
-            config = dataclasses.replace(worker_config(spec), threads=threads, device="cpu")
-            self.worker = ShardWorker(config)
-            self.tasks = list(read_shards(load_manifest(spec.manifest), spec.execution.shard_size, skip=set()))
+            self.worker, self.tasks = job_worker(spec_path, threads)
 
         def shard(self) -> float:
             task = self.tasks.pop(0)
