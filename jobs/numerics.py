@@ -6,9 +6,9 @@ UNet (its input latents and its output, per forward) and on the VAE decoder (fin
 pixels). A non-finite tensor raises `NonFiniteError`, a `ValueError`: `isolation.py` treats it as
 the row's own problem, so a batch that hits it is retried row by row and only the poisoned row
 becomes an error record. The hooks live here, not in sdcore, and cost one `isfinite` reduction
-per forward. The step named in the message counts UNet forwards: for one row alone (how
-`isolation.py` retries a failed batch, which is what ends up in the error record) that is the
-row's own sampler step.
+per tensor, read after each decode rather than at each forward. The step named in the message
+counts UNet forwards: for one row alone (how `isolation.py` retries a failed batch, which is what
+ends up in the error record) that is the row's own sampler step.
 """
 
 from __future__ import annotations
@@ -21,40 +21,72 @@ class NonFiniteError(ValueError):
     """NaN or Inf in the latents or pixels of a generation."""
 
 
-def _finite(tensor: Any) -> bool:
-    import torch
+class _FiniteChecks:
+    """`isfinite` reductions queued on the device, read together by `settle`.
 
-    return not torch.is_tensor(tensor) or bool(torch.isfinite(tensor).all())
+    Reading each one as it is made would make the host wait for the GPU at every UNet forward,
+    which cost a GPU job a third of its throughput (bench/GPU_RESULTS.md). The images come out of
+    VAE decodes, and the checks are settled after each decode, so no image made after a failed
+    check is given out."""
+
+    def __init__(self) -> None:
+        self.timesteps: list[Any] = []  # each UNet forward's timestep vector, as passed
+        self.steps: list[int] = []  # the step of each forward read so far
+        self.last_vector: tuple | None = None  # the timesteps of the last forward read
+        self.pending: list[tuple[str, int, Any]] = []  # (what, forwards by then, all-finite flag)
+
+    def forward(self, t: Any) -> None:
+        self.timesteps.append(t)
+
+    def check(self, what: str, tensor: Any) -> None:
+        import torch
+
+        if torch.is_tensor(tensor):
+            self.pending.append((what, len(self.timesteps), torch.isfinite(tensor).all()))
+
+    def step(self, forwards: int) -> int:
+        return self.steps[forwards - 1] if forwards else 0
+
+    def settle(self) -> None:
+        """Read every queued check (one wait for the device); raise for the first that failed.
+        A step counts the forwards whose timestep vector differs from the one before: for one row
+        alone (how isolation.py retries a failed batch) that is the row's own sampler step."""
+        import torch
+
+        for t in self.timesteps[len(self.steps) :]:
+            vector = tuple(t.flatten().tolist())
+            self.steps.append(self.step(len(self.steps)) + (vector != self.last_vector))
+            self.last_vector = vector
+        if not self.pending:
+            return
+        queued, self.pending = self.pending, []
+        for (what, forwards, _), finite in zip(queued, torch.stack([flag for *_, flag in queued]).tolist()):
+            if not finite:
+                # latents going into a forward were made by the previous step's update
+                step = self.step(forwards) - (what == "latents after it")
+                raise NonFiniteError(f"non-finite values at step {step} ({what})")
 
 
 def generate_finite(pipe: Any, requests: Iterable[Any], **settings: Any) -> Iterator[Any]:
     """`pipe.generate_stream(requests, **settings)`: (index, image, placement) per request as it
-    finishes, raising NonFiniteError at the first non-finite latent or pixel."""
-    timesteps: list[tuple] = []  # the timestep vector of each forward: its length is the step
-
-    def step_of(inputs: tuple) -> int:
-        if len(inputs) > 1 and hasattr(inputs[1], "flatten"):
-            t = tuple(inputs[1].flatten().tolist())
-            if not timesteps or timesteps[-1] != t:
-                timesteps.append(t)
-        return len(timesteps)
+    finishes, raising NonFiniteError for the first non-finite latent or pixel before any image
+    made after it is given out."""
+    checks = _FiniteChecks()
 
     def unet_in(module, inputs):
-        step = step_of(inputs)
-        if not _finite(inputs[0]):  # made by the previous step's update (step 0: the initial latents)
-            raise NonFiniteError(f"non-finite values at step {step - 1} (latents after it)")
+        if len(inputs) > 1 and hasattr(inputs[1], "flatten"):
+            checks.forward(inputs[1])
+        checks.check("latents after it", inputs[0])  # step 0: the initial latents
 
     def unet_out(module, inputs, output):
-        if not _finite(output):
-            raise NonFiniteError(f"non-finite values at step {len(timesteps)} (UNet output)")
+        checks.check("UNet output", output)
 
     def decoder_in(module, inputs):
-        if not _finite(inputs[0]):
-            raise NonFiniteError(f"non-finite values at step {len(timesteps)} (final latents)")
+        checks.check("final latents", inputs[0])
 
     def decoder_out(module, inputs, output):
-        if not _finite(output):
-            raise NonFiniteError(f"non-finite values at step {len(timesteps)} (decoded pixels)")
+        checks.check("decoded pixels", output)
+        checks.settle()
 
     handles = []
     unet, decoder = getattr(pipe, "unet", None), getattr(getattr(pipe, "vae", None), "decoder", None)
@@ -64,6 +96,7 @@ def generate_finite(pipe: Any, requests: Iterable[Any], **settings: Any) -> Iter
         handles += [decoder.register_forward_pre_hook(decoder_in), decoder.register_forward_hook(decoder_out)]
     try:
         yield from pipe.generate_stream(requests, **settings)
+        checks.settle()
     finally:
         for handle in handles:
             handle.remove()
