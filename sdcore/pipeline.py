@@ -33,6 +33,7 @@ from PIL import Image
 from . import rules
 from .clip import CLIPTextModel
 from .config import ModelConfig
+from .devices import to_device
 from .kernels import DEFAULT_CONV_ALGORITHM, set_conv_algorithm
 from .request import GenerationRequest
 from .samplers import Sampler, Trajectory
@@ -254,7 +255,7 @@ class Pipeline:
         if cached is not None:
             self._embeddings.move_to_end(prompt)
             return cached
-        ids = tokenize([prompt]).to(self.device)
+        ids = to_device(tokenize([prompt]), self.device)
         embedding = self.text_encoder(ids)
         self._embeddings[prompt] = embedding
         self._embedding_bytes += embedding.numel() * embedding.element_size()
@@ -492,7 +493,7 @@ class Pipeline:
         flights = lane.slots
         filler = torch.zeros_like(next(f.x for f in flights if f is not None))
         x = torch.cat([filler if f is None else f.trajectory.model_input(f.x) for f in flights])  # (rows, 4, h, w)
-        t = torch.stack([_FILLER_T if f is None else f.trajectory.timestep() for f in flights]).to(self.device)
+        t = to_device(torch.stack([_FILLER_T if f is None else f.trajectory.timestep() for f in flights]), self.device)
         context = lane.context(self.encode_prompt)
         if lane.guided:
             # Both halves in one forward, unconditional first as diffusers orders them:
@@ -522,13 +523,13 @@ class Pipeline:
         shape = (1, self.config.vae.latent_channels, request.height // factor, request.width // factor)
         if request.init_image is None:
             noise = torch.randn(shape, generator=generator, dtype=self.dtype)
-            return schedule.txt2img_latents(noise.to(self.device))
-        pixels = image_to_tensor(request.init_image, request.width, request.height).to(self.device, self.dtype)
+            return schedule.txt2img_latents(to_device(noise, self.device))
+        pixels = to_device(image_to_tensor(request.init_image, request.width, request.height), self.device, self.dtype)
         mean, logvar = self.vae.encode(pixels)
         # Sample the VAE posterior: mean + std * N(0, I), the first draw of an img2img row.
-        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(self.device)
+        eps = to_device(torch.randn(mean.shape, generator=generator, dtype=mean.dtype), self.device)
         init = (mean + torch.exp(0.5 * logvar) * eps) * self.config.vae.scaling_factor
-        noise = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
+        noise = to_device(torch.randn(shape, generator=generator, dtype=self.dtype), self.device)
         return schedule.img2img_latents(init, noise, schedule.start_index(request.strength))
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:

@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from . import rules, schedules
+from .devices import to_device
 
 # denoise(model_input (B, C, H, W), t 0-dim float32) -> eps (B, C, H, W), guidance applied.
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -130,12 +131,12 @@ class Sampler:
         index = _check_start(start_index, len(sched.timesteps))
         device, dtype = init_latents.device, init_latents.dtype
         if self.name in ("ddpm", "ddim"):
-            alphas_cumprod = sched.alphas_cumprod.to(device=device).to(dtype=dtype)
-            t = sched.timesteps[index : index + 1].to(device)  # (1,)
+            alphas_cumprod = to_device(sched.alphas_cumprod, device).to(dtype=dtype)
+            t = to_device(sched.timesteps[index : index + 1], device)  # (1,)
             sqrt_alpha_bar = (alphas_cumprod[t] ** 0.5).view(1, *[1] * (init_latents.dim() - 1))
             sqrt_one_minus = ((1 - alphas_cumprod[t]) ** 0.5).view(1, *[1] * (init_latents.dim() - 1))
             return sqrt_alpha_bar * init_latents + sqrt_one_minus * noise
-        sigma = sched.sigmas.to(device=device, dtype=dtype)[index : index + 1]  # (1,)
+        sigma = to_device(sched.sigmas, device, dtype)[index : index + 1]  # (1,)
         sigma = sigma.view(1, *[1] * (init_latents.dim() - 1))  # (1, 1, 1, 1)
         if self.name == "euler_a":
             return init_latents + noise * sigma
@@ -165,7 +166,7 @@ class Sampler:
         total = trajectory.remaining
         while not trajectory.done:
             done = total - trajectory.remaining
-            eps = denoise(trajectory.model_input(x), trajectory.timestep().to(x.device))
+            eps = denoise(trajectory.model_input(x), to_device(trajectory.timestep(), x.device))
             x = trajectory.step(x, eps, generators)
             if callback is not None:
                 callback(done, total)
@@ -372,7 +373,7 @@ def _row_noise(
     """One N(0, I) draw of shape (1, C, H, W) per row from that row's CPU generator -> (B, C, H, W)."""
     row_shape = (1, *shape[1:])
     rows = [torch.randn(row_shape, generator=g, device="cpu", dtype=dtype) for g in generators]
-    return torch.cat(rows, dim=0).to(device)  # (B, C, H, W)
+    return to_device(torch.cat(rows, dim=0), device)  # (B, C, H, W)
 
 
 def _check_start(start_index: int, num_timesteps: int) -> int:
