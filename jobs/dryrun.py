@@ -186,13 +186,14 @@ def dry_run(spec: JobSpec, manifest: Manifest, plan_counts: dict[str, Any], log:
         raise SpecError(problem)
     resolved = _resolved(spec)
     s, ex = spec.sampler, spec.execution
+    mode = ex.compile_mode(resolved["device"])
     log(
         f"[sdgen] dry run: {s.width}x{s.height}, {s.steps} steps, sampler {s.name}"
         f"{' (karras)' if s.karras else ''}, guidance {s.guidance_scale}, dtype {spec.model.dtype}, "
         f"device {resolved['device']} (this machine), {resolved['workers']} worker(s), batch {ex.batch_size}, "
         f"shard {ex.shard_size}"
         + (f", {resolved['threads']} CPU threads" if resolved["threads"] else "")
-        + (f", UNet compiled ({ex.compile_mode})" if ex.compile_mode != "none" else "")
+        + (f", UNet {mode}" if mode != "none" else "")
     )
     rows = check_rows(spec, manifest)
     log(
@@ -229,7 +230,7 @@ def dry_run(spec: JobSpec, manifest: Manifest, plan_counts: dict[str, Any], log:
             "dtype": cal["dtype"],
             **resolved,
             "batch_size": ex.batch_size,
-            "compile": ex.compile_mode,
+            "compile": mode,
             "conv": ex.conv,
         },
         "weights": {"uri": redact_uri(spec.model.weights), "fingerprint": cal["fingerprint"]},

@@ -118,8 +118,8 @@ class Reproducer:
         dtype = self.dtype or record.dtype
         kernels = json.loads(record.kernels or "{}")
         compile_mode = kernels.get("compile", "none")
-        if compile_mode == "reduce-overhead" and torch.device(device).type != "cuda":
-            compile_mode = "default"  # CUDA graphs replay the same kernels; off CUDA, compile alone
+        if torch.device(device).type != "cuda":  # CUDA graphs replay the same kernels; off CUDA, none
+            compile_mode = {"reduce-overhead": "default", "cuda-graphs": "none"}.get(compile_mode, compile_mode)
         # Records from before the Winograd convolutions were made with direct ones.
         conv = kernels.get("conv", "direct")
         key = (weights, device, dtype, compile_mode, conv)

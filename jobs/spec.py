@@ -66,10 +66,13 @@ class ExecutionSpec:
     # output is refused on a cluster whose workers run on other nodes (jobs/cluster.py).
     shared_output: bool = False
     # torch.compile the UNet (sdcore/kernels.py): false (default; measured slower at SD 1.5 size
-    # on CPU) | true. cuda_graphs: true compiles with CUDA graphs too (CUDA workers only). Both
-    # change the images' last bits, repeatably: records keep them and reproduce does the same.
+    # on CPU) | true; it changes the images' last bits, repeatably. cuda_graphs: replay the
+    # UNet's forwards from CUDA graphs: the eager kernels (the same bits as eager, measured on an
+    # H200) without launching them one by one, or the compiled ones with compile: true. auto
+    # (default): on CUDA workers | true (CUDA workers only) | false. Records keep the mode and
+    # reproduce runs the same way (`compile_mode`).
     compile: bool = False
-    cuda_graphs: bool = False
+    cuda_graphs: bool | str = "auto"
     # How CPU float32 workers run the 3x3 convolutions of 256+ channels (sdcore/winograd.py):
     # winograd-f2x3 (default; faster at SD 1.5 size, keeps a transformed copy of those filters,
     # 16/9 of their size: +4 GB at SD 1.5) | direct. Recorded; reproduce does the same.
@@ -81,10 +84,18 @@ class ExecutionSpec:
     # batch_invariant. An integer >= 1 sets it for every worker.
     decode_batch: int | str = "auto"
 
-    @property
-    def compile_mode(self) -> str:
-        """sdcore.kernels.compile_unet's mode for these settings."""
-        return "reduce-overhead" if self.cuda_graphs else "default" if self.compile else "none"
+    def compile_mode(self, device: str) -> str:
+        """sdcore.kernels.compile_unet's mode for these settings on a `device` worker."""
+        return compile_mode(self.compile, self.cuda_graphs, device)
+
+
+def compile_mode(compile: bool, cuda_graphs: bool | str, device: str) -> str:
+    """sdcore.kernels.compile_unet's mode: CUDA graphs where asked for (auto: on CUDA workers),
+    the compiled kernels in them with `compile`."""
+    graphs = cuda_graphs is True or (cuda_graphs == "auto" and device == "cuda")
+    if graphs:
+        return "reduce-overhead" if compile else "cuda-graphs"
+    return "default" if compile else "none"
 
 
 @dataclass(frozen=True)
@@ -190,6 +201,13 @@ class _Checker:
             return default
         return value
 
+    def boolean_or_auto(self, data: dict, key: str, path: str, default: bool | str):
+        value = data.get(key, default)
+        if not isinstance(value, bool) and value != "auto":
+            self.errors.append(f"{path}: expected true, false or auto, got {_short(value)}")
+            return default
+        return value
+
     def rule(self, data: dict, key: str, path: str, default: Any, problem: Callable[[Any], str | None]):
         """A value checked by one of sdcore.rules' `*_problem` functions."""
         value = data.get(key, default)
@@ -292,11 +310,11 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
         batch_invariant=c.boolean(e, "batch_invariant", "execution.batch_invariant", d.batch_invariant),
         shared_output=c.boolean(e, "shared_output", "execution.shared_output", d.shared_output),
         compile=c.boolean(e, "compile", "execution.compile", d.compile),
-        cuda_graphs=c.boolean(e, "cuda_graphs", "execution.cuda_graphs", d.cuda_graphs),
+        cuda_graphs=c.boolean_or_auto(e, "cuda_graphs", "execution.cuda_graphs", d.cuda_graphs),
         conv=c.choice(e, "conv", "execution.conv", rules.CONV_ALGORITHMS, d.conv),
         decode_batch=auto_ints["decode_batch"],
     )
-    if execution.cuda_graphs and execution.device == "cpu":
+    if execution.cuda_graphs is True and execution.device == "cpu":
         errors.append("execution.cuda_graphs: CUDA graphs need CUDA workers, but execution.device is cpu")
     if execution.batch_invariant and execution.decode_batch not in ("auto", 1):
         errors.append(

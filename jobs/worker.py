@@ -51,7 +51,7 @@ from .provenance import a1111_parameters, software_versions
 from .reader import ShardTask
 from .record import Record, RecordBuilder
 from .rows import table_rows, undecodable_columns
-from .spec import SamplerSpec
+from .spec import SamplerSpec, compile_mode
 from .storage import redact_uri
 from .weights import resolve_weights
 from .writer import ShardWriter
@@ -68,7 +68,8 @@ class WorkerConfig:
     device: str = "cpu"  # cpu | cuda (resolved by the distributor)
     batch_size: int = 8
     batch_invariant: bool = False  # see ExecutionSpec.batch_invariant
-    compile_mode: str = "none"  # sdcore.kernels.compile_unet (ExecutionSpec.compile, cuda_graphs)
+    compile: bool = False  # torch.compile the UNet (ExecutionSpec.compile)
+    cuda_graphs: bool | str = False  # replay its forwards from CUDA graphs (ExecutionSpec.cuda_graphs)
     conv_algorithm: str | None = None  # sdcore.kernels.set_conv_algorithm (ExecutionSpec.conv); None: the pipeline's
     decode_batch: int | str = "auto"  # latents per VAE decode (ExecutionSpec.decode_batch)
     image_format: str = "png"
@@ -172,8 +173,9 @@ class ShardWorker:
             pipeline = sdcore.load_pipeline(resolve_weights(config.weights), device=config.device, dtype=config.dtype)
         if config.conv_algorithm is not None:
             sdcore.set_conv_algorithm(pipeline, config.conv_algorithm)  # before compiling: the graph follows it
-        sdcore.compile_unet(pipeline, config.compile_mode)
-        kernels["compile"] = config.compile_mode
+        mode = compile_mode(config.compile, config.cuda_graphs, pipeline.device.type)
+        sdcore.compile_unet(pipeline, mode)
+        kernels["compile"] = mode
         kernels["conv"] = pipeline.conv_algorithm  # sdcore.kernels.set_conv_algorithm
         self.pipe = pipeline
         self.name = config.name or f"{socket.gethostname()}:{os.getpid()}"

@@ -13,12 +13,15 @@ least 256 channels, the rest direct) or "direct" (`F.conv2d` everywhere, what im
 before the Winograd path were made with). The two give other last bits, so the name is recorded
 and a remake sets the same one.
 
-`compile_unet(pipe, mode)` optionally compiles the UNet with `torch.compile` ("default"), or with
-CUDA graphs as well ("reduce-overhead", CUDA only: the fixed-shape forwards are what make graphs
-possible). A compiled UNet gives other bits than the eager one (fused kernels), repeatably, so
-the mode is recorded and a remake compiles the same way. Measured on the project's 2-core CPU
-(bench/RESULTS.md): at SD 1.5 size compile is slower (0.83x), on the tiny model faster; it stays
-off unless asked for.
+`compile_unet(pipe, mode)` optionally replays the eager UNet's own kernels from CUDA graphs
+("cuda-graphs", CUDA only: `CudaGraphUNet`), compiles it with `torch.compile` ("default"), or
+both ("reduce-overhead", CUDA only). The fixed-shape forwards are what make graphs possible: a
+job's UNet sees one or two input shapes. A compiled UNet gives other bits than the eager one
+(fused kernels), repeatably; a graph replays the eager kernels. Either way the mode is recorded
+and a remake runs the same way. Measured on the project's 2-core CPU (bench/RESULTS.md): at SD
+1.5 size compile is slower (0.83x), on the tiny model faster; it stays off unless asked for. On a
+GPU, eager PyTorch spends much of a forward launching kernels (bench/GPU_RESULTS.md): graphs
+remove that.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import os
 from typing import Any
 
 import torch
+from torch import nn
 
 from .rules import CONV_ALGORITHMS, DEFAULT_CONV_ALGORITHM
 
-COMPILE_MODES = ("none", "default", "reduce-overhead")
+COMPILE_MODES = ("none", "cuda-graphs", "default", "reduce-overhead")
+CUDA_ONLY_MODES = ("cuda-graphs", "reduce-overhead")
 
 
 def exact_kernels(device: str | torch.device) -> dict[str, Any]:
@@ -89,18 +94,89 @@ def compile_unet(pipe: Any, mode: str) -> None:
         raise ValueError(f"compile mode: expected one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if mode == "none":
         return
-    if mode == "reduce-overhead" and pipe.device.type != "cuda":
-        raise ValueError("CUDA graphs (compile mode reduce-overhead) need a CUDA device")
+    if mode in CUDA_ONLY_MODES and pipe.device.type != "cuda":
+        raise ValueError(f"CUDA graphs (compile mode {mode}) need a CUDA device, not {pipe.device.type}")
+    if mode == "cuda-graphs":
+        pipe.unet = CudaGraphUNet(pipe.unet)
+        pipe.compile_mode = mode
+        return
     for module in _convs(pipe):  # the compiled graph reads the transformed filters as they are
         if module.use_winograd:
             module.winograd_weight()
-    # dynamic=False: every forward of a job has one of at most two shapes (guided or not)
-    pipe.unet = torch.compile(pipe.unet, mode=mode, dynamic=False)
+    # dynamic=False: every forward of a job has one of at most two shapes (guided or not).
+    # fullgraph=True: the whole forward is one graph, or compiling fails. With a break, dynamo
+    # compiles the pieces as frames of their own, each up to a recompile limit and eager past it,
+    # and which piece ran which way would depend on the shapes seen before: other bits.
+    pipe.unet = torch.compile(pipe.unet, mode=mode, dynamic=False, fullgraph=True)
     pipe.compile_mode = mode
+
+
+class CudaGraphUNet(nn.Module):
+    """The eager UNet, its kernels captured into one CUDA graph per input shape and replayed.
+
+    A replay launches the whole forward at once instead of one kernel at a time from Python,
+    which is what an eager forward waits on at SD sizes on a fast GPU. The kernels are the eager
+    ones, chosen the same way (the same shapes, the same deterministic settings). Each shape is
+    captured at its first forward (a job's UNet sees at most two: guided and not), after a
+    warm-up on a side stream as CUDA requires; inputs are copied into the graph's own buffers
+    and the output copied out. The text context's K and V are recomputed inside the graph at
+    every replay (the eager UNet's cache of them cannot live across a replay). Autograd cannot
+    record through a replay, so with gradients enabled the eager UNet runs. Like torch.compile's
+    wrapper, this is a module of its own: hooks registered on it run at every call, outside the
+    graph (a hook on the eager UNet would run once, at capture). Other attributes (config,
+    forget_context...) and the state dict are the eager UNet's.
+    """
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self._orig_mod = unet  # the name torch.compile uses, so _convs finds the modules alike
+        self._graphs: dict[tuple, tuple] = {}  # input shapes -> (input buffers, output, graph)
+        self._pool = None  # one memory pool for every shape's graph: they never run at once
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules (_orig_mod)
+        except AttributeError:
+            return getattr(self._modules["_orig_mod"], name)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict:
+        return self._orig_mod.state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return self._orig_mod(x, t, context)
+        key = tuple((tuple(a.shape), a.dtype, a.device) for a in (x, t, context))
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(x, t, context)
+        buffers, output, graph = self._graphs[key]
+        for buffer, value in zip(buffers, (x, t, context)):
+            buffer.copy_(value)
+        graph.replay()
+        return output.clone()  # the next replay overwrites the graph's output
+
+    def _capture(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> tuple:
+        # Ordinary tensors (not inference ones), so that forwards outside inference mode can
+        # copy into them too.
+        with torch.inference_mode(False):
+            buffers = tuple(a.detach().clone() for a in (x, t, context))
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):  # lazy set-up (cuBLAS handles, workspaces) before capture
+            for _ in range(2):
+                self._orig_mod(*buffers)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = self._orig_mod(*buffers)
+        self._orig_mod.forget_context()  # the warm-up's K and V: not needed, the graph makes its own
+        return buffers, output, graph
 
 
 __all__ = [
     "COMPILE_MODES",
+    "CudaGraphUNet",
     "CONV_ALGORITHMS",
     "DEFAULT_CONV_ALGORITHM",
     "compile_unet",

@@ -129,8 +129,9 @@ class Attention(nn.Module):
         the prompts' K and V do not change between steps. The same ops on the same tensor, so the
         bits are those of computing them afresh. Remade for any other tensor (checked by
         identity: the cache holds the tensor, so its id cannot be reused) or when a weight
-        changes; not used where autograd records (training) or under torch.compile."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        changes; not used where autograd records (training), under torch.compile, or while a
+        CUDA graph is captured (a replay must compute them from its own context buffer)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or _capturing(context):
             return split_heads(self.to_k(context)), split_heads(self.to_v(context))
         weights = tuple(_tensor_key(p) for p in (self.to_k.weight, self.to_k.bias, self.to_v.weight, self.to_v.bias))
         cached = self._context_cache
@@ -143,6 +144,12 @@ class Attention(nn.Module):
     def forget_context(self) -> None:
         """Drop the cached K and V (and the context they came from)."""
         self._context_cache = None
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on `t`'s device (never asked under torch.compile:
+    the question would break its graph)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _tensor_key(t: torch.Tensor | None) -> tuple | None:

@@ -28,19 +28,30 @@ def test_minimal_spec_gets_defaults(tmp_path):
     assert (spec.sampler.name, spec.sampler.steps, spec.sampler.width) == ("ddim", 25, 512)
     assert (spec.execution.workers, spec.execution.batch_size, spec.execution.shard_size) == ("auto", 8, 1000)
     assert spec.execution.batch_invariant is False  # fixed-shape exact batches by default
-    assert spec.execution.compile_mode == "none"  # an eager UNet unless asked for
+    assert spec.execution.compile_mode("cpu") == "none"  # an eager UNet unless asked for
+    assert spec.execution.compile_mode("cuda") == "cuda-graphs"  # its kernels replayed from graphs
     assert spec.execution.conv == "winograd-f2x3"  # the faster CPU convolutions unless asked for
     assert spec.execution.decode_batch == "auto"  # batch_size on CUDA workers, 1 on CPU ones
     assert spec.image.format == "png"
 
 
 @pytest.mark.parametrize(
-    "execution, mode",
-    [({"compile": True}, "default"), ({"cuda_graphs": True}, "reduce-overhead"), ({"compile": False}, "none")],
+    "execution, device, mode",
+    [
+        ({"compile": True}, "cpu", "default"),
+        ({"compile": True}, "cuda", "reduce-overhead"),  # cuda_graphs auto: the compiled kernels in graphs
+        ({"compile": True, "cuda_graphs": False}, "cuda", "default"),
+        ({"cuda_graphs": False}, "cuda", "none"),
+        ({"cuda_graphs": True}, "cuda", "cuda-graphs"),  # the eager kernels, replayed
+        ({"cuda_graphs": True, "compile": True}, "cuda", "reduce-overhead"),
+        ({"cuda_graphs": "auto"}, "cuda", "cuda-graphs"),
+        ({"cuda_graphs": "auto"}, "cpu", "none"),  # auto: graphs on CUDA workers only
+        ({"cuda_graphs": "auto", "compile": True}, "cpu", "default"),
+    ],
 )
-def test_compile_switches(tmp_path, execution, mode):
+def test_compile_switches(tmp_path, execution, device, mode):
     data = {"manifest": "m.parquet", "output": "out", "model": {"weights": "w"}, "execution": execution}
-    assert parse_spec(data, base_dir=tmp_path).execution.compile_mode == mode
+    assert parse_spec(data, base_dir=tmp_path).execution.compile_mode(device) == mode
 
 
 def test_decode_batch_takes_auto_or_a_count(tmp_path):
@@ -137,6 +148,10 @@ def test_every_problem_is_reported_with_its_key():
         (
             {"manifest": "m.parquet", "output": "o", "model": {"weights": "w"}, "execution": {"compile": "yes"}},
             "execution.compile: expected true or false",
+        ),
+        (
+            {"manifest": "m.parquet", "output": "o", "model": {"weights": "w"}, "execution": {"cuda_graphs": "yes"}},
+            "execution.cuda_graphs: expected true, false or auto, got 'yes'",
         ),
         (
             {
