@@ -13,8 +13,10 @@ At 512x512 float16, SDPA attention, DDIM, guidance 7.5, it measures:
 - that fixed-shape batches reproduce exactly on CUDA: a row remade alone in its recorded slots
   of the UNet forwards and the VAE decode (filler rows around it) gives the same pixels, for the
   first and last slot of a full batch and every row of a padded one;
-- while time is left (`--budget-s`), the same with the UNet compiled (`--compile`, in order:
-  CUDA graphs first, then plain torch.compile): compile time, images/s, and reproduce.
+- while time is left (`--budget-s`), the same with the UNet replayed from CUDA graphs or compiled
+  (`--compile`, in order: the eager kernels in graphs, the compiled ones in graphs, plain
+  torch.compile): the first call's time, images/s, reproduce, and whether the bits are the
+  eager UNet's.
 
 Every result is printed and appended to `--out` (markdown) as soon as it is measured, and a
 failing part is reported without stopping the rest: a device lease is short. On a CPU it runs
@@ -42,6 +44,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]  # not installed on the GPU mach
 from side_by_side import reference_pipeline  # noqa: E402 - needs the paths above
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+import sdcore.devices  # noqa: E402
 from sdcore import GenerationRequest  # noqa: E402
 from sdcore.config import ModelConfig  # noqa: E402
 from sdcore.kernels import compile_unet, exact_kernels  # noqa: E402
@@ -217,6 +220,24 @@ def paired_ratios(ours, ref, eager_unet, compiled_unet, batch: int, size: int, s
     return summary(ratios[0]), summary(ratios[1])
 
 
+def same_as_eager(ours, eager_unet, batch: int, size: int, steps: int) -> str:
+    """Whether `ours.unet` (a compiled or graphed UNet) gives the eager UNet's bits: one forward's
+    output, and a fixed-shape batch's images."""
+    x, t, context = unet_inputs(ours, batch, size)
+    run = sdcore_run(ours, batch, size, steps)
+    mode_unet = ours.unet
+    with torch.inference_mode():
+        outputs, images = [], []
+        for unet in (eager_unet, mode_unet):
+            ours.unet = unet
+            outputs.append(unet(x, t, context).float())
+            images.append(np.stack([np.asarray(image) for image in run()]).astype(np.int16))
+    ours.unet = mode_unet
+    forward = "identical" if torch.equal(*outputs) else f"max |diff| {(outputs[0] - outputs[1]).abs().max():.3g}"
+    pixels = "identical" if np.array_equal(*images) else f"max |diff| {np.abs(images[0] - images[1]).max()} levels"
+    return f"UNet forward vs eager: {forward}; batch of {batch} images vs eager: {pixels}"
+
+
 def attempt(report: Report, what: str, part) -> object:
     """Run one part; a failure is reported (and its traceback printed) instead of ending the run."""
     try:
@@ -235,7 +256,9 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,16")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--matmul", type=int, default=8192, help="matrix size of the peak measurement")
-    parser.add_argument("--compile", default="reduce-overhead,default", help="compiled modes to time, or none")
+    parser.add_argument(
+        "--compile", default="cuda-graphs,reduce-overhead,default", help="compile_unet modes to time, or none"
+    )
     parser.add_argument("--budget-s", type=float, default=470, help="no compiled mode starts past this")
     parser.add_argument("--out", default=str(REPO / "bench" / "GPU_RESULTS.md"))
     args = parser.parse_args()
@@ -300,6 +323,27 @@ def main() -> None:
 
         attempt(report, f"UNet TFLOP/s at batch {batch}", unet_line)
 
+    def copies_line():
+        run, ratios = sdcore_run(ours, compared, args.size, args.steps), []
+        try:
+            with deterministic(True):
+                run()
+                for _ in range(PAIRED_ROUNDS):
+                    seconds = {}
+                    for asynchronous in (False, True):
+                        sdcore.devices.ASYNC_COPIES = asynchronous
+                        seconds[asynchronous] = timed(device, run)
+                    ratios.append(seconds[False] / seconds[True])
+        finally:
+            sdcore.devices.ASYNC_COPIES = True
+        report.add(
+            f"- host-to-device copies (sdcore/devices.py), batch {compared}, exact kernels, {PAIRED_ROUNDS} "
+            f"interleaved rounds: asynchronous / blocking images/s {statistics.median(ratios):.3f}x "
+            f"[{min(ratios):.3f}, {max(ratios):.3f}]"
+        )
+
+    attempt(report, "host-to-device copies", copies_line)
+
     def reproduce_line(exact: bool):
         with deterministic(exact):
             identical, checked = slot_checks(ours, compared, args.size, 3)
@@ -330,18 +374,20 @@ def main() -> None:
                     tflops = unet_tflops(ours, compared, args.size, gflop[compared]) if compared in gflop else None
                     identical, checked = slot_checks(ours, compared, args.size, 3)
                     compiled_unet = ours.unet
+                    versus_eager = same_as_eager(ours, eager_unet, compared, args.size, args.steps)
                     paired = paired_ratios(ours, ref, eager_unet, compiled_unet, compared, args.size, args.steps)
             finally:
                 ours.unet, ours.compile_mode = eager_unet, "none"
                 torch._dynamo.reset()
             theirs = diffusers_rate.get(compared)
             report.add(
-                f"- compiled UNet ({mode}), exact kernels, batch {compared}: first call {compile_s:.0f} s, "
+                f"- compiled UNet ({mode}), exact kernels, batch {compared}: first call {compile_s:.1f} s, "
                 f"{rate:.3f} img/s"
                 + (f" = {rate / theirs:.2f}x diffusers eager" if theirs else "")
                 + (f", UNet {tflops:.3g} TFLOP/s" if tflops else "")
                 + (f" ({100 * tflops / peak:.0f}% of peak)" if tflops and peak else "")
-                + f", peak {gib:.2f} GiB; {identical}/{checked} rows remade in their slots identical",
+                + f", peak {gib:.2f} GiB; {identical}/{checked} rows remade in their slots identical; "
+                + versus_eager,
                 f"- interleaved, {PAIRED_ROUNDS} rounds of one batch of {compared} each (the host's and the GPU's "
                 f"drift cancel out): sdcore compiled ({mode}) / diffusers eager {paired[0]}; sdcore eager / "
                 f"diffusers eager {paired[1]} (median, [min, max])",

@@ -11,6 +11,11 @@ and once in a new one (`python -m jobs.reproduce OUT ID... --exact`, the user's 
 days later, on a fresh CUDA context with its own kernel choices). Ray is not needed (the GPU
 machine has none): the worker knows nothing of it.
 
+Where a job falls behind the bare pipeline: `--profile` reports the busiest functions of the
+launching thread in the worker's steady shards and in the bare run, `--output-root /dev/shm`
+takes the disk out, and `--blocking-copies` puts back the host-to-device copies that wait for
+the GPU (`sdcore/devices.py`), for an A/B.
+
 Run through `GPU_CHECK=bench/gpu_job_check.py bash bench/gpu_check.sh .whl` (same wheels as
 gpu_check.py). CPU smoke run: `python bench/gpu_job_check.py --device cpu --weights builtin:tiny
 --size 32 --rows 12 --shard-size 6 --batch 4 --steps 4 --compile none`.
@@ -19,7 +24,10 @@ gpu_check.py). CPU smoke run: `python bench/gpu_job_check.py --device cpu --weig
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
+import io
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -37,6 +45,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]  # not installed on the GPU mach
 
 from gpu_check import Report, attempt, timed  # noqa: E402 - needs the paths above
 
+import sdcore.devices  # noqa: E402
 from jobs.manifest import load_manifest  # noqa: E402
 from jobs.output import Output  # noqa: E402
 from jobs.reader import read_shards  # noqa: E402
@@ -48,6 +57,8 @@ from sdcore.config import ModelConfig  # noqa: E402
 from sdcore.weights import assemble, export_single_file, random_parts  # noqa: E402
 
 STRENGTHS = (0.3, 0.5, 0.7, 0.9)
+PROFILING = False  # --profile
+PROFILE_ROWS = 14
 
 
 def random_sd15_file(folder: Path, dtype: torch.dtype) -> str:
@@ -94,7 +105,34 @@ def bare_rows_per_s(pipe, entries: list[dict], folder: Path, settings: dict, bat
         )
     shaped = dict(settings, fixed_batch=batch, decode_batch=decode_rows)  # as the worker runs them
     pipe.generate(requests[:batch], **shaped)
-    return len(requests) / timed(pipe.device, lambda: pipe.generate(requests, **shaped))
+    pipe.clear_embedding_cache()  # the worker encoded these prompts: the bare run must too
+    return len(requests) / timed(pipe.device, lambda: profiled("bare pipeline", pipe.generate, requests, **shaped))
+
+
+PROFILES: list[tuple[str, pstats.Stats]] = []  # filled with --profile
+
+
+def profiled(what: str, call, *args, **kwargs):
+    """`call(*args, **kwargs)`, under cProfile (this thread only: the one that launches the GPU
+    work) when --profile asked for it; the busiest functions are reported at the end."""
+    if not PROFILING:
+        return call(*args, **kwargs)
+    profiler = cProfile.Profile()
+    try:
+        return profiler.runcall(call, *args, **kwargs)
+    finally:
+        PROFILES.append((what, pstats.Stats(profiler)))
+
+
+def profile_report(report: Report) -> None:
+    for what, stats in PROFILES:
+        text = io.StringIO()
+        stats.stream = text
+        stats.sort_stats("tottime").print_stats(PROFILE_ROWS)
+        report.add(
+            f"\n#### main thread, {what}: top {PROFILE_ROWS} by own time\n", "```", text.getvalue().strip(), "```"
+        )
+    PROFILES.clear()
 
 
 def run_mode(report: Report, args, weights: str, manifest_path: str, entries: list[dict], mode: str) -> None:
@@ -109,14 +147,16 @@ def run_mode(report: Report, args, weights: str, manifest_path: str, entries: li
         dtype=dtype,
         device=args.device,
         batch_size=args.batch,
-        compile_mode=mode,
+        compile=mode in ("default", "reduce-overhead"),
+        cuda_graphs=mode in ("cuda-graphs", "reduce-overhead"),
     )
     started = time.perf_counter()
     worker = ShardWorker(config)
     load_s = time.perf_counter() - started
     shard_s = []
-    for task in read_shards(load_manifest([manifest_path]), args.shard_size):
-        shard_s.append(timed(worker.pipe.device, lambda task=task: worker.run(task)))
+    for index, task in enumerate(read_shards(load_manifest([manifest_path]), args.shard_size)):
+        run = (lambda task=task: profiled(f"{mode} worker shard", worker.run, task)) if index else worker.run
+        shard_s.append(timed(worker.pipe.device, lambda task=task, run=run: run(task)))
     steady_rows = args.rows - args.shard_size
     job_rate = steady_rows / sum(shard_s[1:])
     Output(str(output)).write_job(
@@ -165,11 +205,21 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--compile", default="none,reduce-overhead", help="compile modes, one job each")
+    parser.add_argument(
+        "--compile", default="none,cuda-graphs,reduce-overhead", help="sdcore.kernels.compile_unet modes, one job each"
+    )
     parser.add_argument("--out", default=str(REPO / "bench" / "GPU_RESULTS.md"))
+    parser.add_argument("--output-root", default=None, help="where the jobs write (e.g. /dev/shm); default a temp dir")
+    parser.add_argument("--profile", action="store_true", help="cProfile the launching thread (worker and bare)")
+    parser.add_argument(
+        "--blocking-copies", action="store_true", help="host-to-device copies that wait (sdcore.devices.ASYNC_COPIES)"
+    )
     args = parser.parse_args()
+    global PROFILING
+    PROFILING = args.profile
+    sdcore.devices.ASYNC_COPIES = not args.blocking_copies
     report = Report(args.out)
-    folder = Path(tempfile.mkdtemp(prefix="gpu-job-check-"))
+    folder = Path(tempfile.mkdtemp(prefix="gpu-job-check-", dir=args.output_root))
     started = time.monotonic()
     weights = args.weights
     if weights == "random-sd15":
@@ -180,12 +230,14 @@ def main() -> None:
         f"\n## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} — job worker check "
         f"(bench/gpu_job_check.py), {name}, torch {torch.__version__}, {args.weights}, {args.size}x{args.size}, "
         f"DDIM {args.steps}, batch {args.batch}, {args.rows} rows (half img2img at {STRENGTHS}) in shards of "
-        f"{args.shard_size}\n"
+        f"{args.shard_size}; jobs written under {folder}, host-to-device copies "
+        f"{'blocking' if args.blocking_copies else 'asynchronous'}{', profiled' if args.profile else ''}\n"
     )
     for mode in args.compile.split(","):
         attempt(
             report, f"compile {mode}", lambda mode=mode: run_mode(report, args, weights, manifest_path, entries, mode)
         )
+        profile_report(report)
     report.add(f"\nTotal {time.monotonic() - started:.0f} s.")
 
 
