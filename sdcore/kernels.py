@@ -27,6 +27,7 @@ remove that.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -121,10 +122,11 @@ class CudaGraphUNet(nn.Module):
     warm-up on a side stream as CUDA requires; inputs are copied into the graph's own buffers
     and the output copied out. The text context's K and V are recomputed inside the graph at
     every replay (the eager UNet's cache of them cannot live across a replay). Autograd cannot
-    record through a replay, so with gradients enabled the eager UNet runs. Like torch.compile's
-    wrapper, this is a module of its own: hooks registered on it run at every call, outside the
-    graph (a hook on the eager UNet would run once, at capture). Other attributes (config,
-    forget_context...) and the state dict are the eager UNet's.
+    record through a replay, so with gradients enabled the eager UNet runs, and so it does for
+    a shape whose capture fails (with a warning). Like torch.compile's wrapper, this is a module
+    of its own: hooks registered on it run at every call, outside the graph (a hook on the eager
+    UNet would run once, at capture). Other attributes (config, forget_context...) and the state
+    dict are the eager UNet's.
     """
 
     def __init__(self, unet: nn.Module):
@@ -147,12 +149,29 @@ class CudaGraphUNet(nn.Module):
             return self._orig_mod(x, t, context)
         key = tuple((tuple(a.shape), a.dtype, a.device) for a in (x, t, context))
         if key not in self._graphs:
-            self._graphs[key] = self._capture(x, t, context)
+            self._graphs[key] = self._capture_or_none(x, t, context)
+        if self._graphs[key] is None:  # no graph for this shape: the eager kernels, the same bits
+            return self._orig_mod(x, t, context)
         buffers, output, graph = self._graphs[key]
         for buffer, value in zip(buffers, (x, t, context)):
             buffer.copy_(value)
         graph.replay()
         return output.clone()  # the next replay overwrites the graph's output
+
+    def _capture_or_none(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> tuple | None:
+        """A graph for these inputs' shapes, or None (with a warning) where capturing fails: a
+        job then runs that shape eagerly, at eager speed with the same bits, rather than fail."""
+        try:
+            return self._capture(x, t, context)
+        except Exception as exc:  # noqa: BLE001 - an optimisation failing must not stop the job
+            shapes = ", ".join(str(tuple(a.shape)) for a in (x, t, context))
+            warnings.warn(
+                f"CUDA graph capture of the UNet failed for inputs {shapes} ({type(exc).__name__}: {exc}); "
+                "running that shape eagerly (the same kernels, so the same bits)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
 
     def _capture(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> tuple:
         # Ordinary tensors (not inference ones), so that forwards outside inference mode can

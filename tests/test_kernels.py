@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -120,3 +121,21 @@ def test_the_cuda_graph_wrapper_is_the_eager_unet_to_everything_but_its_replays(
     handle.remove()
     assert seen == [x.shape]
     assert torch.equal(out, inner(x, t, context))
+
+
+def test_a_shape_that_cannot_be_captured_runs_eagerly_with_a_warning(tiny_pipe):
+    """Capturing fails here (no CUDA device): the job must not fail for an optimisation, so the
+    shape runs eagerly, warned once, with the eager UNet's output."""
+    inner = tiny_pipe.unet
+    graphed = CudaGraphUNet(inner)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10.0, 500.0])
+    context = torch.randn(2, 77, inner.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        with pytest.warns(RuntimeWarning, match=r"CUDA graph capture of the UNet failed for inputs \(2, 4, 8, 8\)"):
+            first = graphed(x, t, context)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # not warned again for the same shape
+            second = graphed(x, t, context)
+        eager = inner(x, t, context)
+    assert torch.equal(first, eager) and torch.equal(second, eager)
