@@ -125,13 +125,19 @@ def profiled(what: str, call, *args, **kwargs):
 
 
 def profile_report(report: Report) -> None:
+    """Per profile: the busiest functions by own time (where the thread's time goes: launches,
+    waits), then the job's and the pipeline's own functions by cumulative time (which step of a
+    row's handling it goes to)."""
     for what, stats in PROFILES:
-        text = io.StringIO()
-        stats.stream = text
-        stats.sort_stats("tottime").print_stats(PROFILE_ROWS)
-        report.add(
-            f"\n#### main thread, {what}: top {PROFILE_ROWS} by own time\n", "```", text.getvalue().strip(), "```"
-        )
+        for order, restriction, rows, label in (
+            ("tottime", (), PROFILE_ROWS, "by own time"),
+            ("cumulative", (r"jobs/|sdcore/pipeline",), 2 * PROFILE_ROWS, "in jobs/, sdcore/pipeline.py, cumulative"),
+        ):
+            text = io.StringIO()
+            stats.stream = text
+            stats.sort_stats(order).print_stats(*restriction, rows)
+            heading = f"\n#### main thread, {what}: top {rows} {label}\n"
+            report.add(heading, "```", text.getvalue().strip(), "```")
     PROFILES.clear()
 
 
