@@ -140,6 +140,13 @@ def _resolved(spec: JobSpec) -> dict[str, Any]:
     return {"device": device, "workers": workers, "threads": threads}
 
 
+UNET_MODES = {  # sdcore.kernels.compile_unet's modes, as the dry run says them
+    "cuda-graphs": "replayed from CUDA graphs",
+    "default": "compiled (torch.compile)",
+    "reduce-overhead": "compiled, replayed from CUDA graphs",
+}
+
+
 def calibrate(spec: JobSpec, device: str, threads: int | None) -> dict[str, Any]:
     """Load the model here and time one row at the job's size with 1 and 2 steps."""
     import torch
@@ -193,7 +200,7 @@ def dry_run(spec: JobSpec, manifest: Manifest, plan_counts: dict[str, Any], log:
         f"device {resolved['device']} (this machine), {resolved['workers']} worker(s), batch {ex.batch_size}, "
         f"shard {ex.shard_size}"
         + (f", {resolved['threads']} CPU threads" if resolved["threads"] else "")
-        + (f", UNet {mode}" if mode != "none" else "")
+        + (f", UNet {UNET_MODES[mode]}" if mode != "none" else "")
     )
     rows = check_rows(spec, manifest)
     log(

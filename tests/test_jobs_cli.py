@@ -71,6 +71,11 @@ def test_dry_run_validates_and_runs_nothing(tmp_path):
     assert result.returncode == 0, result.stdout
     assert f"[sdgen] output {tmp_path / 'out'}: 0 shard(s) already committed, 2 to run" in result.stdout
     assert not (tmp_path / "out").exists()
+    assert "UNet" not in result.stdout.split("[sdgen] dry run:")[1].splitlines()[0]  # eager on CPU
+    compiled = spec_dict("m.parquet", "out", execution={"compile": True})  # cuda_graphs auto: none on CPU
+    write_spec(tmp_path / "compiled.yaml", compiled)
+    result = sdgen("run", "compiled.yaml", "--dry-run", cwd=tmp_path)
+    assert ", UNet compiled (torch.compile)" in result.stdout.split("[sdgen] dry run:")[1].splitlines()[0]
     (tmp_path / "bad.yaml").write_text(
         "manifest: m.parquet\noutput: out\nmodel: {weights: builtin:tiny}\nsampler: {steps: 0}\n"
     )
