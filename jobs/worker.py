@@ -69,7 +69,7 @@ class WorkerConfig:
     batch_size: int = 8
     batch_invariant: bool = False  # see ExecutionSpec.batch_invariant
     compile: bool = False  # torch.compile the UNet (ExecutionSpec.compile)
-    cuda_graphs: bool | str = False  # replay its forwards from CUDA graphs (ExecutionSpec.cuda_graphs)
+    cuda_graphs: bool | str = "auto"  # replay its forwards from CUDA graphs (ExecutionSpec.cuda_graphs)
     conv_algorithm: str | None = None  # sdcore.kernels.set_conv_algorithm (ExecutionSpec.conv); None: the pipeline's
     decode_batch: int | str = "auto"  # latents per VAE decode (ExecutionSpec.decode_batch)
     image_format: str = "png"
