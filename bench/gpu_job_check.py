@@ -11,7 +11,10 @@ and once in a new one (`python -m jobs.reproduce OUT ID... --exact`, the user's 
 days later, on a fresh CUDA context with its own kernel choices). Ray is not needed (the GPU
 machine has none): the worker knows nothing of it.
 
-Where a job falls behind the bare pipeline: `--profile` reports the busiest functions of the
+Where a job falls behind the bare pipeline: every run first reports how the host's PNG encoding
+(the writer's) scales on threads and how much it slows a Python-bound thread beside it (a Pillow
+that held the GIL while compressing would serialise the writer with the thread that launches the
+GPU work); `--profile` reports the busiest functions of the
 launching thread in the worker's steady shards and in the bare run, `--output-root /dev/shm`
 takes the disk out, and `--blocking-copies` puts back the host-to-device copies that wait for
 the GPU (`sdcore/devices.py`), for an A/B.
@@ -27,14 +30,18 @@ import argparse
 import cProfile
 import datetime
 import io
+import os
 import pstats
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -52,6 +59,7 @@ from jobs.reader import read_shards  # noqa: E402
 from jobs.reproduce import Reproducer, find_records  # noqa: E402
 from jobs.spec import SamplerSpec  # noqa: E402
 from jobs.worker import ShardWorker, WorkerConfig  # noqa: E402
+from jobs.writer import encode_image  # noqa: E402
 from sdcore import GenerationRequest  # noqa: E402
 from sdcore.config import ModelConfig  # noqa: E402
 from sdcore.weights import assemble, export_single_file, random_parts  # noqa: E402
@@ -139,6 +147,50 @@ def profile_report(report: Report) -> None:
             heading = f"\n#### main thread, {what}: top {rows} {label}\n"
             report.add(heading, "```", text.getvalue().strip(), "```")
     PROFILES.clear()
+
+
+def host_encoding(report: Report, size: int) -> None:
+    """How this host's PNG encoding (the writer's, `jobs.writer.encode_image`) scales on threads,
+    and what it does to a Python-bound thread beside it (the thread that launches GPU work): if
+    this Pillow holds the GIL while compressing, the two are serialised."""
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+    def encode(_=None) -> bytes:
+        return encode_image(picture, "png", "parameters")
+
+    rates = {}
+    for threads in (1, 4):
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(encode, range(threads)))
+            started = time.perf_counter()
+            list(pool.map(encode, range(16)))
+            rates[threads] = 16 / (time.perf_counter() - started)
+
+    def python_loop() -> float:
+        started, total = time.perf_counter(), 0
+        for value in range(2_000_000):
+            total += value
+        return time.perf_counter() - started
+
+    alone = python_loop()
+    stop = threading.Event()
+
+    def keep_encoding() -> None:
+        while not stop.is_set():
+            encode()
+
+    encoders = [threading.Thread(target=keep_encoding) for _ in range(4)]
+    for thread in encoders:
+        thread.start()
+    beside = python_loop()
+    stop.set()
+    for thread in encoders:
+        thread.join()
+    report.add(
+        f"- host: Pillow {PIL.__version__}, {os.cpu_count()} CPUs; PNG encode of a noisy {size}x{size} image "
+        f"{rates[1]:.1f} img/s on 1 thread, {rates[4]:.1f} on 4; a Python loop {beside / alone:.2f}x slower beside "
+        "4 encoding threads"
+    )
 
 
 def run_mode(report: Report, args, weights: str, manifest_path: str, entries: list[dict], mode: str) -> None:
@@ -239,6 +291,7 @@ def main() -> None:
         f"{args.shard_size}; jobs written under {folder}, host-to-device copies "
         f"{'blocking' if args.blocking_copies else 'asynchronous'}{', profiled' if args.profile else ''}\n"
     )
+    attempt(report, "host encoding", lambda: host_encoding(report, args.size))
     for mode in args.compile.split(","):
         attempt(
             report, f"compile {mode}", lambda mode=mode: run_mode(report, args, weights, manifest_path, entries, mode)
