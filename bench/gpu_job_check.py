@@ -12,12 +12,12 @@ days later, on a fresh CUDA context with its own kernel choices). Ray is not nee
 machine has none): the worker knows nothing of it.
 
 Where a job falls behind the bare pipeline: every run first reports how the host's PNG encoding
-(the writer's) scales on threads and how much it slows a Python-bound thread beside it (a Pillow
+(the writer's) scales on threads, how much it slows a Python-bound thread beside it (a Pillow
 that held the GIL while compressing would serialise the writer with the thread that launches the
-GPU work); `--profile` reports the busiest functions of the
-launching thread in the worker's steady shards and in the bare run, `--output-root /dev/shm`
-takes the disk out, and `--blocking-copies` puts back the host-to-device copies that wait for
-the GPU (`sdcore/devices.py`), for an A/B.
+GPU work), and how long an fsync'd small write takes where the jobs write. `--profile` reports
+the busiest functions of the launching thread in the worker's steady shards and in the bare run,
+`--output-root /dev/shm` takes the disk out, and `--blocking-copies` puts back the
+host-to-device copies that wait for the GPU (`sdcore/devices.py`), for an A/B.
 
 Run through `GPU_CHECK=bench/gpu_job_check.py bash bench/gpu_check.sh .whl` (same wheels as
 gpu_check.py). CPU smoke run: `python bench/gpu_job_check.py --device cpu --weights builtin:tiny
@@ -32,6 +32,7 @@ import datetime
 import io
 import os
 import pstats
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,7 @@ from jobs.output import Output  # noqa: E402
 from jobs.reader import read_shards  # noqa: E402
 from jobs.reproduce import Reproducer, find_records  # noqa: E402
 from jobs.spec import SamplerSpec  # noqa: E402
+from jobs.storage import LocalStorage  # noqa: E402
 from jobs.worker import ShardWorker, WorkerConfig  # noqa: E402
 from jobs.writer import encode_image  # noqa: E402
 from sdcore import GenerationRequest  # noqa: E402
@@ -149,10 +151,12 @@ def profile_report(report: Report) -> None:
     PROFILES.clear()
 
 
-def host_encoding(report: Report, size: int) -> None:
-    """How this host's PNG encoding (the writer's, `jobs.writer.encode_image`) scales on threads,
-    and what it does to a Python-bound thread beside it (the thread that launches GPU work): if
-    this Pillow holds the GIL while compressing, the two are serialised."""
+def host_checks(report: Report, size: int, folder: Path) -> None:
+    """What the host's side of a job costs there: how PNG encoding (the writer's,
+    `jobs.writer.encode_image`) scales on threads and what it does to a Python-bound thread
+    beside it (the one that launches the GPU work: a Pillow that held the GIL while compressing
+    would serialise the two), and how long one fsync'd small write takes where the job writes
+    (the in-flight note is one per batch, on that same thread)."""
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
 
     def encode(_=None) -> bytes:
@@ -186,10 +190,16 @@ def host_encoding(report: Report, size: int) -> None:
     stop.set()
     for thread in encoders:
         thread.join()
+    storage, fsync_ms = LocalStorage(str(folder / "fsync-probe")), []
+    for index in range(10):
+        started = time.perf_counter()
+        storage.write(f"note-{index}.json", b'{"rows": [1, 2, 3]}')
+        fsync_ms.append(1e3 * (time.perf_counter() - started))
     report.add(
         f"- host: Pillow {PIL.__version__}, {os.cpu_count()} CPUs; PNG encode of a noisy {size}x{size} image "
         f"{rates[1]:.1f} img/s on 1 thread, {rates[4]:.1f} on 4; a Python loop {beside / alone:.2f}x slower beside "
-        "4 encoding threads"
+        f"4 encoding threads; a small fsync'd write under {folder}: median {statistics.median(fsync_ms):.2f} ms, "
+        f"max {max(fsync_ms):.2f} ms"
     )
 
 
@@ -291,7 +301,7 @@ def main() -> None:
         f"{args.shard_size}; jobs written under {folder}, host-to-device copies "
         f"{'blocking' if args.blocking_copies else 'asynchronous'}{', profiled' if args.profile else ''}\n"
     )
-    attempt(report, "host encoding", lambda: host_encoding(report, args.size))
+    attempt(report, "host checks", lambda: host_checks(report, args.size, folder))
     for mode in args.compile.split(","):
         attempt(
             report, f"compile {mode}", lambda mode=mode: run_mode(report, args, weights, manifest_path, entries, mode)
