@@ -30,22 +30,21 @@ class _FiniteChecks:
     check is given out."""
 
     def __init__(self) -> None:
-        self.timesteps: list[Any] = []  # each UNet forward's timestep vector, as passed
-        self.steps: list[int] = []  # the step of each forward read so far
-        self.last_vector: tuple | None = None  # the timesteps of the last forward read
+        self.unread: list[Any] = []  # the timestep vectors of the forwards not read yet
+        self.forwards_read = 0
+        self.step = 0  # the step of the last forward read
+        self.last_vector: tuple | None = None  # its timesteps
         self.pending: list[tuple[str, int, Any]] = []  # (what, forwards by then, all-finite flag)
 
     def forward(self, t: Any) -> None:
-        self.timesteps.append(t)
+        self.unread.append(t)
 
     def check(self, what: str, tensor: Any) -> None:
         import torch
 
         if torch.is_tensor(tensor):
-            self.pending.append((what, len(self.timesteps), torch.isfinite(tensor).all()))
-
-    def step(self, forwards: int) -> int:
-        return self.steps[forwards - 1] if forwards else 0
+            forwards = self.forwards_read + len(self.unread)
+            self.pending.append((what, forwards, torch.isfinite(tensor).all()))
 
     def settle(self) -> None:
         """Read every queued check (one wait for the device); raise for the first that failed.
@@ -53,17 +52,21 @@ class _FiniteChecks:
         alone (how isolation.py retries a failed batch) that is the row's own sampler step."""
         import torch
 
-        for t in self.timesteps[len(self.steps) :]:
+        step_after = {self.forwards_read: self.step}  # forwards seen -> the step they reached
+        for t in self.unread:
             vector = tuple(t.flatten().tolist())
-            self.steps.append(self.step(len(self.steps)) + (vector != self.last_vector))
+            self.step += vector != self.last_vector
             self.last_vector = vector
+            self.forwards_read += 1
+            step_after[self.forwards_read] = self.step
+        self.unread.clear()
         if not self.pending:
             return
         queued, self.pending = self.pending, []
         for (what, forwards, _), finite in zip(queued, torch.stack([flag for *_, flag in queued]).tolist()):
             if not finite:
                 # latents going into a forward were made by the previous step's update
-                step = self.step(forwards) - (what == "latents after it")
+                step = step_after[forwards] - (what == "latents after it")
                 raise NonFiniteError(f"non-finite values at step {step} ({what})")
 
 

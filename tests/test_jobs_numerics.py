@@ -22,18 +22,25 @@ def poison_forward(pipe, number: int):
     return pipe.unet.register_forward_hook(hook)
 
 
-@pytest.mark.parametrize("forward", [1, 3, 4])
-def test_a_nan_forward_is_named_by_its_step_and_no_image_comes_out(tiny_pipe, forward):
-    requests = [GenerationRequest(f"row {k}", seed=k) for k in range(3)]
-    handle = poison_forward(tiny_pipe, forward)
+def given_out_until_poisoned(pipe, rows: int, fixed_batch: int, poisoned: int) -> list[int]:
+    """The rows given out by a stream whose `poisoned`-th UNet forward returns NaN, which must
+    end it with NonFiniteError naming that forward as the step."""
+    requests = [GenerationRequest(f"row {k}", seed=k) for k in range(rows)]
+    handle = poison_forward(pipe, poisoned)
     given_out = []
     try:
-        with pytest.raises(NonFiniteError, match=rf"non-finite values at step {forward} \(UNet output\)"):
-            for index, _image, _ in generate_finite(tiny_pipe, requests, fixed_batch=4, **SETTINGS):
+        with pytest.raises(NonFiniteError, match=rf"non-finite values at step {poisoned} \(UNet output\)"):
+            for index, _image, _ in generate_finite(pipe, requests, fixed_batch=fixed_batch, **SETTINGS):
                 given_out.append(index)
     finally:
         handle.remove()
-    assert given_out == []  # every row shared the poisoned forward: none is given out
+    return given_out
+
+
+@pytest.mark.parametrize("forward", [1, 3, 4])
+def test_a_nan_forward_is_named_by_its_step_and_no_image_comes_out(tiny_pipe, forward):
+    # every row shares the poisoned forward: none is given out
+    assert given_out_until_poisoned(tiny_pipe, rows=3, fixed_batch=4, poisoned=forward) == []
 
 
 def test_rows_decoded_before_the_nan_are_given_out_and_later_ones_are_not(tiny_pipe):
@@ -41,16 +48,7 @@ def test_rows_decoded_before_the_nan_are_given_out_and_later_ones_are_not(tiny_p
     decoded and given out; the second row's first forward, the stream's 5th, goes non-finite:
     the stream stops there. (Steps count the stream's forwards: isolation.py then retries the
     row alone, where they are the row's own.)"""
-    requests = [GenerationRequest(f"row {k}", seed=k) for k in range(2)]
-    handle = poison_forward(tiny_pipe, 5)
-    given_out = []
-    try:
-        with pytest.raises(NonFiniteError, match=r"non-finite values at step 5 \(UNet output\)"):
-            for index, _image, _ in generate_finite(tiny_pipe, requests, fixed_batch=1, **SETTINGS):
-                given_out.append(index)
-    finally:
-        handle.remove()
-    assert given_out == [0]
+    assert given_out_until_poisoned(tiny_pipe, rows=2, fixed_batch=1, poisoned=5) == [0]
 
 
 def test_clean_generations_give_every_image(tiny_pipe):

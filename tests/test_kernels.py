@@ -68,14 +68,20 @@ def test_a_compiled_unet_is_recorded_and_reproduce_compiles_it_too(tmp_path):
         torch._dynamo.reset()
 
 
-def test_eager_records_say_so(tiny_pipe, tmp_path):
-    rows = small_rows(1)
-    manifest = load_manifest([str(write_manifest(tmp_path / "m" / "m.parquet", rows, manifest_schema()))])
-    config = WorkerConfig(weights="builtin:tiny", output=str(tmp_path / "out"), sampler=SamplerSpec(steps=1))
-    worker = ShardWorker(config, pipeline=tiny_pipe)
+def one_eager_record(pipe, folder) -> Output:
+    """An output holding one row's record and image, made by a worker on `pipe` (eager, CPU)."""
+    manifest = load_manifest([str(write_manifest(folder / "m" / "m.parquet", small_rows(1), manifest_schema()))])
+    config = WorkerConfig(weights="builtin:tiny", output=str(folder / "out"), sampler=SamplerSpec(steps=1))
+    worker = ShardWorker(config, pipeline=pipe)
     for task in read_shards(manifest, 1):
         worker.run(task)
-    (record,) = Output(str(tmp_path / "out")).read_records("shard-00000").to_pylist()
+    output = Output(str(folder / "out"))
+    output.write_job({"spec": {"image": {"quality": 95}}, "manifest": {"sources": []}})  # what reproduce reads
+    return output
+
+
+def test_eager_records_say_so(tiny_pipe, tmp_path):
+    (record,) = one_eager_record(tiny_pipe, tmp_path).read_records("shard-00000").to_pylist()
     assert json.loads(record["kernels"]) == {**exact_kernels("cpu"), "compile": "none", "conv": "direct"}
     assert sdcore.exact_kernels is exact_kernels
 
@@ -83,14 +89,7 @@ def test_eager_records_say_so(tiny_pipe, tmp_path):
 def test_records_of_cuda_graphs_are_remade_eager_off_cuda(tiny_pipe, tmp_path):
     """CUDA graphs replay the eager kernels: a record made with them, remade where there is no
     CUDA device, runs the eager UNet (not a refused CUDA-only mode)."""
-    rows = small_rows(1)
-    manifest = load_manifest([str(write_manifest(tmp_path / "m" / "m.parquet", rows, manifest_schema()))])
-    config = WorkerConfig(weights="builtin:tiny", output=str(tmp_path / "out"), sampler=SamplerSpec(steps=1))
-    worker = ShardWorker(config, pipeline=tiny_pipe)
-    for task in read_shards(manifest, 1):
-        worker.run(task)
-    output = Output(str(tmp_path / "out"))
-    output.write_job({"spec": {"image": {"quality": 95}}, "manifest": {"sources": []}})
+    output = one_eager_record(tiny_pipe, tmp_path)
     record = find_records(output, ["r000"], [])["id:r000"]
     kernels = {**json.loads(record.kernels), "compile": "cuda-graphs"}
     # as a CUDA worker with graphs would have written it (this machine has no CUDA device)
@@ -100,6 +99,13 @@ def test_records_of_cuda_graphs_are_remade_eager_off_cuda(tiny_pipe, tmp_path):
     assert (result.verdict, result.passed) == ("identical", True), result.detail
     (pipe,) = reproducer._pipes.values()
     assert pipe.compile_mode == "none"
+
+
+def unet_inputs(unet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A small forward's inputs: two rows of 8x8 latents, their timesteps, a text context."""
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    return x, torch.tensor([10.0, 500.0]), context
 
 
 def test_the_cuda_graph_wrapper_is_the_eager_unet_to_everything_but_its_replays(tiny_pipe):
@@ -113,9 +119,7 @@ def test_the_cuda_graph_wrapper_is_the_eager_unet_to_everything_but_its_replays(
     assert list(graphed.state_dict()) == list(inner.state_dict())
     seen = []
     handle = graphed.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].shape))
-    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([10.0, 500.0])
-    context = torch.randn(2, 77, inner.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    x, t, context = unet_inputs(inner)
     with torch.enable_grad():
         out = graphed(x, t, context)
     handle.remove()
@@ -128,9 +132,7 @@ def test_a_shape_that_cannot_be_captured_runs_eagerly_with_a_warning(tiny_pipe):
     shape runs eagerly, warned once, with the eager UNet's output."""
     inner = tiny_pipe.unet
     graphed = CudaGraphUNet(inner)
-    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([10.0, 500.0])
-    context = torch.randn(2, 77, inner.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    x, t, context = unet_inputs(inner)
     with torch.inference_mode():
         with pytest.warns(RuntimeWarning, match=r"CUDA graph capture of the UNet failed for inputs \(2, 4, 8, 8\)"):
             first = graphed(x, t, context)
