@@ -54,6 +54,10 @@ class SlowStorage:
         time.sleep(self.latency)
         return self.inner.write(key, data, exclusive=exclusive)
 
+    def write_note(self, key, data):
+        time.sleep(self.latency)
+        self.inner.write_note(key, data)
+
 
 def make_manifest(folder: Path, rows: int, size: int) -> Path:
     import pyarrow as pa
@@ -111,7 +115,7 @@ def main() -> None:
 
     def worker_run(overlap: bool) -> float:
         worker = ShardWorker(config, pipeline=pipe)
-        worker.read_ahead, worker.write_lag = overlap, 1 if overlap else 0
+        worker.read_ahead, worker.write_lag, worker.note_ahead = overlap, 1 if overlap else 0, overlap
         out = Path(tempfile.mkdtemp(dir=work))
         worker._output = Output(str(out), storage=SlowStorage(LocalStorage(str(out)), latency))
         start = time.perf_counter()

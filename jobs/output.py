@@ -173,10 +173,12 @@ class Output:
         return f"{self.partial_prefix(shard)}{INFLIGHT_FILE}"
 
     def write_inflight(self, shard: str, rows: list[int], alone: bool, attempt: int) -> None:
-        """Before a batch is generated: its rows, whether it is one row run alone after an
-        earlier death, and the attempt (read back by the next attempt if the worker dies)."""
+        """Before a batch is generated: rows that may be in flight until the next note, whether
+        it is one row run alone after an earlier death, and the attempt (read back by the next
+        attempt if the worker dies; `jobs.inflight`). Not fsync'd: it guards against the death
+        of the worker process, which the page cache outlives."""
         data = {"rows": rows, "alone": alone, "attempt": attempt}
-        self.storage.write(self.inflight_key(shard), json.dumps(data).encode())
+        self.storage.write_note(self.inflight_key(shard), json.dumps(data).encode())
 
     def read_inflight(self, shard: str) -> dict[str, Any] | None:
         try:
@@ -211,7 +213,7 @@ class Output:
         return found
 
     def clear_partials(self, shard: str) -> None:
-        self.storage.delete(self.partial_files(shard))
+        self.storage.delete_tree(self.partial_prefix(shard))
 
     # -- overwrite
     def clear(self) -> None:

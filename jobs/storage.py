@@ -4,7 +4,8 @@ A `Storage` is a folder-like root (a local directory or `s3://bucket/prefix`) ho
 named by `/`-separated keys. Every write is whole: locally a temp file in the same directory,
 fsync'd, then renamed over the final name; on S3 one PUT of the complete bytes. A write with
 `exclusive=True` never replaces an existing object (local: `link(2)` of the temp file; S3:
-`If-None-Match: *`) and reports whether it won.
+`If-None-Match: *`) and reports whether it won. `write_note` is the same whole write without the
+local fsync, for notes that only need to outlive the process that writes them.
 
 S3 goes through boto3 with its standard configuration: the credentials chain, `AWS_ENDPOINT_URL`
 (or `AWS_ENDPOINT_URL_S3`), the region settings. Credentials never appear in anything this
@@ -13,6 +14,7 @@ module returns or raises: `redact_uri` strips userinfo and query strings from UR
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import fnmatch
 import glob as globlib
@@ -193,6 +195,13 @@ class Storage:
         when the key already exists; otherwise always True."""
         return self.write_tagged(key, data, exclusive=exclusive) is not None
 
+    def write_note(self, key: str, data: bytes) -> None:
+        """`write` for a note that must outlive the process writing it, not the machine (the
+        worker's in-flight note): whole and atomically replaced as every write, but a local file
+        is not fsync'd — the page cache outlives a process, and an fsync beside a job's image
+        writes waits for their data too (on ext4, one journal commit). S3: a plain `write`."""
+        self.write(key, data)
+
     def write_tagged(
         self, key: str, data: bytes, *, exclusive: bool = False, if_match: str | None = None
     ) -> str | None:
@@ -220,6 +229,11 @@ class Storage:
         keys = list(keys)
         if keys:
             self._retrying(lambda: self._delete(keys), keys[0])
+
+    def delete_tree(self, prefix: str) -> None:
+        """Remove every object under `prefix` (a folder-like prefix ending in `/`); locally, the
+        temp files of writes that a dead process never finished go too."""
+        self.delete(self.list(prefix))
 
     def delete_tagged(self, key: str, if_match: str) -> bool:
         """Remove `key` only if the object there has the tag `if_match` (S3 `If-Match`); False
@@ -291,7 +305,10 @@ class LocalStorage(Storage):
         data = self._read(key, None)
         return data, content_tag(data)
 
-    def _write(self, key: str, data: bytes, exclusive: bool, if_match: str | None) -> str | None:
+    def write_note(self, key: str, data: bytes) -> None:
+        self._retrying(lambda: self._write(key, data, False, None, sync=False), key)
+
+    def _write(self, key: str, data: bytes, exclusive: bool, if_match: str | None, sync: bool = True) -> str | None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._temp(path)
@@ -299,7 +316,8 @@ class LocalStorage(Storage):
             with open(tmp, "wb") as handle:
                 handle.write(data)
                 handle.flush()
-                os.fsync(handle.fileno())
+                if sync:
+                    os.fsync(handle.fileno())
             if exclusive:
                 try:
                     os.link(tmp, path)  # atomic, and fails if `path` exists
@@ -374,6 +392,17 @@ class LocalStorage(Storage):
                     continue
                 keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
         return sorted(keys)
+
+    def delete_tree(self, prefix: str) -> None:
+        base = self._path(prefix)
+        for dirpath, _, filenames in os.walk(base):
+            for name in filenames:
+                if TEMP_MARK in name and name.startswith("."):  # a dead writer's (listing skips them)
+                    Path(dirpath, name).unlink(missing_ok=True)
+        super().delete_tree(prefix)
+        for dirpath, _, _ in sorted(os.walk(base), key=lambda entry: -len(entry[0])):
+            with contextlib.suppress(OSError):  # only empty folders go
+                os.rmdir(dirpath)
 
     def _delete(self, keys: list[str]) -> None:
         parents = set()

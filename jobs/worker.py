@@ -42,6 +42,7 @@ from PIL import Image
 from . import __version__
 from .faults import inject_row_fault
 from .generation import generation_request
+from .inflight import InflightNotes
 from .init_images import InitImage, InitImageCache, InitImageError, InitImagePrefetch
 from .isolation import RowOutcome, generate_isolated
 from .manifest import RowRequest, parse_row
@@ -148,11 +149,13 @@ class ShardWorker:
 
     Storage work overlaps generation: the next `batch_size` rows' init images are read while the
     current ones generate (`read_ahead`), and finished rows are encoded, committed and saved while
-    the next ones generate (`write_lag` checkpoints may still be saving). Both off (False, 0) is
-    the plain sequential loop, for benchmarks (bench/worker_io.py)."""
+    the next ones generate (`write_lag` checkpoints may still be saving), and the in-flight note
+    is written a chunk ahead (`note_ahead`, `jobs.inflight`). All off (False, 0, False) is the
+    plain sequential loop, for benchmarks (bench/worker_io.py, bench/gpu_job_check.py)."""
 
     read_ahead = True
     write_lag = 1
+    note_ahead = True
 
     def __init__(self, config: WorkerConfig, pipeline: Any = None):
         import torch
@@ -446,21 +449,23 @@ class ShardWorker:
         the stream takes it; the error record of each row that cannot goes to `unusable`.
 
         Rows are prepared `batch_size` at a time, the next chunk's init images read ahead on a
-        background thread. Before a chunk is taken, the in-flight note names its rows and those
-        still in flight (`Output.write_inflight`): if the worker process dies, the next attempt
-        knows which rows may have killed it."""
+        background thread. Before a chunk is taken, a written in-flight note names its rows and
+        those still in flight (`jobs.inflight`, which writes it a chunk ahead): if the worker
+        process dies, the next attempt knows which rows may have killed it."""
         size = self.config.batch_size
         chunks = [requests[start : start + size] for start in range(0, len(requests), size)]
         prefetch = InitImagePrefetch(self.init_images)
+        notes = InflightNotes(self.output, shard, alone, attempt, ahead=self.note_ahead)
         try:
             ahead = None
             for index, chunk in enumerate(chunks):
                 # raises a transient storage fault: the shard fails
                 loaded = (ahead or prefetch.submit(r.init_image_uri for r in chunk)).result()
                 ahead = None
-                if self.read_ahead and index + 1 < len(chunks):
-                    ahead = prefetch.submit(r.init_image_uri for r in chunks[index + 1])
-                self.output.write_inflight(shard, sorted(in_flight | {r.row for r in chunk}), alone, attempt)
+                following = chunks[index + 1] if index + 1 < len(chunks) else []
+                if self.read_ahead and following:
+                    ahead = prefetch.submit(r.init_image_uri for r in following)
+                notes.before_taking((r.row for r in chunk), in_flight, (r.row for r in following))
                 for request in chunk:
                     record, init_image = self._prepare(request, shard, attempt, loaded)
                     if record.status != "ok":
@@ -469,8 +474,10 @@ class ShardWorker:
                     inject_row_fault([record.id])  # test hook ($SDGEN_FAULT_CRASH_ROW); nothing otherwise
                     in_flight.add(request.row)
                     yield record, init_image, request.name
+            notes.wait()  # a failed note fails the shard, as a failed image write does
         finally:
             prefetch.close()
+            notes.close()
 
     def _prepare(
         self,
