@@ -27,11 +27,14 @@ gpu_check.py). CPU smoke run: `python bench/gpu_job_check.py --device cpu --weig
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import datetime
 import io
 import os
 import pstats
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -53,13 +56,16 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]  # not installed on the GPU mach
 
 from gpu_check import Report, attempt, timed  # noqa: E402 - needs the paths above
 
+import jobs.worker  # noqa: E402
+import jobs.writer  # noqa: E402
 import sdcore.devices  # noqa: E402
+from jobs.init_images import InitImageCache  # noqa: E402
 from jobs.manifest import load_manifest  # noqa: E402
 from jobs.output import Output  # noqa: E402
 from jobs.reader import read_shards  # noqa: E402
 from jobs.reproduce import Reproducer, find_records  # noqa: E402
 from jobs.spec import SamplerSpec  # noqa: E402
-from jobs.storage import LocalStorage  # noqa: E402
+from jobs.storage import LocalStorage, Storage  # noqa: E402
 from jobs.worker import ShardWorker, WorkerConfig  # noqa: E402
 from jobs.writer import encode_image  # noqa: E402
 from sdcore import GenerationRequest  # noqa: E402
@@ -151,6 +157,186 @@ def profile_report(report: Report) -> None:
     PROFILES.clear()
 
 
+VARIANTS = {  # --variants: the worker changed one way each, to find where a job loses to the bare pipeline
+    "job": "the worker as it ships (its caches warm: these rows' prompts and init images seen before)",
+    "job-cold": "the worker as it ships, its prompt and init-image caches emptied first (every row new, as in a job)",
+    "prompts-cold": "the worker as it ships, its prompt cache emptied first",
+    "images-cold": "the worker as it ships, its init-image cache emptied first",
+    "note-sync": "the in-flight note as before (fsync'd, written on the launching thread as its chunk is taken)",
+    "no-encode": "the writer keeps a few bytes per image instead of encoding a PNG",
+    "no-checks": "no non-finite checks (the pipeline's stream without jobs.numerics' hooks)",
+    "encode-processes": "the writer's PNG encoding in 4 worker processes (its threads only wait for them)",
+    "shm": "the job's output on /dev/shm instead of the disk",
+    "blocking-copies": "host-to-device copies that wait for the GPU (sdcore.devices.ASYNC_COPIES off)",
+}
+
+
+def patched(undo: contextlib.ExitStack, owner, name: str, value) -> None:
+    """Set `owner.name` to `value` until `undo` closes."""
+    undo.callback(setattr, owner, name, getattr(owner, name))
+    setattr(owner, name, value)
+
+
+def encode_elsewhere(image, fmt, parameters, quality=95) -> bytes:
+    """jobs.writer.encode_image, run in a worker process (unpatched there)."""
+    return jobs.writer.encode_image(image, fmt, parameters, quality)
+
+
+def encoding_processes(undo: contextlib.ExitStack) -> None:
+    """The writer's encoding sent to 4 spawned processes (no CUDA state forked), started first."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = undo.enter_context(ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")))
+    warm = Image.new("RGB", (8, 8))
+    list(pool.map(encode_elsewhere, [warm] * 8, ["png"] * 8, [""] * 8))
+
+    def encode(image, fmt, parameters, quality=95):
+        return pool.submit(encode_elsewhere, image, fmt, parameters, quality).result()
+
+    patched(undo, jobs.writer, "encode_image", encode)
+
+
+@contextlib.contextmanager
+def variant(worker: ShardWorker, name: str, root: Path):
+    """The worker changed as VARIANTS[name] says, writing to a fresh output (removed after)."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir="/dev/shm" if name == "shm" else root))
+    with contextlib.ExitStack() as undo:
+        patched(undo, worker, "_output", Output(str(folder)))
+        undo.callback(shutil.rmtree, folder, True)
+        if name in ("job-cold", "prompts-cold"):
+            worker.pipe.clear_embedding_cache()
+        if name in ("job-cold", "images-cold"):
+            worker.init_images = InitImageCache()
+        if name == "note-sync":
+            patched(undo, worker, "note_ahead", False)
+            patched(undo, LocalStorage, "write_note", Storage.write)  # with its fsync
+        elif name == "no-encode":
+            patched(undo, jobs.writer, "encode_image", lambda image, fmt, parameters, quality=95: parameters.encode())
+        elif name == "encode-processes":
+            encoding_processes(undo)
+        elif name == "no-checks":
+            unchecked = lambda pipe, requests, **settings: pipe.generate_stream(requests, **settings)  # noqa: E731
+            patched(undo, jobs.worker, "generate_finite", unchecked)
+        elif name == "blocking-copies":
+            patched(undo, sdcore.devices, "ASYNC_COPIES", False)
+        elif name not in ("job", "shm") and not name.endswith("-cold"):
+            raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+        yield
+
+
+def py_spy_binary() -> str | None:
+    """py-spy, on PATH or installed from a carried wheel (gpu_check.sh's --target folder)."""
+    found = shutil.which("py-spy")
+    candidates = [Path(entry) / "bin" / "py-spy" for entry in sys.path if entry]
+    return found or next((str(path) for path in candidates if path.is_file()), None)
+
+
+@contextlib.contextmanager
+def sampled(path: Path | None, flavour: str):
+    """py-spy sampling this process (every thread) while the block runs, into `path` (raw
+    collapsed stacks). flavour "idle": every thread's stack, waiting or not; "gil": only the
+    thread holding the GIL at each sample."""
+    binary = py_spy_binary()
+    if path is None or binary is None:
+        yield None
+        return
+    command = [binary, "record", "--pid", str(os.getpid()), "--threads", "--format", "raw", "--rate", "200"]
+    command += ["--nonblocking", "-o", str(path), "--idle" if flavour == "idle" else "--gil"]
+    spy = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.0)  # attached
+    try:
+        yield spy
+    finally:
+        spy.send_signal(signal.SIGINT)
+        try:
+            spy.log = spy.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.log = "py-spy did not stop"
+
+
+def thread_group(name: str) -> str:
+    """write-shard-00001_3 -> write: py-spy names threads as Python does."""
+    return name.split("-")[0].split("_")[0]
+
+
+def spy_summary(path: Path, flavour: str, rows: int = 12) -> list[str]:
+    """Where the samples went: per kind of thread, then the main thread's innermost frames and
+    its innermost frames in jobs/ or sdcore/."""
+    per_thread: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    ours: dict[str, int] = {}
+    total_main = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if frames[-1].startswith("sampled ("):
+            continue  # waiting for py-spy to attach, before the measured pass
+        thread = frames[0].split(": ", 1)[-1]
+        per_thread[thread_group(thread)] = per_thread.get(thread_group(thread), 0) + int(count)
+        if thread != "MainThread":
+            continue
+        total_main += int(count)
+        leaves[frames[-1]] = leaves.get(frames[-1], 0) + int(count)
+        project = [f for f in frames if "jobs/" in f or "sdcore/" in f]
+        key = project[-1] if project else "(outside jobs/ and sdcore/)"
+        ours[key] = ours.get(key, 0) + int(count)
+    samples = sum(per_thread.values()) or 1
+    lines = [
+        f"  - py-spy ({flavour}): samples per thread kind: "
+        + ", ".join(f"{k} {v} ({v / samples:.0%})" for k, v in sorted(per_thread.items(), key=lambda kv: -kv[1]))
+    ]
+    for title, counts in (("innermost frames", leaves), ("innermost jobs/ or sdcore/ frames", ours)):
+        top = sorted(counts.items(), key=lambda kv: -kv[1])[:rows]
+        lines.append(f"  - main thread ({total_main} samples), {title}:")
+        lines += [f"    - {v / max(total_main, 1):.1%} {k}" for k, v in top]
+    return lines
+
+
+def spy_lines(spy, path: Path | None, what: str) -> list[str]:
+    """The summary of a `sampled` block's samples, or why there are none."""
+    if spy is None:
+        return []
+    if spy.returncode == 0 and path.exists():
+        return spy_summary(path, what)
+    return [f"  - py-spy ({what}) failed: {spy.log.strip()[-300:]}"]
+
+
+def measure_variants(
+    report: Report, args, worker: ShardWorker, tasks: list, root: Path, bare_before: float, measure_bare
+) -> None:
+    """Each variant's rows/s over the same steady shards, round-robin for `args.rounds` rounds
+    (the GPU's and the host's drift spread over all), against the bare pipeline's before and
+    after them; py-spy samples the plain job's passes."""
+    names = args.variants.split(",")
+    rows = sum(task.num_rows for task in tasks)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    spies: list[str] = []
+    for round_ in range(args.rounds):
+        for name in names:
+            spied = args.py_spy and round_ == 0 and name in ("job", "job-cold")
+            spy_path = Path(args.py_spy) / f"pyspy-{name}.txt" if spied else None
+            with variant(worker, name, root), sampled(spy_path, "idle") as spy:
+                seconds = timed(worker.pipe.device, lambda: [worker.run(task) for task in tasks])
+            rates[name].append(rows / seconds)
+            spies += spy_lines(spy, spy_path, f"idle, {name}")
+    bare_after = measure_bare()
+    bare = (bare_before + bare_after) / 2
+    report.add(
+        f"- variants over {rows} rows in shards of {args.shard_size}, {args.rounds} rounds (rows/s; median / bare, "
+        f"the bare pipeline's mean of {bare_before:.2f} before and {bare_after:.2f} after):"
+    )
+    for name in names:
+        median = statistics.median(rates[name])
+        each = ", ".join(f"{rate:.2f}" for rate in rates[name])
+        report.add(f"  - {name}: {each}; median {median:.2f} = {median / bare:.2f}x bare — {VARIANTS[name]}")
+    for line in spies:
+        report.add(line)
+
+
 def host_checks(report: Report, size: int, folder: Path) -> None:
     """What the host's side of a job costs there: how PNG encoding (the writer's,
     `jobs.writer.encode_image`) scales on threads and what it does to a Python-bound thread
@@ -190,16 +376,42 @@ def host_checks(report: Report, size: int, folder: Path) -> None:
     stop.set()
     for thread in encoders:
         thread.join()
-    storage, fsync_ms = LocalStorage(str(folder / "fsync-probe")), []
-    for index in range(10):
-        started = time.perf_counter()
-        storage.write(f"note-{index}.json", b'{"rows": [1, 2, 3]}')
-        fsync_ms.append(1e3 * (time.perf_counter() - started))
+    storage = LocalStorage(str(folder / "fsync-probe"))
+
+    def note_ms(write) -> list[float]:
+        times = []
+        for index in range(10):
+            started = time.perf_counter()
+            write(f"note-{index}.json", b'{"rows": [1, 2, 3]}')
+            times.append(1e3 * (time.perf_counter() - started))
+            time.sleep(0.01)
+        return times
+
+    fsync_ms = note_ms(storage.write)
+    stop.clear()
+    image = encode()
+
+    def keep_writing(thread: int) -> None:  # as the writer's pool commits images
+        count = 0
+        while not stop.is_set():
+            storage.write(f"image-{thread}-{count}.png", image, exclusive=True)
+            count += 1
+
+    writers = [threading.Thread(target=keep_writing, args=(k,)) for k in range(4)]
+    for thread in writers:
+        thread.start()
+    beside_ms, note_beside_ms = note_ms(storage.write), note_ms(storage.write_note)
+    stop.set()
+    for thread in writers:
+        thread.join()
+    shutil.rmtree(folder / "fsync-probe", ignore_errors=True)
     report.add(
         f"- host: Pillow {PIL.__version__}, {os.cpu_count()} CPUs; PNG encode of a noisy {size}x{size} image "
         f"{rates[1]:.1f} img/s on 1 thread, {rates[4]:.1f} on 4; a Python loop {beside / alone:.2f}x slower beside "
         f"4 encoding threads; a small fsync'd write under {folder}: median {statistics.median(fsync_ms):.2f} ms, "
-        f"max {max(fsync_ms):.2f} ms"
+        f"max {max(fsync_ms):.2f} ms; beside 4 threads writing PNGs: fsync'd median {statistics.median(beside_ms):.2f} "
+        f"ms, max {max(beside_ms):.2f} ms, as a note (no fsync) median {statistics.median(note_beside_ms):.2f} ms, "
+        f"max {max(note_beside_ms):.2f} ms"
     )
 
 
@@ -221,17 +433,26 @@ def run_mode(report: Report, args, weights: str, manifest_path: str, entries: li
     started = time.perf_counter()
     worker = ShardWorker(config)
     load_s = time.perf_counter() - started
-    shard_s = []
-    for index, task in enumerate(read_shards(load_manifest([manifest_path]), args.shard_size)):
-        run = (lambda task=task: profiled(f"{mode} worker shard", worker.run, task)) if index else worker.run
-        shard_s.append(timed(worker.pipe.device, lambda task=task, run=run: run(task)))
+    tasks = list(read_shards(load_manifest([manifest_path]), args.shard_size))
+    shard_s = [timed(worker.pipe.device, lambda: worker.run(tasks[0]))]  # compiles / captures: left out
+    spy_path = Path(args.py_spy) / "pyspy-first-pass.txt" if args.py_spy else None
+    with sampled(spy_path, "idle") as spy:
+        for task in tasks[1:]:
+            run = lambda task=task: profiled(f"{mode} worker shard", worker.run, task)  # noqa: E731
+            shard_s.append(timed(worker.pipe.device, run))
     steady_rows = args.rows - args.shard_size
     job_rate = steady_rows / sum(shard_s[1:])
+    per_shard = ", ".join(f"{task.num_rows / seconds:.2f}" for task, seconds in zip(tasks[1:], shard_s[1:]))
     Output(str(output)).write_job(
         {"spec": {"image": {"quality": 95}}, "manifest": {"sources": [manifest_path]}}
     )  # what reproduce reads
     settings = dict(sampler="ddim", steps=args.steps, guidance_scale=7.5, width=args.size, height=args.size)
-    bare = bare_rows_per_s(worker.pipe, entries[args.shard_size :], folder, settings, args.batch, worker.decode_rows)
+
+    def measure_bare() -> float:
+        steady = entries[args.shard_size :]
+        return bare_rows_per_s(worker.pipe, steady, folder, settings, args.batch, worker.decode_rows)
+
+    bare = measure_bare()
     out = Output(str(output))
     records = [r for r in find_records(out, [e["id"] for e in entries], []).values()]
     last_decode_slot = max(r.decode_slot for r in records)
@@ -256,12 +477,17 @@ def run_mode(report: Report, args, weights: str, manifest_path: str, entries: li
     lines = remake.stdout.strip().splitlines() or remake.stderr.strip().splitlines()[-3:]
     report.add(
         f"- compile {mode}: worker start {load_s:.0f} s, first shard {shard_s[0]:.1f} s, then "
-        f"{job_rate:.2f} rows/s; bare pipeline {bare:.2f} rows/s (job / bare {job_rate / bare:.2f}x); "
+        f"{job_rate:.2f} rows/s (per shard: {per_shard}); bare pipeline {bare:.2f} rows/s "
+        f"(job / bare {job_rate / bare:.2f}x); "
         f"{len(records)} records {sorted(statuses)}, decode_rows {sorted({r.decode_rows for r in records})}, "
         f"kernels {records[0].kernels}; reproduce of {len(verdicts)} rows "
         f"({', '.join(f'{r.id} slot {r.batch_slot}/decode {r.decode_slot}' for r in chosen.values())}): "
         f"{', '.join(verdicts)}; in a new process (exit {remake.returncode}, {remake_s:.0f} s): " + "; ".join(lines)
     )
+    for line in spy_lines(spy, spy_path, "idle, the job's steady shards above"):
+        report.add(line)
+    if args.variants:
+        measure_variants(report, args, worker, tasks[1:], folder, bare, measure_bare)
 
 
 def main() -> None:
@@ -282,6 +508,9 @@ def main() -> None:
     parser.add_argument(
         "--blocking-copies", action="store_true", help="host-to-device copies that wait (sdcore.devices.ASYNC_COPIES)"
     )
+    parser.add_argument("--variants", default="", help=f"after each mode's job, A/B of: {', '.join(VARIANTS)}")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of --variants")
+    parser.add_argument("--py-spy", default=None, help="folder for py-spy samples (the job's steady shards, variants)")
     args = parser.parse_args()
     global PROFILING
     PROFILING = args.profile
