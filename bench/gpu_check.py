@@ -337,12 +337,12 @@ def main() -> None:
         finally:
             sdcore.devices.ASYNC_COPIES = True
         report.add(
-            f"- host-to-device copies (sdcore/devices.py), batch {compared}, exact kernels, {PAIRED_ROUNDS} "
+            f"- copies between host and GPU (sdcore/devices.py), batch {compared}, exact kernels, {PAIRED_ROUNDS} "
             f"interleaved rounds: asynchronous / blocking images/s {statistics.median(ratios):.3f}x "
             f"[{min(ratios):.3f}, {max(ratios):.3f}]"
         )
 
-    attempt(report, "host-to-device copies", copies_line)
+    attempt(report, "host-GPU copies", copies_line)
 
     def reproduce_line(exact: bool):
         with deterministic(exact):

@@ -17,7 +17,7 @@ that held the GIL while compressing would serialise the writer with the thread t
 GPU work), and how long an fsync'd small write takes where the jobs write. `--profile` reports
 the busiest functions of the launching thread in the worker's steady shards and in the bare run,
 `--output-root /dev/shm` takes the disk out, and `--blocking-copies` puts back the
-host-to-device copies that wait for the GPU (`sdcore/devices.py`), for an A/B.
+copies between host and GPU that wait for the GPU (`sdcore/devices.py`), for an A/B.
 
 Run through `GPU_CHECK=bench/gpu_job_check.py bash bench/gpu_check.sh .whl` (same wheels as
 gpu_check.py). CPU smoke run: `python bench/gpu_job_check.py --device cpu --weights builtin:tiny
@@ -167,7 +167,8 @@ VARIANTS = {  # --variants: the worker changed one way each, to find where a job
     "no-checks": "no non-finite checks (the pipeline's stream without jobs.numerics' hooks)",
     "encode-processes": "the writer's PNG encoding in 4 worker processes (its threads only wait for them)",
     "shm": "the job's output on /dev/shm instead of the disk",
-    "blocking-copies": "host-to-device copies that wait for the GPU (sdcore.devices.ASYNC_COPIES off)",
+    "blocking-copies": "copies between host and GPU that wait for the GPU (sdcore.devices.ASYNC_COPIES off)",
+    "give-out-now": "each decode's images read and given out at once (Pipeline.give_out_lag 0), not 2 forwards later",
 }
 
 
@@ -220,6 +221,8 @@ def variant(worker: ShardWorker, name: str, root: Path):
             patched(undo, jobs.worker, "generate_finite", unchecked)
         elif name == "blocking-copies":
             patched(undo, sdcore.devices, "ASYNC_COPIES", False)
+        elif name == "give-out-now":
+            patched(undo, worker.pipe, "give_out_lag", 0)
         elif name not in ("job", "shm") and not name.endswith("-cold"):
             raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
         yield
@@ -317,7 +320,7 @@ def measure_variants(
     spies: list[str] = []
     for round_ in range(args.rounds):
         for name in names:
-            spied = args.py_spy and round_ == 0 and name in ("job", "job-cold")
+            spied = args.py_spy and round_ == 0 and name in ("job", "job-cold", "give-out-now")
             spy_path = Path(args.py_spy) / f"pyspy-{name}.txt" if spied else None
             with variant(worker, name, root), sampled(spy_path, "idle") as spy:
                 seconds = timed(worker.pipe.device, lambda: [worker.run(task) for task in tasks])
@@ -506,7 +509,7 @@ def main() -> None:
     parser.add_argument("--output-root", default=None, help="where the jobs write (e.g. /dev/shm); default a temp dir")
     parser.add_argument("--profile", action="store_true", help="cProfile the launching thread (worker and bare)")
     parser.add_argument(
-        "--blocking-copies", action="store_true", help="host-to-device copies that wait (sdcore.devices.ASYNC_COPIES)"
+        "--blocking-copies", action="store_true", help="copies between host and GPU that wait (sdcore.devices.ASYNC_COPIES)"
     )
     parser.add_argument("--variants", default="", help=f"after each mode's job, A/B of: {', '.join(VARIANTS)}")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of --variants")
@@ -527,7 +530,7 @@ def main() -> None:
         f"\n## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} — job worker check "
         f"(bench/gpu_job_check.py), {name}, torch {torch.__version__}, {args.weights}, {args.size}x{args.size}, "
         f"DDIM {args.steps}, batch {args.batch}, {args.rows} rows (half img2img at {STRENGTHS}) in shards of "
-        f"{args.shard_size}; jobs written under {folder}, host-to-device copies "
+        f"{args.shard_size}; jobs written under {folder}, host-GPU copies "
         f"{'blocking' if args.blocking_copies else 'asynchronous'}{', profiled' if args.profile else ''}\n"
     )
     attempt(report, "host checks", lambda: host_checks(report, args.size, folder))

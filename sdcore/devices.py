@@ -1,13 +1,21 @@
-"""Host-to-device copies that do not make the host wait for the device.
+"""Copies between the host and a CUDA device that do not make the host wait for the device.
 
-`tensor.to("cuda")` from ordinary (pageable) host memory waits for everything queued on the
-stream before it returns. The pipeline makes a few such copies per UNet forward (the rows'
-timesteps, fresh noise, an init image): each one drained the GPU's queue, so whatever the host
-did next (a job's bookkeeping, the next forward's launches) ran with the GPU idle. From pinned
-memory the copy is queued like a kernel and the host runs on. The values copied are the same,
-so nothing changes in the results; off CUDA it is a plain `.to`.
+To the device: `tensor.to("cuda")` from host memory waits for everything queued on the stream
+before it returns, so each such copy drained the GPU's queue and whatever the host did next ran
+with the GPU idle. `to_device` queues it instead (`non_blocking=True`): from ordinary (pageable)
+memory CUDA first copies the bytes into a staging buffer of its own and returns, so the caller
+may reuse the tensor at once. Not through `pin_memory()`: that allocates page-locked memory per
+call (`cudaHostAlloc`, under a driver-wide lock), and PyTorch's pinned-memory cache only reuses a
+block once every copy queued before it has run — with the host ahead of the GPU, nearly every
+call allocated afresh, and a job's launching thread spent a third of its time there
+(bench/GPU_RESULTS.md, run 10).
 
-`ASYNC_COPIES = False` restores the waiting copies (for an A/B in the benchmarks).
+To the host: `HostCopy(tensor)` queues the copy into page-locked memory and records an event;
+`result()` waits for that copy only, not for the work queued after it, so the host can read a
+decode's pixels while the next UNet forwards run.
+
+The values are the same either way; off CUDA both are plain copies. `ASYNC_COPIES = False`
+restores the waiting copies (for an A/B in the benchmarks).
 """
 
 from __future__ import annotations
@@ -19,9 +27,32 @@ ASYNC_COPIES = True
 
 def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`tensor.to(device, dtype)`, queued without waiting where `tensor` is on the host and
-    `device` is a CUDA device. The caller may reuse `tensor` at once: the copy reads a pinned
-    duplicate, which PyTorch's pinned-memory cache keeps until the copy has run."""
+    `device` is a CUDA device. The caller may reuse `tensor` at once."""
     device = torch.device(device)
     if ASYNC_COPIES and device.type == "cuda" and tensor.device.type == "cpu":
-        return tensor.pin_memory().to(device, dtype, non_blocking=True)
+        return tensor.to(device, dtype, non_blocking=True)
     return tensor.to(device, dtype)
+
+
+class HostCopy:
+    """A device tensor's copy to the host, queued on the current stream; `result()` is the host
+    tensor, once that copy is done (work queued after it is not waited for)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._event = None
+        if ASYNC_COPIES and tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor.cpu()
+
+    def result(self) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._host
+
+
+__all__ = ["ASYNC_COPIES", "HostCopy", "to_device"]

@@ -33,7 +33,7 @@ from PIL import Image
 from . import rules
 from .clip import CLIPTextModel
 from .config import ModelConfig
-from .devices import to_device
+from .devices import HostCopy, to_device
 from .kernels import DEFAULT_CONV_ALGORITHM, set_conv_algorithm
 from .request import GenerationRequest
 from .samplers import Sampler, Trajectory
@@ -45,6 +45,10 @@ from .vae import AutoencoderKL
 # cache is bounded in bytes, not entries: one SD 1.5 embedding (1, 77, 768) float32 is 236 KB, so
 # 4096 entries would hold ~1 GB of device memory.
 EMBEDDING_CACHE_BYTES = 64 * 2**20
+
+# A decode's images are given out this many UNet forwards after it is queued on a CUDA device
+# (see `_Decoder`): while the host reads them and hands them on, the GPU runs those forwards.
+GIVE_OUT_LAG = 2
 
 
 @dataclass(frozen=True)
@@ -82,22 +86,28 @@ class _Decoder:
     """The VAE decodes of a stream: finished latents wait, per latent size, until `rows` of them
     fill one decode, which then runs at that fixed shape (the stream's end pads a short one with
     zero latents). As with the UNet, a latent's pixels then depend on its slot in the decode,
-    not on its neighbours. `rows` 1: each latent decoded alone as it finishes."""
+    not on its neighbours. `rows` 1: each latent decoded alone as it finishes.
 
-    def __init__(self, rows: int, decode: Callable[[torch.Tensor], list[Image.Image]]):
+    A decode is queued on the device and its images are given out `lag` UNet forwards later
+    (`forwarded`), or at the stream's end (`flush`). Reading the pixels on the host waits for the
+    decode; given out at once (lag 0), that wait would drain the device's queue, and everything
+    the host does next — handing the images on, admitting the next rows, encoding their prompts —
+    would run with the device idle. `lag` forwards later, the device is busy with those forwards
+    while the host reads the pixels and works. Lag 0 on a CPU, where nothing runs ahead."""
+
+    def __init__(self, rows: int, decode: Callable[[torch.Tensor], HostCopy], lag: int = 0):
         self.rows = rows
+        self.lag = lag
         self._decode = decode
         self._waiting: dict[tuple, list[tuple[int, torch.Tensor, Placement] | None]] = {}
+        self._queued: deque[list] = deque()  # [forwards queued since, the decode's slots, its pixels]
 
-    def add(
-        self, index: int, latent: torch.Tensor, placement: Placement, slot: int | None = None
-    ) -> Iterator[tuple[int, Image.Image, Placement]]:
-        """Queue a finished latent (1, 4, h, w), in `slot` if given; yields what a full decode
-        made."""
+    def add(self, index: int, latent: torch.Tensor, placement: Placement, slot: int | None = None) -> None:
+        """Wait with a finished latent (1, 4, h, w), in `slot` if given; a full decode is queued."""
         key = tuple(latent.shape)
         slots = self._waiting.get(key)
         if slots is not None and slot is not None and slots[slot] is not None:
-            yield from self._run(key)  # that slot is taken: decode what waits first
+            self._run(key)  # that slot is taken: decode what waits first
             slots = None
         if slots is None:
             slots = self._waiting[key] = [None] * self.rows
@@ -105,21 +115,40 @@ class _Decoder:
             slot = slots.index(None)
         slots[slot] = (index, latent, placement)
         if all(entry is not None for entry in slots):
-            yield from self._run(key)
+            self._run(key)
+
+    def forwarded(self) -> None:
+        """A UNet forward was queued: the queued decodes are one forward older."""
+        for queued in self._queued:
+            queued[0] += 1
+
+    def ready(self) -> Iterator[tuple[int, Image.Image, Placement]]:
+        """Give out the decodes that are at least `lag` forwards old, oldest first."""
+        while self._queued and self._queued[0][0] >= self.lag:
+            yield from self._give_out(self._queued.popleft())
 
     def flush(self) -> Iterator[tuple[int, Image.Image, Placement]]:
-        """Decode every latent still waiting (short decodes padded)."""
+        """Decode every latent still waiting (short decodes padded); give every decode out."""
         for key in list(self._waiting):
-            yield from self._run(key)
+            self._run(key)
+        while self._queued:
+            yield from self._give_out(self._queued.popleft())
 
-    def _run(self, key: tuple) -> Iterator[tuple[int, Image.Image, Placement]]:
+    def _run(self, key: tuple) -> None:
         slots = self._waiting.pop(key)
         filler = torch.zeros_like(next(entry[1] for entry in slots if entry is not None))
-        images = self._decode(torch.cat([filler if entry is None else entry[1] for entry in slots]))
+        pixels = self._decode(torch.cat([filler if entry is None else entry[1] for entry in slots]))
+        self._queued.append([0, slots, pixels])
+
+    def _give_out(self, queued: list) -> Iterator[tuple[int, Image.Image, Placement]]:
+        _, slots, pixels = queued
+        arrays = pixels.result().numpy()
         for decode_slot, entry in enumerate(slots):
             if entry is not None:
                 index, _, placement = entry
-                yield index, images[decode_slot], replace(placement, decode_rows=self.rows, decode_slot=decode_slot)
+                # A copy: the image must not hold the page-locked buffer the pixels came into.
+                image = Image.fromarray(arrays[decode_slot].copy())
+                yield index, image, replace(placement, decode_rows=self.rows, decode_slot=decode_slot)
 
 
 class _Lane:
@@ -185,13 +214,13 @@ def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor
     return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
-def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> B 8-bit RGB images, rounding as diffusers' image processor does
-    (elementwise: a row's pixels do not depend on the others)."""
+def pixels_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounding as diffusers' image processor does
+    (its numpy steps, in the same float32 arithmetic, on the tensor's device: a quarter of the
+    bytes to copy to the host, and no host time; elementwise, so a row's pixels do not depend on
+    the others)."""
     x = (x / 2 + 0.5).clamp(0, 1)
-    # (B, 3, H, W) -> (B, H, W, 3), one copy to the host for the whole batch
-    arrays = x.permute(0, 2, 3, 1).float().cpu().numpy()
-    return [Image.fromarray((array * 255).round().astype(np.uint8)) for array in arrays]
+    return (x.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8)
 
 
 class Pipeline:
@@ -217,6 +246,7 @@ class Pipeline:
         set_conv_algorithm(self, DEFAULT_CONV_ALGORITHM)  # sets self.conv_algorithm
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._embedding_bytes = 0
+        self._give_out_lag: int | None = None  # None: GIVE_OUT_LAG on CUDA, 0 elsewhere
 
     @property
     def device(self) -> torch.device:
@@ -225,6 +255,18 @@ class Pipeline:
     @property
     def dtype(self) -> torch.dtype:
         return self.unet.conv_in.weight.dtype
+
+    @property
+    def give_out_lag(self) -> int:
+        """UNet forwards queued after a VAE decode before its images are given out (`_Decoder`):
+        2 on CUDA, so reading them never leaves the GPU idle; 0 on a CPU. Settable (an A/B)."""
+        if self._give_out_lag is not None:
+            return self._give_out_lag
+        return GIVE_OUT_LAG if self.device.type == "cuda" else 0
+
+    @give_out_lag.setter
+    def give_out_lag(self, forwards: int | None) -> None:
+        self._give_out_lag = forwards
 
     @property
     def size_multiple(self) -> int:
@@ -425,7 +467,7 @@ class Pipeline:
             lane_rows = sizes.__getitem__
             resolved = iter(resolved)
         try:
-            decoder = _Decoder(decode_batch, self._decode)
+            decoder = _Decoder(decode_batch, self._decode, self.give_out_lag)
             yield from self._run_lanes(resolved, lane_rows, fixed_batch, slots, decoder, decode_slots)
         finally:
             self.unet.forget_context()  # the last batch's text K and V: not kept past the generation
@@ -460,10 +502,13 @@ class Pipeline:
                 return
             for slot, index, request in lane.admit():
                 lane.slots[slot] = self._start(index, request)
-            for slot, flight in self._forward(lane):
+            finished = self._forward(lane)
+            decoder.forwarded()
+            for slot, flight in finished:
                 placement = Placement(rows=lane.rows, slot=slot) if fixed_batch is not None else _UNPLACED
                 decode_slot = None if decode_slots is None else decode_slots[flight.index]
-                yield from decoder.add(flight.index, flight.x, placement, decode_slot)
+                decoder.add(flight.index, flight.x, placement, decode_slot)
+            yield from decoder.ready()
 
     def _resolve(self, index: int, request: GenerationRequest | Mapping[str, Any], defaults: dict) -> GenerationRequest:
         try:
@@ -532,6 +577,7 @@ class Pipeline:
         noise = to_device(torch.randn(shape, generator=generator, dtype=self.dtype), self.device)
         return schedule.img2img_latents(init, noise, schedule.start_index(request.strength))
 
-    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """Latents (B, 4, h, w) -> B images, in one VAE forward."""
-        return tensor_to_images(self.vae.decode(latents / self.config.vae.scaling_factor))
+    def _decode(self, latents: torch.Tensor) -> HostCopy:
+        """Latents (B, 4, h, w) -> their pixels (B, H, W, 3) uint8, in one VAE forward, on their
+        way to the host (`HostCopy.result()` waits for them)."""
+        return HostCopy(pixels_to_uint8(self.vae.decode(latents / self.config.vae.scaling_factor)))

@@ -271,3 +271,59 @@ def test_reduced_precision_matches_diffusers(model_folder, dtype):
         [{"prompt": "a red circle", "seed": 3}], sampler="euler_a", steps=5, guidance_scale=7.5, width=64, height=64
     )[0]
     assert max_diff(expected, got) <= MAX_PIXEL_DIFF
+
+
+def test_pixels_become_bytes_exactly_as_diffusers_rounds_them():
+    """sdcore.pipeline.pixels_to_uint8 runs diffusers' numpy steps (x * 255, round half to even,
+    uint8) in torch on the pixels' device: the same bytes, exact halves included."""
+    from sdcore.pipeline import pixels_to_uint8
+
+    halves = (torch.arange(256, dtype=torch.float32) + 0.5) / 255 * 2 - 1  # k + 0.5 after scaling
+    x = torch.cat([torch.linspace(-1.2, 1.2, 3 * 64 * 64 - 256), halves]).reshape(1, 3, 64, 64)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        pixels = x.to(dtype)
+        expected = ((pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().numpy() * 255).round().astype(np.uint8)
+        assert np.array_equal(pixels_to_uint8(pixels).numpy(), expected), dtype
+
+
+def test_images_given_out_forwards_after_their_decode_are_the_same_images(tiny_pipe):
+    """On CUDA a decode's images are given out two UNet forwards after it is queued (so that
+    reading them never idles the GPU); forced here on the CPU: the same bytes for every row, and
+    each image comes out only once two more forwards have been queued (or at the stream's end)."""
+    requests = [sdcore.GenerationRequest(f"row {k}", seed=k, strength=None) for k in range(5)]
+    settings = dict(sampler="ddim", steps=3, guidance_scale=5.0, width=32, height=32, fixed_batch=2, decode_batch=2)
+    events = []
+    hooks = [
+        tiny_pipe.unet.register_forward_hook(lambda *_: events.append("forward")),
+        tiny_pipe.vae.decoder.register_forward_hook(lambda *_: events.append("decode")),
+    ]
+    images = {}
+    try:
+        for lag in (0, 2):
+            tiny_pipe.give_out_lag = lag
+            events.clear()
+            given = {}
+            for index, image, _ in tiny_pipe.generate_stream(requests, **settings):
+                given[index] = np.asarray(image)
+                events.append("out")
+            images[lag] = given
+            # Rows finish in pairs (rows 0-1 at forward 3, 2-3 at 6, 4 at 9): decodes of 2 rows.
+            forwards, seen, outs, early = events.count("forward"), 0, 0, 0
+            decoded_at = []  # forwards seen at each decode
+            for event in events:
+                if event == "forward":
+                    seen += 1
+                elif event == "decode":
+                    decoded_at.append(seen)
+                else:
+                    if seen < forwards:  # before the stream's end: `lag` forwards after its decode
+                        assert seen - decoded_at[outs // 2] == lag, (lag, events)
+                        early += 1
+                    outs += 1
+            assert (outs, early) == (5, 4)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        tiny_pipe.give_out_lag = None
+    assert images[0].keys() == images[2].keys() == set(range(5))
+    assert all(np.array_equal(images[0][k], images[2][k]) for k in range(5))
