@@ -509,7 +509,7 @@ def main() -> None:
     parser.add_argument("--output-root", default=None, help="where the jobs write (e.g. /dev/shm); default a temp dir")
     parser.add_argument("--profile", action="store_true", help="cProfile the launching thread (worker and bare)")
     parser.add_argument(
-        "--blocking-copies", action="store_true", help="copies between host and GPU that wait (sdcore.devices.ASYNC_COPIES)"
+        "--blocking-copies", action="store_true", help="host-GPU copies that wait (sdcore.devices.ASYNC_COPIES)"
     )
     parser.add_argument("--variants", default="", help=f"after each mode's job, A/B of: {', '.join(VARIANTS)}")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of --variants")
