@@ -504,11 +504,14 @@ class Pipeline:
                 lane.slots[slot] = self._start(index, request)
             finished = self._forward(lane)
             decoder.forwarded()
+            # Before this forward's rows queue a decode: reading a decode's pixels then waits only
+            # for work queued before this forward, which keeps the device busy meanwhile.
+            yield from decoder.ready()
             for slot, flight in finished:
                 placement = Placement(rows=lane.rows, slot=slot) if fixed_batch is not None else _UNPLACED
                 decode_slot = None if decode_slots is None else decode_slots[flight.index]
                 decoder.add(flight.index, flight.x, placement, decode_slot)
-            yield from decoder.ready()
+            yield from decoder.ready()  # with lag 0: what was just decoded
 
     def _resolve(self, index: int, request: GenerationRequest | Mapping[str, Any], defaults: dict) -> GenerationRequest:
         try:

@@ -288,10 +288,11 @@ def test_pixels_become_bytes_exactly_as_diffusers_rounds_them():
 
 def test_images_given_out_forwards_after_their_decode_are_the_same_images(tiny_pipe):
     """On CUDA a decode's images are given out two UNet forwards after it is queued (so that
-    reading them never idles the GPU); forced here on the CPU: the same bytes for every row, and
-    each image comes out only once two more forwards have been queued (or at the stream's end)."""
-    requests = [sdcore.GenerationRequest(f"row {k}", seed=k, strength=None) for k in range(5)]
-    settings = dict(sampler="ddim", steps=3, guidance_scale=5.0, width=32, height=32, fixed_batch=2, decode_batch=2)
+    reading them never idles the GPU); forced here on the CPU: the same bytes for every row; each
+    image comes out exactly two forwards after its decode (or at the stream's end), and before
+    any later decode is queued (reading it then waits for nothing queued after a forward)."""
+    requests = [sdcore.GenerationRequest(f"row {k}", seed=k, strength=None) for k in range(7)]
+    settings = dict(sampler="ddim", steps=2, guidance_scale=5.0, width=32, height=32, fixed_batch=2, decode_batch=2)
     events = []
     hooks = [
         tiny_pipe.unet.register_forward_hook(lambda *_: events.append("forward")),
@@ -299,7 +300,7 @@ def test_images_given_out_forwards_after_their_decode_are_the_same_images(tiny_p
     ]
     images = {}
     try:
-        for lag in (0, 2):
+        for lag, early_rows in ((0, 6), (2, 4)):
             tiny_pipe.give_out_lag = lag
             events.clear()
             given = {}
@@ -307,23 +308,26 @@ def test_images_given_out_forwards_after_their_decode_are_the_same_images(tiny_p
                 given[index] = np.asarray(image)
                 events.append("out")
             images[lag] = given
-            # Rows finish in pairs (rows 0-1 at forward 3, 2-3 at 6, 4 at 9): decodes of 2 rows.
+            # Rows finish in pairs every 2 forwards (0-1 at forward 2, 2-3 at 4, 4-5 at 6, 6 at 8).
             forwards, seen, outs, early = events.count("forward"), 0, 0, 0
             decoded_at = []  # forwards seen at each decode
-            for event in events:
+            for position, event in enumerate(events):
                 if event == "forward":
                     seen += 1
                 elif event == "decode":
                     decoded_at.append(seen)
                 else:
-                    if seen < forwards:  # before the stream's end: `lag` forwards after its decode
+                    if seen < forwards:  # before the stream's end
                         assert seen - decoded_at[outs // 2] == lag, (lag, events)
+                        last_forward = max(k for k in range(position) if events[k] == "forward")
+                        if lag:
+                            assert "decode" not in events[last_forward:position], (lag, events)
                         early += 1
                     outs += 1
-            assert (outs, early) == (5, 4)
+            assert (outs, early) == (7, early_rows), (lag, events)
     finally:
         for hook in hooks:
             hook.remove()
         tiny_pipe.give_out_lag = None
-    assert images[0].keys() == images[2].keys() == set(range(5))
-    assert all(np.array_equal(images[0][k], images[2][k]) for k in range(5))
+    assert images[0].keys() == images[2].keys() == set(range(7))
+    assert all(np.array_equal(images[0][k], images[2][k]) for k in range(7))
