@@ -4,8 +4,9 @@
 # are installed from a local folder first (default .whl/ in the repository root), made on a
 # machine with PyPI access:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux2014_x86_64 -d .whl diffusers ftfy wcwidth importlib_metadata lazy-importer
-# (add zipp where the machine lacks it). Usage: bash bench/gpu_check.sh [WHEEL_DIR] [-- gpu_check.py
+#     --platform manylinux2014_x86_64 -d .whl diffusers ftfy wcwidth importlib_metadata lazy-importer py-spy
+# (add zipp where the machine lacks it; py-spy only for gpu_job_check.py --py-spy, which finds its
+# binary in the install folder). Usage: bash bench/gpu_check.sh [WHEEL_DIR] [-- gpu_check.py
 # options]. The eager measurements take a few minutes; compiled modes run while --budget-s allows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
