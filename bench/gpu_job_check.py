@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -236,16 +237,15 @@ def py_spy_binary() -> str | None:
 
 
 @contextlib.contextmanager
-def sampled(path: Path | None, flavour: str):
-    """py-spy sampling this process (every thread) while the block runs, into `path` (raw
-    collapsed stacks). flavour "idle": every thread's stack, waiting or not; "gil": only the
-    thread holding the GIL at each sample."""
+def sampled(path: Path | None):
+    """py-spy sampling this process while the block runs, into `path` (raw collapsed stacks):
+    every thread's stack at each sample, waiting or not (`--idle`)."""
     binary = py_spy_binary()
     if path is None or binary is None:
         yield None
         return
     command = [binary, "record", "--pid", str(os.getpid()), "--threads", "--format", "raw", "--rate", "200"]
-    command += ["--nonblocking", "-o", str(path), "--idle" if flavour == "idle" else "--gil"]
+    command += ["--nonblocking", "--idle", "-o", str(path)]
     spy = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     time.sleep(1.0)  # attached
     try:
@@ -264,13 +264,12 @@ def thread_group(name: str) -> str:
     return name.split("-")[0].split("_")[0]
 
 
-def spy_summary(path: Path, flavour: str, rows: int = 12) -> list[str]:
+def spy_summary(path: Path, what: str, rows: int = 12) -> list[str]:
     """Where the samples went: per kind of thread, then the main thread's innermost frames and
     its innermost frames in jobs/ or sdcore/."""
-    per_thread: dict[str, int] = {}
-    leaves: dict[str, int] = {}
-    ours: dict[str, int] = {}
-    total_main = 0
+    per_thread: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    ours: Counter[str] = Counter()
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -279,23 +278,20 @@ def spy_summary(path: Path, flavour: str, rows: int = 12) -> list[str]:
         if frames[-1].startswith("sampled ("):
             continue  # waiting for py-spy to attach, before the measured pass
         thread = frames[0].split(": ", 1)[-1]
-        per_thread[thread_group(thread)] = per_thread.get(thread_group(thread), 0) + int(count)
+        per_thread[thread_group(thread)] += int(count)
         if thread != "MainThread":
             continue
-        total_main += int(count)
-        leaves[frames[-1]] = leaves.get(frames[-1], 0) + int(count)
+        leaves[frames[-1]] += int(count)
         project = [f for f in frames if "jobs/" in f or "sdcore/" in f]
-        key = project[-1] if project else "(outside jobs/ and sdcore/)"
-        ours[key] = ours.get(key, 0) + int(count)
-    samples = sum(per_thread.values()) or 1
+        ours[project[-1] if project else "(outside jobs/ and sdcore/)"] += int(count)
+    samples, total_main = per_thread.total() or 1, leaves.total()
     lines = [
-        f"  - py-spy ({flavour}): samples per thread kind: "
-        + ", ".join(f"{k} {v} ({v / samples:.0%})" for k, v in sorted(per_thread.items(), key=lambda kv: -kv[1]))
+        f"  - py-spy ({what}): samples per thread kind: "
+        + ", ".join(f"{k} {v} ({v / samples:.0%})" for k, v in per_thread.most_common())
     ]
     for title, counts in (("innermost frames", leaves), ("innermost jobs/ or sdcore/ frames", ours)):
-        top = sorted(counts.items(), key=lambda kv: -kv[1])[:rows]
         lines.append(f"  - main thread ({total_main} samples), {title}:")
-        lines += [f"    - {v / max(total_main, 1):.1%} {k}" for k, v in top]
+        lines += [f"    - {v / max(total_main, 1):.1%} {k}" for k, v in counts.most_common(rows)]
     return lines
 
 
@@ -322,10 +318,10 @@ def measure_variants(
         for name in names:
             spied = args.py_spy and round_ == 0 and name in ("job", "job-cold", "give-out-now")
             spy_path = Path(args.py_spy) / f"pyspy-{name}.txt" if spied else None
-            with variant(worker, name, root), sampled(spy_path, "idle") as spy:
+            with variant(worker, name, root), sampled(spy_path) as spy:
                 seconds = timed(worker.pipe.device, lambda: [worker.run(task) for task in tasks])
             rates[name].append(rows / seconds)
-            spies += spy_lines(spy, spy_path, f"idle, {name}")
+            spies += spy_lines(spy, spy_path, name)
     bare_after = measure_bare()
     bare = (bare_before + bare_after) / 2
     report.add(
@@ -439,7 +435,7 @@ def run_mode(report: Report, args, weights: str, manifest_path: str, entries: li
     tasks = list(read_shards(load_manifest([manifest_path]), args.shard_size))
     shard_s = [timed(worker.pipe.device, lambda: worker.run(tasks[0]))]  # compiles / captures: left out
     spy_path = Path(args.py_spy) / "pyspy-first-pass.txt" if args.py_spy else None
-    with sampled(spy_path, "idle") as spy:
+    with sampled(spy_path) as spy:
         for task in tasks[1:]:
             run = lambda task=task: profiled(f"{mode} worker shard", worker.run, task)  # noqa: E731
             shard_s.append(timed(worker.pipe.device, run))
@@ -487,7 +483,7 @@ def run_mode(report: Report, args, weights: str, manifest_path: str, entries: li
         f"({', '.join(f'{r.id} slot {r.batch_slot}/decode {r.decode_slot}' for r in chosen.values())}): "
         f"{', '.join(verdicts)}; in a new process (exit {remake.returncode}, {remake_s:.0f} s): " + "; ".join(lines)
     )
-    for line in spy_lines(spy, spy_path, "idle, the job's steady shards above"):
+    for line in spy_lines(spy, spy_path, "the job's steady shards above"):
         report.add(line)
     if args.variants:
         measure_variants(report, args, worker, tasks[1:], folder, bare, measure_bare)
