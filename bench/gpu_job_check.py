@@ -170,6 +170,8 @@ VARIANTS = {  # --variants: the worker changed one way each, to find where a job
     "shm": "the job's output on /dev/shm instead of the disk",
     "blocking-copies": "copies between host and GPU that wait for the GPU (sdcore.devices.ASYNC_COPIES off)",
     "give-out-now": "each decode's images read and given out at once (Pipeline.give_out_lag 0), not 2 forwards later",
+    "start-in-slot-cold": "as job-cold, with rows started (prompts encoded, latents made) as their slots free up "
+    "(Pipeline.prepare_ahead off), not a batch ahead while forwards run",
 }
 
 
@@ -206,9 +208,9 @@ def variant(worker: ShardWorker, name: str, root: Path):
     with contextlib.ExitStack() as undo:
         patched(undo, worker, "_output", Output(str(folder)))
         undo.callback(shutil.rmtree, folder, True)
-        if name in ("job-cold", "prompts-cold"):
+        if name in ("job-cold", "prompts-cold", "start-in-slot-cold"):
             worker.pipe.clear_embedding_cache()
-        if name in ("job-cold", "images-cold"):
+        if name in ("job-cold", "images-cold", "start-in-slot-cold"):
             worker.init_images = InitImageCache()
         if name == "note-sync":
             patched(undo, worker, "note_ahead", False)
@@ -224,6 +226,8 @@ def variant(worker: ShardWorker, name: str, root: Path):
             patched(undo, sdcore.devices, "ASYNC_COPIES", False)
         elif name == "give-out-now":
             patched(undo, worker.pipe, "give_out_lag", 0)
+        elif name == "start-in-slot-cold":
+            patched(undo, worker.pipe, "prepare_ahead", False)
         elif name not in ("job", "shm") and not name.endswith("-cold"):
             raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
         yield
@@ -316,7 +320,7 @@ def measure_variants(
     spies: list[str] = []
     for round_ in range(args.rounds):
         for name in names:
-            spied = args.py_spy and round_ == 0 and name in ("job", "job-cold", "give-out-now")
+            spied = args.py_spy and round_ == 0 and name in ("job-cold", "start-in-slot-cold", "give-out-now")
             spy_path = Path(args.py_spy) / f"pyspy-{name}.txt" if spied else None
             with variant(worker, name, root), sampled(spy_path) as spy:
                 seconds = timed(worker.pipe.device, lambda: [worker.run(task) for task in tasks])
@@ -514,6 +518,8 @@ def main() -> None:
     global PROFILING
     PROFILING = args.profile
     sdcore.devices.ASYNC_COPIES = not args.blocking_copies
+    if args.py_spy:
+        Path(args.py_spy).mkdir(parents=True, exist_ok=True)
     report = Report(args.out)
     folder = Path(tempfile.mkdtemp(prefix="gpu-job-check-", dir=args.output_root))
     started = time.monotonic()

@@ -615,6 +615,12 @@ def main() -> None:
     parser.add_argument("--job-repeats", type=int, default=None, help="job rounds (default 2; quick 1)")
     parser.add_argument("--no-jobs", action="store_true", help="skip the job-runner measurements")
     parser.add_argument(
+        "--job-rows",
+        type=int,
+        default=None,
+        help="rows per job (default: the case's, 96 for shapes); more rows give a longer steady window",
+    )
+    parser.add_argument(
         "--jobs-only", action="store_true", help="only the job-runner measurements (job / bare), no pipeline timing"
     )
     parser.add_argument(
@@ -649,6 +655,8 @@ def main() -> None:
     results = []
     for key in args.cases.split(","):
         case = cases[key]
+        if args.job_rows is not None and case.job_rows:
+            case = dataclasses.replace(case, job_rows=args.job_rows)
         print(f"{case.title}: {case.images} images, batch {case.batch}, {case.steps} steps, {case.size}px", flush=True)
         if args.jobs_only and key != "sd15":  # the built-in weights: nothing to build or time here
             if case.job_rows:

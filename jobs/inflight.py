@@ -12,8 +12,9 @@ So `InflightNotes` writes each note one chunk ahead, on a background thread: the
 when chunk k is taken names the rows in flight then, chunk k and chunk k+1. When chunk k+1 is
 taken, that note must be written (the worker waits for it, normally long done); the rows in
 flight from then until the next note is written are among those it names. The note names more
-rows than are ever in flight at once (up to three chunks' worth, not two), so after a death a
-few more rows are retried one by one before the rest run batched again; nothing else changes.
+rows than are ever in flight at once (up to three chunks' worth, not two; four on CUDA, where the
+pipeline reads a batch ahead: `sdcore.pipeline.PREPARE_AHEAD`), so after a death a few more rows
+are retried one by one before the rest run batched again; nothing else changes.
 The first note of a stream is written before its first chunk is taken, as before.
 """
 

@@ -50,6 +50,12 @@ EMBEDDING_CACHE_BYTES = 64 * 2**20
 # (see `_Decoder`): while the host reads them and hands them on, the GPU runs those forwards.
 GIVE_OUT_LAG = 2
 
+# On a CUDA device, a lane reads one batch of requests ahead of its free slots and starts them a
+# few per forward (`_Lane.prepare_ahead`): their prompts encoded, their starting latents made.
+# Starting a batch's rows only when its slots free up put ~11 ms of host time per prompt (the text
+# encoder's kernel launches) between two forwards, with the GPU idle (bench/GPU_RESULTS.md, run 10).
+PREPARE_AHEAD = True
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -160,6 +166,7 @@ class _Lane:
         self.guided = guided
         self.slots: list[_Flight | None] = [None] * rows
         self.queue: deque[tuple[int, GenerationRequest, int | None]] = deque()
+        self.started: dict[int, _Flight] = {}  # queued requests started ahead, by request index
         self._context: tuple[list[_Flight | None], torch.Tensor] | None = None  # (slots it was built for, it)
 
     @staticmethod
@@ -171,9 +178,9 @@ class _Lane:
     def busy(self) -> bool:
         return any(flight is not None for flight in self.slots)
 
-    def wants_more(self) -> bool:
-        """Fewer requests wait than slots are free."""
-        return len(self.queue) < sum(flight is None for flight in self.slots)
+    def wants_more(self, ahead: int = 0) -> bool:
+        """Fewer requests wait than slots are free (plus `ahead`)."""
+        return len(self.queue) < sum(flight is None for flight in self.slots) + ahead
 
     def context(self, encode_prompt: Callable[[str], torch.Tensor]) -> torch.Tensor:
         """The forward's text context: each slot's prompt embedding ((negative, then prompt) x
@@ -202,6 +209,18 @@ class _Lane:
                 self.queue.remove(pick)
                 admitted.append((slot, pick[0], pick[1]))
         return admitted
+
+    def prepare_ahead(self, start: Callable[[int, GenerationRequest], _Flight]) -> None:
+        """Start queued requests before a slot takes them (`start`: the pipeline's `_start`, which
+        also encodes the prompts), as many per forward as makes them all ready by the time the
+        first slot frees up. Nothing here depends on when it runs: each row has its own generator
+        and its own batch-of-one text and VAE encodes, so its bits are the same either way."""
+        waiting = [(index, request) for index, request, _ in self.queue if index not in self.started]
+        forwards_left = min((f.trajectory.remaining for f in self.slots if f is not None), default=0)
+        if not waiting or not forwards_left:  # nothing to do, or the slots take them next
+            return
+        for index, request in waiting[: -(-len(waiting) // forwards_left)]:  # ceil division
+            self.started[index] = start(index, request)
 
 
 def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
@@ -247,6 +266,7 @@ class Pipeline:
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._embedding_bytes = 0
         self._give_out_lag: int | None = None  # None: GIVE_OUT_LAG on CUDA, 0 elsewhere
+        self._prepare_ahead: bool | None = None  # None: PREPARE_AHEAD on CUDA, off elsewhere
 
     @property
     def device(self) -> torch.device:
@@ -267,6 +287,20 @@ class Pipeline:
     @give_out_lag.setter
     def give_out_lag(self, forwards: int | None) -> None:
         self._give_out_lag = forwards
+
+    @property
+    def prepare_ahead(self) -> bool:
+        """Whether a lane reads a batch of requests ahead and starts them while forwards run
+        (`_Lane.prepare_ahead`): on CUDA, where the host's work then overlaps the GPU's; off on
+        a CPU, where it would only take rows from the caller earlier. Settable (an A/B); the
+        images are the same either way."""
+        if self._prepare_ahead is not None:
+            return self._prepare_ahead
+        return PREPARE_AHEAD and self.device.type == "cuda"
+
+    @prepare_ahead.setter
+    def prepare_ahead(self, ahead: bool | None) -> None:
+        self._prepare_ahead = ahead
 
     @property
     def size_multiple(self) -> int:
@@ -483,10 +517,13 @@ class Pipeline:
     ) -> Iterator[tuple[int, Image.Image, Placement]]:
         lanes: dict[tuple, _Lane] = {}
         exhausted = False
-        while True:
-            lane = next((lane for lane in lanes.values() if lane.busy), None)
-            lane = lane or next((lane for lane in lanes.values() if lane.queue), None)
-            while not exhausted and (lane is None or lane.wants_more()):
+        ahead = self.prepare_ahead
+
+        def read(lane: _Lane | None, extra: int = 0) -> _Lane | None:
+            """Read requests into their lanes' queues until `lane` has `extra` more waiting than
+            it has free slots (until any lane has a request, when None); the lane to run."""
+            nonlocal exhausted
+            while not exhausted and (lane is None or lane.wants_more(extra)):
                 item = next(resolved, None)
                 if item is None:
                     exhausted = True
@@ -497,11 +534,16 @@ class Pipeline:
                     lanes[key] = _Lane(lane_rows(key), guided=key[2])
                 lanes[key].queue.append((index, request, None if slots is None else slots[index]))
                 lane = lane or lanes[key]
+            return lane
+
+        while True:
+            lane = next((lane for lane in lanes.values() if lane.busy), None)
+            lane = read(lane or next((lane for lane in lanes.values() if lane.queue), None))
             if lane is None:
                 yield from decoder.flush()
                 return
             for slot, index, request in lane.admit():
-                lane.slots[slot] = self._start(index, request)
+                lane.slots[slot] = lane.started.pop(index, None) or self._start(index, request)
             finished = self._forward(lane)
             decoder.forwarded()
             # Before this forward's rows queue a decode: reading a decode's pixels then waits only
@@ -511,6 +553,9 @@ class Pipeline:
                 placement = Placement(rows=lane.rows, slot=slot) if fixed_batch is not None else _UNPLACED
                 decode_slot = None if decode_slots is None else decode_slots[flight.index]
                 decoder.add(flight.index, flight.x, placement, decode_slot)
+            if ahead and (lane.busy or lane.queue):  # while the device runs this forward: the next rows
+                read(lane, extra=lane.rows)
+                lane.prepare_ahead(self._start)
             yield from decoder.ready()  # with lag 0: what was just decoded
 
     def _resolve(self, index: int, request: GenerationRequest | Mapping[str, Any], defaults: dict) -> GenerationRequest:
@@ -524,11 +569,15 @@ class Pipeline:
             raise ValueError(f"request {index}: {exc}") from None
 
     def _start(self, index: int, request: GenerationRequest) -> _Flight:
-        """A request entering its slot: its generator, its starting latent, its trajectory."""
+        """A request ready for a slot: its generator, its starting latent, its trajectory; its
+        prompts encoded (into the cache the forward's context reads)."""
         sampler = Sampler(request.sampler, request.steps, request.karras)
         start = 0 if request.strength is None else sampler.start_index(request.strength)
         generator = torch.Generator("cpu").manual_seed(request.seed)
         latent = self._initial_latent(request, sampler, generator)
+        self.encode_prompt(request.prompt)
+        if rules.guided(request.guidance_scale):
+            self.encode_prompt(request.negative)
         return _Flight(index, request, generator, sampler.trajectory(start), latent)
 
     def _forward(self, lane: _Lane) -> list[tuple[int, _Flight]]:

@@ -105,25 +105,35 @@ def watched_worker(tmp_path, tiny_pipe, rows, storage_delay=0.0, fail_at=None, b
     return worker, watched
 
 
+@pytest.fixture(params=[False, True], ids=["started-in-slot", "started-ahead"])
+def ahead_pipe(request, tiny_pipe):
+    """The tiny pipeline starting rows as their slots take them (as on a CPU) or reading a batch
+    ahead and starting it while forwards run (as on CUDA: `Pipeline.prepare_ahead`)."""
+    tiny_pipe.prepare_ahead = request.param
+    yield tiny_pipe
+    tiny_pipe.prepare_ahead = None
+
+
 @pytest.mark.parametrize("delay", [0.0, 0.05])
-def test_every_row_in_the_pipeline_is_named_by_a_written_note(tmp_path, tiny_pipe, delay):
+def test_every_row_in_the_pipeline_is_named_by_a_written_note(tmp_path, ahead_pipe, delay):
     """With instant note writes and with slow ones (a write still under way when the next chunk
     is due: the worker must wait for it), the note on disk names every row in the pipeline, at
-    every take and every finish; it names at most three chunks' rows."""
+    every take and every finish; it names at most three chunks' rows (four when the pipeline
+    reads a batch ahead)."""
     rows = mixed_rows(tmp_path, 9)
-    worker, watched = watched_worker(tmp_path, tiny_pipe, rows, storage_delay=delay)
+    worker, watched = watched_worker(tmp_path, ahead_pipe, rows, storage_delay=delay)
     result = worker.run(one_shard(tmp_path, rows))
     assert (result.ok, result.committed) == (9, True)
     assert sorted(watched.taken) == list(range(9)) and watched.checks == 18
-    assert watched.largest_note <= 3 * 2
+    assert watched.largest_note <= (4 if ahead_pipe.prepare_ahead else 3) * 2
     assert Output(str(tmp_path / "out")).partial_files() == []  # no note lands after the commit
 
 
-def test_rows_of_earlier_chunks_are_in_flight_when_later_chunks_are_taken(tmp_path, tiny_pipe):
+def test_rows_of_earlier_chunks_are_in_flight_when_later_chunks_are_taken(tmp_path, ahead_pipe):
     """The case the note ahead must cover (else the test above proves little): when a chunk is
     taken, rows of an earlier chunk are still in the pipeline."""
     rows = mixed_rows(tmp_path, 9)
-    worker, watched = watched_worker(tmp_path, tiny_pipe, rows)
+    worker, watched = watched_worker(tmp_path, ahead_pipe, rows)
     overlaps = []
     original = watched.check
 

@@ -331,3 +331,81 @@ def test_images_given_out_forwards_after_their_decode_are_the_same_images(tiny_p
         tiny_pipe.give_out_lag = None
     assert images[0].keys() == images[2].keys() == set(range(7))
     assert all(np.array_equal(images[0][k], images[2][k]) for k in range(7))
+
+
+def _mixed_requests() -> list[dict]:
+    """Rows that share forwards in unlike ways: txt2img and img2img at several strengths, other
+    step counts and guidance scales, an unguided row and a row of another size (other lanes)."""
+    rows = []
+    for k in range(11):
+        row = {"prompt": f"mixed row {k}", "seed": 40 + k, "negative": "blurry" if k % 4 == 1 else ""}
+        if k % 3 == 1:
+            row.update(init_image=init_image(k, size=(32, 32)), strength=(0.5, 0.75, 1.0, 0.6)[k // 3])
+        if k % 5 == 2:
+            row["steps"] = 5
+        if k == 6:
+            row["guidance_scale"] = 1.0  # no unconditional half: a lane of its own
+        if k == 9:
+            row.update(width=40, height=40)
+        rows.append(row)
+    return rows
+
+
+def test_rows_started_ahead_give_the_same_images_in_the_same_slots(tiny_pipe):
+    """On CUDA a lane reads one batch of requests ahead of its free slots and starts them
+    (prompts encoded, starting latents drawn and encoded) while its forwards run; forced here on
+    the CPU: every row of a mixed stream comes out with the same bytes and the same placement
+    (UNet slot, decode slot) as when each row starts as its slot takes it."""
+    settings = dict(sampler="ddim", steps=3, guidance_scale=5.0, width=32, height=32, fixed_batch=3, decode_batch=2)
+    made = {}
+    try:
+        for ahead in (False, True):
+            tiny_pipe.prepare_ahead = ahead
+            tiny_pipe.clear_embedding_cache()
+            stream = tiny_pipe.generate_stream(_mixed_requests(), **settings)
+            made[ahead] = {index: (np.asarray(image).tobytes(), placement) for index, image, placement in stream}
+    finally:
+        tiny_pipe.prepare_ahead = None
+    assert set(made[True]) == set(range(11))
+    assert made[True] == made[False]
+
+
+def test_rows_are_started_a_few_per_forward_while_the_batch_before_them_runs(tiny_pipe):
+    """With rows started ahead, the next batch's prompts are encoded one between two forwards of
+    the batch before it (not all at once when its slots free up), and the stream reads at most
+    one batch beyond its free slots."""
+    requests = [sdcore.GenerationRequest(f"started ahead {k}", seed=k) for k in range(6)]
+    settings = dict(sampler="ddim", steps=4, guidance_scale=5.0, width=32, height=32, fixed_batch=2)
+    events = []
+
+    def reading(requests):
+        for request in requests:
+            events.append("read")
+            yield request
+
+    hooks = [
+        tiny_pipe.unet.register_forward_hook(lambda *_: events.append("forward")),
+        tiny_pipe.text_encoder.register_forward_hook(lambda *_: events.append("encode")),
+    ]
+    try:
+        for ahead in (False, True):
+            tiny_pipe.prepare_ahead = ahead
+            tiny_pipe.clear_embedding_cache()
+            events.clear()
+            for _ in tiny_pipe.generate_stream(reading(requests), **settings):
+                events.append("out")
+            # The encodes between two forwards, after the first forward (the first batch and the
+            # empty negative are encoded before it either way).
+            first = events.index("forward")
+            gaps = "".join("e" if e == "encode" else "|" if e == "forward" else "" for e in events[first:])
+            most = max(len(run) for run in gaps.split("|"))
+            assert events[:first].count("encode") == 3  # two prompts and the empty negative
+            assert events.count("encode") == 7 and events.count("forward") == 12
+            # Rows read and not yet given out, at most: the batch in its slots, and with rows
+            # started ahead, the next batch and the one read when the first finishes.
+            held = max(events[: k + 1].count("read") - events[: k + 1].count("out") for k in range(len(events)))
+            assert (most, held) == ((1, 6) if ahead else (2, 2)), (ahead, events)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        tiny_pipe.prepare_ahead = None
