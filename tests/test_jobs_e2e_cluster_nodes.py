@@ -32,8 +32,10 @@ from conftest import (
 )
 
 # Enough work that the head alone needs ~30 s: the second node's worker (a fresh process that
-# imports torch and loads the model) must be ready while shards are still queued.
+# imports torch and loads the model, ~8 s on a loaded 2-core host) must be ready while shards are
+# still queued. At 10 steps the head did all 40 rows in ~8 s and the second node none.
 ROWS = 40
+STEPS = 40
 FAST_HEALTH_CHECKS = {
     "RAY_health_check_initial_delay_ms": "1000",
     "RAY_health_check_period_ms": "500",
@@ -99,7 +101,7 @@ def test_a_node_lost_mid_job_costs_only_its_shard(two_nodes, s3, tmp_path):
         spec_dict(
             f"s3://{bucket}/m.parquet",
             f"s3://{bucket}/out",
-            sampler={"steps": 10, "width": 48, "height": 48},
+            sampler={"steps": STEPS, "width": 48, "height": 48},
             execution={"workers": 2, "batch_size": 2, "shard_size": 2, "max_attempts": 3},
         ),
     )
