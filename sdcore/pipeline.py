@@ -51,7 +51,7 @@ EMBEDDING_CACHE_BYTES = 64 * 2**20
 GIVE_OUT_LAG = 2
 
 # On a CUDA device, a lane reads one batch of requests ahead of its free slots and starts them a
-# few per forward (`_Lane.prepare_ahead`): their prompts encoded, their starting latents made.
+# few per forward (`_Lane.start_ahead`): their prompts encoded, their starting latents made.
 # Starting a batch's rows only when its slots free up put ~11 ms of host time per prompt (the text
 # encoder's kernel launches) between two forwards, with the GPU idle (bench/GPU_RESULTS.md, run 10).
 PREPARE_AHEAD = True
@@ -210,7 +210,7 @@ class _Lane:
                 admitted.append((slot, pick[0], pick[1]))
         return admitted
 
-    def prepare_ahead(self, start: Callable[[int, GenerationRequest], _Flight]) -> None:
+    def start_ahead(self, start: Callable[[int, GenerationRequest], _Flight]) -> None:
         """Start queued requests before a slot takes them (`start`: the pipeline's `_start`, which
         also encodes the prompts), as many per forward as makes them all ready by the time the
         first slot frees up. Nothing here depends on when it runs: each row has its own generator
@@ -291,7 +291,7 @@ class Pipeline:
     @property
     def prepare_ahead(self) -> bool:
         """Whether a lane reads a batch of requests ahead and starts them while forwards run
-        (`_Lane.prepare_ahead`): on CUDA, where the host's work then overlaps the GPU's; off on
+        (`_Lane.start_ahead`): on CUDA, where the host's work then overlaps the GPU's; off on
         a CPU, where it would only take rows from the caller earlier. Settable (an A/B); the
         images are the same either way."""
         if self._prepare_ahead is not None:
@@ -555,7 +555,7 @@ class Pipeline:
                 decoder.add(flight.index, flight.x, placement, decode_slot)
             if ahead and (lane.busy or lane.queue):  # while the device runs this forward: the next rows
                 read(lane, extra=lane.rows)
-                lane.prepare_ahead(self._start)
+                lane.start_ahead(self._start)
             yield from decoder.ready()  # with lag 0: what was just decoded
 
     def _resolve(self, index: int, request: GenerationRequest | Mapping[str, Any], defaults: dict) -> GenerationRequest:
