@@ -8,7 +8,11 @@ exception, and the stream goes on with the rows not yet taken. When every retrie
 with an exception that is not about the row (anything but ValueError/TypeError, which sdcore
 raises for a bad request: e.g. a lost device, out of memory at batch size 1), the worker is at
 fault, not the rows: the first such exception is raised, and the distributor retries the shard
-elsewhere.
+elsewhere. An exception raised while *reading* the next row (the caller's rows: an init image's
+storage fault, an in-flight note that could not be written) is not a row's failure either, and
+it ends the rows' source: it is raised as it is, whatever rows are in flight; isolating it would
+retry the rows in flight and then find no more rows to read, leaving the rest of the shard
+without records.
 """
 
 from __future__ import annotations
@@ -46,14 +50,17 @@ def generate_isolated(
     source = iter(rows)
     while True:
         taken: dict[int, R] = {}  # rows this stream has read and not finished, by its index
+        unreadable: list[Exception] = []  # what reading `source` raised
         last = time.perf_counter()
         try:
-            for index, image, placement in generate(_feed(source, taken)):
+            for index, image, placement in generate(_feed(source, taken, unreadable)):
                 now = time.perf_counter()
                 yield taken.pop(index), RowOutcome(image, None, now - last, placement)
                 last = time.perf_counter()
             return
         except Exception as error:  # noqa: BLE001 - isolate the failing row(s)
+            if unreadable:  # the rows' source failed, not a row: nothing more can be read
+                raise unreadable[0] from None
             unfinished = list(taken.values())
             if not unfinished:  # it failed holding no row: nothing a row could have caused
                 raise
@@ -67,10 +74,20 @@ def generate_isolated(
         # then a new stream over the rows not taken yet
 
 
-def _feed(source: Iterator[R], taken: dict[int, R]) -> Iterator[R]:
-    """The rows of `source`, each noted in `taken` under its index in this stream as it is read."""
-    for index, row in enumerate(source):
+def _feed(source: Iterator[R], taken: dict[int, R], unreadable: list[Exception]) -> Iterator[R]:
+    """The rows of `source`, each noted in `taken` under its index in this stream as it is read;
+    an exception reading `source` is noted in `unreadable` before it goes on up."""
+    index = 0
+    while True:
+        try:
+            row = next(source)
+        except StopIteration:
+            return
+        except Exception as exc:
+            unreadable.append(exc)
+            raise
         taken[index] = row
+        index += 1
         yield row
 
 

@@ -316,6 +316,8 @@ class ShardWorker:
         writer.checkpoint()
         yield done
 
+        if done != task.num_rows:  # every row has a record, or nothing is committed
+            raise RuntimeError(f"{task.shard_id}: {task.num_rows - done} row(s) got no record; not committed")
         committed = writer.close()
         return ShardResult(
             shard_id=task.shard_id,

@@ -147,9 +147,13 @@ def test_rows_of_earlier_chunks_are_in_flight_when_later_chunks_are_taken(tmp_pa
     assert any(overlaps)
 
 
-def test_a_note_that_cannot_be_written_fails_the_shard(tmp_path, tiny_pipe):
-    rows = mixed_rows(tmp_path, 6)
-    worker, _ = watched_worker(tmp_path, tiny_pipe, rows, fail_at=2)  # the note written ahead
+@pytest.mark.parametrize("fail_at", [2, 3, 4])
+def test_a_note_that_cannot_be_written_fails_the_shard(tmp_path, ahead_pipe, fail_at):
+    """Whichever note fails (written ahead, on its thread), the shard fails and nothing is
+    committed, also when rows are in flight as the failure is found (with rows started ahead,
+    always): the rows in flight are not retried as if one of them had failed."""
+    rows = mixed_rows(tmp_path, 9)
+    worker, _ = watched_worker(tmp_path, ahead_pipe, rows, fail_at=fail_at)
     with pytest.raises(OSError, match="in-flight note"):
         worker.run(one_shard(tmp_path, rows))
     assert Output(str(tmp_path / "out")).committed_shards() == set()

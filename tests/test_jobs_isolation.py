@@ -99,3 +99,24 @@ def test_row_errors_are_never_raised():
     assert [type(o.error) for _, o in results] == [TypeError, TypeError]
     mixed = FakeStream(lambda row: ValueError("row") if row == 1 else RuntimeError("other"))
     assert {row: type(o.error) for row, o in generate_isolated(mixed, [1, 2])} == {1: ValueError, 2: RuntimeError}
+
+
+def test_a_failure_reading_the_rows_is_raised_with_rows_in_flight():
+    """An exception from the rows' source (a storage fault reading an init image, an in-flight
+    note not written) is not a row's failure: it is raised even while rows are in flight, never
+    isolated (which would retry the rows in flight and then end the stream with the rest of the
+    rows never read)."""
+
+    def rows():
+        yield from [1, 2, 3, 4]
+        raise OSError("connection reset while writing the in-flight note")
+
+    generate = FakeStream(slots=3)
+    given = []
+    with pytest.raises(OSError, match="in-flight note"):
+        for row, _ in generate_isolated(generate, rows()):
+            given.append(row)
+    # Row 2's slot asked for the next row while rows 3 and 4 were in flight (alone, each would
+    # have been made): none is retried alone, none given out.
+    assert len(generate.calls) == 1
+    assert given == [1, 2]

@@ -363,3 +363,53 @@ def test_decode_batch_from_the_spec_reaches_the_worker(tmp_path):
     assert _decode_rows(dataclasses.replace(config, batch_invariant=True), "cuda") == 1
     data["execution"]["decode_batch"] = 3
     assert _decode_rows(worker_config(parse_spec(data, base_dir=tmp_path)), "cpu") == 3
+
+
+def test_a_shard_with_a_row_left_without_a_record_is_not_committed(tmp_path, tiny_pipe):
+    """Whatever went wrong upstream (here the generation loses the shard's last row), a shard
+    whose rows do not all have a record fails instead of committing without them."""
+    rows = small_rows(4)
+    worker = make_worker(tiny_pipe, tmp_path / "out")
+    generate = worker._generate
+
+    def losing_the_last_row(requests, *args, **kwargs):
+        return generate(requests[:-1], *args, **kwargs)
+
+    worker._generate = losing_the_last_row
+    with pytest.raises(RuntimeError, match="1 row\\(s\\) got no record; not committed"):
+        worker.run(one_shard(tmp_path, rows))
+    assert Output(str(tmp_path / "out")).committed_shards() == set()
+
+
+def test_a_storage_fault_reading_later_rows_fails_the_shard_with_rows_in_flight(tmp_path, tiny_pipe, monkeypatch):
+    """A transient storage fault on a later batch's init image (after the retries) fails the
+    shard, to be retried, even when it is found with two rows in flight. It used to be taken
+    for a failure of those rows: they were remade one by one, no further row could be read, and
+    the shard was committed with 3 of its 9 rows."""
+    import jobs.init_images
+    from jobs.storage import TransientStorageError
+
+    init_image(tmp_path / "m" / "init" / "a.png")
+    init_image(tmp_path / "m" / "init" / "unreachable.png")
+    rows = small_rows(9)
+    rows[0].update(strength=0.2, init_image="init/a.png")  # 1 step: its slot frees first
+    rows[3].update(strength=0.5, init_image="init/unreachable.png")  # the second batch's
+    read = jobs.init_images.read_init_image
+
+    def faulty_read(uri, *args, **kwargs):
+        if uri.endswith("unreachable.png"):
+            raise TransientStorageError(f"{uri}: 503 SlowDown (after the retries)")
+        return read(uri, *args, **kwargs)
+
+    monkeypatch.setattr(jobs.init_images, "read_init_image", faulty_read)
+    config = WorkerConfig(
+        weights="builtin:tiny",
+        output=str(tmp_path / "out"),
+        sampler=SamplerSpec(name="ddim", steps=6, guidance_scale=5.0, width=32, height=32),
+        dtype="float32",
+        batch_size=3,
+        name="test-worker",
+    )
+    with pytest.raises(TransientStorageError, match="SlowDown"):
+        ShardWorker(config, pipeline=tiny_pipe).run(one_shard(tmp_path, rows))
+    assert Output(str(tmp_path / "out")).committed_shards() == set()
