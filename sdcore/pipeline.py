@@ -446,10 +446,11 @@ class Pipeline:
         """`generate_placed` as a stream: (request index, image, placement) per request as soon
         as its image is made, in completion order.
 
-        A request is read from `requests` only when a slot can take it, so an iterator of
-        requests (e.g. one that reads init images on demand) keeps memory flat however long it
-        is; a request is checked when it is read. `batch_invariant=False` without `fixed_batch`
-        reads every request first (its forwards hold all rows of a size at once).
+        A request is read from `requests` only when a slot can take it (with `prepare_ahead`, on
+        CUDA: up to one batch earlier), so an iterator of requests (e.g. one that reads init
+        images on demand) keeps memory flat however long it is; a request is checked when it is
+        read. `batch_invariant=False` without `fixed_batch` reads every request first (its
+        forwards hold all rows of a size at once).
         """
         defaults = dict(
             sampler=sampler, karras=karras, steps=steps, guidance_scale=guidance_scale, width=width, height=height

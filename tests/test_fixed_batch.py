@@ -144,6 +144,8 @@ def test_batched_decodes_run_at_one_shape_and_reproduce_in_their_decode_slots(sh
 
 
 def test_the_stream_reads_rows_only_as_slots_free(shapes):
+    """As on a CPU (on CUDA a lane reads one batch ahead: tests/test_pipeline.py)."""
+    shapes.prepare_ahead = False
     settings = dict(sampler="ddim", steps=2, guidance_scale=5.0, width=64, height=64)
     read = []
 
@@ -153,9 +155,12 @@ def test_the_stream_reads_rows_only_as_slots_free(shapes):
             yield GenerationRequest(f"row {k}", seed=k, steps=2 + k % 2)  # rows of 2 and 3 steps
 
     finished = []
-    for index, image, placement in shapes.generate_stream(requests(), fixed_batch=2, **settings):
-        finished.append((index, len(read)))
-        assert image.size == (64, 64) and placement.rows == 2
+    try:
+        for index, image, placement in shapes.generate_stream(requests(), fixed_batch=2, **settings):
+            finished.append((index, len(read)))
+            assert image.size == (64, 64) and placement.rows == 2
+    finally:
+        shapes.prepare_ahead = None
     # Row 0 (2 steps) finishes first, having read only rows 0-1; row 2 takes its slot, etc.
     assert finished[0] == (0, 2)
     assert sorted(index for index, _ in finished) == [0, 1, 2, 3, 4]
