@@ -204,6 +204,8 @@ def encoding_processes(undo: contextlib.ExitStack) -> None:
 @contextlib.contextmanager
 def variant(worker: ShardWorker, name: str, root: Path):
     """The worker changed as VARIANTS[name] says, writing to a fresh output (removed after)."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
     folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir="/dev/shm" if name == "shm" else root))
     with contextlib.ExitStack() as undo:
         patched(undo, worker, "_output", Output(str(folder)))
@@ -228,8 +230,6 @@ def variant(worker: ShardWorker, name: str, root: Path):
             patched(undo, worker.pipe, "give_out_lag", 0)
         elif name == "start-in-slot-cold":
             patched(undo, worker.pipe, "prepare_ahead", False)
-        elif name not in ("job", "shm") and not name.endswith("-cold"):
-            raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
         yield
 
 
@@ -313,7 +313,7 @@ def measure_variants(
 ) -> None:
     """Each variant's rows/s over the same steady shards, round-robin for `args.rounds` rounds
     (the GPU's and the host's drift spread over all), against the bare pipeline's before and
-    after them; py-spy samples the plain job's passes."""
+    after them; py-spy samples the first round of job-cold, start-in-slot-cold and give-out-now."""
     names = args.variants.split(",")
     rows = sum(task.num_rows for task in tasks)
     rates: dict[str, list[float]] = {name: [] for name in names}
