@@ -43,7 +43,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .output import Output
+from .output import DamagedRecords, Output
 from .record import RECORD_FIELDS, RECORD_SCHEMA
 from .storage import Storage, open_storage, redact_uri
 
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None, prog: str = "sdgen export") -> int:
     args = parser.parse_args(argv)
     try:
         export(args.output, args.format, args.dest, metadata=args.metadata)
-    except (ExportError, OSError, RuntimeError) as exc:
+    except (ExportError, DamagedRecords, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

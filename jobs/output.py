@@ -24,7 +24,7 @@ import itertools
 import json
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .record import RECORD_SCHEMA, records_table
-from .storage import Storage, open_storage
+from .storage import Storage, join_uri, open_storage
 
 JOB_FILE = "job.json"
 SUMMARY_FILE = "summary.json"
@@ -64,6 +64,26 @@ def table_bytes(table: pa.Table, *, scratch: bool = False) -> bytes:
     else:
         pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
+
+
+class DamagedRecords(ValueError):
+    """A committed shard's record file that cannot be read. A rerun of the job redoes the shard
+    (`jobs/runner.py`); until then status marks it `damaged`."""
+
+    def __init__(self, uri: str, reason: str):
+        super().__init__(f"{uri}: {reason}; rerun the job to redo its shard")
+        self.reason = reason
+
+
+def _rows_problem(rows: list[int], start: int, stop: int) -> str | None:
+    """Why a shard's record rows are not exactly one per manifest row in [start, stop), or None."""
+    if len(rows) == stop - start and set(rows) == set(range(start, stop)):
+        return None
+    missing = len(set(range(start, stop)) - set(rows))
+    extra = len(rows) - (stop - start - missing)
+    return f"record file holds {len(rows)} record(s) for the shard's {stop - start} rows" + (
+        f" ({missing} row(s) without a record{f', {extra} extra' if extra else ''})" if missing or extra else ""
+    )
 
 
 def read_table(data: bytes, columns: list[str] | None = None) -> pa.Table:
@@ -119,7 +139,13 @@ class Output:
         return self.storage.write(self.record_key(shard), table_bytes(records_table(records)), exclusive=True)
 
     def read_records(self, shard: str, columns: list[str] | None = None) -> pa.Table:
-        return read_table(self.storage.read(self.record_key(shard)), columns)
+        """The shard's record file; DamagedRecords when it is not a readable record file."""
+        key = self.record_key(shard)
+        data = self.storage.read(key)  # a storage fault is raised as such, not as damage
+        try:
+            return read_table(data, columns)
+        except (pa.ArrowException, KeyError) as exc:
+            raise DamagedRecords(join_uri(self.uri, key), f"unreadable record file ({exc})") from None
 
     def read_all_records(
         self, shards: Iterable[str], columns: list[str] | None = None, threads: int = 16
@@ -147,17 +173,30 @@ class Output:
                     window.append((following, pool.submit(self.read_records, following, columns)))
                 yield shard, future.result()
 
-    def count_records(self, shards: Iterable[str]) -> dict[str, dict[str, int]]:
-        """shard -> {"ok": n, "error": n} for committed shards.
+    def count_records(
+        self, shards: Iterable[str], ranges: Mapping[str, tuple[int, int]] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """shard -> {"ok": n, "error": n} for committed shards, with "damaged": why, when its
+        record file cannot be read or (given the shards' manifest row `ranges`, start and stop)
+        does not hold exactly one record per row of the shard.
 
-        What the run's summary and `status` report; it lives with the layout so that both read
-        the counts the same way, and it reads only the `status` column of each record file,
-        keeping only the counts (memory flat in the number of rows)."""
+        What the run's plan and summary and `status` report; it lives with the layout so that
+        they read the counts the same way, and it reads only the `status` and `row` columns of
+        each record file, keeping only the counts (memory flat in the number of rows)."""
 
-        def count(shard: str) -> dict[str, int]:
-            statuses = self.read_records(shard, ["status"]).column("status")
+        def count(shard: str) -> dict[str, Any]:
+            try:
+                table = self.read_records(shard, ["status", "row"])
+            except DamagedRecords as exc:
+                return {"ok": 0, "error": 0, "damaged": exc.reason}
+            statuses = table.column("status")
             ok = pc.sum(pc.equal(statuses, "ok")).as_py() or 0
-            return {"ok": ok, "error": len(statuses) - ok}
+            counts: dict[str, Any] = {"ok": ok, "error": len(statuses) - ok}
+            if ranges is not None and shard in ranges:
+                problem = _rows_problem(table.column("row").to_pylist(), *ranges[shard])
+                if problem:
+                    counts["damaged"] = problem
+            return counts
 
         shards = sorted(shards)
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(shards)))) as pool:

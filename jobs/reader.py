@@ -49,6 +49,11 @@ def shard_ranges(num_rows: int, shard_size: int) -> list[tuple[str, int, int]]:
     ]
 
 
+def shard_row_ranges(num_rows: int, shard_size: int) -> dict[str, tuple[int, int]]:
+    """shard_id -> (start, stop): what a committed record file must cover, one record per row."""
+    return {sid: (start, stop) for sid, start, stop in shard_ranges(num_rows, shard_size)}
+
+
 def read_shards(
     manifest: Manifest, shard_size: int, skip: frozenset[str] | set[str] = frozenset()
 ) -> Iterator[ShardTask]:

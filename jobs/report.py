@@ -364,7 +364,9 @@ def build_report(
         '<div class="counts">'
         f"<span>{rows['total']} rows</span><span>{rows['ok']} ok</span><span>{rows['error']} error</span>"
         f"<span>{rows['not_done']} not done</span><span>shards {shards['done']}/{shards['total']} done, "
-        f"{shards['failed']} failed, {shards['pending'] + shards['running']} pending</span></div>"
+        f"{shards['failed']} failed, {shards['pending'] + shards['running']} pending"
+        + (f", {shards['damaged']} damaged (a rerun redoes them)" if shards["damaged"] else "")
+        + "</span></div>"
     )
     run = summary.get("run") or {}
     if run:
@@ -381,7 +383,7 @@ def build_report(
     shard_rows = "".join(
         f"<tr><td>{s['shard']}</td><td>{s['state']}</td><td class=n>{s['rows']}</td><td class=n>{s.get('ok', '')}</td>"
         f"<td class=n>{s.get('error', '') if s['state'] == 'done' else ''}</td>"
-        f"<td>{html.escape(str(s.get('error', ''))) if s['state'] == 'failed' else ''}</td></tr>"
+        f"<td>{html.escape(str(s.get('error' if s['state'] == 'failed' else 'damaged', '')))}</td></tr>"
         for s in listed
     )
     shard_table = (

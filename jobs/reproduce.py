@@ -22,17 +22,19 @@ import json
 import math
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from jobs.exit_codes import TABLE, finish, guarded
 from jobs.generation import generate_settings, generation_request, recorded_slots
 from jobs.init_images import decode_init_image
 from jobs.manifest import resolve_init_image
-from jobs.output import Output
+from jobs.output import DamagedRecords, Output
 from jobs.provenance import a1111_parameters
 from jobs.record import Record
 from jobs.storage import StorageError, read_uri, redact_uri
@@ -57,13 +59,30 @@ class Comparison:
     psnr: float | None = None
 
 
-def find_records(output: Output, ids: list[str], rows: list[int]) -> dict[str, Record]:
-    """key ('id:X' or 'row:N') -> record, searching every committed record file."""
+def find_records(
+    output: Output, ids: list[str], rows: list[int], damaged: dict[str, str] | None = None
+) -> dict[str, Record]:
+    """key ('id:X' or 'row:N') -> record, searching every committed record file (read in
+    parallel: on S3 each is a request's latency). A record file that cannot be read raises
+    DamagedRecords, or with a `damaged` dict is skipped and noted there (shard -> why)."""
     wanted_ids, wanted_rows = set(ids), set(rows)
     found: dict[str, Record] = {}
-    shards = output.committed_shards()
-    index = output.read_all_records(shards, columns=["row", "id"])
-    for shard, table in sorted(index.items()):
+
+    def index(shard: str) -> pa.Table | DamagedRecords:
+        try:
+            return output.read_records(shard, columns=["row", "id"])
+        except DamagedRecords as exc:
+            if damaged is None:
+                raise
+            return exc
+
+    shards = sorted(output.committed_shards())
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(shards)))) as pool:
+        tables = list(pool.map(index, shards))
+    for shard, table in zip(shards, tables):
+        if isinstance(table, DamagedRecords):
+            damaged[shard] = table.reason  # type: ignore[index] - set when this can happen
+            continue
         hits = [
             i
             for i, (r, x) in enumerate(zip(table.column("row").to_pylist(), table.column("id").to_pylist()))
@@ -261,7 +280,8 @@ def _main(args: argparse.Namespace) -> int:
     if output.read_job() is None:
         print(f"error: {output.uri}: no job.json here (not an sdgen output)", file=sys.stderr)
         return 2
-    found = find_records(output, args.ids, args.row)
+    damaged: dict[str, str] = {}
+    found = find_records(output, args.ids, args.row, damaged)
     reproducer = Reproducer(
         output, weights=args.weights, device=args.device, dtype=args.dtype, init_image=args.init_image
     )
@@ -269,7 +289,8 @@ def _main(args: argparse.Namespace) -> int:
     for key in [f"id:{i}" for i in args.ids] + [f"row:{r}" for r in args.row]:
         record = found.get(key)
         if record is None:
-            print(f"{key.replace(':', ' ')}: no such record in {output.uri}")
+            unread = f" (not searched: {', '.join(damaged)}, record file damaged; rerun the job to redo it)"
+            print(f"{key.replace(':', ' ')}: no such record in {output.uri}" + (unread if damaged else ""))
             all_passed = False
             continue
         result, data = reproducer.compare(record, args.min_psnr, args.exact)

@@ -2,7 +2,8 @@
 
 - `plan_job` (no Ray, no model: a bad job fails in seconds) validates the spec and the manifest,
   reads the output's job.json and refuses a different job (unless `overwrite`), lists the
-  committed shards (their record files) and plans only the rest;
+  committed shards (their record files), checks that each holds one record per row of its
+  shard (a damaged one is deleted and its shard redone) and plans only the rest;
 - `execute` starts the workers through the distributor; when the first has loaded the model its
   fingerprint is checked against job.json, then job.json is (over)written — before any shard is
   handed out — and the shards run;
@@ -28,7 +29,7 @@ from .manifest import Manifest, load_manifest
 from .output import JOB_FILE, SUMMARY_FILE, Output
 from .progress import Outcome, duration
 from .progressbar import progress_reporter
-from .reader import ShardTask, num_shards, read_shards
+from .reader import ShardTask, num_shards, read_shards, shard_row_ranges
 from .spec import JobSpec, load_spec
 from .worker import ShardResult, ShardWorker, WorkerConfig, WorkerInfo
 
@@ -117,6 +118,7 @@ class JobPlan:
     existing: dict[str, Any] | None  # the output's job.json; None for a new output
     overwrite: bool
     committed: set[str]  # shards already committed by an earlier run: skipped
+    committed_counts: dict[str, dict[str, Any]]  # their records' counts (Output.count_records)
     tasks: list[ShardTask]  # the shards to run
     started_at: str  # when the run started (for summary.json)
     started: float  # the same, time.monotonic()
@@ -157,10 +159,11 @@ def plan_job(
     _log_manifest(spec, manifest, log)
     output = Output(spec.output)
     existing = output.read_job()
-    committed = _committed_shards(output, existing, spec, manifest, overwrite, clean=not read_only)
+    counts = _committed_shards(output, existing, spec, manifest, overwrite, log, clean=not read_only)
+    committed = set(counts)
     tasks = list(read_shards(manifest, spec.execution.shard_size, skip=committed))
     log(f"[sdgen] output {output.uri}: {len(committed)} shard(s) already committed, {len(tasks)} to run")
-    return JobPlan(spec, manifest, output, existing, overwrite, committed, tasks, started_at, started)
+    return JobPlan(spec, manifest, output, existing, overwrite, committed, counts, tasks, started_at, started)
 
 
 def _log_manifest(spec: JobSpec, manifest: Manifest, log: Callable[[str], None]) -> None:
@@ -181,27 +184,38 @@ def _committed_shards(
     spec: JobSpec,
     manifest: Manifest,
     overwrite: bool,
+    log: Callable[[str], None],
     clean: bool = True,
-) -> set[str]:
-    """The shards a rerun skips: none with `overwrite` (everything is redone), else those with a
-    record file, once the output is known to hold this same job. With `clean` (only under the
-    lease), partial files of committed shards (left by a crash between commit and clean-up) are
-    deleted."""
+) -> dict[str, dict[str, Any]]:
+    """The shards a rerun skips, with their record counts: none with `overwrite` (everything is
+    redone), else those with a sound record file, once the output is known to hold this same
+    job. A record file that cannot be read, or does not hold one record per row of its shard
+    (damage, or a shard that sdgen before d53d990 could commit short after a storage fault), is
+    deleted so that its shard runs again (its images are remade bit for bit). With `clean`
+    (only under the lease) that deletion happens, and partial files of committed shards (left
+    by a crash between commit and clean-up) are deleted; without it (a dry run) nothing is."""
     problems = check_job(existing, spec, manifest)
     if problems and not overwrite:
         raise JobConflict(conflict_message(output, problems))
     if overwrite:
-        return set()
-    committed = output.committed_shards()
-    if existing is None and committed:
+        return {}
+    listed = output.committed_shards()
+    if existing is None and listed:
         raise JobConflict(
             f"output {output.uri} holds records but no {JOB_FILE}: not an sdgen output "
             "(or a damaged one); use another output or pass --overwrite"
         )
-    stale = [k for k in output.partial_files() if k.split("/")[1] in committed] if clean else []
+    counts = output.count_records(listed, shard_row_ranges(manifest.num_rows, spec.execution.shard_size))
+    damaged = sorted(s for s, c in counts.items() if "damaged" in c)
+    for shard in damaged:
+        action = "redoing the shard" if clean else "a run would redo the shard"
+        log(f"[sdgen] warning: {shard}: {counts.pop(shard)['damaged']}: {action}")
+    if damaged and clean:
+        output.storage.delete([output.record_key(s) for s in damaged])
+    stale = [k for k in output.partial_files() if k.split("/")[1] in counts] if clean else []
     if stale:
         output.storage.delete(stale)
-    return committed
+    return counts
 
 
 # ---------------------------------------------------------------------------------------- execute
@@ -331,17 +345,21 @@ def execute(
 
 def summarise(plan: JobPlan, outcome: Outcome) -> dict[str, Any]:
     """Step 6: the summary (summary.json) over the whole output, earlier runs included: the
-    counts are read back from the committed record files, not added up from this run."""
+    counts are read back from the committed record files (those of earlier runs when the plan
+    checked them), not added up from this run."""
     output, rows = plan.output, plan.manifest.num_rows
     done = output.committed_shards()
-    counts = output.count_records(done)
+    counted = {s: c for s, c in plan.committed_counts.items() if s in done}  # read by plan_job
+    ranges = shard_row_ranges(rows, plan.spec.execution.shard_size)
+    counts = {**counted, **output.count_records(done - counted.keys(), ranges)}
+    damaged = {s: c["damaged"] for s, c in counts.items() if "damaged" in c}
     ok = sum(c["ok"] for c in counts.values())
     errors = sum(c["error"] for c in counts.values())
     failed = {s: e for s, e in outcome.failed.items() if s not in done}
     return {
         "name": plan.spec.name,
         "output": output.uri,
-        "complete": len(done) == plan.total_shards,
+        "complete": len(done) == plan.total_shards and not damaged,
         "total": rows,
         "ok": ok,
         "error": errors,
@@ -353,7 +371,8 @@ def summarise(plan: JobPlan, outcome: Outcome) -> dict[str, Any]:
             "pending": plan.total_shards - len(done) - len(failed),
         },
         "failed_shards": failed,
-        "errors": error_histogram(output, done) if errors else {},  # reason -> rows (jobs/errors.py)
+        "damaged_shards": damaged,  # committed, but their record files are not sound: a rerun redoes them
+        "errors": error_histogram(output, done - damaged.keys()) if errors else {},  # reason -> rows (jobs/errors.py)
         "run": _run_stats(plan, outcome),
         "sdgen_version": __version__,
     }
@@ -385,15 +404,17 @@ def _run_stats(plan: JobPlan, outcome: Outcome) -> dict[str, Any]:
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """The closing log lines: the state, the counts, then each failed shard with its error."""
     shards, run = summary["shards"], summary["run"]
-    failed = summary["failed_shards"]
+    failed, damaged = summary["failed_shards"], summary.get("damaged_shards") or {}
     state = "complete" if summary["complete"] else f"INCOMPLETE ({len(failed)} shard(s) failed, rerun to retry)"
+    if damaged:
+        state = f"INCOMPLETE ({len(failed)} shard(s) failed, {len(damaged)} damaged; rerun to redo them)"
     rate = run["rows_per_s"]
     lines = [
         f"[sdgen] {state}: {summary['ok']} ok, {summary['error']} error, {summary['missing']} missing of "
         f"{summary['total']} rows; {shards['done']}/{shards['total']} shards; this run {run['rows_run']} rows in "
         f"{duration(run['wall_s'])}" + (f" ({rate} rows/s after model load)" if rate else "")
     ]
-    lines += [f"[sdgen]   {shard}: {error}" for shard, error in sorted(failed.items())]
+    lines += [f"[sdgen]   {shard}: {error}" for shard, error in sorted({**failed, **damaged}.items())]
     return lines + error_lines(summary.get("errors") or {})
 
 

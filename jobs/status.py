@@ -6,7 +6,8 @@ files, partial files, job.json, summary.json), so it works while a job runs, aft
 and on s3:// outputs. A shard is `done` when its record file exists, `failed` when the last run
 gave up on it, `running` when some of its batches are saved but it is not committed and a run
 holds the output's lease, `interrupted` the same without a live lease (the run stopped; a rerun
-resumes it), else `pending`.
+resumes it), else `pending`. A committed shard whose record file cannot be read or does not
+hold one record per row is `damaged`: the job is not complete, and the next run redoes it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections import Counter
 from jobs.exit_codes import TABLE, finish, guarded, one_line
 from jobs.lease import live_lease
 from jobs.output import SUMMARY_FILE, Output
-from jobs.reader import shard_ranges
+from jobs.reader import shard_ranges, shard_row_ranges
 from jobs.redact import redact_text
 
 
@@ -32,7 +33,7 @@ def job_status(uri: str) -> dict:
     summary = output.read_json(SUMMARY_FILE) or {}
     rows, size = job["manifest"]["rows"], job["shards"]["size"]
     done = output.committed_shards()
-    counts = output.count_records(done)
+    counts = output.count_records(done, shard_row_ranges(rows, size))
     partial_files = output.partial_files()
     # A shard a run started: saved batches, or at least the in-flight note of its first rows.
     started = {k.split("/")[1] for k in partial_files}
@@ -42,7 +43,10 @@ def job_status(uri: str) -> dict:
     shards = []
     for shard, start, stop in shard_ranges(rows, size):
         entry = {"shard": shard, "rows": stop - start}
-        if shard in done:
+        if shard in done and "damaged" in counts[shard]:
+            # Committed, but its record file is unreadable or short: the next run redoes it.
+            entry.update(state="damaged", **counts[shard])
+        elif shard in done:
             entry.update(state="done", **counts[shard])
         elif shard in failed:
             entry.update(state="failed", error=failed[shard])
@@ -63,7 +67,7 @@ def job_status(uri: str) -> dict:
         "rows": {"total": rows, "ok": ok, "error": error, "not_done": rows - ok - error},
         "shards": {
             "total": len(shards),
-            **{k: states.get(k, 0) for k in ("done", "running", "interrupted", "failed", "pending")},
+            **{k: states.get(k, 0) for k in ("done", "damaged", "running", "interrupted", "failed", "pending")},
         },
         "running": running,
         "complete": states.get("done", 0) == len(shards),
@@ -85,6 +89,7 @@ def format_status(status: dict, show_all: bool = False) -> str:
         (
             f"shards  {shards['total']} total: {shards['done']} done, {shards['running']} running, "
             f"{shards['interrupted']} interrupted, {shards['failed']} failed, {shards['pending']} pending"
+            + (f", {shards['damaged']} damaged" if shards["damaged"] else "")
         ),
         f"rows    {rows['total']} total: {rows['ok']} ok, {rows['error']} error, {rows['not_done']} not done",
         "state   " + ("complete" if status["complete"] else "incomplete (rerun the job to finish it)"),
@@ -104,10 +109,12 @@ def _shard_line(s: dict) -> str:
     note = (
         s.get("error")
         if s["state"] == "failed"
+        else s["damaged"]
+        if s["state"] == "damaged"
         else (f"{s['partial_files']} batch file(s) saved" if s["state"] in ("running", "interrupted") else "")
     )
     ok = s.get("ok", "")
-    err = s.get("error", "") if s["state"] == "done" else ""
+    err = s.get("error", "") if s["state"] in ("done", "damaged") else ""
     return f"{s['shard']:<14}{s['state']:<12}{s['rows']:>6}{ok!s:>6}{err!s:>7}  {note or ''}".rstrip()
 
 
@@ -136,7 +143,9 @@ def _main(args: argparse.Namespace) -> int:
         if args.errors:
             from jobs.errors import error_rows
 
-            status["error_rows"] = error_rows(Output(args.output))
+            listed = status["shard_list"]
+            readable = [s["shard"] for s in listed if s["state"] == "done" or s.get("ok") or s.get("error")]
+            status["error_rows"] = error_rows(Output(args.output), readable)
     except (FileNotFoundError, OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
         print(f"error: {one_line(redact_text(str(exc)))}", file=sys.stderr)
         return 2

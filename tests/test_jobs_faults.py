@@ -75,7 +75,10 @@ def fault_table():
             "tried once: `tests/test_jobs_storage.py`); the lease's compare-and-swap on local folders and moto's "
             "S3 (a lost holder cannot overwrite the new lease, eight simultaneous takeovers leave one holder: "
             "`tests/test_jobs_lease.py`); image writes never replacing a committed image "
-            "(`tests/test_jobs_writer.py`); a dry run changing nothing (`tests/test_jobs_runner.py`).",
+            "(`tests/test_jobs_writer.py`); a dry run changing nothing (`tests/test_jobs_runner.py`); a committed "
+            "record file truncated, short of rows or with a row twice: `status` says damaged (exit 1), reproduce and "
+            "export name the file, a rerun redoes only that shard with the same images "
+            "(`tests/test_jobs_damaged_records.py`).",
             "",
             "| fault or input | what happened | test |",
             "|---|---|---|",

@@ -31,7 +31,15 @@ def test_job_status_counts(tmp_path):
     status = job_status(str(tmp_path))
     assert status["rows"] == {"total": 7, "ok": 1, "error": 1, "not_done": 5}
     # Batches saved, not committed, and no run holds the output: the run was interrupted.
-    assert status["shards"] == {"total": 4, "done": 1, "running": 0, "interrupted": 1, "failed": 1, "pending": 1}
+    assert status["shards"] == {
+        "total": 4,
+        "done": 1,
+        "damaged": 0,
+        "running": 0,
+        "interrupted": 1,
+        "failed": 1,
+        "pending": 1,
+    }
     assert status["running"] is False
     states = {s["shard"]: s["state"] for s in status["shard_list"]}
     assert states == {
