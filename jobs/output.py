@@ -66,6 +66,9 @@ def table_bytes(table: pa.Table, *, scratch: bool = False) -> bytes:
     return sink.getvalue()
 
 
+UNREADABLE = "unreadable record file"  # how DamagedRecords' reason begins
+
+
 class DamagedRecords(ValueError):
     """A committed shard's record file that cannot be read. A rerun of the job redoes the shard
     (`jobs/runner.py`); until then status marks it `damaged`."""
@@ -145,7 +148,7 @@ class Output:
         try:
             return read_table(data, columns)
         except (pa.ArrowException, KeyError) as exc:
-            raise DamagedRecords(join_uri(self.uri, key), f"unreadable record file ({exc})") from None
+            raise DamagedRecords(join_uri(self.uri, key), f"{UNREADABLE} ({exc})") from None
 
     def read_all_records(
         self, shards: Iterable[str], columns: list[str] | None = None, threads: int = 16

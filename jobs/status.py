@@ -19,7 +19,7 @@ from collections import Counter
 
 from jobs.exit_codes import TABLE, finish, guarded, one_line
 from jobs.lease import live_lease
-from jobs.output import SUMMARY_FILE, Output
+from jobs.output import SUMMARY_FILE, UNREADABLE, Output
 from jobs.reader import shard_ranges, shard_row_ranges
 from jobs.redact import redact_text
 
@@ -144,7 +144,12 @@ def _main(args: argparse.Namespace) -> int:
             from jobs.errors import error_rows
 
             listed = status["shard_list"]
-            readable = [s["shard"] for s in listed if s["state"] == "done" or s.get("ok") or s.get("error")]
+            # Committed shards with records to read (not a damaged file that cannot be read).
+            readable = [
+                s["shard"]
+                for s in listed
+                if s["state"] == "done" or (s["state"] == "damaged" and not s["damaged"].startswith(UNREADABLE))
+            ]
             status["error_rows"] = error_rows(Output(args.output), readable)
     except (FileNotFoundError, OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
         print(f"error: {one_line(redact_text(str(exc)))}", file=sys.stderr)

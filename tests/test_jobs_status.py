@@ -90,3 +90,11 @@ def test_a_shard_stopped_in_its_first_rows_is_interrupted(tmp_path):
     entry = job_status(str(tmp_path))["shard_list"][3]
     assert (entry["state"], entry["partial_files"]) == ("interrupted", 0)
     assert "0 batch file(s) saved" in format_status(job_status(str(tmp_path)))
+
+
+def test_errors_lists_the_committed_shards_error_rows_beside_a_failed_shard(tmp_path, capsys):
+    """A failed shard has no record file; its failure message is not a count of rows to read."""
+    make_output(tmp_path)
+    assert main([str(tmp_path), "--errors", "--json"]) == 1
+    rows = json.loads(capsys.readouterr().out)["error_rows"]
+    assert [(r["row"], r["id"], r["error"]) for r in rows] == [(1, "b", "x")]
