@@ -48,6 +48,7 @@ def trial_job(spec: JobSpec, manifest: Manifest, limit: int) -> tuple[JobSpec, M
         table=table,
         ids=manifest.ids[:n],
         duplicates={r: f for r, f in manifest.duplicates.items() if r < n},
+        cell_problems={r: p for r, p in manifest.cell_problems.items() if r < n},
         fingerprint=hashlib.sha256(f"{manifest.fingerprint}:first:{n}".encode()).hexdigest(),
     )
     return dataclasses.replace(spec, output=output), trial
@@ -90,6 +91,7 @@ def check_rows(spec: JobSpec, manifest: Manifest) -> dict[str, Any]:
                 sampler=spec.sampler,
                 duplicate_of=manifest.duplicates.get(row),
                 bad_columns=manifest.bad_columns,
+                cell_problems=manifest.cell_problems.get(row),
             )
             if problem is not None:
                 reason = error_reason(problem)

@@ -41,7 +41,7 @@ from .storage import (
     read_uri,
     redact_uri,
 )
-from .tabular import manifest_format, read_table_bytes
+from .tabular import EXACT_FLOAT_INTEGERS, CellProblems, manifest_format, read_manifest_table
 
 # column -> expected kind. "id" accepts string or integer.
 COLUMNS = {
@@ -104,6 +104,7 @@ class Manifest:
     bad_columns: dict[str, str] = field(default_factory=dict)  # optional column -> problem
     ignored_columns: tuple[str, ...] = ()  # always empty now: other columns are labels
     label_columns: tuple[str, ...] = ()
+    cell_problems: CellProblems = field(default_factory=dict)  # text manifests: row -> column -> problem
 
     @property
     def num_rows(self) -> int:
@@ -137,6 +138,7 @@ def load_manifest(sources: Sequence[str]) -> Manifest:
         uris.extend(found)
 
     tables, digests, per_row_source = [], [], []
+    cell_problems: CellProblems = {}  # manifest row -> column -> why its cell could not be read
     for uri in uris:
         try:
             data = read_uri(uri)
@@ -148,10 +150,12 @@ def load_manifest(sources: Sequence[str]) -> Manifest:
             raise ManifestError(f"manifest {redact_uri(uri)}: cannot read ({exc})") from None
         digests.append(hashlib.sha256(data).hexdigest())
         try:
-            table = read_table_bytes(data, uri)
+            table, problems = read_manifest_table(data, uri)
         except (pa.ArrowException, OSError, ValueError) as exc:
             kind = "Parquet" if manifest_format(uri) == "parquet" else manifest_format(uri).upper()
             raise ManifestError(f"manifest {redact_uri(uri)}: not a readable {kind} file ({exc})") from None
+        offset = sum(count for _, count in per_row_source)
+        cell_problems.update({offset + row: columns for row, columns in problems.items()})
         tables.append(table)
         per_row_source.append((uri, table.num_rows))
     try:
@@ -222,6 +226,7 @@ def load_manifest(sources: Sequence[str]) -> Manifest:
         duplicates=duplicates,
         bad_columns=bad_columns,
         label_columns=labels,
+        cell_problems=cell_problems,
     )
 
 
@@ -296,6 +301,8 @@ def _integer(value: Any, column: str) -> tuple[int | None, str | None]:
             return None, f"{column} is missing"
         if not value.is_integer():
             return None, f"{column}: expected an integer, got {value!r}"
+        if abs(value) > EXACT_FLOAT_INTEGERS:  # e.g. a seed column stored as float64
+            return None, f"{column}: {value!r} is a float too large to hold an exact integer; store it as an integer"
         return int(value), None
     return None, f"{column}: expected an integer, got {type(value).__name__} {value!r}"
 
@@ -351,15 +358,19 @@ def parse_row(
     sampler: SamplerSpec,
     duplicate_of: int | None = None,
     bad_columns: Mapping[str, str] | None = None,
+    cell_problems: Mapping[str, str] | None = None,
 ) -> tuple[RowRequest | None, str | None, dict[str, Any]]:
     """Check one manifest row -> (request, None) or (None, error message).
 
-    The third value holds the fields that could be read, for the error record.
+    `cell_problems`: this row's cells of a text manifest that could not be read as their
+    column's type (column -> why; those cells are null). The third value holds the fields
+    that could be read, for the error record.
     """
     known: dict[str, Any] = {"row": row, "id": row_id}
-    problems: list[str] = []
+    problems: list[str] = [f"{column}: {problem}" for column, problem in (cell_problems or {}).items()]
 
-    if row_id is None:
+    unread = set(cell_problems or ())  # null because unreadable: named above, not "missing"
+    if row_id is None and "id" not in unread:
         problems.append("id is missing")
     elif row_id == "":
         problems.append("id is empty")
@@ -372,7 +383,8 @@ def parse_row(
 
     prompt = raw.get("prompt")
     if prompt is None:
-        problems.append("prompt is missing")
+        if "prompt" not in unread:
+            problems.append("prompt is missing")
     elif not isinstance(prompt, str):
         problems.append(f"prompt: expected a string, got {type(prompt).__name__}")
     elif not prompt.strip():
@@ -390,7 +402,8 @@ def parse_row(
 
     seed = raw.get("seed")
     if seed is None:
-        problems.append("seed is missing")
+        if "seed" not in unread:
+            problems.append("seed is missing")
     else:
         seed, problem = _integer(seed, "seed")
         if problem:
@@ -435,7 +448,9 @@ def parse_row(
 
     strength = raw.get("strength") if "strength" not in (bad_columns or {}) else None
     if init_uri:
-        if strength is None:
+        if strength is None and "strength" in unread:
+            pass  # named above
+        elif strength is None:
             problems.append("strength is required with init_image (img2img), expected a number in (0, 1]")
         else:
             strength, problem = _float(strength, "strength")

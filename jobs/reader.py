@@ -31,6 +31,7 @@ class ShardTask:
     ids: tuple[str | None, ...]
     duplicates: dict[int, int] = field(default_factory=dict)  # row -> earlier row with its id
     bad_columns: dict[str, str] = field(default_factory=dict)
+    cell_problems: dict[int, dict[str, str]] = field(default_factory=dict)  # row -> column -> problem
 
     @property
     def num_rows(self) -> int:
@@ -70,4 +71,5 @@ def read_shards(
             ids=tuple(manifest.ids[start:stop]),
             duplicates={r: f for r, f in manifest.duplicates.items() if start <= r < stop},
             bad_columns=dict(manifest.bad_columns),
+            cell_problems={r: p for r, p in manifest.cell_problems.items() if start <= r < stop},
         )

@@ -1,23 +1,45 @@
 """Manifests as text: CSV, TSV and JSONL read into the same Arrow table a Parquet manifest gives.
 
 `load_manifest` (and so `sdgen run`) reads these formats by file extension, and `sdgen
-make-manifest` converts them to Parquet. The columns the runner knows are read with their own
-types (ids, prompts and paths stay strings: an id `007` keeps its zeros); every other column is
-a label, typed as the file says (CSV: inferred per column).
+make-manifest` converts them to Parquet. The columns the runner knows are read cell by cell
+with their own types: ids, prompts and paths stay strings (an id `007` keeps its zeros), and a
+seed is read as the exact integer written, never through a float (a float64 column holds
+integers exactly only up to 2**53: a seed of 7550895919379764811 would become
+7550895919379765248). A cell that cannot be read as its column's type is a problem of its row
+alone (`read_manifest_table`), not of the column. Every other column is a label, typed as the
+file says (CSV: inferred per column).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import math
+from decimal import Decimal, InvalidOperation
+from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 TEXT_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 STRING_COLUMNS = ("id", "prompt", "negative", "init_image", "sampler")
+INTEGER_COLUMNS = ("seed", "steps", "width", "height")
+FLOAT_COLUMNS = ("strength", "guidance_scale")
+BOOLEAN_COLUMNS = ("karras",)
+TYPED_COLUMNS = {
+    **{c: pa.string() for c in STRING_COLUMNS},
+    **{c: pa.int64() for c in INTEGER_COLUMNS},
+    **{c: pa.float64() for c in FLOAT_COLUMNS},
+    **{c: pa.bool_() for c in BOOLEAN_COLUMNS},
+}
+EXACT_FLOAT_INTEGERS = 2**53  # a float64 holds every integer up to this one exactly, and no further
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+# row -> column -> why its cell could not be read
+CellProblems = dict[int, dict[str, str]]
 
 
 def manifest_format(uri: str) -> str:
@@ -29,32 +51,173 @@ def manifest_format(uri: str) -> str:
     return "parquet"
 
 
-def read_table_bytes(data: bytes, uri: str) -> pa.Table:
-    """The table in `data` (a file named `uri`). Raises pa.ArrowException / OSError / ValueError."""
+def read_manifest_table(data: bytes, uri: str) -> tuple[pa.Table, CellProblems]:
+    """The table in `data` (a file named `uri`) and, for a text file, the cells of the known
+    columns that could not be read as their type (those cells are null in the table). Raises
+    pa.ArrowException / OSError / ValueError when the file cannot be read at all."""
     kind = manifest_format(uri)
     if kind == "parquet":
-        return pq.read_table(pa.BufferReader(data))
+        return pq.read_table(pa.BufferReader(data)), {}
     if kind in ("csv", "tsv"):
-        first = data.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace").rstrip("\r")
-        header = next(csv.reader([first], delimiter="\t" if kind == "tsv" else ","), [])
-        types = {c: pa.string() for c in STRING_COLUMNS if c in header}
-        return pacsv.read_csv(
-            io.BytesIO(data),
-            parse_options=pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ","),
-            convert_options=pacsv.ConvertOptions(
-                column_types=types,
-                strings_can_be_null=True,  # an empty cell is a missing value, as in a spreadsheet
-                quoted_strings_can_be_null=False,
-            ),
-        )
-    if not data.strip():
-        raise ValueError("empty file")
-    table = pajson.read_json(io.BytesIO(data))
-    for name in STRING_COLUMNS:
-        if name in table.column_names and pa.types.is_integer(table.schema.field(name).type):
-            index = table.column_names.index(name)
-            table = table.set_column(index, name, table.column(name).cast(pa.string()))
+        table = _read_csv(data, "\t" if kind == "tsv" else ",")
+        columns = {name: table.column(name).to_pylist() for name in table.column_names if name in TYPED_COLUMNS}
+    else:
+        table, columns = _read_jsonl(data)
+    problems: CellProblems = {}
+    for name, values in columns.items():
+        typed = _typed_column(name, values, problems)
+        table = table.set_column(table.column_names.index(name), name, typed)
+    return table, problems
+
+
+def read_table_bytes(data: bytes, uri: str) -> pa.Table:
+    """The table in `data`, refusing a text file with a cell its column's type cannot hold
+    (ValueError naming the row, column and value): what `make-manifest` converts. Raises
+    pa.ArrowException / OSError / ValueError."""
+    table, problems = read_manifest_table(data, uri)
+    if problems:
+        row = min(problems)
+        column, problem = next(iter(problems[row].items()))
+        more = sum(len(p) for p in problems.values()) - 1
+        raise ValueError(f"row {row}, column {column!r}: {problem}" + (f" (and {more} more cell(s))" if more else ""))
     return table
 
 
-__all__ = ["manifest_format", "read_table_bytes"]
+def _read_csv(data: bytes, delimiter: str) -> pa.Table:
+    """CSV/TSV with the known columns as text (typed cell by cell later), the rest inferred."""
+    first = data.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace").rstrip("\r")
+    header = next(csv.reader([first], delimiter=delimiter), [])
+    return pacsv.read_csv(
+        io.BytesIO(data),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter),
+        convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in TYPED_COLUMNS if c in header},
+            strings_can_be_null=True,  # an empty cell is a missing value, as in a spreadsheet
+            quoted_strings_can_be_null=False,
+        ),
+    )
+
+
+def _read_jsonl(data: bytes) -> tuple[pa.Table, dict[str, list[Any]]]:
+    """JSON lines with Python's json (exact integers of any size); keys in first-seen order.
+    Label columns are typed by Arrow from their values; the known columns are returned as
+    Python values, typed cell by cell later."""
+    if not data.strip():
+        raise ValueError("empty file")
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(data.decode("utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"line {number}: not JSON ({exc})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"line {number}: expected a JSON object, got {type(value).__name__}")
+        rows.append(value)
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    known = {name: [row.get(name) for row in rows] for name in names if name in TYPED_COLUMNS}
+    arrays = []
+    for name in names:
+        if name in known:
+            arrays.append(pa.nulls(len(rows)))  # a placeholder, replaced by the typed column
+            continue
+        try:
+            arrays.append(pa.array([row.get(name) for row in rows]))
+        except (pa.ArrowException, OverflowError) as exc:
+            raise ValueError(f"column {name!r}: values of different types or too large ({exc})") from None
+    return pa.table(arrays, names=names), known
+
+
+def _typed_column(name: str, values: list[Any], problems: CellProblems) -> pa.Array:
+    """`values` (text from CSV, Python values from JSON) as the column's type; a cell that
+    cannot be read is null, and its problem is noted under its row."""
+    kind = TYPED_COLUMNS[name]
+    if pa.types.is_string(kind) and all(v is None or isinstance(v, str) for v in values):
+        return pa.array(values, pa.string())
+    if all(v is None or isinstance(v, str) for v in values) and not pa.types.is_boolean(kind):
+        try:  # the usual case, at Arrow's speed: every cell is plain text of the type
+            text = pa.array(values, pa.string())
+            return pc.cast(pc.utf8_trim_whitespace(text), kind)
+        except (pa.ArrowException, ValueError):
+            pass  # some cell needs a closer look: read them one by one
+    numbers = (int, float) if pa.types.is_floating(kind) else (int,)
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind):
+        if all(v is None or isinstance(v, numbers) and not isinstance(v, bool) for v in values):
+            try:  # JSON numbers of the type: no closer look needed
+                return pa.array(values, kind)
+            except (pa.ArrowException, OverflowError):
+                pass
+    convert = {pa.string(): _as_string, pa.int64(): _as_integer, pa.float64(): _as_float, pa.bool_(): _as_boolean}[kind]
+    typed = []
+    for row, value in enumerate(values):
+        if value is None or isinstance(value, str) and not value.strip():
+            typed.append(None)
+            continue
+        result, problem = convert(value)
+        if problem:
+            problems.setdefault(row, {})[name] = f"{_shown(value)} {problem}"
+        typed.append(result)
+    return pa.array(typed, kind)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _as_string(value: Any) -> tuple[str | None, str | None]:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None, f"is a {type(value).__name__}, expected text"
+    return str(value), None  # a number written for an id or a prompt: its digits
+
+
+def _as_integer(value: Any) -> tuple[int | None, str | None]:
+    if isinstance(value, bool):
+        return None, "is not an integer"
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            return None, "is not an integer"
+        if abs(value) > EXACT_FLOAT_INTEGERS:
+            return None, "is a float too large to hold an exact integer; write the integer's digits"
+        value = int(value)
+    if isinstance(value, str):
+        try:
+            number = Decimal(value.strip())  # exact: "12", "12.0", "1e3", "7550895919379764811"
+        except InvalidOperation:
+            return None, "is not an integer"
+        if not number.is_finite() or number != number.to_integral_value():
+            return None, "is not an integer"
+        value = int(number)
+    if not isinstance(value, int):
+        return None, "is not an integer"
+    if not -(2**63) <= value < 2**63:
+        return None, "is outside the 64-bit integer range"
+    return value, None
+
+
+def _as_float(value: Any) -> tuple[float | None, str | None]:
+    if isinstance(value, bool):
+        return None, "is not a number"
+    if isinstance(value, (int, float)):
+        return float(value), None
+    if isinstance(value, str):
+        try:
+            return float(value.strip()), None
+        except ValueError:
+            return None, "is not a number"
+    return None, "is not a number"
+
+
+def _as_boolean(value: Any) -> tuple[bool | None, str | None]:
+    if isinstance(value, bool):
+        return value, None
+    text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+    if text in _TRUE:
+        return True, None
+    if text in _FALSE:
+        return False, None
+    return None, "is not true or false"
+
+
+__all__ = ["CellProblems", "manifest_format", "read_manifest_table", "read_table_bytes"]

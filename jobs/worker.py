@@ -356,6 +356,7 @@ class ShardWorker:
                 sampler=self.config.sampler,
                 duplicate_of=task.duplicates.get(row),
                 bad_columns=task.bad_columns,
+                cell_problems=task.cell_problems.get(row),
             )
             if undecodable:
                 problem = f"invalid UTF-8 (not readable) in column(s) {', '.join(undecodable)}"

@@ -241,3 +241,77 @@ def test_float_seed_column_from_pandas_style_nan(tmp_path):
     assert problem is None and request.seed == 3 and isinstance(request.seed, int)
     _, problem, _ = parse_row(1, raw[1], row_id="1", sampler=SAMPLER)
     assert problem == "seed is missing"
+
+
+def _checked(manifest, row):
+    return parse_row(
+        row,
+        manifest.table.to_pylist()[row],
+        row_id=manifest.ids[row],
+        sampler=SAMPLER,
+        cell_problems=manifest.cell_problems.get(row),
+    )
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_text_manifests_keep_every_seed_exact_beside_a_bad_cell(tmp_path, kind):
+    """One non-integer seed used to turn the whole column into float64, rounding every seed
+    above 2**53 to another seed (7550895919379764811 -> 7550895919379765248): images made
+    from seeds nobody wrote. Now each cell is read alone: the bad one fails its row only."""
+    seeds = [7550895919379764811, 2156179671271286137, 9223372036854775807]
+    path = tmp_path / f"m.{kind}"
+    if kind == "csv":
+        path.write_text("id,prompt,seed\n" + "".join(f"r{i},p {i},{s}\n" for i, s in enumerate(seeds)) + "r3,q,1.5\n")
+    else:
+        lines = [json.dumps({"id": f"r{i}", "prompt": f"p {i}", "seed": s}) for i, s in enumerate(seeds)]
+        path.write_text("\n".join([*lines, '{"id": "r3", "prompt": "q", "seed": 1.5}']) + "\n")
+    manifest = load_manifest([str(path)])
+    assert manifest.table.column("seed").to_pylist()[:3] == seeds
+    for row, seed in enumerate(seeds):
+        request, problem, _ = _checked(manifest, row)
+        assert problem is None and request.seed == seed
+    request, problem, _ = _checked(manifest, 3)
+    written = "'1.5'" if kind == "csv" else "1.5"  # CSV cells are text, JSON's a number
+    assert request is None and problem == f"seed: {written} is not an integer"
+
+
+def test_a_bad_override_cell_in_a_csv_fails_its_row_alone(tmp_path):
+    """A spreadsheet's `ten` in one row's steps used to make the column text and every row
+    with a value there an error record."""
+    (tmp_path / "m.csv").write_text(
+        "prompt,seed,steps,guidance_scale,karras,sampler\n"
+        "a,1,4,5,,ddim\n"
+        "b,2,ten,5,,ddim\n"
+        "c,3,6,high,,ddim\n"
+        "d,4,4.0,7.5,TRUE,dpmpp_2m\n"
+        "e,5,4,5,maybe,dpmpp_2m\n"
+    )
+    manifest = load_manifest([str(tmp_path / "m.csv")])
+    assert manifest.bad_columns == {}
+    results = [_checked(manifest, row) for row in range(5)]
+    assert [problem for _, problem, _ in results] == [
+        None,
+        "steps: 'ten' is not an integer",
+        "guidance_scale: 'high' is not a number",
+        None,
+        "karras: 'maybe' is not true or false",
+    ]
+    assert (results[0][0].steps, results[3][0].steps, results[3][0].karras) == (4, 4, True)
+
+
+def test_a_float_seed_too_large_to_be_exact_is_refused(tmp_path):
+    """A Parquet seed column stored as float64 (pandas with a NaN) cannot hold 7550895919379764811:
+    its float is 7550895919379765248, which is not the seed the row was meant to have."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["a"], "seed": pa.array([7550895919379764811.0])}), tmp_path / "m.parquet")
+    _, problem, _ = _checked(load_manifest([str(tmp_path / "m.parquet")]), 0)
+    assert "a float too large to hold an exact integer" in problem
+
+
+def test_converting_a_text_manifest_refuses_a_bad_cell_naming_it(tmp_path):
+    from jobs.tabular import read_table_bytes
+
+    data = b"prompt,seed,steps\na,1,4\nb,2,ten\nc,3,x\n"
+    with pytest.raises(ValueError, match=r"row 1, column 'steps': 'ten' is not an integer \(and 1 more cell\(s\)\)"):
+        read_table_bytes(data, "m.csv")

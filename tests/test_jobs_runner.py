@@ -141,6 +141,10 @@ def test_dry_run_and_invalid_manifest(tmp_path):
     summary, _ = run(tmp_path, spec_dict(str(manifest), str(tmp_path / "out")), dry_run=True)
     assert summary["shards"] == {"total": 2, "committed": 0, "to_run": 2}
     assert not (tmp_path / "out").exists()
+    (tmp_path / "m.csv").write_text("prompt,seed,steps\na,1,3\nb,2,ten\n")  # a cell steps cannot hold
+    summary, lines = run(tmp_path, spec_dict(str(tmp_path / "m.csv"), str(tmp_path / "out")), dry_run=True)
+    assert (summary["rows"]["ok"], summary["rows"]["bad"]) == (1, 1)
+    assert any("e.g. row 1: steps: 'ten' is not an integer" in line for line in lines)
     write_manifest(tmp_path / "bad.parquet", [{"prompt": "a"}])
     with pytest.raises(ManifestError, match="missing required column 'seed'"):
         run(tmp_path, spec_dict(str(tmp_path / "bad.parquet"), str(tmp_path / "out")))

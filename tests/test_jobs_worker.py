@@ -413,3 +413,16 @@ def test_a_storage_fault_reading_later_rows_fails_the_shard_with_rows_in_flight(
     with pytest.raises(TransientStorageError, match="SlowDown"):
         ShardWorker(config, pipeline=tiny_pipe).run(one_shard(tmp_path, rows))
     assert Output(str(tmp_path / "out")).committed_shards() == set()
+
+
+def test_a_csv_cell_that_cannot_be_read_fails_its_row_in_the_worker(tmp_path, tiny_pipe):
+    """The cell's problem reaches the worker's row check: the row is an error record naming
+    the cell, not a row generated with the spec's steps in place of the unreadable ones."""
+    (tmp_path / "m.csv").write_text("id,prompt,seed,steps\na,a circle,1,3\nb,a square,2,ten\nc,a line,3,\n")
+    manifest = load_manifest([str(tmp_path / "m.csv")])
+    (task,) = list(read_shards(manifest, 3))
+    result = make_worker(tiny_pipe, tmp_path / "out").run(task)
+    assert (result.ok, result.error) == (2, 1)
+    records = Output(str(tmp_path / "out")).read_records(task.shard_id).to_pylist()
+    assert [(r["id"], r["status"], r["steps"]) for r in records] == [("a", "ok", 3), ("b", "error", 2), ("c", "ok", 2)]
+    assert records[1]["error"] == "steps: 'ten' is not an integer"
