@@ -102,7 +102,7 @@ class Manifest:
     ids: list[str | None]  # per row: the id as a string (row number when there is no id column)
     duplicates: dict[int, int]  # row -> earlier row holding the same id
     bad_columns: dict[str, str] = field(default_factory=dict)  # optional column -> problem
-    ignored_columns: tuple[str, ...] = ()  # always empty now: other columns are labels
+    ignored_columns: tuple[str, ...] = ()  # `init_image_uri`, which sdgen derives itself; others are labels
     label_columns: tuple[str, ...] = ()
     cell_problems: CellProblems = field(default_factory=dict)  # text manifests: row -> column -> problem
 
@@ -226,6 +226,7 @@ def load_manifest(sources: Sequence[str]) -> Manifest:
         duplicates=duplicates,
         bad_columns=bad_columns,
         label_columns=labels,
+        ignored_columns=tuple(c for c in names if c == "init_image_uri"),
         cell_problems=cell_problems,
     )
 

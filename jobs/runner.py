@@ -174,6 +174,11 @@ def _log_manifest(spec: JobSpec, manifest: Manifest, log: Callable[[str], None])
     )
     if manifest.label_columns:
         log(f"[sdgen] labels (kept in each record's `labels`): {', '.join(manifest.label_columns)}")
+    for column in manifest.ignored_columns:
+        log(
+            f"[sdgen] warning: column {column!r} is ignored: sdgen resolves it from `init_image` (a record's "
+            f"{column} is where the init image was read from); rename the column to keep it as a label"
+        )
     for problem in manifest.bad_columns.values():
         log(f"[sdgen] warning: {problem}; rows with a value there become error records")
 

@@ -97,6 +97,27 @@ def test_optional_column_of_wrong_type_is_a_row_problem(tmp_path):
     assert bad is None and "column 'strength' has type string" in problem
 
 
+def test_an_init_image_uri_column_is_ignored_and_named(tmp_path):
+    """sdgen derives `init_image_uri` from `init_image` (e.g. a manifest made from old records):
+    a column of that name is not used, and the run says so instead of dropping it silently."""
+    from jobs.runner import plan_job
+
+    from conftest import spec_dict, write_spec
+
+    rows = [{"prompt": "a", "seed": 1, "init_image_uri": "/elsewhere/x.png", "color": "red"}]
+    path = write_manifest(tmp_path / "m.parquet", rows)
+    manifest = load_manifest([str(path)])
+    assert manifest.ignored_columns == ("init_image_uri",) and manifest.label_columns == ("color",)
+    assert "init_image_uri" not in manifest.table.column_names  # no init_image column: txt2img
+    lines = []
+    plan_job(
+        str(write_spec(tmp_path / "s.yaml", spec_dict(str(path), str(tmp_path / "out")))),
+        log=lines.append,
+        read_only=True,
+    )
+    assert any("column 'init_image_uri' is ignored" in line for line in lines)
+
+
 def test_extra_columns_are_labels_carried_to_the_row(tmp_path):
     rows = [{"prompt": "a", "category": "x", "seed": 1, "score": 0.5}]
     manifest = load_manifest([str(write_manifest(tmp_path / "m.parquet", rows))])
