@@ -42,13 +42,45 @@ class Grid:
     cell: int  # one image's size in px
 
 
+LABEL_PREFIX = "labels."  # `labels.status`: the label, where a record field has the same name
+# Fonts with Latin, Greek and Cyrillic letters, found by Pillow in the system's font folders;
+# Pillow's own default font draws only ASCII (an `ü` in a label would be a box).
+FONTS = ("DejaVuSans.ttf", "LiberationSans-Regular.ttf", "NotoSans-Regular.ttf", "FreeSans.ttf", "Arial.ttf")
+
+
 def _value(record: dict[str, Any], field: str) -> Any:
+    """A record field, else a label; `labels.NAME` is always the label."""
     if field in record and field != "labels":
         return record[field]
+    name = field[len(LABEL_PREFIX) :] if field.startswith(LABEL_PREFIX) else field
     labels = json.loads(record["labels"]) if record.get("labels") else {}
-    if field not in labels:
+    if name not in labels:
         raise KeyError(field)
-    return labels[field]
+    return labels[name]
+
+
+def matches(value: Any, wanted: str) -> bool:
+    """`--where FIELD=VALUE`, VALUE as typed on a command line: `true`/`false` (or 1/0) for a flag,
+    a number equal as a number (`5` matches 5.0), `none` for a missing value, else the text."""
+    if isinstance(value, bool):
+        return wanted.strip().lower() in (("true", "1", "yes") if value else ("false", "0", "no"))
+    if isinstance(value, (int, float)):
+        try:
+            return float(wanted) == float(value)
+        except ValueError:
+            return False
+    if value is None:
+        return wanted.strip().lower() in ("", "none", "null")
+    return str(value) == wanted
+
+
+def label_font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    for name in FONTS:
+        try:
+            return ImageFont.truetype(name, 11)
+        except OSError:
+            continue
+    return ImageFont.load_default()
 
 
 def _label(value: Any) -> str:
@@ -98,7 +130,7 @@ def make_grid(
             if record["status"] != "ok":
                 continue
             try:
-                if where and any(str(_value(record, k)) != v for k, v in where.items()):
+                if where and not all(matches(_value(record, k), v) for k, v in where.items()):
                     continue
                 r, c = _value(record, rows), _value(record, cols)
             except KeyError as exc:
@@ -113,7 +145,7 @@ def make_grid(
     most = max(len(paths) for paths in cells.values())
     sub_cols, sub_rows = sub_grid(most)
     width, height = sub_cols * cell, sub_rows * cell  # one cell
-    font = ImageFont.load_default()
+    font = label_font()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     left = int(max(measure.textlength(_label(v), font=font) for v in row_values)) + 12
     top = LEGEND_H + HEADER_H
@@ -149,9 +181,19 @@ def main(argv: list[str] | None = None, prog: str = "sdgen grid") -> int:
     parser = argparse.ArgumentParser(prog=prog, description="Lay out a sweep's images as a labelled grid.")
     parser.add_argument("output", help="the job's output folder or s3:// prefix")
     parser.add_argument("out", help="the PNG to write (local path or s3://)")
-    parser.add_argument("--rows", default="prompt", help="record field or label along the rows (default: prompt)")
+    parser.add_argument(
+        "--rows",
+        default="prompt",
+        help="record field or label along the rows (default: prompt); labels.NAME: the label named like a field",
+    )
     parser.add_argument("--cols", default="sampler", help="record field or label along the columns (default: sampler)")
-    parser.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE", help="keep matching rows only")
+    parser.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="keep matching rows only (numbers compare as numbers, flags as true/false)",
+    )
     parser.add_argument("--cell", type=int, default=128, help="one image's size in pixels (default 128)")
     parser.add_argument(
         "--per-cell", type=int, metavar="N", help="at most the first N rows of each cell (default: all of them)"
