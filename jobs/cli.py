@@ -138,28 +138,37 @@ def reproduce_main(argv: Sequence[str]) -> int:
     return main(list(argv), prog="sdgen reproduce")
 
 
+def _last_line_of_defence(main: Callable[[list[str]], int], argv: Sequence[str]) -> int:
+    """A command that names its own expected errors (exit 2) still must not print a traceback
+    for one it did not foresee: `guarded` makes it one line (exit 3); `--debug`, taken out of
+    the arguments here, shows the traceback."""
+    argv = list(argv)
+    debug = "--debug" in argv
+    return guarded(lambda: main([a for a in argv if a != "--debug"]), debug)
+
+
 def make_manifest_main(argv: Sequence[str]) -> int:
     from .templates import main
 
-    return main(list(argv))
+    return _last_line_of_defence(main, argv)
 
 
 def export_main(argv: Sequence[str]) -> int:
     from .export import main
 
-    return main(list(argv))
+    return _last_line_of_defence(main, argv)
 
 
 def grid_main(argv: Sequence[str]) -> int:
     from .grid import main
 
-    return main(list(argv))
+    return _last_line_of_defence(main, argv)
 
 
 def report_main(argv: Sequence[str]) -> int:
     from .report import main
 
-    return main(list(argv))
+    return _last_line_of_defence(main, argv)
 
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {

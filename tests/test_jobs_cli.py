@@ -59,6 +59,17 @@ def test_status(tmp_path):
     assert missing.returncode == 2 and "no job.json" in missing.stdout  # run_command merges stderr
 
 
+def test_an_error_no_command_foresaw_is_one_line_not_a_traceback(tmp_path):
+    """A job.json without its manifest section (hand-edited): `sdgen report` meets
+    an error they do not name; it is one line and exit 3, and --debug shows the traceback."""
+    Output(str(tmp_path / "out")).write_job({"name": "t"})
+    result = sdgen("report", str(tmp_path / "out"))
+    assert result.returncode == 3 and "Traceback" not in result.stdout
+    assert "error: KeyError: 'manifest' (rerun with --debug for the traceback)" in result.stdout
+    debug = sdgen("report", str(tmp_path / "out"), "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stdout
+
+
 def write_job(folder: Path) -> Path:
     """A job with relative paths: they are relative to the working directory."""
     write_manifest(folder / "m.parquet", small_rows(5))
