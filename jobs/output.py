@@ -241,13 +241,19 @@ class Output:
         return [k for k in self.storage.list(prefix) if k.endswith(".parquet")]
 
     def read_partials(self, shard: str) -> dict[int, dict[str, Any]]:
-        """row -> record, from every partial file of the shard (first one wins)."""
+        """row -> record, from every partial file of the shard (first one wins). A partial file
+        that cannot be read (damaged: empty, truncated) is passed over, so its rows are made
+        again instead of failing the shard on every attempt."""
         found: dict[int, dict[str, Any]] = {}
         for key in self.partial_keys(shard):
             try:
-                table = read_table(self.storage.read(key))
+                data = self.storage.read(key)
             except FileNotFoundError:
                 continue
+            try:
+                table = read_table(data)
+            except pa.ArrowException:
+                continue  # its rows are generated again; the shard's commit deletes the file
             if table.schema.names != RECORD_SCHEMA.names:
                 continue  # from another sdgen version: regenerate instead of guessing
             for record in table.to_pylist():

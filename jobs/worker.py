@@ -25,6 +25,7 @@ Nothing here knows about Ray.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -32,6 +33,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import groupby
@@ -333,9 +335,32 @@ class ShardWorker:
         )
 
     def _saved_records(self, task: ShardTask) -> dict[int, Record]:
-        """row -> record, from the shard's partial files (batches saved by an earlier attempt)."""
+        """row -> record, from the shard's partial files (batches saved by an earlier attempt).
+        An ok record is kept only while its image is there with the recorded sha256: a saved
+        row whose image was deleted or changed since is generated again, never committed as ok
+        without its image."""
         saved = self.output.read_partials(task.shard_id)
-        return {row: Record.from_dict(values) for row, values in saved.items() if task.start <= row < task.stop}
+        records = {row: Record.from_dict(values) for row, values in saved.items() if task.start <= row < task.stop}
+        ok = [r for r in records.values() if r.status == "ok"]
+        if not ok:
+            return records
+
+        def intact(record: Record) -> bool | None:
+            """True: the image is there as recorded; False: other bytes are; None: none are."""
+            try:
+                data = self.output.storage.read(record.image_path)
+            except FileNotFoundError:
+                return None
+            return hashlib.sha256(data).hexdigest() == record.image_sha256
+
+        with ThreadPoolExecutor(max_workers=min(8, len(ok))) as pool:
+            found = list(pool.map(intact, ok))
+        changed = [r.image_path for r, state in zip(ok, found) if state is False]
+        self.output.storage.delete(changed)  # no record names them now; the writer never overwrites an image
+        for record, state in zip(ok, found):
+            if not state:
+                del records[record.row]
+        return records
 
     def _check_rows(self, task: ShardTask, skip: set[int], attempt: int) -> tuple[list[RowRequest], list[Record]]:
         """The shard's rows not in `skip`, checked: requests to generate, and error records for

@@ -192,6 +192,35 @@ def test_a_crash_loses_at_most_the_batch_in_flight(tmp_path, tiny_pipe):
     assert output.partial_keys() == []
 
 
+def test_a_saved_row_whose_image_is_gone_or_changed_is_made_again(tmp_path, tiny_pipe):
+    """After a crash, a saved batch's record is kept only with its image: one image deleted and
+    one overwritten since are made again (the same bytes), never committed as ok without them.
+    A damaged saved batch (an empty file, as a full disk leaves) is passed over likewise."""
+    task = one_shard(tmp_path, small_rows(6))
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        make_worker(tiny_pipe, out, batch_size=2, pipeline=Failing(tiny_pipe, crash_after=4)).run(task)
+    output = Output(str(out))
+    saved = output.read_partials("shard-00000")
+    assert sorted(saved) == [0, 1, 2, 3]
+    before = {r: (out / saved[r]["image_path"]).read_bytes() for r in saved}
+    (out / saved[0]["image_path"]).unlink()
+    (out / saved[1]["image_path"]).write_bytes(b"not the image")
+    later_batch = sorted(output.partial_keys("shard-00000"))[-1]  # rows 2 and 3 (named by first row)
+    (out / later_batch).write_bytes(b"")
+    assert sorted(output.read_partials("shard-00000")) == [0, 1]
+
+    counting = Failing(tiny_pipe)
+    result = make_worker(tiny_pipe, out, batch_size=2, pipeline=counting).run(task)
+    assert (result.reused, result.generated, result.ok) == (0, 6, 6)
+    records = {r["row"]: r for r in output.read_records("shard-00000").to_pylist()}
+    for row in range(6):
+        data = (out / records[row]["image_path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == records[row]["image_sha256"]
+        if row in before:
+            assert data == before[row]  # made again bit for bit
+
+
 def test_a_shard_streams_its_rows_done_and_a_stream_closed_early_commits_nothing(tmp_path, tiny_pipe):
     # What the Ray actor streams to the driver: rows done at the start and after each saved batch.
     task = one_shard(tmp_path, small_rows(6))
