@@ -100,6 +100,18 @@ def find_records(
     return found
 
 
+def _config_differences(recorded: dict, built: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, recorded value, built value) where two model configurations differ."""
+    found = []
+    for key in sorted(set(recorded) | set(built)):
+        a, b = recorded.get(key), built.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append((f"{prefix}{key}", a, b))
+    return found
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
@@ -125,6 +137,7 @@ class Reproducer:
         self.init_image_override = init_image
         job = output.read_job() or {}
         self.quality = quality or job.get("spec", {}).get("image", {}).get("quality", 95)
+        self.model_config = (job.get("model") or {}).get("config")  # None in older outputs
         self._pipes: dict[tuple, Any] = {}
 
     def pipeline(self, record: Record):
@@ -158,6 +171,17 @@ class Reproducer:
             raise ReproduceError(
                 f"weights {redact_uri(weights)} have fingerprint {pipe.fingerprint[:16]}…, the record "
                 f"says {record.model_fingerprint[:16]}…: not the weights that made this image"
+            )
+        built = json.loads(pipe.config.to_json())
+        if self.model_config is not None and built != self.model_config:
+            differences = [
+                f"{key} {built_value!r} here, {value!r} recorded"
+                for key, value, built_value in _config_differences(self.model_config, built)
+            ]
+            raise ReproduceError(
+                f"weights {redact_uri(weights)} have the recorded fingerprint but build another architecture "
+                f"({'; '.join(differences[:3])}): a checkpoint without sdcore's config metadata? pass the weights "
+                "the job ran with"
             )
         return pipe
 

@@ -471,6 +471,13 @@ def check_model(existing: dict[str, Any] | None, info: WorkerInfo) -> list[str]:
         problems.append(
             f"model fingerprint: {str(model.get('fingerprint'))[:16]}… on disk, {info.model_fingerprint[:16]}… now"
         )
+    recorded = model.get("config")  # absent in outputs of sdgen before it was recorded
+    if recorded is not None and info.model_config is not None and recorded != info.model_config:
+        problems += [
+            f"model architecture {difference} (the same tensors built into another configuration: e.g. a "
+            "checkpoint without sdcore's config metadata, whose attention heads were inferred)"
+            for difference in _differences(recorded, info.model_config)[:3]
+        ]
     if model.get("dtype") != info.dtype:
         problems.append(f"model dtype: {model.get('dtype')} on disk, {info.dtype} now (set model.dtype explicitly)")
     return problems
@@ -506,6 +513,7 @@ def job_document(
         "model": {
             "weights": spec.to_dict()["model"]["weights"],
             "fingerprint": info.model_fingerprint,
+            "config": info.model_config,  # the architecture (sdcore ModelConfig), checked on a resume
             "dtype": info.dtype,
             "device": info.device,
             "device_name": info.device_name,

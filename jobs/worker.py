@@ -91,6 +91,10 @@ class WorkerInfo:
     versions: dict[str, str]
     threads: int | None = None  # torch intra-op threads (CPU only)
     niceness: int = 0  # the process's scheduling niceness (Ray starts workers at its `worker_niceness`)
+    # The architecture the weights were built into (sdcore ModelConfig, as JSON data): the
+    # fingerprint covers the tensors only, and two configurations (e.g. attention heads, which
+    # no tensor's shape shows) can take the same tensors and make other images.
+    model_config: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,7 @@ class ShardWorker:
             versions=versions,
             threads=torch.get_num_threads() if pipeline.device.type == "cpu" else None,
             niceness=os.nice(0),
+            model_config=json.loads(pipeline.config.to_json()),
         )
         self.records = RecordBuilder(  # every record this worker makes comes from here
             sampler=config.sampler.name,

@@ -148,6 +148,32 @@ def test_other_weights_are_refused_by_fingerprint(made, tmp_path):
     assert result.verdict == "error" and "not the weights that made this image" in result.detail
 
 
+def test_the_same_tensors_built_into_another_architecture_are_refused(made, tmp_path):
+    """A .ckpt of the tiny model's tensors without sdcore's config metadata loads with inferred
+    attention heads: the same fingerprint, other images. job.json's config tells them apart."""
+    import json
+
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save(load_file(str(made / "tiny.safetensors")), ckpt)
+    copy = tmp_path / "out"
+    shutil.copytree(made / "out", copy)
+    output = Output(str(copy))
+    job = output.read_job()
+    job["model"] = {"config": json.loads(sdcore_config(made).to_json())}
+    output.write_job(job)
+    result, _ = Reproducer(output, weights=str(ckpt)).compare(record(made, "r000"), 40.0, False)
+    assert result.verdict == "error" and "have the recorded fingerprint but build another architecture" in result.detail
+    assert "unet.num_heads 8 here, 2 recorded" in result.detail
+    result, _ = Reproducer(output).compare(record(made, "r000"), 40.0, True)  # the job's own weights
+    assert result.verdict == "identical", result.detail
+
+
+def sdcore_config(made):
+    import sdcore
+
+    return sdcore.load_pipeline(str(made / "tiny.safetensors")).config
+
+
 def test_moved_weights_and_init_image(made, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(made, moved)

@@ -10,7 +10,7 @@ from jobs.manifest import ManifestError, load_manifest
 from jobs.output import Output
 from jobs.runner import JobConflict, check_model, job_document, plan_job, run_job, summary_lines
 from jobs.spec import load_spec
-from jobs.worker import WorkerInfo
+from jobs.worker import ShardWorker, WorkerConfig, WorkerInfo
 
 from conftest import init_image, manifest_schema, small_rows, spec_dict, write_manifest, write_spec
 
@@ -125,6 +125,41 @@ def test_a_different_job_on_an_existing_output_is_refused(tmp_path, ray_local):
     summary, _ = run(tmp_path, spec_dict(str(manifest), str(tmp_path / "out"), sampler={"steps": 2}), overwrite=True)
     assert summary["complete"] and summary["total"] == 3
     assert {r["steps"] for r in records_of(tmp_path / "out")} == {2}
+
+
+def test_the_same_tensors_built_into_another_architecture_are_refused(tmp_path, tiny_pipe):
+    """The fingerprint covers the tensors; the heads of attention show in no tensor's shape. A
+    .ckpt of the tiny model's tensors without sdcore's config metadata loads with inferred heads
+    (8 and 1 instead of 2 and 4): the same fingerprint, other images. A resume with it is refused."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    import sdcore
+    from sdcore.weights import export_single_file
+
+    export_single_file(tiny_pipe, tmp_path / "tiny.safetensors")
+    torch.save(load_file(str(tmp_path / "tiny.safetensors")), tmp_path / "tiny.ckpt")
+    inferred = sdcore.load_pipeline(str(tmp_path / "tiny.ckpt"))
+    assert inferred.fingerprint == tiny_pipe.fingerprint and inferred.config != tiny_pipe.config
+
+    def info(pipe):
+        worker = ShardWorker(
+            WorkerConfig(weights="builtin:tiny", output=str(tmp_path / "out"), dtype="float32"), pipeline=pipe
+        )
+        return worker.info()
+
+    manifest = load_manifest([str(write_manifest(tmp_path / "m.parquet", small_rows(2), manifest_schema()))])
+    spec = load_spec(write_spec(tmp_path / "s.yaml", spec_dict(str(tmp_path / "m.parquet"), str(tmp_path / "out"))))
+    existing = json.loads(json.dumps(job_document(spec, manifest, info(tiny_pipe), None, {})))  # as read back
+    assert existing["model"]["config"]["unet"]["num_heads"] == 2
+    assert check_model(existing, info(tiny_pipe)) == []
+    problems = check_model(existing, info(inferred))
+    assert any(p.startswith("model architecture text_encoder.num_heads: 4 on disk, 1 now") for p in problems)
+    assert any(p.startswith("model architecture unet.num_heads: 2 on disk, 8 now") for p in problems)
+    del existing["model"]["config"]  # an output of an sdgen that did not record it: not compared
+    assert check_model(existing, info(inferred)) == []
 
 
 def test_model_changes_are_refused():
