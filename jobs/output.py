@@ -66,6 +66,13 @@ def table_bytes(table: pa.Table, *, scratch: bool = False) -> bytes:
     return sink.getvalue()
 
 
+class DamagedFile(ValueError):
+    """A file of the output's own (job.json, summary.json) that cannot be read as it was written."""
+
+    def __init__(self, uri: str, reason: str):
+        super().__init__(f"{uri} is damaged: {reason}")
+
+
 UNREADABLE = "unreadable record file"  # how DamagedRecords' reason begins
 
 
@@ -115,16 +122,33 @@ class Output:
 
     # -- job.json / summary.json
     def read_json(self, key: str) -> dict[str, Any] | None:
+        """The JSON object in `key`; None when there is no such file; DamagedFile when it is not
+        a JSON object (truncated, edited by hand)."""
         try:
-            return json.loads(self.storage.read(key))
+            data = self.storage.read(key)
         except FileNotFoundError:
             return None
+        try:
+            value = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DamagedFile(join_uri(self.uri, key), f"not JSON ({exc})") from None
+        if not isinstance(value, dict):
+            raise DamagedFile(join_uri(self.uri, key), f"a JSON {type(value).__name__}, not an object")
+        return value
 
     def write_json(self, key: str, data: dict[str, Any]) -> None:
         self.storage.write(key, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
     def read_job(self) -> dict[str, Any] | None:
         return self.read_json(JOB_FILE)
+
+    def read_summary(self) -> dict[str, Any]:
+        """summary.json, or {} when there is none or it is damaged: it is rewritten at the end of
+        every run from the record files, so nothing is lost by reading past it."""
+        try:
+            return self.read_json(SUMMARY_FILE) or {}
+        except DamagedFile:
+            return {}
 
     def write_job(self, data: dict[str, Any]) -> None:
         self.write_json(JOB_FILE, data)

@@ -41,7 +41,7 @@ from typing import Any
 from PIL import Image
 
 from .errors import error_reason
-from .output import REPORT_FILE, REPORT_PAGES_FILE, SUMMARY_FILE, THUMBS_DIR, Output, report_page_key
+from .output import REPORT_FILE, REPORT_PAGES_FILE, THUMBS_DIR, Output, report_page_key
 from .storage import S3Storage, _s3_error, s3_client
 
 THUMB = 128
@@ -304,7 +304,7 @@ def build_report(
     began = time.monotonic()
     output = Output(uri)
     status = job_status(uri)
-    summary = output.read_json(SUMMARY_FILE) or {}
+    summary = output.read_summary()
     done = sorted(s["shard"] for s in status["shard_list"] if s["state"] == "done")
     ok_total = sum(s["ok"] for s in status["shard_list"] if s["state"] == "done")
     shown = ok_total if max_images is None else min(ok_total, max_images)

@@ -34,9 +34,10 @@ from jobs.exit_codes import TABLE, finish, guarded
 from jobs.generation import generate_settings, generation_request, recorded_slots
 from jobs.init_images import decode_init_image
 from jobs.manifest import resolve_init_image
-from jobs.output import DamagedRecords, Output
+from jobs.output import DamagedFile, DamagedRecords, Output
 from jobs.provenance import a1111_parameters
 from jobs.record import Record
+from jobs.redact import redact_text
 from jobs.storage import StorageError, read_uri, redact_uri
 from jobs.weights import resolve_weights
 from jobs.writer import encode_image
@@ -301,7 +302,12 @@ def main(argv: list[str] | None = None, prog: str = "jobs/reproduce.py") -> int:
 
 def _main(args: argparse.Namespace) -> int:
     output = Output(args.output)
-    if output.read_job() is None:
+    try:
+        job = output.read_job()
+    except DamagedFile as exc:
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
+        return 2
+    if job is None:
         print(f"error: {output.uri}: no job.json here (not an sdgen output)", file=sys.stderr)
         return 2
     damaged: dict[str, str] = {}

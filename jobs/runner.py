@@ -26,7 +26,7 @@ from .errors import error_histogram, error_lines
 from .faults import infrastructure_faults
 from .lease import held_output
 from .manifest import Manifest, load_manifest
-from .output import JOB_FILE, SUMMARY_FILE, Output
+from .output import JOB_FILE, SUMMARY_FILE, DamagedFile, Output
 from .progress import Outcome, duration
 from .progressbar import progress_reporter
 from .reader import ShardTask, num_shards, read_shards, shard_row_ranges
@@ -158,7 +158,15 @@ def plan_job(
         log(f"[sdgen] --limit {limit}: the first {manifest.num_rows} row(s) only, into {spec.output}")
     _log_manifest(spec, manifest, log)
     output = Output(spec.output)
-    existing = output.read_job()
+    try:
+        existing = output.read_job()
+    except DamagedFile as exc:
+        if not overwrite:
+            raise JobConflict(
+                f"{exc}; the output's job cannot be compared with this one: restore the file, use another "
+                "output, or pass --overwrite to delete the output's images and records and start again"
+            ) from None
+        existing = None  # --overwrite clears the output and writes a new job.json
     counts = _committed_shards(output, existing, spec, manifest, overwrite, log, clean=not read_only)
     committed = set(counts)
     tasks = list(read_shards(manifest, spec.execution.shard_size, skip=committed))

@@ -19,7 +19,7 @@ from collections import Counter
 
 from jobs.exit_codes import TABLE, finish, guarded, one_line
 from jobs.lease import live_lease
-from jobs.output import SUMMARY_FILE, UNREADABLE, Output
+from jobs.output import UNREADABLE, Output
 from jobs.reader import shard_ranges, shard_row_ranges
 from jobs.redact import redact_text
 
@@ -30,7 +30,7 @@ def job_status(uri: str) -> dict:
     job = output.read_job()
     if job is None:
         raise FileNotFoundError(f"{output.uri}: no job.json here (not an sdgen output, or nothing started yet)")
-    summary = output.read_json(SUMMARY_FILE) or {}
+    summary = output.read_summary()
     rows, size = job["manifest"]["rows"], job["shards"]["size"]
     done = output.committed_shards()
     counts = output.count_records(done, shard_row_ranges(rows, size))

@@ -2,19 +2,21 @@
 shard (a damaged file, or a shard that sdgen before d53d990 could commit short after a storage
 fault): `status` calls it damaged and the job incomplete, a rerun redoes exactly that shard
 (images bit for bit the same), and reproduce / export say what is wrong instead of failing
-with pyarrow's message."""
+with pyarrow's message. A damaged job.json is refused naming it (exit 2), a damaged
+summary.json read past."""
 
 from __future__ import annotations
 
 import hashlib
 
 import pyarrow.parquet as pq
+import pytest
 
 from jobs.export import main as export_main
 from jobs.manifest import load_manifest
 from jobs.output import Output
 from jobs.reproduce import main as reproduce_main
-from jobs.runner import job_document, plan_job, run_job
+from jobs.runner import JobConflict, job_document, plan_job, run_job
 from jobs.spec import load_spec
 from jobs.status import format_status, job_status
 from jobs.status import main as status_main
@@ -130,3 +132,28 @@ def test_a_rerun_redoes_only_the_damaged_shards_with_the_same_images(tmp_path, r
     assert again == images
     assert {r["image_path"]: r["image_sha256"] for r in records} == {str(k): v for k, v in images.items()}
     assert job_status(str(out))["complete"] is True
+
+
+def test_a_damaged_job_json_is_refused_naming_it_and_overwrite_still_works(tmp_path, capsys):
+    """A truncated (or hand-edited) job.json used to end `run` and `reproduce` with exit 3 (an
+    infrastructure fault, 'rerun resumes': it never would) and a JSON parser's message."""
+    spec, output = _hand_made_output(tmp_path)
+    job = tmp_path / "out" / "job.json"
+    for damage in (job.read_bytes()[:200], b"[]"):
+        job.write_bytes(damage)
+        with pytest.raises(JobConflict, match=r"out/job.json is damaged: .*pass --overwrite"):
+            plan_job(spec, log=lambda s: None)
+        assert status_main([str(tmp_path / "out")]) == 2
+        assert reproduce_main([str(tmp_path / "out"), "r000"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("job.json is damaged") == 2
+    plan = plan_job(spec, overwrite=True, log=lambda s: None)  # --overwrite starts again
+    assert len(plan.tasks) == 4
+
+
+def test_a_damaged_summary_json_is_read_past(tmp_path):
+    """summary.json is rewritten from the record files at the end of every run."""
+    _hand_made_output(tmp_path)
+    (tmp_path / "out" / "summary.json").write_text('{"failed_sh')
+    status = job_status(str(tmp_path / "out"))
+    assert status["shards"]["done"] == 1 and status["last_run"] is None
