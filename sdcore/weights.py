@@ -441,7 +441,7 @@ def export_single_file(pipe: Pipeline, path: str | os.PathLike, token_rows: list
     these tokens give the same text embeddings as `pipe`.
     """
     parts = {part: {k: v.detach().cpu().contiguous() for k, v in sd.items()} for part, sd in pipe.state_dicts().items()}
-    state = {k: v.contiguous() for k, v in parts_to_compvis(parts).items()}
+    state = {k: v.contiguous() for k, v in parts_to_compvis(parts, config=pipe.config).items()}
     if token_rows is not None:
         ids = torch.tensor(sorted(set(token_rows)), dtype=torch.int64)
         state[PACKED_ROWS_KEY] = state.pop(TOKEN_TABLE_KEY)[ids].contiguous()
