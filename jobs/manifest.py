@@ -347,7 +347,7 @@ def _sampler(raw: Mapping[str, Any], spec: SamplerSpec, bad: Mapping[str, str]) 
         karras = spec.karras and name in rules.KARRAS_SAMPLERS
     elif rules.karras_problem(karras, name):
         problems.append(f"karras: {rules.karras_problem(karras, name)}")
-        karras = False
+        karras = karras if isinstance(karras, bool) else False  # the error record shows what the row asked
     return name, karras, problems
 
 

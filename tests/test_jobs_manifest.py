@@ -150,6 +150,11 @@ def test_csv_tsv_and_jsonl_manifests_read_like_parquet(tmp_path):
         load_manifest([str(tmp_path / "bad.jsonl")])
 
 
+def test_an_error_record_keeps_the_karras_flag_the_row_asked_for():
+    request, problem, known = parse_row(0, row(sampler="ddim", karras=True), row_id="0", sampler=SAMPLER)
+    assert request is None and problem.startswith("karras:") and known["karras"] is True
+
+
 def test_per_row_sampler_and_karras_override_the_spec():
     spec = SamplerSpec(name="dpmpp_2m", karras=True, steps=4, guidance_scale=7.5, width=32, height=32)
     request, problem, _ = parse_row(0, row(sampler="euler_a"), row_id="0", sampler=spec)
