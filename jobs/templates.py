@@ -32,7 +32,15 @@ sha256(`base_seed:prompt_index:seed_index`). The variables (weighted ones includ
 `columns` become label columns. The same template gives the same bytes.
 
 Rows are made lazily and written `row_group_size` at a time (pyarrow's ParquetWriter), so
-memory stays flat whatever the row count (bench/bench_make_manifest.py measures it).
+memory stays flat whatever the row count (bench/bench_make_manifest.py measures it). A template
+or list that would give more than `max_rows` rows (MAX_ROWS, `--max-rows`) or none is refused
+before anything is written; so is a YAML alias bomb (values must be scalars, and every value
+quoted in a message is shortened).
+
+A prompt list is converted as it is, except: without a `seed` column each row is repeated
+`seeds_per_prompt` times with derived seeds, and its `id` (if any) becomes `ID-sK` (K the seed
+index) so ids stay unique; relative `init_image` paths (relative to the list's folder, as in any
+manifest) are rewritten to name the same files from OUT's folder.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ import hashlib
 import itertools
 import math
 import os
+import re
+import reprlib
 import string
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,7 +64,7 @@ import yaml
 
 from sdcore import rules
 
-from .storage import is_s3, open_storage, read_uri, redact_uri
+from .storage import is_s3, open_storage, parent_uri, read_uri, redact_uri
 from .tabular import manifest_format, read_table_bytes
 
 SETTINGS = {"sampler": pa.string(), "karras": pa.bool_(), "steps": pa.int32(), "guidance_scale": pa.float64()}
@@ -76,8 +86,38 @@ TEMPLATE_KEYS = {
 }
 
 
+MAX_ROWS = 100_000_000  # rows a template or list may give unless --max-rows raises it
+MAX_SEEDS_PER_PROMPT = 10**6
+MAX_PROBLEMS = 50  # problems listed in one message (the rest are counted)
+_BIG_NUMBER = re.compile(r"\d{6,}")  # a format width/precision this long would build huge strings
+
+
 class TemplateError(ValueError):
     """The template cannot be expanded (the message names the key)."""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxset = 3, 8, 8, 8
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """`value`'s repr for a message, at most `limit` characters whatever its size (a YAML alias
+    bomb expands to gigabytes when printed in full)."""
+    return _clip(_REPR.repr(value), limit)
+
+
+def _name(key: Any) -> str:
+    """A mapping key for a message: a string as it is (it is in the file), anything else shortened."""
+    return key if isinstance(key, str) else _short(key)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool)) or value is None
 
 
 def derive_seed(base_seed: int, prompt_index: int, seed_index: int) -> int:
@@ -96,13 +136,16 @@ def _draw(base_seed: int, prompt_index: int, name: str, cumulative: Sequence[flo
 def _arrow_type(values: Sequence[Any], key: str) -> pa.DataType:
     if all(isinstance(v, bool) for v in values):
         return pa.bool_()
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        return pa.int64()
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return pa.float64()
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if numbers:
+        for v in values:
+            if isinstance(v, int) and not -(2**63) <= v < 2**63:
+                raise TemplateError(f"{key}: integer {_short(v)} does not fit in 64 bits")
+        floats = any(isinstance(v, float) for v in values)
+        return pa.float64() if floats else pa.int64()
     if all(isinstance(v, str) for v in values):
         return pa.string()
-    raise TemplateError(f"{key}: values must be all strings, all numbers or all booleans, got {list(values)!r}")
+    raise TemplateError(f"{key}: values must be all strings, all numbers or all booleans, got {_short(list(values))}")
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -217,16 +260,60 @@ def _fields(text: str, key: str) -> set[str]:
         raise TemplateError(f"{key}: {exc}") from None
 
 
-def parse_template(data: Mapping[str, Any], base_dir: str = ".", manifest_dir: str | None = None) -> Template:
+def _format_problems(key: str, text: str, samples: Mapping[str, Sequence[Any]]) -> list[str]:
+    """Each `{name!conversion:spec}` field of `text` formatted with every value its variable can
+    take, so a bad spec or conversion (`{colour:d}` on a string) is named now rather than failing
+    mid-write. Fields of names not in `samples` are checked elsewhere (unknown or badly typed)."""
+    problems: list[str] = []
+    first = {name: values[0] for name, values in samples.items()}
+    fields = {(n, spec, conv) for _, n, spec, conv in string.Formatter().parse(text) if n is not None}
+    for name, spec, conversion in sorted(fields, key=lambda f: (f[0], f[1] or "", f[2] or "")):
+        if name not in samples:
+            continue
+        field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if spec and _BIG_NUMBER.search(spec):
+            problems.append(f"{key}: {field}: a width or precision over 99999 is refused")
+            continue
+        for value in samples[name]:
+            try:
+                field.format_map({**first, name: value})
+            except KeyError:  # a nested field naming an unknown variable: reported by the name check
+                break
+            except (ValueError, TypeError, OverflowError, IndexError, AttributeError) as exc:
+                problems.append(f"{key}: {field} cannot format {_short(value)}: {exc}")
+                break
+    return problems
+
+
+def _weight_ok(w: Any) -> bool:
+    """A choice's weight: a finite number >= 0 (not inf, nan or negative, which skew or break the draw)."""
+    if isinstance(w, bool) or not isinstance(w, (int, float)):
+        return False
+    try:
+        return math.isfinite(w) and w >= 0
+    except OverflowError:  # an int beyond a float's range
+        return False
+
+
+def _problem_list(problems: list[str]) -> str:
+    shown = problems[:MAX_PROBLEMS]
+    more = [f"... and {len(problems) - MAX_PROBLEMS} more"] if len(problems) > MAX_PROBLEMS else []
+    return "template problems:\n  " + "\n  ".join(shown + more)
+
+
+def parse_template(
+    data: Mapping[str, Any], base_dir: str = ".", manifest_dir: str | None = None, max_rows: int = MAX_ROWS
+) -> Template:
     """Check a template (all problems at once) and resolve its init images. `base_dir`: where
     relative init-image folders are; `manifest_dir`: the output manifest's folder, against which
-    local init images are written as relative paths (so the manifest and images move together)."""
+    local init images are written as relative paths (so the manifest and images move together).
+    A template giving more than `max_rows` rows is refused."""
     problems: list[str] = []
     if not isinstance(data, Mapping):
         raise TemplateError("a template is a YAML mapping")
     for key in data:
         if key not in TEMPLATE_KEYS:
-            problems.append(f"{key}: unknown key (expected one of {', '.join(sorted(TEMPLATE_KEYS))})")
+            problems.append(f"{_name(key)}: unknown key (expected one of {', '.join(sorted(TEMPLATE_KEYS))})")
     prompt = data.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         problems.append("prompt: expected a non-empty string")
@@ -238,15 +325,19 @@ def parse_template(data: Mapping[str, Any], base_dir: str = ".", manifest_dir: s
 
     lists: dict[str, list[Any]] = {}
     weighted: dict[str, tuple[list[Any], list[float]]] = {}
+    samples: dict[str, list[Any]] = {}  # variable -> its values, when they are well typed
+    declared: set[str] = set()  # every variable name given, so a bad one is not also "not a variable"
     variables = data.get("vars") or {}
     if not isinstance(variables, Mapping):
         problems.append("vars: expected a mapping of name -> list of values")
         variables = {}
     for name, value in variables.items():
-        key = f"vars.{name}"
-        if not str(name).isidentifier():
+        key = f"vars.{_name(name)}"
+        if not isinstance(name, str) or not name.isidentifier():
             problems.append(f"{key}: a variable name must be an identifier")
-        elif isinstance(value, Mapping):
+            continue
+        declared.add(name)
+        if isinstance(value, Mapping):
             choices, weights = value.get("choices"), value.get("weights")
             if set(value) - {"choices", "weights"} or not isinstance(choices, list) or not choices:
                 problems.append(f"{key}: expected {{choices: [...], weights: [...]}}")
@@ -255,20 +346,28 @@ def parse_template(data: Mapping[str, Any], base_dir: str = ".", manifest_dir: s
             if (
                 not isinstance(weights, list)
                 or len(weights) != len(choices)
-                or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights)
-                or sum(weights) <= 0
+                or not all(_weight_ok(w) for w in weights)
+                or not 0 < math.fsum(weights) < math.inf
             ):
-                problems.append(f"{key}.weights: expected {len(choices)} numbers >= 0, not all zero")
+                problems.append(f"{key}.weights: expected {len(choices)} numbers >= 0 and finite, not all zero")
                 continue
             weighted[name] = (choices, list(itertools.accumulate(float(w) for w in weights)))
+            values = choices
         elif isinstance(value, list) and value:
-            lists[name] = value
+            lists[name] = values = value
         else:
             problems.append(f"{key}: expected a non-empty list or {{choices: [...], weights: [...]}}")
+            continue
+        try:
+            _arrow_type(values, key)
+        except TemplateError as exc:
+            problems.append(str(exc))
+        else:
+            samples[name] = values
 
     combine = data.get("combine", "product")
     if combine not in ("product", "zip"):
-        problems.append(f"combine: expected product or zip, got {combine!r}")
+        problems.append(f"combine: expected product or zip, got {_short(combine)}")
     elif combine == "zip" and len({len(v) for v in lists.values()}) > 1:
         lengths = ", ".join(f"{k}={len(v)}" for k, v in lists.items())
         problems.append(f"combine: zip needs lists of equal length ({lengths})")
@@ -276,11 +375,11 @@ def parse_template(data: Mapping[str, Any], base_dir: str = ".", manifest_dir: s
     def integer(key: str, default: int, low: int, high: int = rules.MAX_SEED) -> int:
         value = data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            problems.append(f"{key}: expected an integer in {low}..{high}, got {value!r}")
+            problems.append(f"{key}: expected an integer in {low}..{high}, got {_short(value)}")
             return default
         return value
 
-    seeds_per_prompt = integer("seeds_per_prompt", 1, 1, 10**6)
+    seeds_per_prompt = integer("seeds_per_prompt", 1, 1, MAX_SEEDS_PER_PROMPT)
     base_seed = integer("base_seed", 0, 0)
     repeat = integer("repeat", 1, 1, 10**9)
     row_group_size = integer("row_group_size", 65536, 1, 10**7)
@@ -292,9 +391,12 @@ def parse_template(data: Mapping[str, Any], base_dir: str = ".", manifest_dir: s
         raw_settings = {}
     for name, value in raw_settings.items():
         if name not in SETTINGS:
-            problems.append(f"settings.{name}: unknown (expected one of {', '.join(SETTINGS)})")
+            problems.append(f"settings.{_name(name)}: unknown (expected one of {', '.join(SETTINGS)})")
             continue
         values = _as_list(value)
+        if not values:
+            problems.append(f"settings.{name}: expected a value or a non-empty list (an empty list gives no rows)")
+            continue
         check = {
             "sampler": rules.sampler_problem,
             "karras": lambda v: None if isinstance(v, bool) else f"expected true or false, got {v!r}",
@@ -304,6 +406,9 @@ def parse_template(data: Mapping[str, Any], base_dir: str = ".", manifest_dir: s
             "height": rules.size_problem,
         }[name]
         for v in values:
+            if not _is_scalar(v):  # never repr a nested value in full (an alias bomb)
+                problems.append(f"settings.{name}: expected a value, got a {type(v).__name__}")
+                break
             if check(v):
                 problems.append(f"settings.{name}: {check(v)}")
         settings[name] = values
@@ -312,7 +417,12 @@ def parse_template(data: Mapping[str, Any], base_dir: str = ".", manifest_dir: s
     strengths: list[float] = []
     init = data.get("init_images")
     if init is not None:
-        if not isinstance(init, Mapping) or set(init) - {"source", "strengths"} or "source" not in init:
+        if (
+            not isinstance(init, Mapping)
+            or set(init) - {"source", "strengths"}
+            or isinstance(init.get("source"), bool)
+            or not isinstance(init.get("source"), (str, int))
+        ):
             problems.append("init_images: expected {source: FOLDER or s3://PREFIX, strengths: [...]}")
         else:
             strengths = _as_list(init.get("strengths", []))
@@ -320,6 +430,7 @@ def parse_template(data: Mapping[str, Any], base_dir: str = ".", manifest_dir: s
                 isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s <= 1 for s in strengths
             ):
                 problems.append("init_images.strengths: expected numbers in (0, 1]")
+                strengths = []
             strengths = [float(s) for s in strengths]
             try:
                 init_images = _list_images(str(init["source"]), base_dir, manifest_dir)
@@ -333,27 +444,39 @@ def parse_template(data: Mapping[str, Any], base_dir: str = ".", manifest_dir: s
     if not isinstance(columns, Mapping):
         problems.append("columns: expected a mapping of name -> value")
         columns = {}
+    for name, value in columns.items():
+        if not isinstance(name, str) or not name:
+            problems.append(f"columns: {_short(name)}: a column name must be a non-empty string (quote it)")
+            continue
+        try:
+            _arrow_type([value], f"columns.{name}")
+        except TemplateError as exc:
+            problems.append(str(exc))
 
     id_template = data.get("id")
     if id_template is not None and not isinstance(id_template, str):
         problems.append("id: expected a string template")
         id_template = None
 
-    names = set(lists) | set(weighted)
+    names = declared  # lists and weighted ones, and those whose values were refused above
     for key, text in (("prompt", prompt), ("negative", negative), ("id", id_template)):
         if text:
             extra = {"row", "prompt_index", "seed_index"} if key == "id" else set()
-            for name in sorted(_fields(text, key) - names - extra):
+            unknown = sorted(_fields(text, key) - names - extra)
+            for name in unknown:
                 problems.append(f"{key}: {{{name}}} is not a variable (vars: {', '.join(sorted(names)) or 'none'})")
+            if not unknown:
+                counters = {name: [0] for name in extra}  # as in rows(): these win over variables
+                problems += _format_problems(key, text, {**samples, **counters})
     reserved = {"id", "prompt", "negative", "seed", "init_image", "strength", *SETTINGS}
-    for name in sorted((names | set(columns)) & reserved):
+    for name in sorted(n for n in names | set(columns) if isinstance(n, str) and n in reserved):
         problems.append(f"vars/columns: {name!r} is a manifest column, not a label; use settings: for settings")
     for name in sorted(names & set(columns)):
         problems.append(f"columns.{name}: also a variable")
 
     if problems:
-        raise TemplateError("template problems:\n  " + "\n  ".join(problems))
-    return Template(
+        raise TemplateError(_problem_list(problems))
+    template = Template(
         prompt=prompt,
         negative=negative,
         lists=lists,
@@ -369,6 +492,19 @@ def parse_template(data: Mapping[str, Any], base_dir: str = ".", manifest_dir: s
         id=id_template,
         row_group_size=row_group_size,
     )
+    rows = template.num_rows
+    if not 0 < rows <= max_rows:
+        settings_count = math.prod(len(v) for v in settings.values()) if settings else 1
+        factors = [
+            f"repeat {repeat}",
+            f"{template.combinations} variable combination(s)",
+            f"{settings_count} settings combination(s)",
+            f"{len(init_images) * len(strengths) if init_images else 1} init image x strength pair(s)",
+            f"seeds_per_prompt {seeds_per_prompt}",
+        ]
+        limit = "no rows" if not rows else f"over the limit of {max_rows} (raise it with --max-rows)"
+        raise TemplateError(f"template gives {' x '.join(factors)} = {rows} rows: {limit}")
+    return template
 
 
 def _list_images(source: str, base_dir: str, manifest_dir: str | None) -> list[str]:
@@ -401,18 +537,46 @@ def stream_parquet(rows: Iterator[dict[str, Any]], schema: pa.Schema, sink: Any,
     return count
 
 
-def convert_table(table: pa.Table, base_seed: int | None, seeds_per_prompt: int = 1) -> pa.Table:
+def convert_table(
+    table: pa.Table, base_seed: int | None, seeds_per_prompt: int = 1, max_rows: int = MAX_ROWS
+) -> pa.Table:
     """A CSV/TSV/JSONL prompt list as a manifest: without a seed column, seeds are derived from
-    `base_seed` (row i, seed index k), each row repeated `seeds_per_prompt` times."""
+    `base_seed` (row i, seed index k), each row repeated `seeds_per_prompt` times, its id (if
+    any) becoming `ID-sK` so the repeated rows' ids stay unique. Refuses a list with no rows or
+    one that would give more than `max_rows` rows."""
+    if isinstance(seeds_per_prompt, bool) or not 1 <= seeds_per_prompt <= MAX_SEEDS_PER_PROMPT:
+        raise TemplateError(
+            f"--seeds-per-prompt: expected an integer in 1..{MAX_SEEDS_PER_PROMPT}, got {seeds_per_prompt}"
+        )
+    if base_seed is not None and not 0 <= base_seed <= rules.MAX_SEED:
+        raise TemplateError(f"--base-seed: expected an integer in 0..{rules.MAX_SEED}, got {base_seed}")
     if "prompt" not in table.column_names:
         raise TemplateError(f"no prompt column (columns: {', '.join(table.column_names)})")
+    if table.num_rows == 0:
+        raise TemplateError("no rows (a header only?): the manifest would be empty")
     if "seed" in table.column_names:
         if seeds_per_prompt != 1:
             raise TemplateError("--seeds-per-prompt needs a list without a seed column")
+        rows = table.num_rows
+    else:
+        rows = table.num_rows * seeds_per_prompt
+    if rows > max_rows:
+        raise TemplateError(
+            f"the list gives {table.num_rows} rows x --seeds-per-prompt {seeds_per_prompt} = {rows} rows: "
+            f"over the limit of {max_rows} (raise it with --max-rows)"
+        )
+    if "seed" in table.column_names:
         return table
     base = 0 if base_seed is None else base_seed
     indices = pa.array([i for i in range(table.num_rows) for _ in range(seeds_per_prompt)], pa.int64())
+    ids = table.column("id") if "id" in table.column_names and seeds_per_prompt > 1 else None
     table = table.take(indices)
+    if ids is not None and (pa.types.is_string(ids.type) or pa.types.is_integer(ids.type)):
+        # A repeated row keeps its id apart: ID-s0, ID-s1, ... (a string column then; the
+        # manifest reads integer ids as their decimal text, so "7" and 7 name the same row).
+        # Other id types are left for the manifest check to name.
+        unique = [None if v is None else f"{v}-s{k}" for v in ids.to_pylist() for k in range(seeds_per_prompt)]
+        table = table.set_column(table.column_names.index("id"), "id", pa.array(unique, pa.string()))
     seeds = [
         derive_seed(base, i, k) for i in range(table.num_rows // seeds_per_prompt) for k in range(seeds_per_prompt)
     ]
@@ -420,11 +584,45 @@ def convert_table(table: pa.Table, base_seed: int | None, seeds_per_prompt: int 
     return table.add_column(position, "seed", pa.array(seeds, pa.int64()))
 
 
+def rebase_init_images(table: pa.Table, source: str, out: str) -> pa.Table:
+    """A prompt list's relative `init_image` paths are relative to the list's own folder (as in any
+    manifest, see manifest.resolve_init_image); rewrite them to name the same files from OUT:
+    relative to OUT's folder when both are local (as a template writes them), else the absolute
+    path or s3:// URI. Absolute paths and URIs are kept as they are."""
+    from .manifest import resolve_init_image
+
+    if "init_image" not in table.column_names or parent_uri(source) == parent_uri(out):
+        return table
+    column = table.column("init_image")
+    values = column.to_pylist()
+    if not all(v is None or isinstance(v, str) for v in values):
+        return table  # not text: the manifest check names the column
+    out_dir = None if is_s3(out) else parent_uri(out)
+
+    def rebase(value: str | None) -> str | None:
+        if not value or is_s3(value) or "://" in value or os.path.isabs(value):
+            return value
+        target = resolve_init_image(value, source)
+        if out_dir is None or is_s3(target):
+            return target
+        return os.path.relpath(target, out_dir).replace(os.sep, "/")
+
+    kind = column.type if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) else pa.string()
+    rebased = pa.array([rebase(v) for v in values], kind)
+    return table.set_column(table.column_names.index("init_image"), "init_image", rebased)
+
+
 def make_manifest(
-    source: str, out: str, *, base_seed: int | None = None, seeds_per_prompt: int | None = None
+    source: str,
+    out: str,
+    *,
+    base_seed: int | None = None,
+    seeds_per_prompt: int | None = None,
+    max_rows: int = MAX_ROWS,
 ) -> dict[str, Any]:
     """Expand a template (.yaml/.yml) or convert a prompt list (.csv/.tsv/.jsonl/.parquet) into
-    the Parquet manifest `out` (a local path or s3:// URI). Returns {"rows", "row_groups", "out"}."""
+    the Parquet manifest `out` (a local path or s3:// URI). Returns {"rows", "row_groups", "out"}.
+    Refuses (TemplateError, nothing written) a source giving no rows or more than `max_rows`."""
     kind = "template" if source.lower().endswith((".yaml", ".yml")) else manifest_format(source)
     local_out = not is_s3(out)
     out_dir = os.path.dirname(os.path.abspath(out)) if local_out else None
@@ -432,26 +630,30 @@ def make_manifest(
         try:
             data = yaml.safe_load(read_uri(source))
         except yaml.YAMLError as exc:
-            raise TemplateError(f"{redact_uri(source)}: not valid YAML ({exc})") from None
+            raise TemplateError(f"{redact_uri(source)}: not valid YAML ({_clip(str(exc), 1000)})") from None
         if isinstance(data, Mapping):
             if base_seed is not None:
                 data = {**data, "base_seed": base_seed}
             if seeds_per_prompt is not None:
                 data = {**data, "seeds_per_prompt": seeds_per_prompt}
         base_dir = "." if is_s3(source) else os.path.dirname(os.path.abspath(source))
-        template = parse_template(data, base_dir, out_dir)
+        template = parse_template(data, base_dir, out_dir, max_rows)
         schema, rows, group = template.schema(), template.rows(), template.row_group_size
     else:
         try:
             table = read_table_bytes(read_uri(source), source)
         except (pa.ArrowException, ValueError) as exc:
             raise TemplateError(f"{redact_uri(source)}: cannot read as {kind} ({exc})") from None
-        table = convert_table(table, base_seed, seeds_per_prompt or 1)
+        try:
+            table = convert_table(table, base_seed, 1 if seeds_per_prompt is None else seeds_per_prompt, max_rows)
+        except TemplateError as exc:
+            raise TemplateError(f"{redact_uri(source)}: {exc}") from None
+        table = rebase_init_images(table, source, out)
         schema, rows, group = table.schema, iter(table.to_pylist()), 65536
     if local_out:
         os.makedirs(out_dir, exist_ok=True)
         temp = f"{out}.tmp-{os.getpid()}"
-        try:
+        try:  # the temp file goes on any exception, Ctrl-C and SIGTERM (main turns it into Ctrl-C)
             count = stream_parquet(rows, schema, temp, group)
             os.replace(temp, out)
         finally:
@@ -469,9 +671,14 @@ def make_manifest(
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "sdgen make-manifest") -> int:
-    """Exit status: 0 written, 2 the template or list was refused (nothing written)."""
+    """Exit status: 0 written, 2 the template or list was refused (nothing written), 130
+    interrupted (Ctrl-C or SIGTERM; nothing written, no temp file left)."""
     import argparse
+    import signal
     import sys
+
+    from .exit_codes import INTERRUPTED, REFUSED, install_sigterm, one_line
+    from .redact import redact_text
 
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -482,19 +689,61 @@ def main(argv: Sequence[str] | None = None, prog: str = "sdgen make-manifest") -
     parser.add_argument("out", help="the Parquet manifest to write (local path or s3://)")
     parser.add_argument("--base-seed", type=int, default=None, help="override the template's base_seed")
     parser.add_argument(
-        "--seeds-per-prompt", type=int, default=None, help="rows per prompt (template: overrides seeds_per_prompt)"
+        "--seeds-per-prompt",
+        type=int,
+        default=None,
+        help="rows per prompt (template: overrides seeds_per_prompt; list: each row repeated, its id becoming ID-sK)",
+    )
+    parser.add_argument(
+        "--max-rows",
+        type=int,
+        default=MAX_ROWS,
+        help=f"refuse a source giving more rows than this (default {MAX_ROWS})",
     )
     args = parser.parse_args(argv)
+    if args.max_rows < 1:
+        parser.error(f"--max-rows: expected a positive integer, got {args.max_rows}")
+    previous = signal.getsignal(signal.SIGTERM)
+    install_sigterm()  # SIGTERM -> KeyboardInterrupt, so the temp file is removed as after Ctrl-C
     try:
-        result = make_manifest(args.source, args.out, base_seed=args.base_seed, seeds_per_prompt=args.seeds_per_prompt)
+        result = make_manifest(
+            args.source,
+            args.out,
+            base_seed=args.base_seed,
+            seeds_per_prompt=args.seeds_per_prompt,
+            max_rows=args.max_rows,
+        )
+    except KeyboardInterrupt:
+        print("interrupted: nothing written", file=sys.stderr)
+        return INTERRUPTED
     except (TemplateError, FileNotFoundError, OSError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(f"error: {one_line(redact_text(str(exc)), 8000)}", file=sys.stderr)
+        return REFUSED
+    except (ValueError, TypeError, OverflowError, pa.ArrowException) as exc:
+        # Whatever the checks above missed while building the table: one line, not a traceback.
+        message = one_line(redact_text(f"{type(exc).__name__}: {exc}"), 1000)
+        print(f"error: cannot build the manifest from {redact_uri(args.source)}: {message}", file=sys.stderr)
+        return REFUSED
+    finally:
+        if previous is not None:
+            try:
+                signal.signal(signal.SIGTERM, previous)
+            except ValueError:  # not the main thread (install_sigterm did nothing either)
+                pass
     print(f"wrote {result['out']}: {result['rows']} rows in {result['row_groups']} row group(s)")
     return 0
 
 
-__all__ = ["Template", "TemplateError", "convert_table", "derive_seed", "make_manifest", "parse_template"]
+__all__ = [
+    "MAX_ROWS",
+    "Template",
+    "TemplateError",
+    "convert_table",
+    "derive_seed",
+    "make_manifest",
+    "parse_template",
+    "rebase_init_images",
+]
 
 
 if __name__ == "__main__":

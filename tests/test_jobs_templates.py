@@ -185,3 +185,215 @@ def test_the_committed_sweep_manifest_is_its_template_expanded(tmp_path):
     assert spec.model.weights == "builtin:shapes"
     manifest = load_manifest([str(REPO / "manifests" / "shapes-sweep.parquet")])
     assert manifest.num_rows == 18 and manifest.label_columns == ("colour", "shape", "size", "split")
+
+
+# --- Input checks: lists, refusals, limits (each ran wrong before: a traceback, a wrong manifest
+# or a runaway expansion) -------------------------------------------------------------------------
+
+
+def make(args, capsys):
+    """`sdgen make-manifest ARGS` in this process: (exit status, stderr)."""
+    from jobs.templates import main
+
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_list_ids_stay_unique_when_rows_are_repeated_per_seed(tmp_path, capsys):
+    (tmp_path / "p.csv").write_text("id,prompt,score\nr1,a red circle,1\nr2,a blue square,2\n")
+    assert make([tmp_path / "p.csv", tmp_path / "m.parquet", "--seeds-per-prompt", "2"], capsys)[0] == 0
+    rows = pq.read_table(tmp_path / "m.parquet").to_pylist()
+    assert [(r["id"], r["seed"]) for r in rows] == [
+        ("r1-s0", derive_seed(0, 0, 0)),
+        ("r1-s1", derive_seed(0, 0, 1)),
+        ("r2-s0", derive_seed(0, 1, 0)),
+        ("r2-s1", derive_seed(0, 1, 1)),
+    ]
+    assert load_manifest([str(tmp_path / "m.parquet")]).duplicates == {}
+    # Integer ids (JSONL) likewise; a missing id stays missing; one seed per row keeps ids as they are.
+    lines = [{"id": 7, "prompt": "x"}, {"id": None, "prompt": "y"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert make([tmp_path / "p.jsonl", tmp_path / "j.parquet", "--seeds-per-prompt", "3"], capsys)[0] == 0
+    ids = pq.read_table(tmp_path / "j.parquet").column("id").to_pylist()
+    assert ids == ["7-s0", "7-s1", "7-s2", None, None, None]
+    assert make([tmp_path / "p.csv", tmp_path / "one.parquet"], capsys)[0] == 0
+    assert pq.read_table(tmp_path / "one.parquet").column("id").to_pylist() == ["r1", "r2"]
+
+
+def test_list_relative_init_images_are_rebased_onto_the_manifest_folder(tmp_path, capsys):
+    red, blue = init_image(tmp_path / "lists" / "img" / "red.png"), init_image(tmp_path / "lists" / "blue.png")
+    elsewhere = init_image(tmp_path / "abs" / "green.png")
+    (tmp_path / "lists" / "p.csv").write_text(
+        "prompt,init_image,strength\n"
+        "a,img/red.png,0.5\n"
+        "b,./blue.png,0.6\n"
+        f"c,{elsewhere},0.7\n"
+        "d,s3://bucket/x.png,0.8\n"
+        "e,,\n"
+    )
+    out = tmp_path / "out" / "deeper" / "m.parquet"
+    assert make([tmp_path / "lists" / "p.csv", out], capsys)[0] == 0
+    assert pq.read_table(out).column("init_image").to_pylist() == [
+        "../../lists/img/red.png",
+        "../../lists/blue.png",
+        str(elsewhere),
+        "s3://bucket/x.png",
+        None,
+    ]
+    uris = load_manifest([str(out)]).table.column("init_image_uri").to_pylist()
+    assert [os.path.normpath(u) for u in uris[:3]] == [str(red), str(blue), str(elsewhere)]
+    # Written beside the list: nothing to rebase, the values are kept byte for byte.
+    assert make([tmp_path / "lists" / "p.csv", tmp_path / "lists" / "m.parquet"], capsys)[0] == 0
+    assert pq.read_table(tmp_path / "lists" / "m.parquet").column("init_image").to_pylist()[:2] == [
+        "img/red.png",
+        "./blue.png",
+    ]
+
+
+def test_list_init_images_across_s3_become_absolute(tmp_path, capsys, s3):
+    bucket, client, _ = s3
+    red = init_image(tmp_path / "img" / "red.png")
+    (tmp_path / "p.csv").write_text("prompt,init_image,strength\na,img/red.png,0.5\n")
+    # A local list to an S3 manifest: the local file by its absolute path (as templates do).
+    assert make([tmp_path / "p.csv", f"s3://{bucket}/m/a.parquet"], capsys)[0] == 0
+    manifest = load_manifest([f"s3://{bucket}/m/a.parquet"])
+    assert manifest.table.column("init_image").to_pylist() == [str(red)]
+    # An S3 list to a local manifest: the image beside the list, by its s3:// URI.
+    client.put_object(Bucket=bucket, Key="lists/p.csv", Body=b"prompt,init_image,strength\nb,img/x.png,0.5\n")
+    assert make([f"s3://{bucket}/lists/p.csv", tmp_path / "b.parquet"], capsys)[0] == 0
+    assert pq.read_table(tmp_path / "b.parquet").column("init_image").to_pylist() == [f"s3://{bucket}/lists/img/x.png"]
+
+
+@pytest.mark.parametrize(
+    ("template", "needle"),
+    [
+        ('prompt: "a {c:d} circle"\nvars: {c: [red]}\n', "prompt: {c:d} cannot format 'red': Unknown format code 'd'"),
+        ('prompt: "a {c!x} circle"\nvars: {c: [red]}\n', "prompt: {c!x} cannot format 'red'"),
+        ('prompt: "a circle"\nid: "{row:>999999}"\n', "id: {row:>999999}: a width or precision over 99999"),
+        ('prompt: "a circle"\ncolumns: {1: x}\n', "columns: 1: a column name must be a non-empty string"),
+        ('prompt: "a {n} circle"\nvars: {n: [99999999999999999999]}\n', "vars.n: integer 99999999999999999999 does"),
+        ('prompt: "a circle"\ncolumns: {n: -99999999999999999999}\n', "columns.n: integer -99999999999999999999"),
+        ('prompt: "a {v} circle"\nvars: {true: [x], v: [y]}\n', "vars.True: a variable name must be"),
+    ],
+)
+def test_bad_format_specs_key_types_and_big_integers_are_named_not_tracebacks(tmp_path, capsys, template, needle):
+    (tmp_path / "t.yaml").write_text(template)
+    code, err = make([tmp_path / "t.yaml", tmp_path / "m.parquet"], capsys)
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert not list(tmp_path.glob("m.parquet*"))
+
+
+def test_an_error_the_checks_cannot_foresee_is_one_line_and_leaves_no_file(tmp_path, capsys):
+    # {row:c} formats row 55296 as a lone surrogate, which Arrow cannot encode as UTF-8.
+    (tmp_path / "t.yaml").write_text('prompt: "a circle"\nid: "{row:c}"\nrepeat: 60000\n')
+    code, err = make([tmp_path / "t.yaml", tmp_path / "m.parquet"], capsys)
+    assert code == 2 and err.startswith("error: cannot build the manifest from") and "UnicodeEncodeError" in err
+    assert err.count("\n") == 1 and not list(tmp_path.glob("m.parquet*"))
+
+
+BOMB = (
+    'x: [&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], '
+    "&c [*b,*b,*b,*b,*b,*b,*b,*b,*b], &d [*c,*c,*c,*c,*c,*c,*c,*c,*c], &e [*d,*d,*d,*d,*d,*d,*d,*d,*d], "
+    "&f [*e,*e,*e,*e,*e,*e,*e,*e,*e], &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]]"
+)
+
+
+@pytest.mark.parametrize(
+    ("where", "needle"),
+    [
+        ("columns:\n  {bomb}\n", "columns.x: values must be all strings"),
+        ("vars:\n  {bomb}\n", "vars.x: values must be all strings"),
+        ("vars:\n  {bomb}\n  y: {{choices: *g}}\n", "vars.y: values must be all strings"),
+        ("settings:\n  {bomb}\n  steps: *g\n", "settings.steps: expected a value, got a list"),
+        ("columns:\n  {bomb}\nseeds_per_prompt: *g\n", "seeds_per_prompt: expected an integer"),
+    ],
+)
+def test_a_yaml_alias_bomb_is_refused_fast_with_a_short_message(tmp_path, capsys, where, needle):
+    import time
+
+    (tmp_path / "t.yaml").write_text('prompt: "a circle"\n' + where.format(bomb=BOMB))
+    started = time.perf_counter()
+    code, err = make([tmp_path / "t.yaml", tmp_path / "m.parquet"], capsys)
+    assert time.perf_counter() - started < 5  # was 7 s and 1.1 GB printing a 351 MB message
+    assert code == 2 and needle in err and len(err) < 5000, err[:2000]
+
+
+def test_a_template_over_the_row_limit_is_refused_up_front_unless_raised(tmp_path, capsys):
+    import time
+
+    (tmp_path / "big.yaml").write_text('prompt: "a circle"\nrepeat: 1000000000\nseeds_per_prompt: 1000000\n')
+    started = time.perf_counter()
+    code, err = make([tmp_path / "big.yaml", tmp_path / "m.parquet"], capsys)
+    assert code == 2 and time.perf_counter() - started < 5
+    assert "repeat 1000000000 x 1 variable combination(s)" in err and "seeds_per_prompt 1000000" in err
+    assert "= 1000000000000000 rows: over the limit of 100000000 (raise it with --max-rows)" in err
+    small = write(tmp_path / "s.yaml", {"prompt": "a {c}", "vars": {"c": ["x", "y"]}, "seeds_per_prompt": 3})
+    code, err = make([small, tmp_path / "m.parquet", "--max-rows", "5"], capsys)
+    assert code == 2 and "= 6 rows: over the limit of 5" in err
+    assert make([small, tmp_path / "m.parquet", "--max-rows", "6"], capsys)[0] == 0
+    (tmp_path / "p.csv").write_text("prompt\na\nb\n")
+    code, err = make([tmp_path / "p.csv", tmp_path / "l.parquet", "--seeds-per-prompt", "3", "--max-rows", "5"], capsys)
+    assert code == 2 and "2 rows x --seeds-per-prompt 3 = 6 rows: over the limit of 5" in err
+
+
+@pytest.mark.parametrize(
+    ("source", "args", "needle"),
+    [
+        ("t.yaml", [], "settings.steps: expected a value or a non-empty list"),
+        ("t.yaml", ["--seeds-per-prompt", "0"], "seeds_per_prompt: expected an integer in 1..1000000, got 0"),
+        ("p.csv", ["--seeds-per-prompt", "0"], "--seeds-per-prompt: expected an integer in 1..1000000, got 0"),
+        ("p.csv", ["--seeds-per-prompt", "-1"], "--seeds-per-prompt: expected an integer in 1..1000000, got -1"),
+        ("p.csv", ["--base-seed", "-5"], "--base-seed: expected an integer in 0..9223372036854775807, got -5"),
+        ("header.csv", [], "header.csv: no rows (a header only?)"),
+    ],
+)
+def test_inputs_giving_nothing_useful_are_refused(tmp_path, capsys, source, args, needle):
+    write(tmp_path / "t.yaml", {"prompt": "a {c}", "vars": {"c": ["x", "y"]}, "settings": {"steps": []}})
+    (tmp_path / "p.csv").write_text("prompt\na\n")
+    (tmp_path / "header.csv").write_text("prompt,seed\n")
+    code, err = make([tmp_path / source, tmp_path / "m.parquet", *args], capsys)
+    assert code == 2 and needle in err, err
+    assert not list(tmp_path.glob("m.parquet*"))
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [[".inf", 1], [".nan", 1], [-1, 2], [0, 0], [1e308, 1e308], [10**400, 1], ["x", 1]],
+)
+def test_weights_must_be_finite_non_negative_and_not_all_zero(tmp_path, capsys, weights):
+    text = ", ".join(str(w) for w in weights)
+    (tmp_path / "t.yaml").write_text(f'prompt: "a {{s}} circle"\nvars: {{s: {{choices: [a, b], weights: [{text}]}}}}\n')
+    code, err = make([tmp_path / "t.yaml", tmp_path / "m.parquet"], capsys)
+    assert code == 2 and "vars.s.weights: expected 2 numbers >= 0 and finite, not all zero" in err, err
+    assert "is not a variable" not in err  # the variable exists; only its weights are wrong
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_an_interrupted_run_leaves_no_temp_file(tmp_path, sig):
+    import signal
+    import subprocess
+    import time
+
+    # 20M rows: minutes of writing, so the signal lands mid-write.
+    src = write(tmp_path / "t.yaml", {"prompt": "a {c}", "vars": {"c": list("abcdefghij")}, "repeat": 2_000_000})
+    out = tmp_path / "m.parquet"
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "jobs.cli", "make-manifest", str(src), str(out)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("m.parquet.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(tmp_path.glob("m.parquet.tmp-*")), "the temp file never appeared"
+        proc.send_signal(getattr(signal, sig))
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "interrupted" in output and "Traceback" not in output, output
+    assert not list(tmp_path.glob("m.parquet*"))
