@@ -612,6 +612,25 @@ def rebase_init_images(table: pa.Table, source: str, out: str) -> pa.Table:
     return table.set_column(table.column_names.index("init_image"), "init_image", rebased)
 
 
+ID_CHECK_ROWS = 1_000_000  # ids checked for repeats in the first this many rows (memory stays bounded)
+
+
+def _unique_ids(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The rows, refusing (TemplateError) an id that repeats among the first ID_CHECK_ROWS: at
+    run time every repeat would be an error record. An id template that leaves out an axis the
+    rows vary along (e.g. `{color}` with two seeds per prompt) repeats within the first rows."""
+    first: dict[Any, int] = {}
+    for index, row in enumerate(rows):
+        if index < ID_CHECK_ROWS and row.get("id") is not None:
+            earlier = first.setdefault(row["id"], index)
+            if earlier != index:
+                raise TemplateError(
+                    f"id {_short(row['id'])} repeats (rows {earlier} and {index}): every row needs its own id; "
+                    "name in the id what tells the rows apart (e.g. {seed_index} or {row})"
+                )
+        yield row
+
+
 def make_manifest(
     source: str,
     out: str,
@@ -650,6 +669,8 @@ def make_manifest(
             raise TemplateError(f"{redact_uri(source)}: {exc}") from None
         table = rebase_init_images(table, source, out)
         schema, rows, group = table.schema, iter(table.to_pylist()), 65536
+    if "id" in schema.names:
+        rows = _unique_ids(rows)
     if local_out:
         os.makedirs(out_dir, exist_ok=True)
         temp = f"{out}.tmp-{os.getpid()}"

@@ -397,3 +397,17 @@ def test_an_interrupted_run_leaves_no_temp_file(tmp_path, sig):
             proc.wait()
     assert proc.returncode == 130 and "interrupted" in output and "Traceback" not in output, output
     assert not list(tmp_path.glob("m.parquet*"))
+
+
+def test_an_id_that_repeats_across_rows_is_refused_naming_the_rows(tmp_path, capsys):
+    """`id: "{c}"` with two seeds per prompt gives every id twice: at run time every repeat
+    would be an error record. Refused when the manifest is made, nothing written."""
+    template = write(tmp_path / "t.yaml", {"prompt": "a {c} circle", "vars": {"c": ["red", "blue"]}, "id": "{c}"})
+    assert make([template, tmp_path / "ok.parquet"], capsys)[0] == 0  # one seed: each id once
+    repeated = write(tmp_path / "r.yaml", {**yaml.safe_load(template.read_text()), "seeds_per_prompt": 2})
+    code, err = make([repeated, tmp_path / "m.parquet"], capsys)
+    assert code == 2 and "id 'red' repeats (rows 0 and 1)" in err and "{seed_index}" in err
+    assert not list(tmp_path.glob("m.parquet*"))
+    (tmp_path / "l.csv").write_text("id,prompt\na,x\nb,y\na,z\n")
+    code, err = make([tmp_path / "l.csv", tmp_path / "l.parquet"], capsys)
+    assert code == 2 and "id 'a' repeats (rows 0 and 2)" in err
