@@ -473,6 +473,8 @@ def parse_template(
         problems.append(f"vars/columns: {name!r} is a manifest column, not a label; use settings: for settings")
     for name in sorted(names & set(columns)):
         problems.append(f"columns.{name}: also a variable")
+    for name in sorted(names & {"row", "prompt_index", "seed_index"}):
+        problems.append(f"vars.{name}: the name of a counter the id template can use; name the variable otherwise")
 
     if problems:
         raise TemplateError(_problem_list(problems))

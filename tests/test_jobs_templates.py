@@ -274,6 +274,7 @@ def test_list_init_images_across_s3_become_absolute(tmp_path, capsys, s3):
         ('prompt: "a {n} circle"\nvars: {n: [99999999999999999999]}\n', "vars.n: integer 99999999999999999999 does"),
         ('prompt: "a circle"\ncolumns: {n: -99999999999999999999}\n', "columns.n: integer -99999999999999999999"),
         ('prompt: "a {v} circle"\nvars: {true: [x], v: [y]}\n', "vars.True: a variable name must be"),
+        ('prompt: "a {row} circle"\nvars: {row: [red]}\nid: "{row}"\n', "vars.row: the name of a counter"),
     ],
 )
 def test_bad_format_specs_key_types_and_big_integers_are_named_not_tracebacks(tmp_path, capsys, template, needle):
