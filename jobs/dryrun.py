@@ -29,9 +29,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pyarrow as pa
+
 from .errors import error_reason
 from .manifest import Manifest, parse_row
 from .progress import duration
+from .rows import table_rows
 from .spec import JobSpec, SpecError
 from .storage import TransientStorageError, is_s3, local_path, redact_uri, uri_exists
 
@@ -82,7 +85,7 @@ def check_rows(spec: JobSpec, manifest: Manifest) -> dict[str, Any]:
     inits: dict[str, list[int]] = {}
     offset = 0
     for batch in manifest.table.to_batches(max_chunksize=65536):
-        for i, raw in enumerate(batch.to_pylist()):
+        for i, raw in enumerate(table_rows(pa.Table.from_batches([batch]))):  # as the worker reads them
             row = offset + i
             request, problem, _ = parse_row(
                 row,

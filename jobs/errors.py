@@ -26,7 +26,9 @@ _PARENS = re.compile(r"\s*\([^()]*\)")
 _GOT = re.compile(r",? got .*$")
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _PATHLIKE = re.compile(r"\S*[/\\]\S*")
-_NUMBER = re.compile(r"(?<![A-Za-z_])-?\d+(?:\.\d+)?(?:e-?\d+)?")
+_SIZE = re.compile(r"(?<![\w.])\d+x\d+(?![\w.])")  # 8000x8000 -> NxN
+# A number standing alone: not a part of a word (`UTF-8`, `sha256`, `x8000`) or of another number.
+_NUMBER = re.compile(r"(?<!\w)(?<!\w-)-?\d+(?:\.\d+)?(?:e-?\d+)?")
 
 
 def _reduce(problem: str) -> str:
@@ -38,6 +40,7 @@ def _reduce(problem: str) -> str:
     text = _GOT.sub("", text)
     text = _QUOTED.sub("…", text)
     text = _PATHLIKE.sub("…", text)
+    text = _SIZE.sub("NxN", text)
     text = _NUMBER.sub("N", text)
     return re.sub(r"\s+", " ", text).strip(" :;")
 

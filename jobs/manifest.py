@@ -23,6 +23,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
@@ -123,6 +124,19 @@ def resolve_init_image(value: str, manifest_uri: str) -> str:
     return join_uri(parent_uri(manifest_uri), value)
 
 
+def _plain_types(table: pa.Table) -> pa.Table:
+    """Dictionary-encoded columns (pandas categoricals) decoded, and an integer `id` column as
+    strings (ids are strings: `7` and "7" are the same id), so that files which are each valid
+    concatenate whatever their writer chose."""
+    for index, field_ in enumerate(table.schema):
+        kind = field_.type.value_type if pa.types.is_dictionary(field_.type) else field_.type
+        if field_.name == "id" and pa.types.is_integer(kind):
+            kind = pa.string()
+        if kind != field_.type:
+            table = table.set_column(index, field_.name, table.column(index).cast(kind))
+    return table
+
+
 def load_manifest(sources: Sequence[str]) -> Manifest:
     """Read, concatenate (in the given order; globs expand sorted) and check the manifest files."""
     uris: list[str] = []
@@ -156,7 +170,7 @@ def load_manifest(sources: Sequence[str]) -> Manifest:
             raise ManifestError(f"manifest {redact_uri(uri)}: not a readable {kind} file ({exc})") from None
         offset = sum(count for _, count in per_row_source)
         cell_problems.update({offset + row: columns for row, columns in problems.items()})
-        tables.append(table)
+        tables.append(_plain_types(table))
         per_row_source.append((uri, table.num_rows))
     try:
         table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
@@ -297,6 +311,10 @@ def _integer(value: Any, column: str) -> tuple[int | None, str | None]:
         return None, f"{column}: expected an integer, got {value!r}"
     if isinstance(value, int):
         return value, None
+    if isinstance(value, Decimal):  # a DECIMAL(20, 0) column, as Spark and SQL exports write seeds
+        if not value.is_finite() or value != value.to_integral_value():
+            return None, f"{column}: expected an integer, got {value}"
+        return int(value), None
     if isinstance(value, float):
         if math.isnan(value):
             return None, f"{column} is missing"
@@ -309,6 +327,8 @@ def _integer(value: Any, column: str) -> tuple[int | None, str | None]:
 
 
 def _float(value: Any, column: str) -> tuple[float | None, str | None]:
+    if isinstance(value, Decimal):
+        value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None, f"{column}: expected a number, got {type(value).__name__} {value!r}"
     value = float(value)
@@ -365,8 +385,12 @@ def parse_row(
 
     `cell_problems`: this row's cells of a text manifest that could not be read as their
     column's type (column -> why; those cells are null). The third value holds the fields
-    that could be read, for the error record.
+    that could be read, for the error record. A value that was not valid UTF-8 (`rows.UNDECODABLE`,
+    from `rows.table_rows`) makes the row's error that alone.
     """
+    undecodable = [name for name, value in raw.items() if value is UNDECODABLE]
+    if undecodable:
+        raw = {name: None if name in undecodable else value for name, value in raw.items()}
     known: dict[str, Any] = {"row": row, "id": row_id}
     problems: list[str] = [f"{column}: {problem}" for column, problem in (cell_problems or {}).items()]
 
@@ -466,6 +490,8 @@ def parse_row(
     else:
         strength = None  # txt2img: a strength has nothing to act on (as in sdcore)
 
+    if undecodable:
+        return None, f"invalid UTF-8 (not readable) in column(s) {', '.join(undecodable)}", known
     if problems:
         return None, "; ".join(problems), known
     assert row_id is not None

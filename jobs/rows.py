@@ -3,7 +3,7 @@
 
 `table_rows` / `column_values` are `Table.to_pylist` / `ChunkedArray.to_pylist` that, on a
 decoding error, fall back to reading value by value and put `UNDECODABLE` where a value cannot
-be read; `undecodable_columns` names them for the row's error record.
+be read; `manifest.parse_row` makes such a row an error record naming the columns.
 """
 
 from __future__ import annotations
@@ -43,8 +43,4 @@ def table_rows(table: pa.Table) -> list[dict[str, Any]]:
         return [{name: values[i] for name, values in columns.items()} for i in range(table.num_rows)]
 
 
-def undecodable_columns(raw: dict[str, Any]) -> list[str]:
-    return [name for name, value in raw.items() if value is UNDECODABLE]
-
-
-__all__ = ["UNDECODABLE", "column_values", "table_rows", "undecodable_columns"]
+__all__ = ["UNDECODABLE", "column_values", "table_rows"]

@@ -60,6 +60,9 @@ def read_manifest_table(data: bytes, uri: str) -> tuple[pa.Table, CellProblems]:
         return pq.read_table(pa.BufferReader(data)), {}
     if kind in ("csv", "tsv"):
         table = _read_csv(data, "\t" if kind == "tsv" else ",")
+        repeated = sorted({n for n in table.column_names if table.column_names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"column {repeated[0]!r} appears more than once")
         columns = {name: table.column(name).to_pylist() for name in table.column_names if name in TYPED_COLUMNS}
     else:
         table, columns = _read_jsonl(data)

@@ -53,7 +53,7 @@ from .output import Output
 from .provenance import a1111_parameters, software_versions
 from .reader import ShardTask
 from .record import Record, RecordBuilder
-from .rows import table_rows, undecodable_columns
+from .rows import table_rows
 from .spec import SamplerSpec, compile_mode
 from .storage import redact_uri
 from .weights import resolve_weights
@@ -376,10 +376,7 @@ class ShardWorker:
             row = task.start + offset
             if row in skip:
                 continue
-            undecodable = undecodable_columns(raw)  # e.g. invalid UTF-8: this row's error only
-            if undecodable:
-                raw = {k: None if k in undecodable else v for k, v in raw.items()}
-            request, problem, known = parse_row(
+            request, problem, known = parse_row(  # invalid UTF-8 in a cell: this row's error only
                 row,
                 raw,
                 row_id=task.ids[offset],
@@ -388,8 +385,6 @@ class ShardWorker:
                 bad_columns=task.bad_columns,
                 cell_problems=task.cell_problems.get(row),
             )
-            if undecodable:
-                problem = f"invalid UTF-8 (not readable) in column(s) {', '.join(undecodable)}"
             if problem is None:
                 requests.append(request)
             else:

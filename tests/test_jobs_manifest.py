@@ -341,3 +341,46 @@ def test_converting_a_text_manifest_refuses_a_bad_cell_naming_it(tmp_path):
     data = b"prompt,seed,steps\na,1,4\nb,2,ten\nc,3,x\n"
     with pytest.raises(ValueError, match=r"row 1, column 'steps': 'ten' is not an integer \(and 1 more cell\(s\)\)"):
         read_table_bytes(data, "m.csv")
+
+
+def test_a_csv_with_a_repeated_column_is_refused_naming_it(tmp_path):
+    (tmp_path / "m.csv").write_text("prompt,seed,seed\na,1,2\n")
+    with pytest.raises(
+        ManifestError, match="m.csv: not a readable CSV file \\(column 'seed' appears more than once\\)"
+    ):
+        load_manifest([str(tmp_path / "m.csv")])
+
+
+def test_decimal_columns_as_sql_exports_write_them(tmp_path):
+    """Spark and SQL exports write seeds as DECIMAL(20, 0): integral values are integers."""
+    import decimal
+
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "prompt": ["a", "b"],
+            "seed": pa.array([decimal.Decimal("7550895919379764811"), decimal.Decimal("2.5")], pa.decimal128(20, 1)),
+            "guidance_scale": pa.array([decimal.Decimal("5.5"), None], pa.decimal128(4, 1)),
+        }
+    )
+    pq.write_table(table, tmp_path / "m.parquet")
+    manifest = load_manifest([str(tmp_path / "m.parquet")])
+    request, problem, _ = _checked(manifest, 0)
+    assert problem is None and (request.seed, request.guidance_scale) == (7550895919379764811, 5.5)
+    assert _checked(manifest, 1)[1] == "seed: expected an integer, got 2.5"
+
+
+def test_files_valid_alone_concatenate_whatever_types_their_writers_chose(tmp_path):
+    """A CSV's string ids beside a Parquet file's integer ids, and a pandas categorical column
+    beside a plain one, are the same columns."""
+    import pyarrow.parquet as pq
+
+    (tmp_path / "1.csv").write_text("id,prompt,seed,color\na,x,1,red\n")
+    pq.write_table(pa.table({"id": [7], "prompt": ["y"], "seed": [2], "color": ["blue"]}), tmp_path / "2.parquet")
+    colors = pa.array(["green"]).dictionary_encode()
+    pq.write_table(pa.table({"id": ["c"], "prompt": ["z"], "seed": [3], "color": colors}), tmp_path / "3.parquet")
+    manifest = load_manifest([str(tmp_path / "1.csv"), str(tmp_path / "2.parquet"), str(tmp_path / "3.parquet")])
+    assert manifest.ids == ["a", "7", "c"]
+    assert manifest.table.column("color").to_pylist() == ["red", "blue", "green"]
+    assert all(_checked(manifest, row)[1] is None for row in range(3))

@@ -180,6 +180,15 @@ def test_dry_run_and_invalid_manifest(tmp_path):
     summary, lines = run(tmp_path, spec_dict(str(tmp_path / "m.csv"), str(tmp_path / "out")), dry_run=True)
     assert (summary["rows"]["ok"], summary["rows"]["bad"]) == (1, 1)
     assert any("e.g. row 1: steps: 'ten' is not an integer" in line for line in lines)
+    # Invalid UTF-8 in one Parquet cell (Parquet does not check string bytes): that row only,
+    # as the worker finds it, not a crash of the dry run.
+    import pyarrow.parquet as pq
+
+    prompts = pa.array([b"a circle", b"\xff\xfe bad"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"prompt": prompts, "seed": [1, 2]}), tmp_path / "utf8.parquet")
+    summary, lines = run(tmp_path, spec_dict(str(tmp_path / "utf8.parquet"), str(tmp_path / "out")), dry_run=True)
+    assert (summary["rows"]["ok"], summary["rows"]["bad"]) == (1, 1)
+    assert any("row 1: invalid UTF-8 (not readable) in column(s) prompt" in line for line in lines)
     write_manifest(tmp_path / "bad.parquet", [{"prompt": "a"}])
     with pytest.raises(ManifestError, match="missing required column 'seed'"):
         run(tmp_path, spec_dict(str(tmp_path / "bad.parquet"), str(tmp_path / "out")))
