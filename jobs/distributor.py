@@ -237,8 +237,16 @@ class RayDistributor:
 
     # -------------------------------------------------------------------------- running
 
-    def start(self, config: WorkerConfig, factory: Callable[[WorkerConfig], Any] = ShardWorker) -> str:
+    def start(
+        self, config: WorkerConfig, factory: Callable[[WorkerConfig], Any] = ShardWorker, shards: int | None = None
+    ) -> str:
+        """Start the workers: no more than `shards`, the shards to run (a worker more would only
+        load the model, hold a GPU or CPUs, and wait; `workers: 100000` for 2 shards created
+        100,000 actors and hung at shutdown)."""
         device, workers, options, threads = self.plan()
+        if shards is not None and workers > shards:
+            self.log(f"[sdgen] note: {workers} workers asked for, {shards} shard(s) to run: starting {shards}")
+            workers = max(1, shards)
         config = replace(config, device=device, threads=threads)
         threads_note = f", {threads} torch thread(s)" if threads else ""
         self.log(

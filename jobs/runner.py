@@ -341,7 +341,7 @@ def execute(
     )
     try:
         check_output_shared(plan.spec, cluster_layout(), execution.device)  # before any worker starts
-        distributor.start(worker_config(plan.spec), worker_factory)
+        distributor.start(worker_config(plan.spec), worker_factory, shards=len(plan.tasks))
         events = JobEvents(plan, log, ray_version())
         events.progress = progress
         return distributor.run(

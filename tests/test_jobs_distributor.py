@@ -140,6 +140,23 @@ def test_on_ready_can_stop_the_job_before_any_shard(tmp_path):
         distribute(tmp_path, tasks_for(tmp_path, 2), on_ready=refuse)
 
 
+def test_no_more_workers_start_than_there_are_shards(tmp_path):
+    """`workers: 100000` for 2 shards created 100,000 actors and hung at shutdown."""
+    from jobs.distributor import RayDistributor
+
+    lines = []
+    distributor = RayDistributor("cpu", 50, 3, log=lines.append)
+    tasks = tasks_for(tmp_path, 2)
+    try:
+        distributor.start(WorkerConfig(weights="builtin:tiny", output=str(tmp_path)), StandIn, shards=len(tasks))
+        assert len(distributor.actors) == 2
+        outcome = distributor.run(tasks, lambda info: None, progress_every=0.5)
+    finally:
+        distributor.shutdown()
+    assert sorted(outcome.results) == ["shard-00000", "shard-00001"]
+    assert "[sdgen] note: 50 workers asked for, 2 shard(s) to run: starting 2" in lines
+
+
 def test_plan_divides_the_cpus(ray_local):
     from jobs.distributor import RayDistributor
 
