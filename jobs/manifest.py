@@ -36,8 +36,8 @@ from .storage import (
     StorageError,
     TransientStorageError,
     expand_uris,
-    is_s3,
     join_uri,
+    local_path,
     parent_uri,
     read_uri,
     redact_uri,
@@ -113,12 +113,18 @@ class Manifest:
 
 
 def resolve_init_image(value: str, manifest_uri: str) -> str:
-    """The init image's URI: s3:// and absolute paths as they are, file:// as a path, relative
-    paths against the manifest's folder."""
-    if is_s3(value) or "://" in value and not value.startswith("file://"):
-        return value
+    """The init image's URI: s3:// and absolute paths as they are, `~` expanded, a file:// URI
+    as its path (percent-escapes decoded; one naming a host is kept, and refused when read, as
+    that row's error), relative paths against the manifest's folder."""
     if value.startswith("file://"):
-        return value[len("file://") :]
+        try:
+            return local_path(value)
+        except StorageError:
+            return value
+    if "://" in value:
+        return value
+    if value.startswith("~"):
+        value = os.path.expanduser(value)
     if os.path.isabs(value):
         return value
     return join_uri(parent_uri(manifest_uri), value)

@@ -25,7 +25,7 @@ import threading
 import uuid
 from pathlib import Path
 from typing import Iterable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from .redact import redact_text
 
@@ -66,7 +66,7 @@ def local_path(uri: str) -> str:
         parts = urlsplit(uri)
         if parts.netloc not in ("", "localhost"):
             raise StorageError(f"file:// URI with a host is not supported: {redact_uri(uri)}")
-        return parts.path
+        return unquote(parts.path)  # percent-encoded, as Path.as_uri() writes spaces and non-ASCII
     if "://" in uri:
         raise StorageError(f"unsupported URI scheme in {redact_uri(uri)!r}: expected a local path, file:// or s3://")
     return uri

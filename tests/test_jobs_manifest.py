@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pyarrow as pa
 import pytest
@@ -253,6 +254,11 @@ def test_resolve_init_image():
     assert resolve_init_image("init/a.png", "s3://b/p/m.parquet") == "s3://b/p/init/a.png"
     assert resolve_init_image("/abs/a.png", "s3://b/p/m.parquet") == "/abs/a.png"
     assert resolve_init_image("file:///abs/a.png", "/data/m.parquet") == "/abs/a.png"
+    # As Path.as_uri() writes them: spaces and non-ASCII percent-encoded.
+    assert resolve_init_image("file:///abs/sp%20ace/gr%C3%BC%C3%9F.png", "/m.parquet") == "/abs/sp ace/grüß.png"
+    assert resolve_init_image("file://localhost/abs/a.png", "/data/m.parquet") == "/abs/a.png"
+    assert resolve_init_image("file://../img/a.png", "/data/m.parquet") == "file://../img/a.png"  # a host '..'
+    assert resolve_init_image("~/a.png", "/data/m.parquet") == os.path.expanduser("~/a.png")
     assert resolve_init_image("s3://c/a.png", "/data/m.parquet") == "s3://c/a.png"
 
 
