@@ -29,7 +29,8 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from .storage import StorageError, TransientStorageError, read_uri, redact_uri
 
@@ -60,15 +61,33 @@ class InitImage:
         return self.image.width * self.image.height * 3
 
 
-def decode_init_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """An init image file's bytes -> an RGB image (the job's and reproduce's one decoding).
-    With `max_pixels`, a larger image is refused from its header, before decoding."""
+# How an init image file becomes RGB pixels; each record of an img2img row keeps the version it
+# was made with (`init_decoding`), so that reproduce decodes its init image the same way.
+#   1: PIL's convert("RGB") of the image as stored (records without `init_decoding`).
+#   2: the EXIF orientation applied first, as diffusers' load_image and every image viewer do
+#      (a phone photo stored sideways is used upright), and 16-bit greyscale (PNG mode I;16,
+#      which convert("RGB") clipped to white) scaled to 8 bits. Other images: as in 1.
+INIT_DECODING = 2
+SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def decode_init_image(data: bytes, max_pixels: int | None = None, decoding: int = INIT_DECODING) -> Image.Image:
+    """An init image file's bytes -> an RGB image (the job's and reproduce's one decoding), the
+    way `decoding` says (INIT_DECODING). With `max_pixels`, a larger image is refused from its
+    header, before decoding."""
+    if decoding not in (1, 2):
+        raise ValueError(f"unknown init image decoding {decoding!r}; this sdgen knows 1 and 2")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         image = Image.open(io.BytesIO(data))
         if max_pixels is not None and image.width * image.height > max_pixels:
             raise InitImageError(f"{image.width}x{image.height} pixels, over the cap of {max_pixels}")
         image.load()
+        if decoding >= 2:
+            image = ImageOps.exif_transpose(image)
+            if image.mode in SIXTEEN_BIT_GREY:
+                grey = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+                image = Image.fromarray(grey)  # mode L
         return image.convert("RGB")
 
 

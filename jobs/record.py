@@ -105,6 +105,9 @@ class Record:
     # image decoded alone, as decode_rows 1).
     decode_rows: Int32 | None = None
     decode_slot: Int32 | None = None
+    # img2img: how the init image file became pixels (jobs.init_images.INIT_DECODING). Null in
+    # txt2img records and in records written before it (decoding 1).
+    init_decoding: Int32 | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Record:
@@ -229,6 +232,7 @@ class RecordBuilder:
         started_at: datetime,
         error: str | None = None,
         init_image_sha256: str | None = None,
+        init_decoding: int | None = None,
         time_load_s: float | None = None,
     ) -> Record:
         """The record of one manifest row: `row` is its checked request, or for a rejected row
@@ -252,6 +256,7 @@ class RecordBuilder:
             error=error,
             mode="img2img" if uri else "txt2img",
             init_image_sha256=init_image_sha256,
+            init_decoding=init_decoding,
             attempt=attempt,
             started_at=started_at,
             time_load_s=time_load_s,

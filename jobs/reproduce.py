@@ -204,7 +204,7 @@ class Reproducer:
             if hashlib.sha256(data).hexdigest() != record.init_image_sha256:
                 seen.append(f"{redact_uri(uri)} (different sha256)")
                 continue
-            return decode_init_image(data)
+            return decode_init_image(data, decoding=record.init_decoding or 1)  # as the job decoded it
         raise ReproduceError(
             "init image with the recorded sha256 not found: tried " + ", ".join(seen) + "; pass --init-image"
         )

@@ -45,7 +45,7 @@ from . import __version__
 from .faults import inject_row_fault
 from .generation import generation_request
 from .inflight import InflightNotes
-from .init_images import InitImage, InitImageCache, InitImageError, InitImagePrefetch
+from .init_images import INIT_DECODING, InitImage, InitImageCache, InitImageError, InitImagePrefetch
 from .isolation import RowOutcome, generate_isolated
 from .manifest import RowRequest, parse_row
 from .numerics import generate_finite
@@ -531,6 +531,7 @@ class ShardWorker:
             started_at=started_at,
             error=error,
             init_image_sha256=sha256,
+            init_decoding=INIT_DECODING if sha256 else None,
             time_load_s=load_seconds,
         )
         return record, init_image

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from jobs.init_images import InitImageCache, InitImageError, read_init_image
+from jobs.init_images import InitImageCache, InitImageError, decode_init_image, read_init_image
 
 from conftest import init_image
 
@@ -64,3 +67,37 @@ def test_the_cache_is_bounded_in_bytes(tmp_path):
     huge = InitImageCache(max_bytes=100)  # an image larger than the whole budget is not kept
     huge.load(paths[0])
     assert len(huge) == 0
+
+
+def _exif_rotated_jpeg() -> bytes:
+    """A 64x32 JPEG, left half red, whose EXIF says: show it turned 90 degrees clockwise."""
+    image = Image.new("RGB", (64, 32), (255, 255, 255))
+    image.paste((255, 0, 0), (0, 0, 32, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, exif=exif)
+    return buffer.getvalue()
+
+
+def test_an_exif_rotated_photo_is_used_upright_as_diffusers_load_image_does():
+    from diffusers.utils import load_image
+
+    data = _exif_rotated_jpeg()
+    upright = decode_init_image(data)
+    reference = load_image(Image.open(io.BytesIO(data)))  # diffusers applies the EXIF orientation
+    assert upright.size == (32, 64) == reference.size
+    assert np.array_equal(np.asarray(upright), np.asarray(reference))
+    assert decode_init_image(data, decoding=1).size == (64, 32)  # as records before INIT_DECODING 2 had it
+
+
+def test_a_16_bit_greyscale_png_keeps_its_greys():
+    """PIL's convert("RGB") clips mode I;16 to 255: the whole image came out white."""
+    values = np.array([[0, 16384], [32768, 65535]], dtype=np.uint16)
+    buffer = io.BytesIO()
+    source = Image.fromarray(values)
+    assert source.mode == "I;16"
+    source.save(buffer, format="PNG")
+    image = decode_init_image(buffer.getvalue())
+    assert np.asarray(image)[..., 0].tolist() == [[0, 64], [128, 255]]
+    assert set(np.asarray(decode_init_image(buffer.getvalue(), decoding=1)).ravel().tolist()) <= {0, 255}

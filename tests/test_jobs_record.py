@@ -60,6 +60,7 @@ COLUMNS = [
     ("kernels", pa.string()),  # kernel choices (compile mode, CUDA determinism)
     ("decode_rows", pa.int32()),  # the VAE decode's shape and this row's slot in it: added last
     ("decode_slot", pa.int32()),
+    ("init_decoding", pa.int32()),  # how an img2img row's init image was decoded (EXIF, 16-bit): added last
 ]
 
 # Python type of a field -> the Arrow types its column may have.

@@ -61,6 +61,9 @@ def test_find_records_by_id_and_row(made):
 
 
 def test_identical_txt2img_and_img2img(made):
+    from jobs.init_images import INIT_DECODING
+
+    assert (record(made, "r000").init_decoding, record(made, "r001").init_decoding) == (None, INIT_DECODING)
     reproducer = Reproducer(Output(str(made / "out")))
     for rid in ("r000", "r001"):
         result, data = reproducer.compare(record(made, rid), 40.0, exact=True)
