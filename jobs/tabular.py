@@ -63,10 +63,16 @@ def read_manifest_table(data: bytes, uri: str) -> tuple[pa.Table, CellProblems]:
         repeated = sorted({n for n in table.column_names if table.column_names.count(n) > 1})
         if repeated:
             raise ValueError(f"column {repeated[0]!r} appears more than once")
-        columns = {name: table.column(name).to_pylist() for name in table.column_names if name in TYPED_COLUMNS}
+        problems: CellProblems = {}
+        columns = {}
+        for index, name in enumerate(table.column_names):  # text read as bytes: checked cell by cell
+            if name in TYPED_COLUMNS:
+                columns[name] = _utf8(name, table.column(name), problems)
+            elif pa.types.is_binary(table.schema.field(index).type):  # a label Arrow could not read as text
+                table = table.set_column(index, name, pa.array(_utf8(name, table.column(name), problems), pa.string()))
     else:
-        table, columns = _read_jsonl(data)
-    problems: CellProblems = {}
+        problems = {}
+        table, columns = _read_jsonl(data, problems)
     for name, values in columns.items():
         typed = _typed_column(name, values, problems)
         table = table.set_column(table.column_names.index(name), name, typed)
@@ -87,28 +93,30 @@ def read_table_bytes(data: bytes, uri: str) -> pa.Table:
 
 
 def _read_csv(data: bytes, delimiter: str) -> pa.Table:
-    """CSV/TSV with the known columns as text (typed cell by cell later), the rest inferred."""
+    """CSV/TSV with the known columns as bytes (decoded and typed cell by cell later: one cell
+    that is not UTF-8 must not refuse the file), the rest inferred."""
     first = data.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace").rstrip("\r")
     header = next(csv.reader([first], delimiter=delimiter), [])
     return pacsv.read_csv(
         io.BytesIO(data),
         parse_options=pacsv.ParseOptions(delimiter=delimiter),
         convert_options=pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in TYPED_COLUMNS if c in header},
+            column_types={c: pa.binary() for c in TYPED_COLUMNS if c in header},
             strings_can_be_null=True,  # an empty cell is a missing value, as in a spreadsheet
             quoted_strings_can_be_null=False,
         ),
     )
 
 
-def _read_jsonl(data: bytes) -> tuple[pa.Table, dict[str, list[Any]]]:
+def _read_jsonl(data: bytes, problems: CellProblems) -> tuple[pa.Table, dict[str, list[Any]]]:
     """JSON lines with Python's json (exact integers of any size); keys in first-seen order.
     Label columns are typed by Arrow from their values; the known columns are returned as
-    Python values, typed cell by cell later."""
+    Python values, typed cell by cell later. A string that is not valid UTF-8 (bytes in the
+    file, or a lone surrogate escape such as "\\ud800") is null, a problem of its row."""
     if not data.strip():
         raise ValueError("empty file")
     rows: list[dict[str, Any]] = []
-    for number, line in enumerate(data.decode("utf-8-sig").splitlines(), 1):
+    for number, line in enumerate(data.decode("utf-8-sig", errors="surrogateescape").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -117,6 +125,10 @@ def _read_jsonl(data: bytes) -> tuple[pa.Table, dict[str, list[Any]]]:
             raise ValueError(f"line {number}: not JSON ({exc})") from None
         if not isinstance(value, dict):
             raise ValueError(f"line {number}: expected a JSON object, got {type(value).__name__}")
+        for key, cell in value.items():
+            if isinstance(cell, str) and not _is_utf8(cell):
+                value[key] = None
+                problems.setdefault(len(rows), {})[key] = "is not valid UTF-8"
         rows.append(value)
     names = list(dict.fromkeys(k for row in rows for k in row))
     known = {name: [row.get(name) for row in rows] for name in names if name in TYPED_COLUMNS}
@@ -130,6 +142,31 @@ def _read_jsonl(data: bytes) -> tuple[pa.Table, dict[str, list[Any]]]:
         except (pa.ArrowException, OverflowError) as exc:
             raise ValueError(f"column {name!r}: values of different types or too large ({exc})") from None
     return pa.table(arrays, names=names), known
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: undecodable bytes, or a "\ud800" escape
+        return False
+    return True
+
+
+def _utf8(name: str, column: pa.ChunkedArray, problems: CellProblems) -> list[str | None]:
+    """A CSV column read as bytes, as text: null, with its row's problem, where a cell is not
+    valid UTF-8."""
+    try:
+        return column.cast(pa.string()).to_pylist()  # Arrow checks the UTF-8 of every cell at once
+    except pa.ArrowException:
+        pass
+    values: list[str | None] = []
+    for row, cell in enumerate(column.to_pylist()):
+        try:
+            values.append(None if cell is None else cell.decode("utf-8"))
+        except UnicodeDecodeError:
+            values.append(None)
+            problems.setdefault(row, {})[name] = "is not valid UTF-8"
+    return values
 
 
 def _typed_column(name: str, values: list[Any], problems: CellProblems) -> pa.Array:

@@ -390,3 +390,21 @@ def test_files_valid_alone_concatenate_whatever_types_their_writers_chose(tmp_pa
     assert manifest.ids == ["a", "7", "c"]
     assert manifest.table.column("color").to_pylist() == ["red", "blue", "green"]
     assert all(_checked(manifest, row)[1] is None for row in range(3))
+
+
+JSONL_NOT_UTF8 = (
+    b'{"prompt": "a circle", "seed": 1}\n{"prompt": "bad \\ud800", "seed": 2}\n'
+    b'{"prompt": "ok", "seed": 3, "note": "\xff"}\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [("m.csv", b"prompt,seed,note\na circle,1,x\nbad \xff\xfe,2,y\nok,3,\xc3\x28\n"), ("m.jsonl", JSONL_NOT_UTF8)],
+)
+def test_a_cell_that_is_not_utf8_fails_its_row_not_the_file(tmp_path, name, data):
+    """As a Parquet cell with invalid UTF-8 does: before, the whole text manifest was refused."""
+    (tmp_path / name).write_bytes(data)
+    manifest = load_manifest([str(tmp_path / name)])
+    problems = [_checked(manifest, row)[1] for row in range(3)]
+    assert problems == [None, "prompt: is not valid UTF-8", "note: is not valid UTF-8"]
