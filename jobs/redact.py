@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import re
 
-# scheme://user[:password]@host -> scheme://host
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@\"'<>]*@")
+# scheme://user[:password]@host -> scheme://host. A password may hold `/` (AWS secret keys do),
+# so `user:` followed by anything but spaces and quotes up to the first `@` is userinfo too; a
+# path's `@` (s3://bucket/a@b.png) is not, as no `:` comes before its first `/`.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?:[^/\s@\"'<>:]*:[^\s@\"'<>]*|[^/\s@\"'<>]*)@")
 # query parameters and `key=value` pairs that carry credentials (presigned S3 URLs, tokens)
 _SECRET_PARAM = re.compile(
     r"(?i)(?P<key>\b(?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token|"
@@ -21,10 +23,15 @@ _SECRET_PARAM = re.compile(
 REDACTED = "REDACTED"
 
 
+def strip_userinfo(text: str) -> str:
+    """`text` with the userinfo of every URI in it removed."""
+    return _USERINFO.sub(lambda m: m.group("scheme"), str(text))
+
+
 def redact_text(text: str) -> str:
     """`text` with userinfo removed from every URI and secret parameter values replaced."""
-    text = _USERINFO.sub(lambda m: m.group("scheme"), str(text))
+    text = strip_userinfo(text)
     return _SECRET_PARAM.sub(lambda m: m.group("key") + REDACTED, text)
 
 
-__all__ = ["REDACTED", "redact_text"]
+__all__ = ["REDACTED", "redact_text", "strip_userinfo"]

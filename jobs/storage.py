@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from .redact import redact_text
+from .redact import redact_text, strip_userinfo
 
 TEMP_MARK = ".tmp-"
 
@@ -50,8 +50,10 @@ def is_s3(uri: str) -> bool:
 
 
 def redact_uri(uri: str) -> str:
-    """`uri` without userinfo, query string or fragment; plain paths are returned unchanged."""
-    uri = str(uri)
+    """`uri` without userinfo, query string or fragment; plain paths are returned unchanged.
+    The userinfo goes first, as text (`redact.strip_userinfo`): a secret key holding a `/`
+    (half of AWS's do) ends urlsplit's host there and would be kept as the path."""
+    uri = strip_userinfo(str(uri))
     if "://" not in uri:
         return uri
     parts = urlsplit(uri)

@@ -45,3 +45,18 @@ def test_records_store_the_manifest_init_image_without_credentials():
             error="x",
         )
         assert "secret" not in str(record.as_dict()), record.as_dict()
+
+
+def test_a_secret_key_holding_a_slash_is_redacted_too():
+    """Half of AWS's secret keys hold a `/`, which ended urlsplit's host there: the key id and
+    the secret stayed in records, reports and messages."""
+    from jobs.storage import redact_uri, split_s3
+
+    uri = "s3://AKIAHUNTDTESTKEY:Super/SecretKey+123@hunt/sdgen/init/red.png"
+    assert redact_uri(uri) == "s3://hunt/sdgen/init/red.png"
+    assert split_s3(uri) == ("hunt", "sdgen/init/red.png")
+    clean = redact_text(f"init_image {uri}: not found")
+    assert clean == "init_image s3://hunt/sdgen/init/red.png: not found"
+    # A path's own `@` and `:` are not userinfo: no `:` comes before its first `/`.
+    for kept in ("s3://bucket/a@b.png", "s3://bucket/a:b@c.png", "file:///x/a@b.png", "/local/a:b@c.png"):
+        assert redact_uri(kept) == kept and redact_text(kept) == kept
