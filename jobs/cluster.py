@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .exit_codes import InfrastructureFault
 from .spec import JobSpec, SpecError
 from .storage import is_s3, redact_uri
 
@@ -52,6 +55,33 @@ def check_address(address: str | None) -> None:
             f"{address}: a Ray Client address; sdgen's driver must run on the cluster. Submit the job "
             "instead: ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/run.py SPEC"
         )
+    if address.strip().lower().startswith(("http://", "https://")):
+        raise ClusterAddressError(
+            f"{address}: the address of Ray's job API (the dashboard), which `ray job submit` takes; a "
+            "driver joins the cluster at HEAD:6379 (or `auto` on a cluster node). Submit the job: ray job "
+            f"submit --address {address.strip()} --working-dir . -- python jobs/run.py SPEC"
+        )
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A HOST:PORT cluster address must answer before `ray.init` is called: against a cluster
+    that is not running, ray.init retries for minutes, printing only Ray's own warnings.
+    InfrastructureFault (exit 3) when nothing listens there within `timeout` seconds."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return  # `auto`, `local` or another form Ray resolves itself
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=max(0.1, deadline - time.monotonic())):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise InfrastructureFault(
+                    f"no Ray cluster answers at {address} ({exc.strerror or exc}); start it (ray start --head) "
+                    "or unset RAY_ADDRESS for an embedded local Ray"
+                ) from None
+            time.sleep(0.5)
 
 
 def submitted_with_working_dir() -> bool:
@@ -165,6 +195,7 @@ __all__ = [
     "check_address",
     "check_output_shared",
     "check_paths_where_submitted",
+    "check_reachable",
     "job_working_dir",
     "submitted_with_working_dir",
     "temporary_path_problems",

@@ -38,7 +38,7 @@ from typing import Any
 import ray
 
 from . import watchdog
-from .cluster import ClusterLayout, submitted_with_working_dir
+from .cluster import ClusterLayout, check_reachable, submitted_with_working_dir
 from .exit_codes import InfrastructureFault, install_sigterm
 from .faults import inject_fault, worker_restarts
 from .progress import Outcome, ProgressState
@@ -81,6 +81,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> tuple[bo
         return False, "the Ray session already open in this process"
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
+        check_reachable(address)
         ray.init(address=address, runtime_env=_code_runtime_env(), logging_level=logging.WARNING, log_to_driver=True)
         return False, f"the Ray cluster at {address}"
     # Embedded: workers are local processes and inherit this environment, so the repository

@@ -3,6 +3,7 @@ environment, and `status` / `run --dry-run` exit right every time (the SIGABRT a
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -97,6 +98,26 @@ def test_a_ray_client_address_is_refused_before_anything_is_written(tmp_path):
         assert result.returncode == 2, result.stdout
         assert "a Ray Client address" in result.stdout and "ray job submit" in result.stdout, result.stdout
         assert not (tmp_path / "out").exists()  # refused before the lease: nothing written
+
+
+def test_the_job_api_address_is_refused_and_a_cluster_that_is_not_there_is_exit_3(tmp_path):
+    """RAY_ADDRESS=http://HEAD:8265 (what `ray job submit` takes) is a bad argument, exit 2; a
+    HOST:PORT where no cluster runs used to hang in ray.init for minutes: now one line, exit 3."""
+    from conftest import free_port
+
+    manifest = write_manifest(tmp_path / "m.parquet", small_rows(2), manifest_schema())
+    spec = write_spec(tmp_path / "job.yaml", spec_dict(str(manifest), str(tmp_path / "out")))
+    result = run_command([PYTHON, "jobs/run.py", str(spec)], check=False, env={"RAY_ADDRESS": "http://127.0.0.1:8265"})
+    _no_traceback(result)
+    assert result.returncode == 2 and "the address of Ray's job API" in result.stdout, result.stdout
+    assert not (tmp_path / "out").exists()
+    started = time.monotonic()
+    dead = f"127.0.0.1:{free_port()}"
+    result = run_command([PYTHON, "jobs/run.py", str(spec)], check=False, env={"RAY_ADDRESS": dead}, timeout=120)
+    _no_traceback(result)
+    assert result.returncode == 3, result.stdout
+    assert f"error: no Ray cluster answers at {dead}" in result.stdout
+    assert time.monotonic() - started < 60
 
 
 def _start_run(spec: Path, log: Path, env: dict | None = None):
