@@ -86,6 +86,11 @@ class GenerationRequest:
         """This request with every setting filled in (its own, else `defaults`) and checked;
         ValueError naming the setting otherwise."""
         filled = {name: defaults.get(name) if value is None else value for name, value in self.settings().items()}
+        if self.karras is None and self.sampler is not None and filled["karras"]:
+            # A request that names its own sampler takes the call's Karras flag only where that
+            # sampler has Karras sigmas (as a manifest row does): karras=True for dpmpp_2m in the
+            # call, and a request for euler_a, runs euler_a.
+            filled["karras"] = filled["sampler"] in rules.KARRAS_SAMPLERS
         missing = [name for name, value in filled.items() if value is None]
         if missing:
             raise ValueError(f"no value for {', '.join(missing)} (set it on the request or in the call)")

@@ -99,3 +99,14 @@ def test_rules_import_no_torch():
     code = "import sys, sdcore.rules; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_a_request_naming_its_sampler_takes_the_calls_karras_only_where_it_applies():
+    """The README's example: the call says dpmpp_2m with karras=True, one request says euler_a
+    (no Karras sigmas). It raised `karras: ... only to dpmpp_2m`; a manifest row runs it."""
+    defaults = {"sampler": "dpmpp_2m", "karras": True, "steps": 4, "guidance_scale": 7.5, "width": 32, "height": 32}
+    assert GenerationRequest("a", seed=1, sampler="euler_a").resolve(defaults).karras is False
+    assert GenerationRequest("a", seed=1, sampler="dpmpp_2m").resolve(defaults).karras is True
+    assert GenerationRequest("a", seed=1).resolve(defaults).karras is True
+    with pytest.raises(ValueError, match="karras: karras sigmas apply only to dpmpp_2m"):
+        GenerationRequest("a", seed=1, sampler="euler_a", karras=True).resolve(defaults)  # asked for by the request
