@@ -42,11 +42,9 @@ from PIL import Image
 
 from .errors import error_reason
 from .output import REPORT_FILE, REPORT_PAGES_FILE, THUMBS_DIR, Output, report_page_key
-from .storage import S3Storage, _s3_error, s3_client
 
 THUMB = 128
 PAGE_SIZE = 120
-CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".jpg": "image/jpeg"}
 NAV_ALL = 15  # a sheet of up to this many pages lists them all in its navigation
 SHARD_TABLE_MAX = 2000  # more shards than this: the table lists only those not done
 RECORD_COLUMNS = [
@@ -87,21 +85,9 @@ td.n, th.n { text-align: right; }
 
 
 def _write(output: Output, key: str, data: bytes) -> None:
-    """Commit one report file; on S3 with its Content-Type, so a browser renders it."""
-    storage = output.storage
-    if isinstance(storage, S3Storage):
-        kind = CONTENT_TYPES.get(key[key.rfind(".") :], "application/octet-stream")
-        from .faults import retrying
-
-        def put() -> None:
-            try:
-                s3_client().put_object(Bucket=storage.bucket, Key=storage._key(key), Body=data, ContentType=kind)
-            except Exception as exc:  # noqa: BLE001 - as storage's own calls: transient ones retried
-                raise _s3_error(exc, storage.url(key)) from None
-
-        retrying(put, storage.url(key))
-    else:
-        storage.write(key, data)
+    """Commit one report file (on S3 with its Content-Type, `storage.content_type`, so a browser
+    renders it)."""
+    output.storage.write(key, data)
 
 
 def thumb_key(record: dict[str, Any]) -> str:

@@ -45,6 +45,29 @@ class TooLargeError(StorageError):
     """An object over the size cap the caller gave (a permanent fault)."""
 
 
+# An S3 object's Content-Type, from its name: a browser shows an image or a report page served
+# from the bucket instead of downloading it (the report links to the images).
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".json": "application/json",
+    ".jsonl": "application/jsonl",
+    ".parquet": "application/vnd.apache.parquet",
+    ".tar": "application/x-tar",
+    ".txt": "text/plain; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
+
+
+def content_type(key: str) -> str:
+    name = key.rsplit("/", 1)[-1]
+    suffix = name[name.rfind(".") :].lower() if "." in name else ""
+    return CONTENT_TYPES.get(suffix, "application/octet-stream")
+
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
@@ -499,7 +522,7 @@ class S3Storage(Storage):
     def _write(self, key: str, data: bytes, exclusive: bool, if_match: str | None) -> str | None:
         from botocore.exceptions import ClientError
 
-        kwargs = {"Bucket": self.bucket, "Key": self._key(key), "Body": data}
+        kwargs = {"Bucket": self.bucket, "Key": self._key(key), "Body": data, "ContentType": content_type(key)}
         if exclusive:
             kwargs["IfNoneMatch"] = "*"
         if if_match is not None:
@@ -526,7 +549,7 @@ class S3Storage(Storage):
     def _write_file(self, key: str, path: str) -> None:
         """One upload (multipart when large): the object appears only when it is complete."""
         try:
-            s3_client().upload_file(path, self.bucket, self._key(key))
+            s3_client().upload_file(path, self.bucket, self._key(key), ExtraArgs={"ContentType": content_type(key)})
         except Exception as exc:  # noqa: BLE001 - re-raised with a clean message
             raise _s3_error(exc, self.url(key)) from None
 

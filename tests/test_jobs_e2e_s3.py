@@ -64,11 +64,14 @@ def test_a_job_entirely_on_s3(s3, tmp_path, tiny_pipe):
         assert r["status"] == "ok" and r["image_uri"] == f"s3://{bucket}/out/{r['image_path']}"
         data = get(f"out/{r['image_path']}")
         assert hashlib.sha256(data).hexdigest() == r["image_sha256"]
+        # Served from the bucket, a browser shows it (the report links to it) instead of downloading it.
+        assert client.head_object(Bucket=bucket, Key=f"out/{r['image_path']}")["ContentType"] == "image/png"
         assert Image.open(io.BytesIO(data)).text["parameters"].startswith(r["prompt"])
         assert r["model_weights"] == f"s3://{bucket}/models/tiny.safetensors"
         assert r["model_fingerprint"] == tiny_pipe.fingerprint
         if r["mode"] == "img2img":
             assert r["init_image_uri"] == f"s3://{bucket}/in/init/a.png" and r["init_image_sha256"] == init_sha
+    assert client.head_object(Bucket=bucket, Key="out/job.json")["ContentType"] == "application/json"
     job = get("out/job.json").decode()
     assert env["AWS_SECRET_ACCESS_KEY"] not in job and env["AWS_ACCESS_KEY_ID"] not in job
     assert json.loads(job)["manifest"]["sources"] == [f"s3://{bucket}/in/m.parquet"]
