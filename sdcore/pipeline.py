@@ -254,13 +254,17 @@ class Pipeline:
         *,
         fingerprint: str,
         source: str,
+        stored_dtype: torch.dtype | None = None,
     ):
         self.config = config
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
-        self.fingerprint = fingerprint
+        self.fingerprint = fingerprint  # of the tensors as stored (sdcore.weights.fingerprint)
         self.source = source
+        # The floating dtype the weights were stored in (None: mixed or unknown): an export
+        # writes it again, so that the exported file has the source's fingerprint.
+        self.stored_dtype = stored_dtype
         self.compile_mode = "none"  # see sdcore.kernels.compile_unet
         set_conv_algorithm(self, DEFAULT_CONV_ALGORITHM)  # sets self.conv_algorithm
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()

@@ -135,7 +135,16 @@ def assemble(
             _check_and_load(model, parts[part], part, owned)
             model.to(device=device, dtype=target)
         fp = fp_pending.result()
-    return Pipeline(config, models["unet"], models["vae"], models["text_encoder"], fingerprint=fp, source=source)
+    stored = {t.dtype for tensors in parts.values() for t in tensors.values() if t.is_floating_point()}
+    return Pipeline(
+        config,
+        models["unet"],
+        models["vae"],
+        models["text_encoder"],
+        fingerprint=fp,
+        source=source,
+        stored_dtype=stored.pop() if len(stored) == 1 else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,7 +449,16 @@ def export_single_file(pipe: Pipeline, path: str | os.PathLike, token_rows: list
     expect the full table). Loading sets every other row to zero, so only prompts made of
     these tokens give the same text embeddings as `pipe`.
     """
-    parts = {part: {k: v.detach().cpu().contiguous() for k, v in sd.items()} for part, sd in pipe.state_dicts().items()}
+    # Floating tensors in the dtype the weights were stored in (a float16 file loaded as
+    # float32 is written as float16 again, the same values): the export has the source's
+    # fingerprint, so reproduce and resume accept it in place of the source.
+    stored = getattr(pipe, "stored_dtype", None)
+
+    def as_stored(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach().cpu()
+        return (tensor.to(stored) if stored is not None and tensor.is_floating_point() else tensor).contiguous()
+
+    parts = {part: {k: as_stored(v) for k, v in sd.items()} for part, sd in pipe.state_dicts().items()}
     state = {k: v.contiguous() for k, v in parts_to_compvis(parts, config=pipe.config).items()}
     if token_rows is not None:
         ids = torch.tensor(sorted(set(token_rows)), dtype=torch.int64)

@@ -61,8 +61,9 @@ def test_single_file_export_of_a_model_whose_shapes_do_not_tell_its_config(tmp_p
     sdcore.export_single_file(shapes, tmp_path / "shapes.safetensors")
     reloaded = sdcore.load_pipeline(tmp_path / "shapes.safetensors")
     assert reloaded.config == shapes.config
-    # The built-in file stores float16; the export writes the loaded float32 tensors (another
-    # fingerprint, which is of the tensors as stored), with the same values: the same images.
+    # The built-in file stores float16, loaded as float32: the export writes float16 again, so
+    # the copy has the built-in's fingerprint (reproduce and resume accept it in its place).
+    assert shapes.stored_dtype == torch.float16 and reloaded.fingerprint == shapes.fingerprint
     assert all(np.array_equal(a, b) for a, b in zip(pixels(shapes), pixels(reloaded)))
 
 
