@@ -242,6 +242,16 @@ def pixels_to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8)
 
 
+def _request_list(requests: Any) -> Any:
+    """`requests` itself, refusing one request (or a prompt) passed where a list of them goes."""
+    if isinstance(requests, (GenerationRequest, Mapping, str)):
+        raise TypeError(
+            f"requests: expected a list of GenerationRequest (or mappings), got one {type(requests).__name__}; "
+            "pass [request]"
+        )
+    return requests
+
+
 class Pipeline:
     """The three networks of one SD 1.x checkpoint on one device, ready to generate."""
 
@@ -422,7 +432,7 @@ class Pipeline:
         defaults = dict(
             sampler=sampler, karras=karras, steps=steps, guidance_scale=guidance_scale, width=width, height=height
         )
-        resolved = [self._resolve(i, request, defaults) for i, request in enumerate(requests)]
+        resolved = [self._resolve(i, request, defaults) for i, request in enumerate(_request_list(requests))]
         placed: list[tuple[Image.Image, Placement] | None] = [None] * len(resolved)
         stream = self._stream(
             enumerate(resolved), batch_invariant, fixed_batch, slots, len(resolved), decode_batch, decode_slots
@@ -459,7 +469,7 @@ class Pipeline:
         defaults = dict(
             sampler=sampler, karras=karras, steps=steps, guidance_scale=guidance_scale, width=width, height=height
         )
-        resolved = ((i, self._resolve(i, request, defaults)) for i, request in enumerate(requests))
+        resolved = ((i, self._resolve(i, request, defaults)) for i, request in enumerate(_request_list(requests)))
         count = next((len(asked) for asked in (slots, decode_slots) if asked is not None), None)
         with torch.inference_mode():
             yield from self._stream(resolved, batch_invariant, fixed_batch, slots, count, decode_batch, decode_slots)

@@ -121,7 +121,12 @@ def assemble(
 
     The models copy the tensors unless `owned` (the caller hands them over: nobody else holds
     or changes them), which saves a copy of the whole checkpoint."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r}: not a torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: this torch has no CUDA device (torch.cuda.is_available() is False)")
     target = resolve_dtype(dtype, device)
     parts = dict(parts)
     parts["text_encoder"] = {k: v for k, v in parts["text_encoder"].items() if k not in IGNORED_TEXT_KEYS}

@@ -110,3 +110,17 @@ def test_a_request_naming_its_sampler_takes_the_calls_karras_only_where_it_appli
     assert GenerationRequest("a", seed=1).resolve(defaults).karras is True
     with pytest.raises(ValueError, match="karras: karras sigmas apply only to dpmpp_2m"):
         GenerationRequest("a", seed=1, sampler="euler_a", karras=True).resolve(defaults)  # asked for by the request
+
+
+def test_one_request_where_a_list_goes_and_a_device_torch_lacks_are_named(pipe):
+    with pytest.raises(TypeError, match="requests: expected a list of GenerationRequest .* got one GenerationRequest"):
+        pipe.generate(GenerationRequest("a", seed=1), sampler="ddim", steps=2, guidance_scale=5, width=32, height=32)
+    with pytest.raises(ValueError, match="device 'tpu': not a torch device"):
+        sdcore.load_pipeline("builtin:tiny", device="tpu")
+    import torch
+
+    if torch.cuda.is_available():
+        assert sdcore.load_pipeline("builtin:tiny", device="cuda").device.type == "cuda"
+    else:  # the CPU machines CI runs on: torch's own AssertionError before
+        with pytest.raises(ValueError, match="device cuda: this torch has no CUDA device"):
+            sdcore.load_pipeline("builtin:tiny", device="cuda")
