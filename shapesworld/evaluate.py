@@ -3,8 +3,8 @@
 Used two ways:
 - `adherence(pairs)` returns per-attribute accuracies as a dict, for benchmarks and training
   curves;
-- `python -m shapesworld.eval OUTPUT_OR_FOLDER_OR_PNG...` prints the table for images on disk.
-  Each PNG carries its prompt in the A1111-style "parameters" text chunk the job runner writes
+- `python -m shapesworld.eval OUTPUT_OR_FOLDER_OR_IMAGE...` prints the table for images on disk.
+  Each image (PNG, JPEG, WebP) carries its prompt in the A1111-style "parameters" the job runner writes
   (the prompt is everything before the "Negative prompt:" / "Steps:" lines).
   `--synthetic N` evaluates N ground-truth renders instead (the detector's own check).
 
@@ -118,10 +118,12 @@ def format_table(result: dict) -> str:
 # ---------------------------------------------------------------- images on disk
 
 
-def prompt_from_png(path: Path) -> str | None:
-    """The prompt in a PNG's A1111 "parameters" text chunk (None when there is none)."""
-    with Image.open(path) as image:
-        parameters = image.info.get("parameters")
+def prompt_from_image(path: Path) -> str | None:
+    """The prompt in an image's A1111 "parameters" (a PNG text chunk, or the EXIF UserComment of
+    a JPEG or WebP, as sdgen writes them); None when there is none."""
+    from jobs.writer import read_parameters  # the reader of what sdgen's writer embeds
+
+    parameters = read_parameters(path.read_bytes())
     if not isinstance(parameters, str):
         return None
     lines = []
@@ -132,12 +134,18 @@ def prompt_from_png(path: Path) -> str | None:
     return "\n".join(lines).strip()
 
 
-def find_pngs(paths: Sequence[str]) -> list[Path]:
-    """PNG files named, or found (recursively, sorted) under the folders named."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # the formats sdgen writes
+
+
+def find_images(paths: Sequence[str]) -> list[Path]:
+    """Image files named, or found (recursively, sorted) under the folders named: PNG, JPEG and
+    WebP, the formats a job's `image.format` may choose."""
     found = []
     for path in map(Path, paths):
+        if path.is_dir() and (path / "job.json").is_file() and (path / "images").is_dir():
+            path = path / "images"  # a job's output: its images, not the report's thumbnails
         if path.is_dir():
-            found.extend(sorted(path.rglob("*.png")))
+            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
         elif path.is_file():
             found.append(path)
         else:
@@ -146,10 +154,10 @@ def find_pngs(paths: Sequence[str]) -> list[Path]:
 
 
 def judge_files(files: Sequence[Path]) -> tuple[list[Judgement], list[Path]]:
-    """Judge each PNG against its embedded prompt; files without one are returned apart."""
+    """Judge each image against its embedded prompt; files without one are returned apart."""
     judgements, unprompted = [], []
     for path in files:
-        prompt = prompt_from_png(path)
+        prompt = prompt_from_image(path)
         if prompt is None:
             unprompted.append(path)
         else:
@@ -176,13 +184,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m shapesworld.eval",
         description="Prompt adherence of shape-world images: colour, shape, position, size, "
-        "background accuracy against each PNG's prompt.",
+        "background accuracy against each image's prompt.",
     )
     parser.add_argument(
         "paths",
         nargs="*",
-        help="job OUTPUT folders, image folders or PNG files (searched "
-        "recursively for *.png with a 'parameters' text chunk)",
+        help="job OUTPUT folders, image folders or image files (PNG, JPEG, WebP; searched "
+        "recursively for images with the 'parameters' sdgen embeds)",
     )
     parser.add_argument(
         "--synthetic", type=int, metavar="N", help="instead, judge N ground-truth renders (detector self-check)"
@@ -206,15 +214,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         judgements = judge_synthetic(args.synthetic, args.seed, args.split, args.size, args.noise, args.blur)
     elif args.paths:
         try:
-            judgements, unprompted = judge_files(find_pngs(args.paths))
+            judgements, unprompted = judge_files(find_images(args.paths))
         except FileNotFoundError as error:
             parser.error(str(error))
         if unprompted:
             print(
-                f"skipped {len(unprompted)} PNGs without a 'parameters' prompt, e.g. {unprompted[0]}", file=sys.stderr
+                f"skipped {len(unprompted)} images without a 'parameters' prompt, e.g. {unprompted[0]}", file=sys.stderr
             )
         if not judgements:
-            print("no PNGs with a prompt found", file=sys.stderr)
+            print("no images with a prompt found", file=sys.stderr)
             return 1
     else:
         parser.error("give image paths or --synthetic N")

@@ -49,9 +49,9 @@ def test_the_example_job_runs(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["complete"] and summary["ok"] == summary["total"] == 12, result.stdout
     # builtin:shapes draws what the example prompts ask for (judged from the PNGs' parameters)
-    from shapesworld.evaluate import find_pngs, judge_files, summarize
+    from shapesworld.evaluate import find_images, judge_files, summarize
 
-    judgements, unreadable = judge_files(find_pngs([str(tmp_path / "out")]))
+    judgements, unreadable = judge_files(find_images([str(tmp_path / "out")]))
     assert len(judgements) == 12 and not unreadable
     result = summarize(judgements)
     assert result["colour"] >= 0.75 and result["shape"] >= 0.75 and result["position"] >= 0.75, result

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageFilter, PngImagePlugin
 
 from shapesworld.detect import NONE, detect
-from shapesworld.evaluate import adherence, format_table, main, prompt_from_png
+from shapesworld.evaluate import adherence, find_images, format_table, main, prompt_from_image
 from shapesworld.world import (
     BACKGROUNDS,
     COLOURS,
@@ -216,7 +216,7 @@ def _tiny_set(tmp_path: Path) -> Path:
 
 def test_adherence_scores_each_attribute(tmp_path):
     out = _tiny_set(tmp_path)
-    pairs = [(p, prompt_from_png(p)) for p in sorted(out.rglob("[0-9].png"))]
+    pairs = [(p, prompt_from_image(p)) for p in sorted(out.rglob("[0-9].png"))]
     assert pairs[1][1] == Scene("star", "blue", "small", "center", "black").caption(1)
     result = adherence(pairs)
     assert result["n"] == 4 and result["no_shape"] == 0
@@ -251,3 +251,23 @@ def test_eval_command_prints_the_table(tmp_path, capsys):
     )
     assert run.returncode == 0, run.stderr
     assert '"position": 1.0' in run.stdout
+
+
+def test_eval_reads_jpeg_and_webp_outputs_and_skips_the_reports_thumbnails(tmp_path, capsys):
+    """A job with `image.format: jpeg` or `webp` carries its prompts in the EXIF UserComment:
+    `python -m shapesworld.eval OUTPUT` found 'no PNGs with a prompt' there."""
+    from jobs.writer import encode_image
+
+    scene = Scene("circle", "red", "large", "top left", "white")
+    out = tmp_path / "out"
+    (out / "images" / "shard-00000").mkdir(parents=True)
+    (out / "thumbs" / "shard-00000").mkdir(parents=True)
+    (out / "job.json").write_text("{}")
+    for i, fmt in enumerate(("jpeg", "webp")):
+        data = encode_image(render(scene), fmt, f"{scene.caption(0)}\nNegative prompt: \nSteps: 20, Seed: {i}")
+        (out / "images" / "shard-00000" / f"{i}.{'jpg' if fmt == 'jpeg' else fmt}").write_bytes(data)
+        render(scene).save(out / "thumbs" / "shard-00000" / f"{i}.jpg")  # no parameters: not an image to judge
+    assert [prompt_from_image(p) for p in find_images([str(out)])] == [scene.caption(0)] * 2
+    assert main([str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "skipped" not in captured.err and "2 images, 0 with no shape detected" in captured.out
