@@ -238,7 +238,7 @@ def test_eval_command_prints_the_table(tmp_path, capsys):
     table = printed.out.splitlines()
     assert table[1].split() == ["colour", "3", "4", "75.0%"]
     assert table[2].split() == ["shape", "4", "4", "100.0%"]
-    assert "skipped 1 PNGs" in printed.err and "wanted purple, saw green" in printed.err
+    assert "skipped 1 images" in printed.err and "wanted purple, saw green" in printed.err
 
     # The command a user types, end to end.
     run = subprocess.run(
