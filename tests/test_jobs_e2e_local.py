@@ -19,7 +19,7 @@ from conftest import PYTHON, init_image, manifest_schema, run_command, small_row
 # Fields an error record may leave empty, and those only img2img rows fill.
 ERROR_ONLY = {"error"}
 NO_LABELS = {"labels"}  # null: this manifest has no label columns
-IMG2IMG_ONLY = {"strength", "init_image", "init_image_uri", "init_image_sha256", "time_load_s"}
+IMG2IMG_ONLY = {"strength", "init_image", "init_image_uri", "init_image_sha256", "init_decoding", "time_load_s"}
 GPU_ONLY = {"cuda_visible_devices"}  # this run's workers hold no GPU
 
 
