@@ -518,7 +518,7 @@ def _export_shards(
                 rows = []
                 for record, name in zip(records, names):
                     row = {"file_name": name, "text": record["prompt"]}
-                    row.update({k: record[k] for k in IMAGEFOLDER_FIELDS})
+                    row.update({k: record.get(k) for k in IMAGEFOLDER_FIELDS})
                     row.update(label_columns(labels_of(record), plan.names))
                     rows.append(row)
                 metadata_file.add(rows)
@@ -561,7 +561,7 @@ def _export_shards(
                 assert plan.schema is not None
                 rows = []
                 for record, data in zip(records, images):
-                    row = {k: record[k] for k in RECORD_FIELDS}
+                    row = {k: record.get(k) for k in RECORD_FIELDS}  # older outputs lack later fields
                     row.update(label_columns(labels_of(record), plan.names))
                     row["image"] = data
                     rows.append(row)

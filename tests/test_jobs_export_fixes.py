@@ -369,3 +369,21 @@ def test_export_to_s3_keeps_a_marker(labelled, unsigned, s3):
         export(str(unsigned), "parquet", dest, log=lambda line: None)
     data = client.get_object(Bucket=bucket, Key="pq/shard-00001.parquet")["Body"].read()
     assert pq.read_table(io.BytesIO(data)).num_rows == 2
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "imagefolder", "webdataset"])
+def test_an_output_made_before_the_latest_record_fields_exports(labelled, tmp_path, fmt):
+    """Record files of an older sdgen lack the fields added since (here `decode_rows`,
+    `decode_slot`, `init_decoding`): exporting them failed with KeyError: 'init_decoding'."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(labelled, old)
+    newer = ["decode_rows", "decode_slot", "init_decoding"]
+    for path in (old / "records").glob("*.parquet"):
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns(newer), path)
+    assert main([str(old), str(tmp_path / fmt), "--format", fmt]) == 0
+    if fmt == "parquet":
+        table = pq.read_table(tmp_path / fmt)
+        assert table.num_rows == 4 and table.column("init_decoding").null_count == 4
