@@ -458,12 +458,12 @@ def run_mode(report: Report, args, weights: str, manifest_path: str, entries: li
     bare = measure_bare()
     out = Output(str(output))
     records = [r for r in find_records(out, [e["id"] for e in entries], []).values()]
-    last_decode_slot = max(r.decode_slot for r in records)
+    last_decode_slot = max(r.decode_slot or 0 for r in records)  # None: decoded alone (a CPU smoke run)
     wanted = (  # the first UNet slot, the last, an img2img row, the last decode slot
         lambda r: r.batch_slot == 0,
         lambda r: r.batch_slot == args.batch - 1,
         lambda r: r.mode == "img2img",
-        lambda r: r.decode_slot == last_decode_slot,
+        lambda r: (r.decode_slot or 0) == last_decode_slot,
     )
     chosen = {r.id: r for r in (next(r for r in records if test(r)) for test in wanted)}
     reproducer = Reproducer(out)
@@ -482,7 +482,7 @@ def run_mode(report: Report, args, weights: str, manifest_path: str, entries: li
         f"- compile {mode}: worker start {load_s:.0f} s, first shard {shard_s[0]:.1f} s, then "
         f"{job_rate:.2f} rows/s (per shard: {per_shard}); bare pipeline {bare:.2f} rows/s "
         f"(job / bare {job_rate / bare:.2f}x); "
-        f"{len(records)} records {sorted(statuses)}, decode_rows {sorted({r.decode_rows for r in records})}, "
+        f"{len(records)} records {sorted(statuses)}, decode_rows {sorted({r.decode_rows for r in records if r.decode_rows is not None})}, "
         f"kernels {records[0].kernels}; reproduce of {len(verdicts)} rows "
         f"({', '.join(f'{r.id} slot {r.batch_slot}/decode {r.decode_slot}' for r in chosen.values())}): "
         f"{', '.join(verdicts)}; in a new process (exit {remake.returncode}, {remake_s:.0f} s): " + "; ".join(lines)
