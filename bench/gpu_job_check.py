@@ -478,11 +478,12 @@ def run_mode(report: Report, args, weights: str, manifest_path: str, entries: li
     )
     remake_s = time.perf_counter() - started
     lines = remake.stdout.strip().splitlines() or remake.stderr.strip().splitlines()[-3:]
+    decode_rows = sorted({r.decode_rows for r in records if r.decode_rows is not None})  # None: error records
     report.add(
         f"- compile {mode}: worker start {load_s:.0f} s, first shard {shard_s[0]:.1f} s, then "
         f"{job_rate:.2f} rows/s (per shard: {per_shard}); bare pipeline {bare:.2f} rows/s "
         f"(job / bare {job_rate / bare:.2f}x); "
-        f"{len(records)} records {sorted(statuses)}, decode_rows {sorted({r.decode_rows for r in records if r.decode_rows is not None})}, "
+        f"{len(records)} records {sorted(statuses)}, decode_rows {decode_rows}, "
         f"kernels {records[0].kernels}; reproduce of {len(verdicts)} rows "
         f"({', '.join(f'{r.id} slot {r.batch_slot}/decode {r.decode_slot}' for r in chosen.values())}): "
         f"{', '.join(verdicts)}; in a new process (exit {remake.returncode}, {remake_s:.0f} s): " + "; ".join(lines)
