@@ -66,7 +66,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .output import UNREADABLE, DamagedRecords, Output, read_table
+from .output import DamagedRecords, Output
 from .record import RECORD_FIELDS, RECORD_SCHEMA
 from .storage import Storage, is_s3, join_uri, open_storage, redact_uri
 
@@ -241,10 +241,7 @@ def _record_file(output: Output, shard: str, columns: list[str] | None, sha256: 
         raise ExportError(
             f"{join_uri(output.uri, key)} changed during the export (is a job writing that output?); export again"
         )
-    try:
-        return read_table(data, columns), digest
-    except (pa.ArrowException, KeyError) as exc:
-        raise DamagedRecords(join_uri(output.uri, key), f"{UNREADABLE} ({exc})") from None
+    return output.parse_records(shard, data, columns), digest
 
 
 def _ok_records(output: Output, shard: str, sha256: str) -> list[dict[str, Any]]:

@@ -479,10 +479,9 @@ def parse_row(
 
     strength = raw.get("strength") if "strength" not in (bad_columns or {}) else None
     if init_uri:
-        if strength is None and "strength" in unread:
-            pass  # named above
-        elif strength is None:
-            problems.append("strength is required with init_image (img2img), expected a number in (0, 1]")
+        if strength is None:
+            if "strength" not in unread:  # an unreadable one is named above
+                problems.append("strength is required with init_image (img2img), expected a number in (0, 1]")
         else:
             strength, problem = _float(strength, "strength")
             if problem:

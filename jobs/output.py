@@ -73,9 +73,6 @@ class DamagedFile(ValueError):
         super().__init__(f"{uri} is damaged: {reason}")
 
 
-UNREADABLE = "unreadable record file"  # how DamagedRecords' reason begins
-
-
 class DamagedRecords(ValueError):
     """A committed shard's record file that cannot be read. A rerun of the job redoes the shard
     (`jobs/runner.py`); until then status marks it `damaged`."""
@@ -167,21 +164,45 @@ class Output:
 
     def read_records(self, shard: str, columns: list[str] | None = None) -> pa.Table:
         """The shard's record file; DamagedRecords when it is not a readable record file."""
-        key = self.record_key(shard)
-        data = self.storage.read(key)  # a storage fault is raised as such, not as damage
+        data = self.storage.read(self.record_key(shard))  # a storage fault is raised as such, not as damage
+        return self.parse_records(shard, data, columns)
+
+    def parse_records(self, shard: str, data: bytes, columns: list[str] | None = None) -> pa.Table:
+        """The bytes of the shard's record file as a table; DamagedRecords when they are not one."""
         try:
             return read_table(data, columns)
-        except (pa.ArrowException, KeyError) as exc:
-            raise DamagedRecords(join_uri(self.uri, key), f"{UNREADABLE} ({exc})") from None
+        except pa.ArrowException as exc:
+            raise DamagedRecords(
+                join_uri(self.uri, self.record_key(shard)), f"unreadable record file ({exc})"
+            ) from None
 
     def read_all_records(
-        self, shards: Iterable[str], columns: list[str] | None = None, threads: int = 16
+        self,
+        shards: Iterable[str],
+        columns: list[str] | None = None,
+        threads: int = 16,
+        damaged: dict[str, str] | None = None,
     ) -> dict[str, pa.Table]:
-        """shard -> its records, read in parallel (on S3 each file is one request's latency)."""
+        """shard -> its records, read in parallel (on S3 each file is one request's latency). A
+        record file that cannot be read raises DamagedRecords or, given a `damaged` dict, is
+        left out and noted there (shard -> why)."""
+
+        def read(shard: str) -> pa.Table | DamagedRecords:
+            try:
+                return self.read_records(shard, columns)
+            except DamagedRecords as exc:
+                if damaged is None:
+                    raise
+                return exc
+
         shards = sorted(shards)
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
-            tables = list(pool.map(lambda s: self.read_records(s, columns), shards))
-        return dict(zip(shards, tables))
+            tables = dict(zip(shards, pool.map(read, shards)))
+        for shard, table in list(tables.items()):
+            if isinstance(table, DamagedRecords):
+                damaged[shard] = table.reason  # type: ignore[index] - a dict when this can happen
+                del tables[shard]
+        return tables  # type: ignore[return-value]
 
     def iter_records(
         self, shards: Iterable[str], columns: list[str] | None = None, threads: int = 8

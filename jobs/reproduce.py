@@ -22,19 +22,17 @@ import json
 import math
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image
 
 from jobs.exit_codes import TABLE, finish, guarded
 from jobs.generation import generate_settings, generation_request, recorded_slots
 from jobs.init_images import decode_init_image
 from jobs.manifest import resolve_init_image
-from jobs.output import DamagedFile, DamagedRecords, Output
+from jobs.output import DamagedFile, Output
 from jobs.provenance import a1111_parameters
 from jobs.record import Record
 from jobs.redact import redact_text
@@ -68,22 +66,8 @@ def find_records(
     DamagedRecords, or with a `damaged` dict is skipped and noted there (shard -> why)."""
     wanted_ids, wanted_rows = set(ids), set(rows)
     found: dict[str, Record] = {}
-
-    def index(shard: str) -> pa.Table | DamagedRecords:
-        try:
-            return output.read_records(shard, columns=["row", "id"])
-        except DamagedRecords as exc:
-            if damaged is None:
-                raise
-            return exc
-
-    shards = sorted(output.committed_shards())
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(shards)))) as pool:
-        tables = list(pool.map(index, shards))
-    for shard, table in zip(shards, tables):
-        if isinstance(table, DamagedRecords):
-            damaged[shard] = table.reason  # type: ignore[index] - set when this can happen
-            continue
+    index = output.read_all_records(output.committed_shards(), columns=["row", "id"], damaged=damaged)
+    for shard, table in sorted(index.items()):
         hits = [
             i
             for i, (r, x) in enumerate(zip(table.column("row").to_pylist(), table.column("id").to_pylist()))
@@ -98,18 +82,6 @@ def find_records(
                 found.setdefault(f"id:{record.id}", record)  # first occurrence (duplicates are errors)
             if record.row in wanted_rows:
                 found[f"row:{record.row}"] = record
-    return found
-
-
-def _config_differences(recorded: dict, built: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, recorded value, built value) where two model configurations differ."""
-    found = []
-    for key in sorted(set(recorded) | set(built)):
-        a, b = recorded.get(key), built.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found += _config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            found.append((f"{prefix}{key}", a, b))
     return found
 
 
@@ -175,14 +147,12 @@ class Reproducer:
             )
         built = json.loads(pipe.config.to_json())
         if self.model_config is not None and built != self.model_config:
-            differences = [
-                f"{key} {built_value!r} here, {value!r} recorded"
-                for key, value, built_value in _config_differences(self.model_config, built)
-            ]
+            from jobs.runner import differences  # how a resume names them too
+
             raise ReproduceError(
                 f"weights {redact_uri(weights)} have the recorded fingerprint but build another architecture "
-                f"({'; '.join(differences[:3])}): a checkpoint without sdcore's config metadata? pass the weights "
-                "the job ran with"
+                f"({'; '.join(differences(self.model_config, built)[:3])}): a checkpoint without sdcore's config "
+                "metadata? pass the weights the job ran with"
             )
         return pipe
 

@@ -117,11 +117,14 @@ class JobPlan:
     output: Output
     existing: dict[str, Any] | None  # the output's job.json; None for a new output
     overwrite: bool
-    committed: set[str]  # shards already committed by an earlier run: skipped
-    committed_counts: dict[str, dict[str, Any]]  # their records' counts (Output.count_records)
+    committed_counts: dict[str, dict[str, Any]]  # shards an earlier run committed (skipped) -> their counts
     tasks: list[ShardTask]  # the shards to run
     started_at: str  # when the run started (for summary.json)
     started: float  # the same, time.monotonic()
+
+    @property
+    def committed(self) -> set[str]:
+        return set(self.committed_counts)
 
     @property
     def total_shards(self) -> int:
@@ -168,10 +171,9 @@ def plan_job(
             ) from None
         existing = None  # --overwrite clears the output and writes a new job.json
     counts = _committed_shards(output, existing, spec, manifest, overwrite, log, clean=not read_only)
-    committed = set(counts)
-    tasks = list(read_shards(manifest, spec.execution.shard_size, skip=committed))
-    log(f"[sdgen] output {output.uri}: {len(committed)} shard(s) already committed, {len(tasks)} to run")
-    return JobPlan(spec, manifest, output, existing, overwrite, committed, counts, tasks, started_at, started)
+    tasks = list(read_shards(manifest, spec.execution.shard_size, skip=set(counts)))
+    log(f"[sdgen] output {output.uri}: {len(counts)} shard(s) already committed, {len(tasks)} to run")
+    return JobPlan(spec, manifest, output, existing, overwrite, counts, tasks, started_at, started)
 
 
 def _log_manifest(spec: JobSpec, manifest: Manifest, log: Callable[[str], None]) -> None:
@@ -447,7 +449,7 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): data}
 
 
-def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+def differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     a, b = _flatten(before), _flatten(now)
     return [
         f"{key}: {a.get(key)!r} on disk, {b.get(key)!r} now"
@@ -460,7 +462,7 @@ def check_job(existing: dict[str, Any] | None, spec: JobSpec, manifest: Manifest
     """Differences between the job recorded in an output and this one (empty: same job)."""
     if existing is None:
         return []
-    problems = _differences(existing.get("identity", {}), spec.identity())
+    problems = differences(existing.get("identity", {}), spec.identity())
     old_fp = existing.get("manifest", {}).get("fingerprint")
     if old_fp != manifest.fingerprint:
         problems.append(f"manifest content: fingerprint {str(old_fp)[:16]}… on disk, {manifest.fingerprint[:16]}… now")
@@ -484,7 +486,7 @@ def check_model(existing: dict[str, Any] | None, info: WorkerInfo) -> list[str]:
         problems += [
             f"model architecture {difference} (the same tensors built into another configuration: e.g. a "
             "checkpoint without sdcore's config metadata, whose attention heads were inferred)"
-            for difference in _differences(recorded, info.model_config)[:3]
+            for difference in differences(recorded, info.model_config)[:3]
         ]
     if model.get("dtype") != info.dtype:
         problems.append(f"model dtype: {model.get('dtype')} on disk, {info.dtype} now (set model.dtype explicitly)")

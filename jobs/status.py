@@ -19,7 +19,7 @@ from collections import Counter
 
 from jobs.exit_codes import TABLE, finish, guarded, one_line
 from jobs.lease import live_lease
-from jobs.output import UNREADABLE, Output
+from jobs.output import Output
 from jobs.reader import shard_ranges, shard_row_ranges
 from jobs.redact import redact_text
 
@@ -143,12 +143,9 @@ def _main(args: argparse.Namespace) -> int:
         if args.errors:
             from jobs.errors import error_rows
 
-            listed = status["shard_list"]
-            # Committed shards with records to read (not a damaged file that cannot be read).
+            # Committed shards with records to read (an unreadable record file counts none).
             readable = [
-                s["shard"]
-                for s in listed
-                if s["state"] == "done" or (s["state"] == "damaged" and not s["damaged"].startswith(UNREADABLE))
+                s["shard"] for s in status["shard_list"] if s["state"] in ("done", "damaged") and s["ok"] + s["error"]
             ]
             status["error_rows"] = error_rows(Output(args.output), readable)
     except (FileNotFoundError, OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:

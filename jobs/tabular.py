@@ -24,6 +24,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from .exit_codes import one_line
+
 TEXT_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 STRING_COLUMNS = ("id", "prompt", "negative", "init_image", "sampler")
 INTEGER_COLUMNS = ("seed", "steps", "width", "height")
@@ -196,14 +198,9 @@ def _typed_column(name: str, values: list[Any], problems: CellProblems) -> pa.Ar
             continue
         result, problem = convert(value)
         if problem:
-            problems.setdefault(row, {})[name] = f"{_shown(value)} {problem}"
+            problems.setdefault(row, {})[name] = f"{one_line(repr(value), 60)} {problem}"
         typed.append(result)
     return pa.array(typed, kind)
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _as_string(value: Any) -> tuple[str | None, str | None]:

@@ -64,6 +64,7 @@ import yaml
 
 from sdcore import rules
 
+from .exit_codes import one_line
 from .storage import is_s3, open_storage, parent_uri, read_uri, redact_uri
 from .tabular import manifest_format, read_table_bytes
 
@@ -104,16 +105,12 @@ _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
 def _short(value: Any, limit: int = 200) -> str:
     """`value`'s repr for a message, at most `limit` characters whatever its size (a YAML alias
     bomb expands to gigabytes when printed in full)."""
-    return _clip(_REPR.repr(value), limit)
+    return one_line(_REPR.repr(value), limit)
 
 
 def _name(key: Any) -> str:
     """A mapping key for a message: a string as it is (it is in the file), anything else shortened."""
     return key if isinstance(key, str) else _short(key)
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _is_scalar(value: Any) -> bool:
@@ -651,7 +648,7 @@ def make_manifest(
         try:
             data = yaml.safe_load(read_uri(source))
         except yaml.YAMLError as exc:
-            raise TemplateError(f"{redact_uri(source)}: not valid YAML ({_clip(str(exc), 1000)})") from None
+            raise TemplateError(f"{redact_uri(source)}: not valid YAML ({one_line(str(exc), 1000)})") from None
         if isinstance(data, Mapping):
             if base_seed is not None:
                 data = {**data, "base_seed": base_seed}
@@ -700,7 +697,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "sdgen make-manifest") -
     import signal
     import sys
 
-    from .exit_codes import INTERRUPTED, REFUSED, install_sigterm, one_line
+    from .exit_codes import INTERRUPTED, REFUSED, install_sigterm
     from .redact import redact_text
 
     parser = argparse.ArgumentParser(

@@ -166,7 +166,7 @@ def test_the_same_tensors_built_into_another_architecture_are_refused(made, tmp_
     output.write_job(job)
     result, _ = Reproducer(output, weights=str(ckpt)).compare(record(made, "r000"), 40.0, False)
     assert result.verdict == "error" and "have the recorded fingerprint but build another architecture" in result.detail
-    assert "unet.num_heads 8 here, 2 recorded" in result.detail
+    assert "unet.num_heads: 2 on disk, 8 now" in result.detail
     result, _ = Reproducer(output).compare(record(made, "r000"), 40.0, True)  # the job's own weights
     assert result.verdict == "identical", result.detail
 
