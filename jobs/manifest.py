@@ -367,7 +367,7 @@ def _sampler(raw: Mapping[str, Any], spec: SamplerSpec, bad: Mapping[str, str]) 
         name = spec.name
     elif rules.sampler_problem(name):
         problems.append(f"sampler: {rules.sampler_problem(name)}")
-        name = spec.name
+        name = name if isinstance(name, str) else spec.name  # the error record shows what the row asked
     karras = raw.get("karras") if "karras" not in bad else None
     if karras is None:
         karras = spec.karras and name in rules.KARRAS_SAMPLERS
@@ -444,11 +444,16 @@ def parse_row(
         else:
             known["seed"] = seed
 
+    # `overrides` holds the values the later checks use (the spec's where the row's cannot be
+    # used); `known` the row's own, null where its cell is unusable: an error record shows what
+    # the row asked, never a spec value the row did not ask for.
     overrides: dict[str, Any] = {}
     for column in OVERRIDES:
         value = raw.get(column)
         if value is None or column in (bad_columns or {}):
             overrides[column] = getattr(sampler, column)
+            unusable = column in unread or column in undecodable or (value is not None)
+            known[column] = None if unusable else overrides[column]
             continue
         if column == "guidance_scale":
             number, problem = _float(value, column)
@@ -465,7 +470,7 @@ def parse_row(
             overrides[column] = number if problem is None else getattr(sampler, column)
         if problem:
             problems.append(problem)
-    known.update(overrides)
+        known[column] = None if problem else overrides[column]
     known["sampler"], known["karras"], problems_sampler = _sampler(raw, sampler, bad_columns or {})
     problems.extend(problems_sampler)
     known["labels"] = row_labels(raw)

@@ -156,6 +156,20 @@ def test_an_error_record_keeps_the_karras_flag_the_row_asked_for():
     assert request is None and problem.startswith("karras:") and known["karras"] is True
 
 
+def test_an_error_record_shows_the_rows_settings_never_the_spec_values_it_did_not_ask_for():
+    _, problem, known = parse_row(0, row(steps=0, guidance_scale=5.0), row_id="0", sampler=SAMPLER)
+    assert "steps:" in problem and known["steps"] is None and known["guidance_scale"] == 5.0
+    _, problem, known = parse_row(0, row(guidance_scale=-1.0, width=36), row_id="0", sampler=SAMPLER)
+    assert known["guidance_scale"] is None and known["width"] is None
+    assert known["height"] == SAMPLER.height  # not in the row: the spec's, which the row would have used
+    _, problem, known = parse_row(
+        0, row(), row_id="0", sampler=SAMPLER, cell_problems={"steps": "'ten' is not an integer"}
+    )
+    assert problem == "steps: 'ten' is not an integer" and known["steps"] is None
+    _, problem, known = parse_row(0, row(sampler="plms"), row_id="0", sampler=SAMPLER)
+    assert known["sampler"] == "plms"
+
+
 def test_per_row_sampler_and_karras_override_the_spec():
     spec = SamplerSpec(name="dpmpp_2m", karras=True, steps=4, guidance_scale=7.5, width=32, height=32)
     request, problem, _ = parse_row(0, row(sampler="euler_a"), row_id="0", sampler=spec)
