@@ -667,7 +667,10 @@ def make_manifest(
         except TemplateError as exc:
             raise TemplateError(f"{redact_uri(source)}: {exc}") from None
         table = rebase_init_images(table, source, out)
-        schema, rows, group = table.schema, iter(table.to_pylist()), 65536
+        # Row dicts one record batch at a time: a Python dict per row costs ~10x the row's
+        # columnar bytes, so the whole list as dicts would be the conversion's peak memory.
+        group = 65536
+        schema, rows = table.schema, (row for batch in table.to_batches(group) for row in batch.to_pylist())
     if "id" in schema.names:
         rows = _unique_ids(rows)
     if local_out:
