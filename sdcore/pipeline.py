@@ -264,7 +264,7 @@ class Pipeline:
         *,
         fingerprint: str,
         source: str,
-        stored_dtype: torch.dtype | None = None,
+        stored_dtypes: dict[str, dict[str, torch.dtype]] | None = None,
     ):
         self.config = config
         self.unet = unet.eval().requires_grad_(False)
@@ -272,15 +272,21 @@ class Pipeline:
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.fingerprint = fingerprint  # of the tensors as stored (sdcore.weights.fingerprint)
         self.source = source
-        # The floating dtype the weights were stored in (None: mixed or unknown): an export
-        # writes it again, so that the exported file has the source's fingerprint.
-        self.stored_dtype = stored_dtype
+        # part -> key -> the dtype each floating tensor was stored in (None: unknown): an export
+        # writes them so again, so that the exported file has the source's fingerprint.
+        self.stored_dtypes = stored_dtypes
         self.compile_mode = "none"  # see sdcore.kernels.compile_unet
         set_conv_algorithm(self, DEFAULT_CONV_ALGORITHM)  # sets self.conv_algorithm
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._embedding_bytes = 0
         self._give_out_lag: int | None = None  # None: GIVE_OUT_LAG on CUDA, 0 elsewhere
         self._prepare_ahead: bool | None = None  # None: PREPARE_AHEAD on CUDA, off elsewhere
+
+    @property
+    def stored_dtype(self) -> torch.dtype | None:
+        """The one floating dtype the weights were stored in; None when mixed or unknown."""
+        dtypes = {d for part in (self.stored_dtypes or {}).values() for d in part.values()}
+        return dtypes.pop() if len(dtypes) == 1 else None
 
     @property
     def device(self) -> torch.device:

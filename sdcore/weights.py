@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
+import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +39,8 @@ IGNORED_TEXT_KEYS = ("text_model.embeddings.position_ids",)
 TOKEN_TABLE_KEY = TEXT_PREFIX + "text_model.embeddings.token_embedding.weight"
 PACKED_ROWS_KEY = TEXT_PREFIX + "text_model.embeddings.token_embedding.packed_rows"
 PACKED_IDS_KEY = TEXT_PREFIX + "text_model.embeddings.token_embedding.packed_ids"
+
+CLIP_VOCAB_SIZE = 49408  # the tokenizer's (sdcore/tokenizer.py); every SD 1.x text encoder's
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -140,7 +142,7 @@ def assemble(
             _check_and_load(model, parts[part], part, owned)
             model.to(device=device, dtype=target)
         fp = fp_pending.result()
-    stored = {t.dtype for tensors in parts.values() for t in tensors.values() if t.is_floating_point()}
+    stored = {part: {k: t.dtype for k, t in sd.items() if t.is_floating_point()} for part, sd in parts.items()}
     return Pipeline(
         config,
         models["unet"],
@@ -148,7 +150,7 @@ def assemble(
         models["text_encoder"],
         fingerprint=fp,
         source=source,
-        stored_dtype=stored.pop() if len(stored) == 1 else None,
+        stored_dtypes=stored,
     )
 
 
@@ -199,13 +201,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 def _read_pickle_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused to load — the file holds pickled objects other than tensors "
-            f"(loading it could run arbitrary code). Convert it to .safetensors first. ({exc})"
-        ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated?) ({exc})") from exc
+    except Exception as exc:  # torch's weights-only unpickler raises many kinds on a bad file
+        raise _unreadable_checkpoint(path, exc) from exc
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):
@@ -214,6 +211,30 @@ def _read_pickle_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors")
     return tensors
+
+
+def _unreadable_checkpoint(path: Path, exc: Exception) -> CheckpointError:
+    """Why `torch.load(weights_only=True)` refused a file: pickled code (a global it blocks), a
+    safetensors file under another suffix, or a file that is no PyTorch checkpoint at all."""
+    blocked = re.search(r"\bGLOBAL ([\w.]+)", str(exc))
+    if blocked:
+        return CheckpointError(
+            f"{path}: refused to load — the file holds pickled objects other than tensors "
+            f"({blocked.group(1).rstrip('.')}; loading it could run arbitrary code). Convert it to .safetensors first."
+        )
+    try:
+        with open(path, "rb") as file:
+            head = file.read(9)
+    except OSError:
+        head = b""
+    if len(head) == 9 and head[8:9] == b"{" and not head.startswith(b"PK"):
+        return CheckpointError(f"{path}: a safetensors file under another suffix: name it .safetensors")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    marker = [i for i, line in enumerate(lines) if "WeightsUnpickler error" in line]
+    first = lines[marker[0] + 1] if marker and marker[0] + 1 < len(lines) else (lines[0] if lines else "")
+    reason = "empty file" if not head else ("truncated?" if head.startswith(b"PK") else "not a PyTorch checkpoint")
+    detail = f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+    return CheckpointError(f"{path}: not a readable checkpoint ({reason}; {detail})")
 
 
 def _read_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -269,6 +290,64 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: invalid JSON ({exc})") from exc
 
 
+# Config keys of SD 1.x's diffusers parts that sdcore's models do not read, with the values SD 1.x
+# uses (also diffusers' defaults). Another value changes the network, so it is refused rather
+# than silently run as SD 1.x.
+FIXED_UNET_KEYS: dict[str, tuple[Any, ...]] = {
+    "flip_sin_to_cos": (True,),
+    "freq_shift": (0,),
+    "downsample_padding": (1,),
+    "act_fn": ("silu",),
+    "center_input_sample": (False,),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
+    "mid_block_scale_factor": (1,),
+    "resnet_time_scale_shift": ("default",),
+    "time_embedding_type": ("positional",),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "only_cross_attention": (False,),
+    "dual_cross_attention": (False,),
+    "upcast_attention": (False,),
+    "time_cond_proj_dim": (None,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "attention_type": ("default",),
+    "class_embeddings_concat": (False,),
+    "mid_block_only_cross_attention": (None, False),
+    "cross_attention_norm": (None,),
+    "num_class_embeds": (None,),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_embedding_dim": (None,),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1,),
+}
+FIXED_VAE_KEYS: dict[str, tuple[Any, ...]] = {
+    "act_fn": ("silu",),
+    "shift_factor": (None, 0),
+    "latents_mean": (None,),
+    "latents_std": (None,),
+    "use_quant_conv": (True,),
+    "use_post_quant_conv": (True,),
+    "mid_block_add_attention": (True,),
+}
+FIXED_SCHEDULER_KEYS: dict[str, tuple[Any, ...]] = {  # the noise schedule the UNet was trained on
+    "prediction_type": ("epsilon",),
+    "num_train_timesteps": (1000,),
+    "beta_schedule": ("scaled_linear",),
+    "beta_start": (0.00085,),
+    "beta_end": (0.012,),
+    "trained_betas": (None,),
+}
+
+
+def _refuse_other_values(cfg: dict, fixed: dict[str, tuple[Any, ...]], where: Path) -> None:
+    """A CheckpointError naming every key of `cfg` whose value SD 1.x does not use."""
+    other = [f"{key}={cfg[key]!r}" for key, allowed in fixed.items() if key in cfg and cfg[key] not in allowed]
+    if other:
+        raise CheckpointError(f"{where}: not an SD 1.x model: {', '.join(other)} (sdcore runs SD 1.x's values only)")
+
+
 def _unet_config(cfg: dict, where: Path) -> UNetConfig:
     if cfg.get("in_channels", 4) != 4:
         raise CheckpointError(
@@ -295,6 +374,7 @@ def _unet_config(cfg: dict, where: Path) -> UNetConfig:
         if len(set(layers)) != 1:
             raise CheckpointError(f"{where}: per-level transformer_layers_per_block unsupported")
         layers = layers[0]
+    _refuse_other_values(cfg, FIXED_UNET_KEYS, where)
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
     return UNetConfig(
         in_channels=cfg.get("in_channels", 4),
@@ -311,7 +391,8 @@ def _unet_config(cfg: dict, where: Path) -> UNetConfig:
     )
 
 
-def _vae_config(cfg: dict) -> VAEConfig:
+def _vae_config(cfg: dict, where: Path) -> VAEConfig:
+    _refuse_other_values(cfg, FIXED_VAE_KEYS, where)
     return VAEConfig(
         in_channels=cfg.get("in_channels", 3),
         out_channels=cfg.get("out_channels", 3),
@@ -323,7 +404,9 @@ def _vae_config(cfg: dict) -> VAEConfig:
     )
 
 
-def _text_config(cfg: dict) -> TextEncoderConfig:
+def _text_config(cfg: dict, where: Path) -> TextEncoderConfig:
+    if cfg.get("architectures") not in (None, ["CLIPTextModel"]):
+        raise CheckpointError(f"{where}: a {cfg['architectures']} text encoder, not SD 1.x's CLIPTextModel")
     return TextEncoderConfig(
         vocab_size=cfg.get("vocab_size", 49408),
         hidden_size=cfg.get("hidden_size", 768),
@@ -336,26 +419,54 @@ def _text_config(cfg: dict) -> TextEncoderConfig:
     )
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin")
+
+
 def _read_part_weights(folder: Path, stems: tuple[str, ...]) -> dict[str, torch.Tensor]:
     for stem in stems:
-        for suffix in (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin"):
+        for suffix in WEIGHT_SUFFIXES:
             path = folder / f"{stem}{suffix}"
             if path.exists():
                 return _read_tensor_file(path)[0]
-    raise CheckpointError(f"{folder}: no weights file ({', '.join(s + '.safetensors' for s in stems)})")
+    names = [stem + suffix for stem in stems for suffix in WEIGHT_SUFFIXES]
+    if any(folder.glob("*.index.json")):  # save_pretrained(max_shard_size=...) splits big parts
+        raise CheckpointError(
+            f"{folder}: weights saved in shards (*.index.json), which sdcore does not read; save the part "
+            f"unsharded (save_pretrained with a larger max_shard_size) as one of {', '.join(names)}"
+        )
+    raise CheckpointError(f"{folder}: no weights file (one of {', '.join(names)})")
+
+
+# The VAE's mid-block attention as diffusers named it before 0.14; many published SD 1.x folders
+# still hold these names (diffusers renames them on load).
+LEGACY_VAE_ATTENTION = re.compile(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.")
+LEGACY_VAE_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _modern_vae_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def rename(key: str) -> str:
+        match = LEGACY_VAE_ATTENTION.match(key)
+        if not match:
+            return key
+        return f"{match.group(1)}{LEGACY_VAE_NAMES[match.group(2)]}.{key[match.end() :]}"
+
+    return {rename(key): tensor for key, tensor in state.items()}
 
 
 def load_diffusers_folder(folder: Path) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]]]:
     if (folder / "text_encoder_2").exists():
         raise CheckpointError(f"{folder}: has text_encoder_2 — an SDXL model, not SD 1.x")
     scheduler = folder / "scheduler" / "scheduler_config.json"
-    if scheduler.exists() and _read_json(scheduler).get("prediction_type") == "v_prediction":
-        raise CheckpointError(f"{folder}: v-prediction scheduler — an SD 2.x model, not SD 1.x")
+    if scheduler.exists():
+        schedule = _read_json(scheduler)
+        if schedule.get("prediction_type") == "v_prediction":
+            raise CheckpointError(f"{folder}: v-prediction scheduler — an SD 2.x model, not SD 1.x")
+        _refuse_other_values(schedule, FIXED_SCHEDULER_KEYS, scheduler)
     try:
         config = ModelConfig(
             unet=_unet_config(_read_json(folder / "unet" / "config.json"), folder / "unet"),
-            vae=_vae_config(_read_json(folder / "vae" / "config.json")),
-            text_encoder=_text_config(_read_json(folder / "text_encoder" / "config.json")),
+            vae=_vae_config(_read_json(folder / "vae" / "config.json"), folder / "vae"),
+            text_encoder=_text_config(_read_json(folder / "text_encoder" / "config.json"), folder / "text_encoder"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, CheckpointError):
@@ -364,7 +475,7 @@ def load_diffusers_folder(folder: Path) -> tuple[ModelConfig, dict[str, dict[str
     text = _read_part_weights(folder / "text_encoder", ("model", "pytorch_model"))
     parts = {
         "unet": _read_part_weights(folder / "unet", ("diffusion_pytorch_model",)),
-        "vae": _read_part_weights(folder / "vae", ("diffusion_pytorch_model",)),
+        "vae": _modern_vae_names(_read_part_weights(folder / "vae", ("diffusion_pytorch_model",))),
         # transformers >= 5 saves CLIPTextModel without its `text_model.` prefix; older
         # releases (and every published SD 1.x folder) keep it.
         "text_encoder": {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text.items()},
@@ -440,6 +551,13 @@ def load_pipeline(weights: str | os.PathLike, device: str | torch.device = "cpu"
                 f"{weights}: unknown weights layout; expected builtin:NAME, a diffusers folder, "
                 "or a .safetensors/.ckpt file"
             )
+    vocab = config.text_encoder.vocab_size
+    if vocab != CLIP_VOCAB_SIZE:
+        raise CheckpointError(
+            f"{weights}: the text encoder has {vocab} token embeddings; SD 1.x uses CLIP's "
+            f"{CLIP_VOCAB_SIZE}-token vocabulary, the only one sdcore's tokenizer has (tokens added by "
+            "textual inversion are not supported)"
+        )
     # The readers return tensors of their own (see _read_safetensors): hand them over.
     return assemble(config, parts, source=weights, device=device, dtype=dtype, owned=True)
 
@@ -454,16 +572,17 @@ def export_single_file(pipe: Pipeline, path: str | os.PathLike, token_rows: list
     expect the full table). Loading sets every other row to zero, so only prompts made of
     these tokens give the same text embeddings as `pipe`.
     """
-    # Floating tensors in the dtype the weights were stored in (a float16 file loaded as
-    # float32 is written as float16 again, the same values): the export has the source's
-    # fingerprint, so reproduce and resume accept it in place of the source.
-    stored = getattr(pipe, "stored_dtype", None)
+    # Each floating tensor in the dtype it was stored in (a float16 file loaded as float32 is
+    # written as float16 again, the same values; a file of mixed dtypes keeps its mix): the
+    # export has the source's fingerprint, so reproduce and resume accept it in place of the source.
+    stored = pipe.stored_dtypes or {}
 
-    def as_stored(tensor: torch.Tensor) -> torch.Tensor:
+    def as_stored(part: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach().cpu()
-        return (tensor.to(stored) if stored is not None and tensor.is_floating_point() else tensor).contiguous()
+        dtype = stored.get(part, {}).get(key)
+        return (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
 
-    parts = {part: {k: as_stored(v) for k, v in sd.items()} for part, sd in pipe.state_dicts().items()}
+    parts = {part: {k: as_stored(part, k, v) for k, v in sd.items()} for part, sd in pipe.state_dicts().items()}
     state = {k: v.contiguous() for k, v in parts_to_compvis(parts, config=pipe.config).items()}
     if token_rows is not None:
         ids = torch.tensor(sorted(set(token_rows)), dtype=torch.int64)

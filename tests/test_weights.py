@@ -172,11 +172,64 @@ def write_folder_variant(src, dst, part, change):
         ("scheduler", lambda c: c.update(prediction_type="v_prediction"), "v-prediction"),
         ("unet", lambda c: c.update(layers_per_block=3), "missing key"),
         ("unet", lambda c: c.update(block_out_channels=[32, 96, 96]), "has shape"),
+        # Keys sdcore's networks do not read: another value than SD 1.x's would be run as SD 1.x.
+        ("unet", lambda c: c.update(flip_sin_to_cos=False), "flip_sin_to_cos=False"),
+        ("unet", lambda c: c.update(downsample_padding=0, upcast_attention=True), "downsample_padding=0, upcast"),
+        ("vae", lambda c: c.update(act_fn="mish"), "act_fn='mish'"),
+        ("scheduler", lambda c: c.update(prediction_type="sample"), "prediction_type='sample'"),
+        ("scheduler", lambda c: c.update(beta_end=0.02), "beta_end=0.02"),
+        ("text_encoder", lambda c: c.update(architectures=["CLIPTextModelWithProjection"]), "not SD 1.x's"),
     ],
 )
 def test_unsupported_diffusers_folders_are_refused(diffusers_folder, tmp_path, part, change, message):
     folder = write_folder_variant(diffusers_folder, tmp_path / "variant", part, change)
     with pytest.raises(CheckpointError, match=message):
+        sdcore.load_pipeline(folder)
+
+
+def test_a_text_encoder_with_another_vocabulary_is_refused(diffusers_folder, tmp_path):
+    """sdcore's tokenizer is CLIP's 49408 tokens: a smaller table failed every generate with an
+    IndexError, a larger one (a textual-inversion token added) silently ignored the new token."""
+    for rows in (1000, 49409):
+        folder = tmp_path / f"vocab{rows}"
+        shutil.copytree(diffusers_folder, folder)
+        config_path = folder / "text_encoder" / "config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "vocab_size": rows}))
+        weights = folder / "text_encoder" / "model.safetensors"
+        state = load_file(str(weights))
+        key = next(k for k in state if k.endswith("token_embedding.weight"))
+        table = state[key]
+        state[key] = table[:rows] if rows < len(table) else torch.cat([table, table[-1:]])
+        save_file(state, str(weights))
+        with pytest.raises(CheckpointError, match=f"has {rows} token embeddings; SD 1.x uses CLIP's 49408"):
+            sdcore.load_pipeline(folder)
+
+
+def test_legacy_vae_attention_names_load_as_the_same_weights(diffusers_folder, from_folder, tmp_path):
+    """diffusers before 0.14 saved the VAE's mid-block attention as query/key/value/proj_attn."""
+    folder = tmp_path / "legacy"
+    shutil.copytree(diffusers_folder, folder)
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    old_names = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}
+    renamed = {}
+    for key, tensor in load_file(str(weights)).items():
+        for new, old in old_names.items():
+            key = key.replace(f"attentions.0.{new}", f"attentions.0.{old}")
+        renamed[key] = tensor
+    assert any(".proj_attn." in key for key in renamed)
+    save_file(renamed, str(weights))
+    legacy = sdcore.load_pipeline(folder)
+    assert legacy.fingerprint == from_folder.fingerprint
+
+
+def test_sharded_folder_is_named(diffusers_folder, tmp_path):
+    folder = tmp_path / "sharded"
+    shutil.copytree(diffusers_folder, folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").rename(
+        folder / "unet" / "diffusion_pytorch_model-00001-of-00001.safetensors"
+    )
+    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="saved in shards"):
         sdcore.load_pipeline(folder)
 
 
@@ -229,6 +282,35 @@ class Payload:
 
     def __reduce__(self):
         return (print, ("this must never run",))
+
+
+def test_files_that_are_no_checkpoint_are_named_so(tmp_path):
+    """torch's weights-only unpickler raises KeyError, UnpicklingError, ... on files that are not
+    checkpoints: each is a CheckpointError naming the file, not a bare KeyError or a claim of code."""
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello world\n")
+    with pytest.raises(CheckpointError, match="notes.ckpt: not a readable checkpoint \\(not a PyTorch checkpoint"):
+        sdcore.load_pipeline(text)
+    renamed = tmp_path / "model.ckpt"
+    save_file({"w": torch.zeros(2)}, str(renamed))
+    with pytest.raises(CheckpointError, match="a safetensors file under another suffix"):
+        sdcore.load_pipeline(renamed)
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty file"):
+        sdcore.load_pipeline(empty)
+
+
+def test_export_keeps_a_mixed_dtype_files_fingerprint(tmp_path, from_folder):
+    """A file whose UNet is float16 and the rest float32 exports with the same mix."""
+    parts = from_folder.state_dicts()
+    parts["unet"] = {k: v.half() for k, v in parts["unet"].items()}
+    mixed = tmp_path / "mixed.safetensors"
+    save_file(parts_to_compvis(parts), str(mixed))
+    source = sdcore.load_pipeline(mixed)
+    assert source.stored_dtype is None  # mixed
+    sdcore.export_single_file(source, tmp_path / "export.safetensors")
+    assert sdcore.load_pipeline(tmp_path / "export.safetensors").fingerprint == source.fingerprint
 
 
 def test_ckpt_with_pickled_code_is_refused(tmp_path, capsys):
