@@ -19,6 +19,7 @@ import math
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -44,6 +45,39 @@ _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 CellProblems = dict[int, dict[str, str]]
 
 
+# Integers a float32 / float16 holds exactly (beyond these, the value stored is a neighbour's).
+EXACT_NARROW_INTEGERS = {pa.float32(): 2**24, pa.float16(): 2**11}
+
+
+def _narrow_floats(table: pa.Table) -> tuple[pa.Table, CellProblems]:
+    """A Parquet manifest's float32/float16 columns the runner reads as numbers. `strength` and
+    `guidance_scale` become the decimal the writer meant: 0.7 stored as float32 is
+    0.699999988..., with which `int(10 * strength)` runs 6 img2img steps instead of 7 (and
+    diffusers, computing in float32, runs 7). An integer column's (`seed`) value beyond the
+    type's exact integers is its row's problem: the value stored may not be the one written."""
+    problems: CellProblems = {}
+    for column in (*FLOAT_COLUMNS, *INTEGER_COLUMNS):
+        if column not in table.column_names or table.schema.field(column).type not in EXACT_NARROW_INTEGERS:
+            continue
+        kind = table.schema.field(column).type
+        narrow = np.float32 if kind == pa.float32() else np.float16
+        values = table.column(column).to_pylist()
+        if column in FLOAT_COLUMNS:
+            # numpy prints the shortest decimal that reads back as the same narrow float
+            values = [None if v is None else float(str(narrow(v))) for v in values]
+        else:
+            for row, value in enumerate(values):
+                if value is not None and math.isfinite(value) and abs(value) > EXACT_NARROW_INTEGERS[kind]:
+                    problems.setdefault(row, {})[column] = (
+                        f"{value:.0f} is stored as {narrow.__name__}, which holds integers exactly only up to "
+                        f"{EXACT_NARROW_INTEGERS[kind]}; store it as an integer"
+                    )
+                    values[row] = None
+        index = table.column_names.index(column)
+        table = table.set_column(index, column, pa.array(values, pa.float64()))
+    return table, problems
+
+
 def manifest_format(uri: str) -> str:
     """`parquet`, `csv`, `tsv` or `jsonl`, from the name (anything else is read as Parquet)."""
     name = uri.lower().split("?")[0]
@@ -59,7 +93,7 @@ def read_manifest_table(data: bytes, uri: str) -> tuple[pa.Table, CellProblems]:
     pa.ArrowException / OSError / ValueError when the file cannot be read at all."""
     kind = manifest_format(uri)
     if kind == "parquet":
-        return pq.read_table(pa.BufferReader(data)), {}
+        return _narrow_floats(pq.read_table(pa.BufferReader(data)))
     if kind in ("csv", "tsv"):
         table = _read_csv(data, "\t" if kind == "tsv" else ",")
         repeated = sorted({n for n in table.column_names if table.column_names.count(n) > 1})

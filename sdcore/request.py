@@ -113,9 +113,9 @@ class GenerationRequest:
             if problem:
                 raise ValueError(f"strength: {problem}")
         filled["steps"] = int(filled["steps"])
-        filled["guidance_scale"] = float(filled["guidance_scale"])
+        filled["guidance_scale"] = rules.as_float(filled["guidance_scale"])
         filled["width"], filled["height"] = int(filled["width"]), int(filled["height"])
-        strength = None if self.strength is None else float(self.strength)
+        strength = None if self.strength is None else rules.as_float(self.strength)
         return dataclasses.replace(self, strength=strength, **filled)
 
     def settings_key(self) -> tuple:

@@ -104,16 +104,28 @@ def size_problem(value: Any, multiple: int = SIZE_MULTIPLE) -> str | None:
     return None
 
 
+def as_float(value: Any) -> float:
+    """A number as a Python float; a numpy float32/float16 as the decimal it prints as (0.7, not
+    0.699999988...), which is what its writer meant and what diffusers' float32 arithmetic gets:
+    int(10 * float32(0.7)) is 7 in float32, but 6 after widening it to float64 as stored."""
+    narrow = type(value).__module__ == "numpy" and getattr(getattr(value, "dtype", None), "itemsize", 8) < 8
+    return float(str(value)) if narrow and not isinstance(value, (bool, int, float)) else float(value)
+
+
 def strength_problem(strength: Any, steps: int) -> str | None:
     """img2img strength with `steps` sampler steps: in (0, 1], and leaving at least one step."""
     if not _is_number(strength):
         return f"expected a number in (0, 1], got {strength!r}"
-    if not 0.0 < float(strength) <= 1.0:  # also rejects NaN
-        return f"{float(strength):g} outside (0, 1]"
-    if int(steps * float(strength)) < 1:
+    strength = as_float(strength)
+    if not 0.0 < strength <= 1.0:  # also rejects NaN
+        return f"{strength:g} outside (0, 1]"
+    if int(steps * strength) < 1:
+        # The smallest strength with 6 significant digits that leaves a step (rounded up: 1/3
+        # printed as 0.333333 would itself leave none).
+        least = math.ceil(1e6 / steps) / 1e6
         return (
-            f"{float(strength):g} x {steps} steps leaves no denoising step "
-            f"(int(steps * strength) = 0); use strength >= {1 / steps:.6g} or more steps"
+            f"{strength:g} x {steps} steps leaves no denoising step "
+            f"(int(steps * strength) = 0); use strength >= {least:.6g} or more steps"
         )
     return None
 
@@ -125,4 +137,4 @@ def img2img_steps(steps: int, strength: float) -> int:
     problem = strength_problem(strength, steps)
     if problem:
         raise ValueError(f"strength {problem}")
-    return min(int(steps * float(strength)), steps)
+    return min(int(steps * as_float(strength)), steps)

@@ -170,6 +170,29 @@ def test_an_error_record_shows_the_rows_settings_never_the_spec_values_it_did_no
     assert known["sampler"] == "plms"
 
 
+def test_float32_columns_of_a_parquet_manifest_are_read_as_written(tmp_path):
+    """pandas/numpy often write float32: 0.7 stored so is 0.699999988, and int(10 * that) ran one
+    img2img step fewer than the row asked for; a float32 seed above 2**24 may be a neighbour's."""
+    schema = pa.schema(
+        [("id", pa.string()), ("prompt", pa.string()), ("seed", pa.float32()), ("init_image", pa.string()),
+         ("strength", pa.float32()), ("guidance_scale", pa.float32())]
+    )  # fmt: skip
+    rows = [
+        {"id": "a", "prompt": "p", "seed": 5.0, "init_image": "x.png", "strength": 0.7, "guidance_scale": 7.3},
+        {"id": "b", "prompt": "p", "seed": float(2**25 + 2), "init_image": None, "strength": None,
+         "guidance_scale": None},
+    ]  # fmt: skip
+    manifest = load_manifest([str(write_manifest(tmp_path / "m.parquet", rows, schema))])
+    first, second = manifest.table.to_pylist()
+    assert (first["strength"], first["guidance_scale"], first["seed"]) == (0.7, 7.3, 5.0)
+    request, problem, _ = parse_row(0, first, row_id="a", sampler=SAMPLER)
+    assert problem is None and request.strength == 0.7 and request.seed == 5
+    assert "holds integers exactly only up to 16777216" in manifest.cell_problems[1]["seed"]
+    _, problem, known = parse_row(1, second, row_id="b", sampler=SAMPLER, cell_problems=manifest.cell_problems[1])
+    # float32 steps by 4 there: 2**25 + 2 was stored as 2**25
+    assert problem.startswith("seed: 33554432 is stored as float32") and known.get("seed") is None
+
+
 def test_per_row_sampler_and_karras_override_the_spec():
     spec = SamplerSpec(name="dpmpp_2m", karras=True, steps=4, guidance_scale=7.5, width=32, height=32)
     request, problem, _ = parse_row(0, row(sampler="euler_a"), row_id="0", sampler=spec)

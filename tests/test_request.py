@@ -95,6 +95,21 @@ def test_rules_are_the_diffusers_rules():
     assert rules.karras_problem(True, "dpmpp_2m") is None and rules.karras_problem(True, "ddim")
 
 
+def test_a_float32_strength_counts_steps_as_its_decimal_and_diffusers_do():
+    """np.float32(0.7) is 0.699999988 once widened: int(10 * that) ran 6 steps where diffusers,
+    computing in float32, runs 7 (and the user wrote 0.7)."""
+    assert rules.img2img_steps(10, np.float32(0.7)) == 7 == int(np.float32(10) * np.float32(0.7))
+    request = GenerationRequest("x", seed=1, init_image=picture(0), strength=np.float32(0.7))
+    assert request.resolve({**SETTINGS, "steps": 10}).strength == 0.7
+
+
+def test_the_strength_a_too_small_strength_error_suggests_is_accepted():
+    for steps in (3, 7, 12, 999):
+        problem = rules.strength_problem(0.5 / steps, steps)
+        least = float(problem.split("use strength >= ")[1].split()[0])
+        assert rules.strength_problem(least, steps) is None, (steps, least)
+
+
 def test_rules_import_no_torch():
     code = "import sys, sdcore.rules; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
