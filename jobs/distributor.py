@@ -156,7 +156,8 @@ class _WorkerActor:
             self.worker = factory(config)
         except Exception as exc:  # noqa: BLE001 - reported through info()
             self.error = f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, (StorageError, FileNotFoundError)):  # those say all in their message
+            # Those say all in their message (bad weights: CheckpointError is a ValueError).
+            if not isinstance(exc, (StorageError, FileNotFoundError, ValueError)):
                 traceback.print_exc()  # the details, in the driver's log (log_to_driver)
 
     def info(self) -> tuple[str | None, WorkerInfo | None]:

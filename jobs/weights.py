@@ -45,7 +45,9 @@ def download_s3_weights(uri: str, root: Path | None = None) -> str:
     objects = s3_objects(uri)
     bucket, key = split_s3(uri)
     single = len(objects) == 1 and objects[0]["key"] == key
-    identity = redact_uri(uri) + "\n" + "\n".join(f"{o['key']} {o['size']} {o['etag']}" for o in objects)
+    prefix = key.rstrip("/")  # "" for a folder at the bucket's root
+    # The identity leaves out a trailing "/": s3://b/model and s3://b/model/ share one download.
+    identity = redact_uri(uri).rstrip("/") + "\n" + "\n".join(f"{o['key']} {o['size']} {o['etag']}" for o in objects)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:20]
     root = (root or cache_dir()) / "weights"
     root.mkdir(parents=True, exist_ok=True)
@@ -65,7 +67,7 @@ def download_s3_weights(uri: str, root: Path | None = None) -> str:
                 if single:
                     dest = staging / name
                 else:
-                    relative = obj["key"][len(key.rstrip("/")) + 1 :]
+                    relative = obj["key"][len(prefix) + 1 :] if prefix else obj["key"]
                     if not relative or relative.endswith("/"):
                         continue
                     dest = staging / name / relative

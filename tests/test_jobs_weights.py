@@ -41,6 +41,20 @@ def test_diffusers_folder_prefix(s3, tmp_path):
     assert (folder / "vae" / "config.json").exists()
 
 
+def test_diffusers_folder_at_a_buckets_root(s3, tmp_path):
+    """s3://bucket names a folder too: every key used to lose its first character (unet/ -> net/)."""
+    _, client, _ = s3
+    client.create_bucket(Bucket="root-model")
+    for key in ("model_index.json", "unet/config.json", "vae/config.json"):
+        client.put_object(Bucket="root-model", Key=key, Body=key.encode())
+    folder = Path(download_s3_weights("s3://root-model", root=tmp_path))
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert files == ["model_index.json", "unet/config.json", "vae/config.json"]
+    assert (folder / "unet" / "config.json").read_bytes() == b"unet/config.json"
+    # With or without a trailing "/", the same URI: one download.
+    assert download_s3_weights("s3://root-model/", root=tmp_path) == str(folder)
+
+
 def test_missing_s3_weights(s3, tmp_path):
     bucket, _, _ = s3
     with pytest.raises(FileNotFoundError, match="no such object or prefix"):
