@@ -44,6 +44,17 @@ class ClusterAddressError(SpecError):
     """A cluster address the run cannot use (refused before connecting, exit 2)."""
 
 
+def check_local_weights(spec: JobSpec, address: str | None) -> None:
+    """An embedded run's workers are this machine's processes, so a local weights path must exist
+    here: refused (SpecError) before Ray starts rather than by every worker after it. On a
+    cluster the workers' machines may hold a path the driver's does not; they check it."""
+    weights = spec.model.weights
+    if address or os.environ.get("RAY_ADDRESS") or weights.startswith("builtin:") or is_s3(weights):
+        return
+    if not os.path.exists(weights):
+        raise SpecError(f"model.weights: not found: {weights}")
+
+
 def check_address(address: str | None) -> None:
     """Refuse a Ray Client address (`ray://`, given or in $RAY_ADDRESS): the driver would run
     here, holding the whole job on this machine's connection and writing its summary and report

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import __version__
-from .cluster import check_address, check_output_shared, check_paths_where_submitted
+from .cluster import check_address, check_local_weights, check_output_shared, check_paths_where_submitted
 from .errors import error_histogram, error_lines
 from .faults import infrastructure_faults
 from .lease import held_output
@@ -83,6 +83,7 @@ def run_job(
     if not isinstance(spec, JobSpec):
         spec = load_spec(spec)
     check_address(address)  # before the lease: nothing written
+    check_local_weights(spec, address)
     leased = spec.output if limit is None else f"{spec.output.rstrip('/')}-limit{limit}"  # where it writes
     with held_output(leased, break_lease=break_lease, log=log) as lease:  # before anything is written
         plan = plan_job(spec, overwrite, log, limit)

@@ -20,6 +20,7 @@ import yaml
 
 from sdcore import rules  # the limits shared with the manifest check and the pipeline (no torch)
 
+from .redact import redact_text
 from .storage import is_s3, redact_uri
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -255,6 +256,9 @@ def parse_spec(data: Any, *, default_name: str = "job", base_dir: str | os.PathL
 
     model = c.section(data, "model", {"weights", "dtype"}, required=True)
     weights = c.string(model, "weights", "model.weights", required="model" in data)
+    weights_problem = rules.weights_problem(_absolute(weights, base)) if weights else None
+    if weights_problem:  # checked again where the weights load (a local path must exist there)
+        errors.append(f"model.weights: {redact_text(weights_problem)}")
     dtype = c.choice(model, "dtype", "model.dtype", DTYPES, "auto")
 
     s = c.section(data, "sampler", {"name", "steps", "guidance_scale", "width", "height", "karras"})

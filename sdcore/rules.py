@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+from pathlib import Path
 from typing import Any
 
 SAMPLERS = ("ddpm", "ddim", "euler_a", "dpmpp_2m")
@@ -101,6 +103,35 @@ def size_problem(value: Any, multiple: int = SIZE_MULTIPLE) -> str | None:
         return f"{value} is not a multiple of {multiple}"
     if value > MAX_SIZE:
         return f"{value} is larger than {MAX_SIZE}"
+    return None
+
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"  # builtin:NAME is BUILTIN_DIR/NAME/model.safetensors
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # single-file checkpoints
+
+
+def builtin_names() -> list[str]:
+    """The built-in models: `tiny` (random weights from a fixed seed) and those shipped."""
+    shipped = sorted(p.name for p in BUILTIN_DIR.iterdir() if p.is_dir()) if BUILTIN_DIR.exists() else []
+    return ["tiny", *shipped]
+
+
+def weights_problem(weights: str) -> str | None:
+    """What is wrong with a weights location on its face: an unknown built-in, an s3:// URI
+    without a bucket, or a local file that is no checkpoint by its name. Whether a local path
+    exists is left to whoever loads it (on a cluster, the workers' machines may hold it)."""
+    if weights.startswith("builtin:"):
+        name = weights.split(":", 1)[1]
+        if name not in builtin_names():
+            return f"unknown built-in model {name!r}; available: {', '.join(builtin_names())}"
+    elif weights.startswith("s3://"):
+        if not weights[len("s3://") :].split("/", 1)[0]:
+            return f"{weights!r} names no bucket (s3://BUCKET/KEY)"
+    elif os.path.isfile(weights) and not weights.endswith(WEIGHT_FILE_SUFFIXES):
+        return (
+            f"{weights}: unknown weights layout; expected builtin:NAME, a diffusers folder, "
+            f"or a {'/'.join(WEIGHT_FILE_SUFFIXES)} file"
+        )
     return None
 
 

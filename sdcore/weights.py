@@ -20,14 +20,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
+from . import rules
 from .clip import CLIPTextModel
 from .config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from .convert import TEXT_PREFIX, CheckpointError, compvis_to_parts, parts_to_compvis
 from .pipeline import Pipeline
+from .rules import BUILTIN_DIR, WEIGHT_FILE_SUFFIXES, builtin_names
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
 
-BUILTIN_DIR = Path(__file__).parent / "builtin"
 CONFIG_METADATA_KEY = "sdcore_config"
 PARTS = ("text_encoder", "unet", "vae")
 # Saved by older transformers versions; a constant, not a weight.
@@ -514,11 +515,6 @@ def random_parts(config: ModelConfig, seed: int) -> dict[str, dict[str, torch.Te
     return parts
 
 
-def builtin_names() -> list[str]:
-    shipped = sorted(p.name for p in BUILTIN_DIR.iterdir() if p.is_dir()) if BUILTIN_DIR.exists() else []
-    return ["tiny", *shipped]
-
-
 def load_builtin(name: str) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]]]:
     if name == "tiny":
         config = ModelConfig.tiny()
@@ -544,13 +540,10 @@ def load_pipeline(weights: str | os.PathLike, device: str | torch.device = "cpu"
             raise FileNotFoundError(f"weights not found: {weights}")
         if path.is_dir():
             config, parts = load_diffusers_folder(path)
-        elif path.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        elif path.suffix in WEIGHT_FILE_SUFFIXES:
             config, parts = load_single_file(path)
         else:
-            raise CheckpointError(
-                f"{weights}: unknown weights layout; expected builtin:NAME, a diffusers folder, "
-                "or a .safetensors/.ckpt file"
-            )
+            raise CheckpointError(rules.weights_problem(weights) or f"{weights}: unknown weights layout")
     vocab = config.text_encoder.vocab_size
     if vocab != CLIP_VOCAB_SIZE:
         raise CheckpointError(

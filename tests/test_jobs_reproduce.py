@@ -177,6 +177,17 @@ def sdcore_config(made):
     return sdcore.load_pipeline(str(made / "tiny.safetensors")).config
 
 
+def test_weights_argument_that_cannot_be_used_is_refused_at_once(made, tmp_path, capsys):
+    """A --weights that names nothing is a bad argument (exit 2), not a mismatch (exit 1)."""
+    out = str(made / "out")
+    for weights, needle in [
+        (str(tmp_path / "none.safetensors"), "none.safetensors: not found"),
+        ("builtin:nah", "unknown built-in model 'nah'"),
+    ]:
+        assert main([out, "r000", "--weights", weights]) == 2
+        assert needle in capsys.readouterr().err
+
+
 def test_moved_weights_and_init_image(made, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(made, moved)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from jobs.spec import JobSpec, SpecError, load_spec, parse_spec
@@ -250,6 +252,32 @@ def test_spec_takes_its_limits_from_sdcore_rules():
     code = "import sys, jobs.spec, jobs.manifest; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_weights_that_cannot_be_are_refused_by_the_spec_check(tmp_path):
+    """Found before Ray starts (it used to take every worker ~15 s to say so)."""
+    listed = tmp_path / "prompts.csv"
+    listed.write_text("prompt\n")
+    for weights, needle in [
+        ("builtin:nope", "model.weights: unknown built-in model 'nope'; available: tiny, shapes"),
+        ("s3://", "model.weights: 's3://' names no bucket"),
+        (str(listed), "prompts.csv: unknown weights layout"),
+    ]:
+        with pytest.raises(SpecError, match=re.escape(needle)):
+            parse_spec(spec_dict("m.parquet", "out", model={"weights": weights}))
+    # A local path the driver lacks may be on the workers' machines: left to them (and to
+    # `sdgen run`, which refuses it before an embedded Ray starts).
+    parse_spec(spec_dict("m.parquet", "out", model={"weights": str(tmp_path / "elsewhere.safetensors")}))
+
+
+def test_an_embedded_run_refuses_weights_missing_here_before_ray_starts(tmp_path, monkeypatch):
+    from jobs.cluster import check_local_weights
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    spec = parse_spec(spec_dict("m.parquet", "out", model={"weights": str(tmp_path / "none.safetensors")}))
+    with pytest.raises(SpecError, match="model.weights: not found: .*none.safetensors"):
+        check_local_weights(spec, address=None)
+    check_local_weights(spec, address="10.0.0.1:6379")  # a cluster's workers may hold it
 
 
 def test_load_spec_uses_file_stem_as_default_name(tmp_path):
