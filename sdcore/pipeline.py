@@ -252,6 +252,21 @@ def _request_list(requests: Any) -> Any:
     return requests
 
 
+def _one_slot_each(
+    resolved: Iterator[tuple[int, GenerationRequest]], count: int
+) -> Iterator[tuple[int, GenerationRequest]]:
+    """The requests, refusing (ValueError) more or fewer of them than the `count` entries of the
+    slots / decode_slots given: one entry per request."""
+    read = 0
+    for index, request in resolved:
+        if index >= count:
+            raise ValueError(f"slots/decode_slots have {count} entries, but request {index} came: one per request")
+        read += 1
+        yield index, request
+    if read != count:
+        raise ValueError(f"slots/decode_slots have {count} entries for {read} requests: one per request")
+
+
 class Pipeline:
     """The three networks of one SD 1.x checkpoint on one device, ready to generate."""
 
@@ -477,6 +492,8 @@ class Pipeline:
         )
         resolved = ((i, self._resolve(i, request, defaults)) for i, request in enumerate(_request_list(requests)))
         count = next((len(asked) for asked in (slots, decode_slots) if asked is not None), None)
+        if count is not None:  # the requests may be an iterator: their number is known only as they come
+            resolved = _one_slot_each(resolved, count)
         with torch.inference_mode():
             yield from self._stream(resolved, batch_invariant, fixed_batch, slots, count, decode_batch, decode_slots)
 

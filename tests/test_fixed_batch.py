@@ -186,6 +186,12 @@ def test_bad_shaping_is_refused(shapes):
         shapes.generate(rows(64)[:1], fixed_batch=2, decode_batch=0, **settings)
     with pytest.raises(ValueError, match="decode slot 2 outside 0..1"):
         shapes.generate(rows(64)[:1], fixed_batch=2, decode_batch=2, decode_slots=[2], **settings)
+    # Requests from an iterator: more or fewer than the slots given is named, not an IndexError.
+    for extra in (dict(fixed_batch=2, slots=[1]), dict(fixed_batch=2, decode_batch=2, decode_slots=[1])):
+        with pytest.raises(ValueError, match="have 1 entries, but request 1 came"):
+            list(shapes.generate_stream(iter(rows(64)[:2]), **extra, **settings))
+    with pytest.raises(ValueError, match="have 2 entries for 1 requests"):
+        list(shapes.generate_stream(iter(rows(64)[:1]), fixed_batch=2, slots=[0, 1], **settings))
 
 
 def test_sd15_size_reproduces_in_its_slot():
