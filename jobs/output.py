@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .reader import shard_sort_key
 from .record import RECORD_SCHEMA, records_table
 from .storage import Storage, join_uri, open_storage
 
@@ -195,7 +196,7 @@ class Output:
                     raise
                 return exc
 
-        shards = sorted(shards)
+        shards = sorted(shards, key=shard_sort_key)
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
             tables = dict(zip(shards, pool.map(read, shards)))
         for shard, table in list(tables.items()):
@@ -209,7 +210,7 @@ class Output:
     ) -> Iterator[tuple[str, pa.Table]]:
         """(shard, its records) in shard order, read ahead by at most `threads` files: memory
         holds a few shards' records however many shards there are."""
-        pending = iter(sorted(shards))
+        pending = iter(sorted(shards, key=shard_sort_key))
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             window: deque[tuple[str, Future[pa.Table]]] = deque()
             for shard in itertools.islice(pending, max(1, threads)):
@@ -246,7 +247,7 @@ class Output:
                     counts["damaged"] = problem
             return counts
 
-        shards = sorted(shards)
+        shards = sorted(shards, key=shard_sort_key)
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(shards)))) as pool:
             return dict(zip(shards, pool.map(count, shards)))
 

@@ -19,6 +19,14 @@ def shard_id(index: int) -> str:
     return f"shard-{index:05d}"
 
 
+def shard_sort_key(name: str) -> tuple[int, str]:
+    """Sort key putting shard ids in shard order: by their number, since as text `shard-100000`
+    sorts between `shard-10000` and `shard-10001` (the ids grow a digit past 99999 shards).
+    A name without a number after its last `-` sorts first, by its text."""
+    number = name.rpartition("-")[2]
+    return (int(number), name) if number.isascii() and number.isdigit() else (-1, name)
+
+
 @dataclass(frozen=True)
 class ShardTask:
     """One shard: its id, manifest row range, and the rows themselves (a pyarrow slice)."""

@@ -20,7 +20,9 @@ deletes no thumbnail; pages left over from a longer earlier sheet are deleted. `
 written last, so it never links to a page not yet there.
 
 Hovering a thumbnail shows its id, prompt, negative prompt, seed and settings; clicking opens the
-full image. Reading only the output, it can be rebuilt at any time, also while a job runs.
+full image. Reading only the output, it can be rebuilt at any time, also while a job runs. An ok
+row whose image is not there when its thumbnail is made is an "image missing" cell in the sheet,
+counted on index.html, not a failed report.
 """
 
 from __future__ import annotations
@@ -42,11 +44,13 @@ from PIL import Image
 
 from .errors import error_reason
 from .output import REPORT_FILE, REPORT_PAGES_FILE, THUMBS_DIR, Output, report_page_key
+from .reader import shard_sort_key
 
 THUMB = 128
 PAGE_SIZE = 120
 NAV_ALL = 15  # a sheet of up to this many pages lists them all in its navigation
 SHARD_TABLE_MAX = 2000  # more shards than this: the table lists only those not done
+MIN_BUCKET_S = 1.0  # the throughput plot's shortest bucket: a batch starts its rows within a few ms
 RECORD_COLUMNS = [
     "row",
     "id",
@@ -67,6 +71,10 @@ RECORD_COLUMNS = [
     "image_path",
     "image_sha256",
     "started_at",
+    "time_load_s",
+    "time_generate_s",
+    "time_write_s",
+    "worker",
     "labels",
 ]
 
@@ -79,9 +87,11 @@ td.n, th.n { text-align: right; }
 .sheet { display: flex; flex-wrap: wrap; gap: 6px; }
 .sheet a { display: block; width: %dpx; height: %dpx; }
 .sheet img { width: %dpx; height: %dpx; object-fit: contain; background: #eee; image-rendering: pixelated; }
+.sheet .missing { width: %dpx; height: %dpx; display: flex; align-items: center; justify-content: center;
+  text-align: center; background: #fdd; color: #900; }
 .pages a, .pages b, .pages span { margin-right: 8px; }
 .scroll { max-height: 320px; overflow: auto; }
-""" % (THUMB, THUMB, THUMB, THUMB)
+""" % ((THUMB,) * 6)
 
 
 def _write(output: Output, key: str, data: bytes) -> None:
@@ -106,6 +116,12 @@ def make_thumbnail(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
+def _text(value: Any) -> str:
+    """A label's value as text: text as it is, anything else as JSON (`{"a": 1}`, `null`, `true`:
+    as labels are written), not Python's repr."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+
+
 def _hover(record: dict[str, Any]) -> str:
     settings = f"{record['sampler']}{' karras' if record['karras'] else ''}, {record['steps']} steps, "
     settings += f"CFG {record['guidance_scale']}, {record['width']}x{record['height']}"
@@ -116,8 +132,35 @@ def _hover(record: dict[str, Any]) -> str:
     if record["mode"] == "img2img":
         lines.append(f"img2img, strength {record['strength']}")
     if record.get("labels"):
-        lines.append("labels: " + ", ".join(f"{k}={v}" for k, v in json.loads(record["labels"]).items()))
+        lines.append("labels: " + ", ".join(f"{k}={_text(v)}" for k, v in json.loads(record["labels"]).items()))
     return "\n".join(lines)
+
+
+def _seconds(when: datetime) -> float:
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+
+
+class ActiveTime:
+    """How long the job's runs were busy, the mean rate's divisor: the union of every worker's
+    span, from its first row's start to its last row's end. A worker is one process of one run
+    (named host:pid@ip), so no span covers the idle time between a run and its resume, which
+    rows' start times alone would count (a job resumed 8 minutes later showed 0.08 rows/s while
+    it ran at 1.15). Memory: one span per worker process, whatever the number of rows."""
+
+    def __init__(self) -> None:
+        self.spans: dict[str | None, tuple[float, float]] = {}  # worker (None: not recorded) -> (start, end)
+
+    def add(self, worker: str | None, started: datetime, seconds: float) -> None:
+        start = _seconds(started)
+        first, last = self.spans.get(worker, (start, start))
+        self.spans[worker] = (min(first, start), max(last, start + seconds))
+
+    def seconds(self) -> float:
+        total, reached = 0.0, -math.inf
+        for start, end in sorted(self.spans.values()):
+            if end > reached:  # the part of this span no earlier one covered
+                total, reached = total + end - max(start, reached), end
+        return total
 
 
 class TimeHistogram:
@@ -133,7 +176,7 @@ class TimeHistogram:
         self.end: float | None = None
 
     def add(self, when: datetime) -> None:
-        t = (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+        t = _seconds(when)
         self.count += 1
         self.start = t if self.start is None else min(self.start, t)
         self.end = t if self.end is None else max(self.end, t)
@@ -146,9 +189,15 @@ class TimeHistogram:
 
 
 def throughput_svg(
-    times: TimeHistogram | Iterable[datetime], buckets: int = 40, width: int = 720, height: int = 160
+    times: TimeHistogram | Iterable[datetime],
+    buckets: int = 40,
+    width: int = 720,
+    height: int = 160,
+    active: float | None = None,
 ) -> str:
-    """Rows started per time bucket, as bars, with the rate of the busiest bucket and the mean."""
+    """Rows started per time bucket (at most `buckets`, each at least MIN_BUCKET_S long), as
+    bars, with the rate of the busiest bucket and the mean rate over `active` seconds (the time
+    runs were busy, ActiveTime; default: first to last start)."""
     if not isinstance(times, TimeHistogram):
         histogram_ = TimeHistogram()
         for t in times:
@@ -157,21 +206,26 @@ def throughput_svg(
     if times.count < 2 or times.start is None or times.end is None:
         return "<p>not enough rows for a plot</p>"
     start, end = times.start, times.end
-    span = max(end - start, 1e-3)
+    span = end - start
+    # A bucket of a few ms made a 6-row batch a peak of 351 rows/s: buckets are at least 1 s.
+    buckets = max(1, min(buckets, math.ceil(span / MIN_BUCKET_S)))
+    step = max(span / buckets, MIN_BUCKET_S)
     counts = [0] * buckets
     for key, n in times.bins.items():
         middle = min(max((key + 0.5) * times.resolution, start), end)
-        counts[min(int((middle - start) / span * buckets), buckets - 1)] += n
-    peak, step = max(counts), span / buckets
+        counts[min(int((middle - start) / step), buckets - 1)] += n
+    peak = max(counts)
+    running = max(span if active is None else active, MIN_BUCKET_S)
     bar = width / buckets
     rects = "".join(
         f'<rect x="{i * bar:.1f}" y="{height - 20 - c / peak * (height - 40):.1f}" width="{bar - 1:.1f}" '
         f'height="{c / peak * (height - 40):.1f}" fill="#777"><title>{c / step:.2f} rows/s</title></rect>'
         for i, c in enumerate(counts)
     )
+    idle = f", {running:.0f}s of it running (the time between runs left out)" if running < span - step else ""
     label = (
-        f"{times.count} rows over {span:.0f}s: mean {times.count / span:.2f} rows/s, peak {peak / step:.2f} rows/s "
-        f"(bucket {step:.1f}s)"
+        f"{times.count} rows over {span:.0f}s{idle}: mean {times.count / running:.2f} rows/s, "
+        f"peak {peak / step:.2f} rows/s (bucket {step:.1f}s)"
     )
     first, last = (datetime.fromtimestamp(t, timezone.utc) for t in (start, end))
     return (
@@ -220,6 +274,9 @@ def _pages_nav(page: int, pages: int) -> str:
 def _sheet(records: list[dict[str, Any]]) -> str:
     cells = []
     for r in records:
+        if r.get("image_missing"):  # no thumbnail and no link: there is no image to show
+            cells.append(f'<div class="missing" title="{html.escape(_hover(r))}">image missing<br>row {r["row"]}</div>')
+            continue
         cells.append(
             f'<a href="{html.escape(r["image_path"])}" title="{html.escape(_hover(r))}">'
             f'<img src="{html.escape(thumb_key(r))}" alt="{html.escape(str(r["id"]))}" loading="eager"></a>'
@@ -278,7 +335,8 @@ def build_report(
     max_images: int | None = None,
     page_size: int = PAGE_SIZE,
 ) -> dict[str, Any]:
-    """Write the report into the output; returns {"pages", "images", "thumbnails_made", "rows"}.
+    """Write the report into the output; returns {"pages", "images", "thumbnails_made", "rows",
+    "missing"} (missing: ok rows whose image was not there to make their thumbnail from).
 
     The contact sheet holds every ok row, or the first `max_images`."""
     from .status import job_status  # the same shard states and counts as `sdgen status`
@@ -291,7 +349,7 @@ def build_report(
     output = Output(uri)
     status = job_status(uri)
     summary = output.read_summary()
-    done = sorted(s["shard"] for s in status["shard_list"] if s["state"] == "done")
+    done = sorted((s["shard"] for s in status["shard_list"] if s["state"] == "done"), key=shard_sort_key)
     ok_total = sum(s["ok"] for s in status["shard_list"] if s["state"] == "done")
     shown = ok_total if max_images is None else min(ok_total, max_images)
 
@@ -309,13 +367,20 @@ def build_report(
     )
 
     sheet = _Sheet(output, head, title, ok_total, shown, page_size)
-    times = TimeHistogram()
+    times, active = TimeHistogram(), ActiveTime()
     reasons: Counter[str] = Counter()
     examples: dict[str, dict[str, Any]] = {}
     rows_read = made = in_sheet = 0
+    missing, missing_rows = 0, []  # ok rows whose image is not there: how many, the first 20 (memory stays flat)
 
-    def make(record: dict[str, Any]) -> None:
-        _write(output, thumb_key(record), make_thumbnail(output.storage.read(record["image_path"])))
+    def make(record: dict[str, Any]) -> bool:
+        """Make the row's thumbnail; False when its image is missing (deleted since the run)."""
+        try:
+            data = output.storage.read(record["image_path"])
+        except FileNotFoundError:
+            return False
+        _write(output, thumb_key(record), make_thumbnail(data))
+        return True
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for shard, table in output.iter_records(done, RECORD_COLUMNS, threads):
@@ -326,6 +391,10 @@ def build_report(
             for record in records:
                 if record["started_at"] is not None:
                     times.add(record["started_at"])
+                    took = (
+                        (record["time_load_s"] or 0) + (record["time_generate_s"] or 0) + (record["time_write_s"] or 0)
+                    )
+                    active.add(record["worker"], record["started_at"], took)
                 if record["status"] != "ok":
                     reason = error_reason(record["error"])
                     reasons[reason] += 1
@@ -336,9 +405,14 @@ def build_report(
             if not page_rows:
                 continue
             existing = set(output.storage.list(f"{THUMBS_DIR}/{shard}/"))
-            missing = [r for r in page_rows if thumb_key(r) not in existing]
-            list(pool.map(make, missing))  # before the pages that show them are written
-            made += len(missing)
+            to_make = [r for r in page_rows if thumb_key(r) not in existing]
+            for record, ok in zip(to_make, pool.map(make, to_make)):  # before the pages that show them are written
+                made += ok
+                if not ok:
+                    record["image_missing"] = True
+                    missing += 1
+                    if len(missing_rows) < 20:
+                        missing_rows.append(record["row"])
             for record in page_rows:
                 sheet.add(record)
     sheet.flush()
@@ -357,7 +431,13 @@ def build_report(
     run = summary.get("run") or {}
     if run:
         counts += f"<p>last run: {run.get('rows_run')} rows in {run.get('wall_s')}s, {run.get('rows_per_s')} rows/s</p>"
-    plot = "<h2>Throughput</h2>" + throughput_svg(times)
+    if missing:
+        rows_named = ", ".join(map(str, missing_rows)) + (", ..." if missing > len(missing_rows) else "")
+        counts += (
+            f'<p class="missing-note">{missing} ok row(s) with image missing (row {rows_named}): '
+            "marked “image missing” in the sheet</p>"
+        )
+    plot = "<h2>Throughput</h2>" + throughput_svg(times, active=active.seconds() if active.spans else None)
     listed, note = status["shard_list"], ""
     if len(listed) > SHARD_TABLE_MAX:  # a job of 100,000 shards: the ones that need attention
         listed = [s for s in listed if s["state"] != "done"][:SHARD_TABLE_MAX]
@@ -399,9 +479,10 @@ def build_report(
     _write(output, REPORT_FILE, (head + body + "</body></html>\n").encode())  # last: its links exist
     log(
         f"[sdgen] report {output.storage.url(REPORT_FILE)}: {shown} image(s) on {sheet.pages} page(s), "
-        f"{made} new thumbnail(s) in {time.monotonic() - began:.1f}s"
-    )
-    return {"pages": sheet.pages, "images": shown, "thumbnails_made": made, "rows": rows_read}
+        f"{made} new thumbnail(s)" + (f", {missing} image(s) missing" if missing else "")
+        + f" in {time.monotonic() - began:.1f}s"
+    )  # fmt: skip
+    return {"pages": sheet.pages, "images": shown, "thumbnails_made": made, "rows": rows_read, "missing": missing}
 
 
 def main(argv: list[str] | None = None, prog: str = "sdgen report") -> int:

@@ -34,6 +34,7 @@ from jobs.init_images import decode_init_image
 from jobs.manifest import resolve_init_image
 from jobs.output import DamagedFile, Output
 from jobs.provenance import a1111_parameters
+from jobs.reader import shard_sort_key
 from jobs.record import Record
 from jobs.redact import redact_text
 from jobs.storage import StorageError, is_s3, local_path, read_uri, redact_uri
@@ -68,7 +69,7 @@ def find_records(
     wanted_ids, wanted_rows = set(ids), set(rows)
     found: dict[str, Record] = {}
     index = output.read_all_records(output.committed_shards(), columns=["row", "id"], damaged=damaged)
-    for shard, table in sorted(index.items()):
+    for shard, table in sorted(index.items(), key=lambda item: shard_sort_key(item[0])):
         hits = [
             i
             for i, (r, x) in enumerate(zip(table.column("row").to_pylist(), table.column("id").to_pylist()))

@@ -29,7 +29,7 @@ from .manifest import Manifest, load_manifest
 from .output import JOB_FILE, SUMMARY_FILE, DamagedFile, Output
 from .progress import Outcome, duration
 from .progressbar import progress_reporter
-from .reader import ShardTask, num_shards, read_shards, shard_row_ranges
+from .reader import ShardTask, num_shards, read_shards, shard_row_ranges, shard_sort_key
 from .spec import JobSpec, load_spec
 from .worker import ShardResult, ShardWorker, WorkerConfig, WorkerInfo
 
@@ -430,7 +430,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"{summary['total']} rows; {shards['done']}/{shards['total']} shards; this run {run['rows_run']} rows in "
         f"{duration(run['wall_s'])}" + (f" ({rate} rows/s after model load)" if rate else "")
     ]
-    lines += [f"[sdgen]   {shard}: {error}" for shard, error in sorted({**failed, **damaged}.items())]
+    problems = {**failed, **damaged}
+    lines += [f"[sdgen]   {shard}: {problems[shard]}" for shard in sorted(problems, key=shard_sort_key)]
     return lines + error_lines(summary.get("errors") or {})
 
 
