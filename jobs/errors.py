@@ -6,10 +6,12 @@ lines name the top reasons, `sdgen status OUTPUT --errors` lists every error row
 and the HTML report shows the same table.
 
 A record's `error` joins its row's problems with "; "; its reason is each problem reduced (quoted
-values, paths, URIs and numbers replaced by `…` and `N`, explanations in parentheses and
-", got …" tails dropped; a generation failure keeps its exception type) and joined the same way,
-so every error row counts under exactly one reason and the counts add up to the error total.
-"""
+values — removed first, with repr's escapes, since a value may hold "; " — paths, URIs and
+numbers replaced by `…` and `N`, explanations in parentheses and ", got …" tails dropped; a
+generation failure, whatever its exception's text holds, keeps only its exception type) and
+joined the same way, so every error row counts under exactly one reason and the counts add up
+to the error total. `status --errors` shows ids and messages escaped where they hold a character
+that does not print (`_shown`)."""
 
 from __future__ import annotations
 
@@ -24,7 +26,10 @@ from .output import Output
 
 _PARENS = re.compile(r"\s*\([^()]*\)")
 _GOT = re.compile(r",? got .*$")
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+# A value as Python's repr quotes it: in '…' (a ' inside escaped as \'), or in "…" when it holds a
+# ' and no "; a backslash inside is escaped too. Never opened right after a letter or digit, so
+# the apostrophe of "can't" starts no value.
+_QUOTED = re.compile(r"""(?<!\w)(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
 _PATHLIKE = re.compile(r"\S*[/\\]\S*")
 _SIZE = re.compile(r"(?<![\w.])\d+x\d+(?![\w.])")  # 8000x8000 -> NxN
 # A number standing alone: not a part of a word (`UTF-8`, `sha256`, `x8000`) or of another number.
@@ -38,7 +43,6 @@ def _reduce(problem: str) -> str:
         return f"generation failed: {kind}"
     text = _PARENS.sub("", problem)
     text = _GOT.sub("", text)
-    text = _QUOTED.sub("…", text)
     text = _PATHLIKE.sub("…", text)
     text = _SIZE.sub("NxN", text)
     text = _NUMBER.sub("N", text)
@@ -50,6 +54,10 @@ def error_reason(message: str | None) -> str:
     `duplicate id …`; `init_image not found: s3://b/x.png` -> `init_image not found: …`."""
     if not message:
         return "unknown error"
+    if message.startswith("generation failed:"):  # one problem: the exception's text may hold "; "
+        return _reduce(message)
+    # Quoted values first: a value (an id, a path) may itself hold "; ", the problems' separator.
+    message = _QUOTED.sub("…", message)
     return "; ".join(dict.fromkeys(_reduce(p) for p in message.split("; ") if p.strip()))
 
 
@@ -87,6 +95,13 @@ def error_histogram(output: Output, shards: Iterable[str] | None = None) -> dict
     return _ordered(counts)
 
 
+def _shown(value: Any) -> str:
+    """`value` for a terminal: as it is when every character prints, else as repr escapes it, so a
+    newline cannot forge a line and an escape sequence cannot clear or recolour the screen."""
+    text = str(value)
+    return text if text.isprintable() else repr(text)
+
+
 def error_lines(errors: dict[str, int], top: int = 5) -> list[str]:
     """The log lines naming the top reasons (the end of a run)."""
     if not errors:
@@ -95,7 +110,7 @@ def error_lines(errors: dict[str, int], top: int = 5) -> list[str]:
         f"[sdgen] top error reasons ({sum(errors.values())} error rows; `sdgen status OUTPUT --errors` lists them):"
     ]
     for reason, count in list(errors.items())[:top]:
-        lines.append(f"[sdgen]   {count:>6}  {reason}")
+        lines.append(f"[sdgen]   {count:>6}  {_shown(reason)}")
     if len(errors) > top:
         lines.append(f"[sdgen]   ... {len(errors) - top} more reason(s) in summary.json")
     return lines
@@ -110,10 +125,10 @@ def format_error_rows(rows: list[dict[str, Any]], limit: int | None = None) -> s
         by_reason.setdefault(row["reason"], []).append(row)
     lines = []
     for reason, count in histogram(rows).items():
-        lines.append(f"{count} row(s): {reason}")
+        lines.append(f"{count} row(s): {_shown(reason)}")
         shown = by_reason[reason] if limit is None else by_reason[reason][:limit]
         for row in shown:
-            lines.append(f"  row {row['row']:<8} id {str(row['id'])!s:<20} {row['shard']}  {row['error']}")
+            lines.append(f"  row {row['row']:<8} id {_shown(row['id']):<20} {row['shard']}  {_shown(row['error'])}")
         if len(shown) < count:
             lines.append(f"  ... {count - len(shown)} more")
     return "\n".join(lines)

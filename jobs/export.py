@@ -27,20 +27,23 @@ The Parquet files of an export (the `parquet` format's shard files, and the imag
 `labels` columns and unifies the labels' types over all shards (`unify_schemas`, the permissive
 way: null takes the other type, int64 and float64 give float64). Integers above int64's range
 make a uint64 column; beside negative integers, or in an imagefolder's metadata.parquet (which
-datasets' imagefolder loader cannot read then), they are refused (`ExportError`).
+datasets' imagefolder loader cannot read then), they are refused (`ExportError`), as is a label
+that is an empty object in every row (Parquet writes no struct without fields).
 
 DEST holds a marker, `DEST/.sdgen-export.json` (hidden: `datasets` and pyarrow skip it): the
 source output, the format, and per exported shard the sha256 of the record file it was exported
-from (and, for `parquet`, the schema's digest). An export into a non-empty DEST without a marker,
-or with another output's or format's, is refused. Like a job, an export is resumable and
-idempotent: each file is committed whole (temp + rename, or one S3 PUT); a rerun skips a shard
-the marker says came from the identical record file and whose files are there, and rewrites the
-others (deleting what an earlier export of a changed output left that the new one does not
+from (and, for `parquet`, the schema's digest) and the byte total of the files it wrote. An
+export into a non-empty DEST without a marker, or with another output's or format's, is
+refused. Like a job, an export is resumable and idempotent: each file is committed whole (temp +
+rename, or one S3 PUT); a rerun skips a shard the marker says came from the identical record
+file and whose files are there with the byte total it recorded (a file cut short by hand is
+rewritten), and rewrites the others (deleting what an earlier export of a changed output left that the new one does not
 have); the marker names a shard only after its files are written (it is rewritten at most every
 MARKER_EVERY_S seconds and at the end, or when the export fails). The imagefolder's metadata
 file is written last. DEST is local or s3://. Shards are exported one at a time and the
 imagefolder's metadata is built in a local temporary folder, so memory does not grow with the
-number of rows.
+number of rows. Every image is compared with its record's `image_sha256` as it is read; a shard
+holding one changed since the run is refused before any of its files is written (`_images`).
 """
 
 from __future__ import annotations
@@ -67,8 +70,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .output import DamagedRecords, Output
+from .reader import shard_sort_key
 from .record import RECORD_FIELDS, RECORD_SCHEMA
-from .storage import Storage, is_s3, join_uri, open_storage, redact_uri
+from .storage import S3Storage, Storage, is_s3, join_uri, open_storage, redact_uri, s3_objects, split_s3
 
 FORMATS = ("webdataset", "imagefolder", "parquet")
 METADATA_KINDS = ("jsonl", "parquet")  # imagefolder's metadata file; the first is the default
@@ -249,6 +253,31 @@ def _ok_records(output: Output, shard: str, sha256: str) -> list[dict[str, Any]]
     return [r for r in table.to_pylist() if r["status"] == "ok"]
 
 
+def _images(output: Output, records: list[dict[str, Any]], pool: ThreadPoolExecutor) -> list[bytes]:
+    """The records' image bytes, each compared with its record's `image_sha256` as it is read (in
+    the pool's threads: the hash is cheap next to the write). An image changed since its record
+    was written would make a dataset whose metadata does not describe its images, so the whole
+    shard is refused before any of it is written, naming every such image, as a missing image
+    is (FileNotFoundError). Records of an sdgen that did not record the hash are not checked."""
+
+    def read(record: dict[str, Any]) -> tuple[bytes, bool]:
+        data = output.storage.read(record["image_path"])
+        expected = record.get("image_sha256")
+        return data, expected is not None and hashlib.sha256(data).hexdigest() != expected
+
+    read_back = list(pool.map(read, records))
+    changed = [r for r, (_, differs) in zip(records, read_back) if differs]
+    if changed:
+        named = ", ".join(f"row {r['row']} ({join_uri(output.uri, r['image_path'])})" for r in changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise ExportError(
+            f"{len(changed)} image(s) differ from the image_sha256 of their records (changed after the run): "
+            f"{named}{more}; put the originals back (`sdgen reproduce OUTPUT --row N --save-dir DIR` remakes "
+            f"one from its record) or remake the output (`sdgen run SPEC --overwrite`), then export again"
+        )
+    return [data for data, _ in read_back]
+
+
 def _too_big(name: str) -> ExportError:
     return ExportError(
         f"label {name!r} holds integers above 2^63-1 beside negative or non-integer values: no Parquet "
@@ -298,6 +327,18 @@ def survey_shard(output: Output, shard: str, typed: bool) -> ShardSurvey:
     return ShardSurvey(digest, len(labels), names, pa.schema([(n, a.type) for n, a in arrays.items()]), negative)
 
 
+def _no_fields(type_: pa.DataType) -> bool:
+    """Whether `type_` is, or holds, a struct without fields (a label `{}` in every row), which
+    Parquet cannot write ("Cannot write struct type ... with no child field")."""
+    if pa.types.is_struct(type_):
+        return type_.num_fields == 0 or any(_no_fields(type_.field(i).type) for i in range(type_.num_fields))
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_) or pa.types.is_fixed_size_list(type_):
+        return _no_fields(type_.value_type)
+    if pa.types.is_map(type_):
+        return _no_fields(type_.key_type) or _no_fields(type_.item_type)
+    return False
+
+
 def label_types(surveys: Iterable[ShardSurvey]) -> pa.Schema:
     """The labels' types over all shards (`unify_schemas`); a label that is uint64 in one shard
     (integers above int64's range) and int64 in another is uint64, unless one is negative."""
@@ -317,6 +358,12 @@ def label_types(surveys: Iterable[ShardSurvey]) -> pa.Schema:
             if f.name in negative:
                 raise _too_big(f.name)
             f = f.with_type(pa.uint64())
+        if _no_fields(f.type):  # unified over every shard: an object with keys in one shard is fine
+            raise ExportError(
+                f"label {f.name!r} is an empty object ({{}}) in every row, or holds one, and Parquet cannot write "
+                f"an object without keys; drop the column from the manifest or give its objects a key, or "
+                f"export as webdataset or as imagefolder with metadata.jsonl"
+            )
         fields.append(f)
     return pa.schema(fields)
 
@@ -400,13 +447,19 @@ class ExportMarker:
             )
         return cls(target, source, fmt)  # only the marker of an export that wrote nothing
 
-    def holds(self, shard: str, entry: dict[str, Any], present: Iterable[str]) -> bool:
-        """Whether `shard` was exported as `entry` says and its `files` are all `present`."""
-        return self.shards.get(shard) == entry and set(entry.get("files", ())).issubset(present)
+    def holds(self, shard: str, entry: dict[str, Any], files: Iterable[str], sizes: dict[str, int]) -> bool:
+        """Whether `shard` was exported as `entry` says and its `files` are all there (`sizes`:
+        file -> bytes on DEST now) with the byte total the marker recorded when they were written:
+        a file cut short or replaced by hand makes the shard be written again (a marker of an sdgen
+        that recorded no total: once)."""
+        claimed = dict(self.shards.get(shard) or {})
+        total = claimed.pop("bytes", None)
+        files = list(files)
+        return claimed == entry and all(f in sizes for f in files) and total == sum(sizes[f] for f in files)
 
-    def claim(self, shard: str, entry: dict[str, Any]) -> None:
-        """After the shard's files are written."""
-        self.shards[shard] = entry
+    def claim(self, shard: str, entry: dict[str, Any], total: int) -> None:
+        """After the shard's files are written; `total`: their bytes."""
+        self.shards[shard] = {**entry, "bytes": total}
         self.dirty = True
         if time.monotonic() - self.written >= MARKER_EVERY_S:
             self.write()
@@ -424,6 +477,19 @@ class ExportMarker:
 
 def _files(target: Storage) -> list[str]:
     return [k for k in target.list("") if k != MARKER]
+
+
+def _sizes(target: Storage, prefix: str = "") -> dict[str, int]:
+    """Every file under `prefix` of DEST -> its size in bytes (S3: from the listing itself)."""
+    if isinstance(target, S3Storage):
+        folder = target.url(prefix)  # s3://bucket/PREFIX/prefix, ends in "/"
+        try:
+            objects = s3_objects(folder)
+        except FileNotFoundError:  # nothing there
+            return {}
+        strip = len(split_s3(target.url(""))[1])
+        return {o["key"][strip:]: o["size"] for o in objects}
+    return {key: os.path.getsize(target.url(key)) for key in target.list(prefix)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +518,7 @@ def export(
     output = Output(output_uri)
     if output.read_job() is None:
         raise ExportError(f"{output.uri}: no job.json here (not an sdgen output)")
-    shards = sorted(output.committed_shards())
+    shards = sorted(output.committed_shards(), key=shard_sort_key)
     target = open_storage(dest)
     source = output.uri if is_s3(output.uri) else os.path.normpath(output.uri)  # as the marker names it
     marker = ExportMarker.open(target, source, fmt)
@@ -503,7 +569,7 @@ def _export_shards(
     threads: int,
 ) -> None:
     """Each shard in turn: only its records and images are in memory at a time."""
-    existing = set() if fmt == "imagefolder" else set(target.list(""))
+    existing = {} if fmt == "imagefolder" else _sizes(target)  # imagefolder: listed shard by shard
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for shard, survey in plan.surveys.items():
             entry: dict[str, Any] = {"records_sha256": survey.sha256}
@@ -519,32 +585,32 @@ def _export_shards(
                     row.update(label_columns(labels_of(record), plan.names))
                     rows.append(row)
                 metadata_file.add(rows)
-                present = set(target.list(f"{shard}/"))
-                if marker.holds(shard, entry, present) and present.issuperset(names):
+                present = _sizes(target, f"{shard}/")
+                if marker.holds(shard, entry, names, present):
                     counts["shards_skipped"] += 1
                     continue
-                images = pool.map(lambda r: output.storage.read(r["image_path"]), records)
+                images = _images(output, records, pool)  # all checked before the first is written
                 for name, data in zip(names, images):  # every one: a file of that name may be another's
                     target.write(name, data)
                     counts["images_written"] += 1
-                target.delete(sorted(present - set(names)))  # an earlier export's, of rows not ok now
-                marker.claim(shard, entry)
+                target.delete(sorted(set(present) - set(names)))  # an earlier export's, of rows not ok now
+                marker.claim(shard, entry, sum(len(data) for data in images))
                 log(f"[sdgen] export {shard}: {len(records)} images -> {redact_uri(target.url(shard + '/'))}")
                 continue
             shard_file = f"{shard}.tar" if fmt == "webdataset" else f"{shard}.parquet"
             entry["files"] = [shard_file] if fmt == "webdataset" or survey.ok else []  # parquet: none if no rows
             if fmt == "parquet":
                 entry["schema"] = plan.schema_digest
-            if marker.holds(shard, entry, existing):
+            if marker.holds(shard, entry, entry["files"], existing):
                 counts["shards_skipped"] += len(entry["files"])
                 continue
             if not entry["files"]:
                 target.delete([shard_file] if shard_file in existing else [])  # an earlier export's
-                marker.claim(shard, entry)
+                marker.claim(shard, entry, 0)
                 log(f"[sdgen] export {shard}: no ok rows, no file")
                 continue
             records = _ok_records(output, shard, survey.sha256)
-            images = list(pool.map(lambda r: output.storage.read(r["image_path"]), records))
+            images = _images(output, records, pool)
             if fmt == "webdataset":
                 members: list[tuple[str, bytes]] = []
                 for record, data in zip(records, images):
@@ -553,7 +619,7 @@ def _export_shards(
                     members.append((f"{key}.{extension}", data))
                     members.append((f"{key}.json", json.dumps(record_json(record), ensure_ascii=False).encode()))
                     members.append((f"{key}.txt", record["prompt"].encode()))
-                target.write(shard_file, _tar(members))
+                shard_bytes = _tar(members)
             else:
                 assert plan.schema is not None
                 rows = []
@@ -562,9 +628,10 @@ def _export_shards(
                     row.update(label_columns(labels_of(record), plan.names))
                     row["image"] = data
                     rows.append(row)
-                target.write(shard_file, _parquet(rows, plan.schema))
+                shard_bytes = _parquet(rows, plan.schema)
+            target.write(shard_file, shard_bytes)
             counts["images_written"] += len(records)
-            marker.claim(shard, entry)
+            marker.claim(shard, entry, len(shard_bytes))
             log(f"[sdgen] export {shard}: {len(records)} rows -> {redact_uri(target.url(shard_file))}")
 
 

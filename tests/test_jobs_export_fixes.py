@@ -387,3 +387,94 @@ def test_an_output_made_before_the_latest_record_fields_exports(labelled, tmp_pa
     if fmt == "parquet":
         table = pq.read_table(tmp_path / fmt)
         assert table.num_rows == 4 and table.column("init_decoding").null_count == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# What the export reads and what it left: checked, not trusted
+
+
+def repainted(labelled, folder):
+    """A copy of `labelled` whose row 1 image (shard 0) was changed by hand: a valid PNG of
+    other pixels, its record's image_sha256 unchanged."""
+    out = folder / "out"
+    shutil.copytree(labelled, out)
+    path = out / "images" / "shard-00000" / "r1.png"
+    image = Image.open(path).convert("RGB")
+    image.putpixel((0, 0), tuple(255 - c for c in image.getpixel((0, 0))))
+    image.save(path)
+    return out, path
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "parquet", "webdataset"])
+def test_an_image_changed_after_the_run_is_refused_naming_it(labelled, tmp_path, capsys, fmt):
+    """Before: exit 0, and the dataset's image_sha256 no longer matched its image's bytes."""
+    out, path = repainted(labelled, tmp_path)
+    dest = tmp_path / fmt
+    assert main([str(out), str(dest), "--format", fmt]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 image(s) differ from the image_sha256 of their records") and err.count("\n") == 1
+    assert f"row 1 ({path})" in err and "sdgen reproduce" in err
+    # Nothing of the shard is published (not even row 0's image, read before row 1's) and the
+    # marker does not name it; no metadata file names any image.
+    assert not [p for p in dest.rglob("*") if p.is_file() and p.name != MARKER]
+    assert "shard-00000" not in json.loads((dest / MARKER).read_text())["shards"]
+
+
+def test_records_without_image_sha256_are_exported_unchecked(labelled, tmp_path):
+    """Outputs of an sdgen that did not record the hash still export (nothing to compare with)."""
+    out, _ = repainted(labelled, tmp_path)
+    for path in (out / "records").glob("*.parquet"):
+        pq.write_table(pq.read_table(path).drop_columns(["image_sha256"]), path)
+    assert main([str(out), str(tmp_path / "pq"), "--format", "parquet"]) == 0
+    assert pq.read_table(tmp_path / "pq").num_rows == 4
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "parquet", "webdataset"])
+def test_an_exported_file_cut_short_is_rewritten(labelled, tmp_path, fmt):
+    """Before: a rerun skipped a shard whose file was there, however short (a tar cut in half
+    was "already there"). The marker records each shard's bytes, and a rerun compares."""
+    dest = tmp_path / fmt
+    export(str(labelled), fmt, str(dest), log=lambda line: None)
+    before = snapshot(dest)
+    damaged = dest / {"imagefolder": "shard-00001/r3.png", "parquet": "shard-00001.parquet"}.get(fmt, "shard-00001.tar")
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    counts = export(str(labelled), fmt, str(dest), log=lambda line: None)
+    assert (counts["images_written"], counts["shards_skipped"]) == (
+        2,
+        1 if fmt == "parquet" else 2,
+    )  # parquet: no file for shard 2
+    assert snapshot(dest) == before
+
+
+def test_a_marker_without_byte_totals_rewrites_its_shards_once(labelled, tmp_path):
+    """An export made before the marker recorded bytes cannot vouch for its files' sizes."""
+    dest = tmp_path / "pq"
+    export(str(labelled), "parquet", str(dest), log=lambda line: None)
+    document = json.loads((dest / MARKER).read_text())
+    for entry in document["shards"].values():
+        del entry["bytes"]
+    (dest / MARKER).write_text(json.dumps(document))
+    assert export(str(labelled), "parquet", str(dest), log=lambda line: None)["images_written"] == 4
+    assert export(str(labelled), "parquet", str(dest), log=lambda line: None)["images_written"] == 0
+
+
+def test_an_empty_object_label_is_refused_naming_it(labelled, tmp_path, capsys):
+    """Before: pyarrow's "Cannot write struct type 'meta' with no child field", naming no label."""
+    out = tmp_path / "out"
+    shutil.copytree(labelled, out)
+    for path in (out / "records").glob("*.parquet"):
+        table = pq.read_table(path)
+        labels = [json.dumps({**json.loads(text), "meta": {}}) for text in table.column("labels").to_pylist()]
+        index = table.schema.get_field_index("labels")
+        pq.write_table(table.set_column(index, "labels", pa.array(labels, pa.string())), path)
+    for args in (["--format", "parquet"], ["--format", "imagefolder", "--metadata", "parquet"]):
+        assert main([str(out), str(tmp_path / "x"), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: label 'meta' is an empty object ({}) in every row") and err.count("\n") == 1
+        assert "export as webdataset" in err
+    assert main([str(out), str(tmp_path / "wds"), "--format", "webdataset"]) == 0
+    with pytest.raises(ExportError, match="label 'nested' is an empty object"):
+        label_types([ShardSurvey("0" * 64, 1, ("nested",), pa.schema([("nested", pa.list_(pa.struct([])))]))])
+    keyed = [pa.schema([("meta", pa.struct([]))]), pa.schema([("meta", pa.struct([("k", pa.int64())]))])]
+    unified = label_types([ShardSurvey("0" * 64, 1, ("meta",), s) for s in keyed])  # a key in one shard: fine
+    assert unified.field("meta").type == pa.struct([("k", pa.int64())])
