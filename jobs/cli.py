@@ -79,7 +79,7 @@ def run_main(argv: Sequence[str], prog: str = "sdgen run") -> int:
 def _run(args: argparse.Namespace) -> int:
     # Imported after parsing, so that --help and usage errors come at once.
     from .faults import Backoff, SettingError
-    from .lease import LeaseHeld, LeaseLost
+    from .lease import LeaseHeld, LeaseLost, lease_ttl
     from .manifest import ManifestError
     from .runner import JobConflict, run_job
     from .spec import SpecError, load_spec
@@ -87,7 +87,8 @@ def _run(args: argparse.Namespace) -> int:
     from .worker import WorkerStartError
 
     try:
-        Backoff.from_env()  # a bad $SDGEN_STORAGE_* setting is refused before anything starts
+        Backoff.from_env()  # a bad $SDGEN_STORAGE_* or $SDGEN_LEASE_TTL is refused before anything starts
+        lease_ttl()
         summary = run_job(
             load_spec(args.spec, base_dir=args.base_dir) if args.base_dir else args.spec,
             overwrite=args.overwrite,

@@ -38,15 +38,23 @@ class InfrastructureFault(RuntimeError):
     """A fault of the environment after work started (exit 3); the message is one line."""
 
 
-def _sigterm_as_interrupt(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+def _interrupt(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    # Once: the `finally` blocks this unwinds through shut the embedded Ray down and release the
+    # lease, and a second Ctrl-C inside `ray.shutdown()` cut it short, whose exit path then
+    # ended the process with status 1 instead of 130. So further ones are ignored (the command
+    # ends as soon as its cleanup does; `kill -9` still ends it at once, and the watchdog then
+    # ends every Ray process of the run).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
 def install_sigterm() -> None:
-    """SIGTERM raises KeyboardInterrupt in the main thread, so `finally` blocks run (the
-    embedded Ray is shut down) exactly as after Ctrl-C."""
+    """Ctrl-C (SIGINT) and SIGTERM raise KeyboardInterrupt in the main thread, once, so `finally`
+    blocks run (the embedded Ray is shut down) alike; further ones are ignored while they run."""
     try:
-        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _interrupt)
     except ValueError:  # not the main thread (e.g. called from a test's thread)
         pass
 

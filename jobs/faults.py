@@ -125,9 +125,9 @@ class Backoff:
         """From `$SDGEN_STORAGE_ATTEMPTS`, `$SDGEN_STORAGE_BACKOFF_S`, `$SDGEN_STORAGE_BACKOFF_CAP_S`
         (SettingError naming the variable for a bad value)."""
         return cls(
-            attempts=int(_env_number("SDGEN_STORAGE_ATTEMPTS", cls.attempts, whole=True, least=1)),
-            base_s=_env_number("SDGEN_STORAGE_BACKOFF_S", cls.base_s),
-            cap_s=_env_number("SDGEN_STORAGE_BACKOFF_CAP_S", cls.cap_s),
+            attempts=int(env_number("SDGEN_STORAGE_ATTEMPTS", cls.attempts, whole=True, least=1)),
+            base_s=env_number("SDGEN_STORAGE_BACKOFF_S", cls.base_s),
+            cap_s=env_number("SDGEN_STORAGE_BACKOFF_CAP_S", cls.cap_s),
         )
 
     def delay(self, tries_done: int, rng: random.Random | None = None) -> float:
@@ -136,7 +136,7 @@ class Backoff:
         return (rng or random).uniform(0, bound)
 
 
-def _env_number(name: str, default: float, *, whole: bool = False, least: float = 0) -> float:
+def env_number(name: str, default: float, *, whole: bool = False, least: float = 0) -> float:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default

@@ -40,18 +40,24 @@ from pathlib import Path
 from typing import Any
 
 from .exit_codes import one_line
+from .faults import env_number
 from .storage import Storage, StorageError, TransientStorageError, is_s3, local_path, open_storage, redact_uri
 
 LEASE_FILE = "lease.json"
 DEFAULT_TTL_S = 120.0  # a lease not renewed for this long is stale
 
 
+MIN_TTL_S = 0.2
+# A holder whose renewals have all failed for this share of the ttl stops: another run may take a
+# lease over once a whole ttl has passed since its last renewal, and the holder must be gone by
+# then (its shard loop checks at least once a second).
+STOP_AFTER_TTL_SHARE = 0.75
+
+
 def lease_ttl() -> float:
-    """The lease's time to live: `$SDGEN_LEASE_TTL` seconds, default 120."""
-    try:
-        return max(0.2, float(os.environ.get("SDGEN_LEASE_TTL", DEFAULT_TTL_S)))
-    except ValueError:
-        return DEFAULT_TTL_S
+    """The lease's time to live: `$SDGEN_LEASE_TTL` seconds, default 120 (SettingError naming the
+    variable for a value that is not a finite number >= 0.2)."""
+    return env_number("SDGEN_LEASE_TTL", DEFAULT_TTL_S, least=MIN_TTL_S)
 
 
 class LeaseHeld(RuntimeError):
@@ -140,6 +146,8 @@ class OutputLease:
         self.log = log
         self.tag = tag
         self.lost: str | None = None  # why the lease was lost, once it is
+        self.taken_over = False  # lost to another run (else lost by not being renewed in time)
+        self._renewed = time.monotonic()  # when it was last written (monotonic: a stopped process counts)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -218,7 +226,7 @@ class OutputLease:
             try:
                 self.renew()
             except LeaseLost as exc:
-                self.lost = str(exc)
+                self.lost, self.taken_over = str(exc), True
                 self.log(f"[sdgen] error: {exc}")
                 return
             except Exception as exc:  # noqa: BLE001 - a storage blip: try again at the next beat
@@ -237,10 +245,19 @@ class OutputLease:
             who = held.holder() if held else "nobody"
             raise LeaseLost(f"the output lease of {self.storage.uri} was taken over (now held by {who})")
         self.info, self.tag = renewed, tag
+        self._renewed = time.monotonic()
 
     def check(self) -> None:
-        """LeaseLost if another run took the lease over (seen by the heartbeat); called by the
-        run before each step that writes to the output."""
+        """LeaseLost if another run took the lease over (seen by the heartbeat), or if it has not
+        been renewed for STOP_AFTER_TTL_SHARE of its ttl (renewals failing, or this process
+        stopped): soon another run may take it over, so this one must stop writing first.
+        Called by the run before each step that writes to the output."""
+        unrenewed = time.monotonic() - self._renewed
+        if not self.lost and unrenewed > STOP_AFTER_TTL_SHARE * self.info.ttl:
+            self.lost = (
+                f"the output lease of {self.storage.uri} was not renewed for {unrenewed:.0f}s (ttl "
+                f"{self.info.ttl:.0f}s): stopping before another run may take it over"
+            )
         if self.lost:
             raise LeaseLost(self.lost)
 
@@ -249,9 +266,9 @@ class OutputLease:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        if self.lost:
-            return
-        try:
+        if self.taken_over:
+            return  # the new holder's: left alone
+        try:  # conditional on our tag: a lease not renewed in time is deleted only if still ours
             self.storage.delete_tagged(LEASE_FILE, self.tag)
         except Exception as exc:  # noqa: BLE001 - it expires by itself
             self.log(f"[sdgen] warning: could not release the output lease ({type(exc).__name__}: {exc})")

@@ -155,9 +155,11 @@ def _assert_session_gone(pid: int) -> None:
     assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:100] for p in left]
 
 
-def test_sigterm_stops_the_run_and_its_embedded_ray(tmp_path):
+@pytest.mark.parametrize("signals", [["SIGTERM"], ["SIGINT"] * 4])
+def test_sigterm_stops_the_run_and_its_embedded_ray(tmp_path, signals):
     """SIGTERM (as Ctrl-C) of the driver: exit 130, the embedded Ray it started shut down (no
-    process of its session left), the lease released; status then says interrupted or pending."""
+    process of its session left), the lease released; status then says interrupted or pending.
+    Ctrl-C pressed again and again too: a second one used to cut Ray's shutdown short (exit 1)."""
     import signal
 
     from conftest import kill_session
@@ -169,7 +171,10 @@ def test_sigterm_stops_the_run_and_its_embedded_ray(tmp_path):
     proc = _start_run(spec, log)
     try:
         _wait_for_line(log, "model builtin:tiny")
-        proc.send_signal(signal.SIGTERM)
+        for name in signals:
+            if proc.poll() is None:
+                proc.send_signal(getattr(signal, name))
+                time.sleep(0.25)
         assert proc.wait(timeout=60) == 130, log.read_text()
         _assert_session_gone(proc.pid)
     finally:
@@ -194,7 +199,7 @@ def test_a_run_whose_lease_is_taken_over_exits_3_and_stops_its_ray(tmp_path):
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "job.yaml", spec_dict(str(manifest), str(out), execution={"shard_size": 1}))
     log = tmp_path / "run.log"
-    proc = _start_run(spec, log, {"SDGEN_LEASE_TTL": "2"})  # renewed every 0.5 s
+    proc = _start_run(spec, log, {"SDGEN_LEASE_TTL": "4"})  # renewed every second
     try:
         _wait_for_line(log, " done: ")
         other = OutputLease.acquire(str(out), break_lease=True, log=lambda s: None)

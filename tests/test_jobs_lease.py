@@ -68,12 +68,12 @@ def test_a_lease_taken_over_is_lost_at_the_next_renewal(tmp_path):
 
 
 def test_the_heartbeat_renews_and_a_takeover_fails_the_runs_next_check(tmp_path, monkeypatch):
-    monkeypatch.setenv("SDGEN_LEASE_TTL", "0.4")  # renewed every 0.1 s
+    monkeypatch.setenv("SDGEN_LEASE_TTL", "2")  # renewed every 0.5 s
     lines = []
     with pytest.raises(LeaseLost, match="taken over"):
         with held_output(str(tmp_path), log=lines.append) as lease:
             before = lease.info.renewed_at
-            time.sleep(0.5)
+            time.sleep(1.2)
             assert read_lease(open_storage(str(tmp_path))).renewed_at > before
             lease.check()  # still ours: passes
             # Another run takes it over as a run does (a conditional write: an unconditional one
@@ -96,7 +96,7 @@ def test_a_job_whose_lease_is_taken_over_stops_without_finishing(tmp_path, monke
 
     from conftest import small_rows, spec_dict, write_manifest, write_spec
 
-    monkeypatch.setenv("SDGEN_LEASE_TTL", "1")  # renewed every 0.25 s
+    monkeypatch.setenv("SDGEN_LEASE_TTL", "4")  # renewed every second
     out = tmp_path / "out"
     manifest = write_manifest(tmp_path / "m.parquet", small_rows(8))
     spec = write_spec(tmp_path / "spec.yaml", spec_dict(str(manifest), str(out), execution={"shard_size": 1}))
@@ -117,6 +117,41 @@ def test_a_job_whose_lease_is_taken_over_stops_without_finishing(tmp_path, monke
     assert not (out / SUMMARY_FILE).exists()
     assert read_lease(open_storage(str(out))).token == taken[0].info.token
     taken[0].release()
+
+
+def test_a_holder_that_cannot_renew_stops_before_its_lease_may_be_taken_over(tmp_path):
+    """Renewals failing (the store answers 503) or the process stopped (SIGSTOP) for most of the
+    ttl: another run may take the lease over at the ttl, so the holder stops first."""
+    from jobs.storage import TransientStorageError
+
+    lease = OutputLease.acquire(str(tmp_path), log=lambda s: None, ttl=2)
+    lease.check()  # just written
+
+    def unavailable(*args, **kwargs):
+        raise TransientStorageError("503 Service Unavailable")
+
+    lease.storage.write_tagged = unavailable  # every renewal from now on fails
+    lease.start_heartbeat(every=0.1)
+    time.sleep(1.0)
+    lease.check()  # half the ttl without a renewal: still safe
+    time.sleep(0.7)
+    with pytest.raises(LeaseLost, match="not renewed for \\d+s \\(ttl 2s\\): stopping before another run may take"):
+        lease.check()
+    del lease.storage.write_tagged
+    lease.release()  # still ours (nobody took it): deleted
+    assert read_lease(open_storage(str(tmp_path))) is None
+
+
+def test_a_bad_lease_ttl_is_refused_naming_it(monkeypatch):
+    from jobs.faults import SettingError
+    from jobs.lease import lease_ttl
+
+    for bad in ("abc", "0", "-5", "nan", "inf"):
+        monkeypatch.setenv("SDGEN_LEASE_TTL", bad)
+        with pytest.raises(SettingError, match="SDGEN_LEASE_TTL"):
+            lease_ttl()
+    monkeypatch.setenv("SDGEN_LEASE_TTL", "30")
+    assert lease_ttl() == 30.0
 
 
 def test_s3_lease_is_conditional(s3):
