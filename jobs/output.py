@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from .reader import shard_sort_key
 from .record import RECORD_SCHEMA, records_table
-from .storage import Storage, join_uri, open_storage
+from .storage import Storage, StorageError, TransientStorageError, join_uri, open_storage
 
 JOB_FILE = "job.json"
 SUMMARY_FILE = "summary.json"
@@ -160,8 +160,21 @@ class Output:
         }
 
     def commit_records(self, shard: str, records: Iterable[dict[str, Any]]) -> bool:
-        """Write the shard's record file once; False when it was already there."""
-        return self.storage.write(self.record_key(shard), table_bytes(records_table(records)), exclusive=True)
+        """Write the shard's record file once; False when it was already there (an earlier
+        attempt's, committed after it was thought lost). Something else under its name (a
+        folder, a file that is no record file) is an error naming it: taken for committed, the
+        shard was redone by every run and never done."""
+        if self.storage.write(self.record_key(shard), table_bytes(records_table(records)), exclusive=True):
+            return True
+        try:
+            self.read_records(shard, ["row"])
+        except TransientStorageError:
+            raise  # the store, not the file
+        except (DamagedRecords, StorageError, OSError) as exc:
+            where = join_uri(self.uri, self.record_key(shard))
+            why = exc.reason if isinstance(exc, DamagedRecords) else str(exc).replace(f"{where}: ", "")
+            raise OSError(f"{where} exists but is not a readable record file ({why}); remove it and rerun") from None
+        return False
 
     def read_records(self, shard: str, columns: list[str] | None = None) -> pa.Table:
         """The shard's record file; DamagedRecords when it is not a readable record file."""

@@ -33,6 +33,23 @@ def test_committed_shards_and_partials(tmp_path):
     assert output.partial_keys() == [] and output.read_partials("shard-00001") == {}
 
 
+def test_a_commit_over_something_that_is_no_record_file_names_it(tmp_path):
+    """A folder (or junk) under a record file's name was taken for an earlier attempt's commit:
+    the shard was redone by every run and never done, with no word of why."""
+    import pytest
+
+    output = Output(str(tmp_path))
+    records = [{"row": 0, "id": "a", "status": "ok"}]
+    assert output.commit_records("shard-00000", records)
+    assert not output.commit_records("shard-00000", records)  # an earlier attempt's: fine
+    (tmp_path / "records" / "shard-00001.parquet").mkdir()
+    with pytest.raises(OSError, match="records/shard-00001.parquet exists but is not a readable record file"):
+        output.commit_records("shard-00001", records)
+    (tmp_path / "records" / "shard-00002.parquet").write_bytes(b"junk")
+    with pytest.raises(OSError, match="shard-00002.parquet exists but is not a readable record file \\(unreadable"):
+        output.commit_records("shard-00002", records)
+
+
 def test_partials_are_plain_scratch_and_record_files_compressed(tmp_path):
     """A saved batch is rewritten into the shard's record file at its commit, so it is written
     cheaply (no compression, statistics or dictionaries: it is written every batch on the
