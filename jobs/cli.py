@@ -21,7 +21,18 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .exit_codes import INCOMPLETE, INFRASTRUCTURE, OK, REFUSED, TABLE, InfrastructureFault, finish, guarded, one_line
+from .exit_codes import (
+    INCOMPLETE,
+    INFRASTRUCTURE,
+    OK,
+    REFUSED,
+    RESUMABLE,
+    TABLE,
+    InfrastructureFault,
+    finish,
+    guarded,
+    one_line,
+)
 from .redact import redact_text
 
 
@@ -73,7 +84,7 @@ def run_main(argv: Sequence[str], prog: str = "sdgen run") -> int:
         "--limit", type=int, default=None, metavar="N", help="run only the first N rows, into OUTPUT-limitN (a trial)"
     )
     args = parser.parse_args(argv)
-    return guarded(lambda: _run(args), args.debug)
+    return guarded(lambda: _run(args), args.debug, None if args.dry_run else RESUMABLE)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -100,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     except (InfrastructureFault, LeaseLost) as exc:
         print(f"error: {one_line(exc, 2000)}", file=sys.stderr, flush=True)
-        print("committed work is kept; rerun the same command to resume", file=sys.stderr, flush=True)
+        print(RESUMABLE, file=sys.stderr, flush=True)
         return INFRASTRUCTURE
     except TransientStorageError as exc:  # before any work: the manifest, weights, lease or job.json
         print(
@@ -139,13 +150,15 @@ def reproduce_main(argv: Sequence[str]) -> int:
     return main(list(argv), prog="sdgen reproduce")
 
 
-def _last_line_of_defence(main: Callable[[list[str]], int], argv: Sequence[str]) -> int:
+def _last_line_of_defence(
+    main: Callable[[list[str]], int], argv: Sequence[str], on_interrupt: str | None = None
+) -> int:
     """A command that names its own expected errors (exit 2) still must not print a traceback
     for one it did not foresee: `guarded` makes it one line (exit 3); `--debug`, taken out of
     the arguments here, shows the traceback."""
     argv = list(argv)
     debug = "--debug" in argv
-    return guarded(lambda: main([a for a in argv if a != "--debug"]), debug)
+    return guarded(lambda: main([a for a in argv if a != "--debug"]), debug, on_interrupt)
 
 
 def make_manifest_main(argv: Sequence[str]) -> int:
@@ -157,7 +170,7 @@ def make_manifest_main(argv: Sequence[str]) -> int:
 def export_main(argv: Sequence[str]) -> int:
     from .export import main
 
-    return _last_line_of_defence(main, argv)
+    return _last_line_of_defence(main, argv, on_interrupt=RESUMABLE)  # an export resumes too
 
 
 def grid_main(argv: Sequence[str]) -> int:

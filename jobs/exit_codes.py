@@ -66,14 +66,18 @@ def one_line(text: object, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def guarded(main: Callable[[], int], debug: bool) -> int:
+RESUMABLE = "committed work is kept; rerun the same command to resume"
+
+
+def guarded(main: Callable[[], int], debug: bool, on_interrupt: str | None = None) -> int:
     """Run a command's body: an unexpected exception is one line and exit 3 (a traceback only
-    with --debug); Ctrl-C/SIGTERM is exit 130."""
+    with --debug); Ctrl-C/SIGTERM is exit 130, saying `on_interrupt` (e.g. RESUMABLE) after
+    "interrupted" when the command has something to say of what it leaves."""
     install_sigterm()
     try:
         return main()
     except KeyboardInterrupt:
-        print("interrupted: committed work is kept; rerun the same command to resume", file=sys.stderr, flush=True)
+        print("interrupted" + (f": {on_interrupt}" if on_interrupt else ""), file=sys.stderr, flush=True)
         return INTERRUPTED
     except SystemExit:
         raise
@@ -108,6 +112,7 @@ def finish(code: int) -> None:
 
 
 __all__ = [
+    "RESUMABLE",
     "INCOMPLETE",
     "INFRASTRUCTURE",
     "INTERRUPTED",

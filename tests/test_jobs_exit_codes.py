@@ -180,7 +180,8 @@ def test_sigterm_stops_the_run_and_its_embedded_ray(tmp_path, signals):
     finally:
         kill_session(proc.pid)
     text = log.read_text()
-    assert "interrupted" in text and "Traceback" not in text
+    assert "interrupted: committed work is kept; rerun the same command to resume" in text
+    assert "Traceback" not in text
     assert not (out / "lease.json").exists()
     status = run_command([PYTHON, "jobs/status.py", str(out)], check=False)
     assert status.returncode == 1 and "0 running" in status.stdout
@@ -213,3 +214,16 @@ def test_a_run_whose_lease_is_taken_over_exits_3_and_stops_its_ray(tmp_path):
     assert not (out / "summary.json").exists()
     assert len(Output(str(out)).committed_shards()) < 80  # stopped long before the end (80 shards of ~0.1 s)
     other.release()
+
+
+def test_an_interrupted_command_says_only_what_holds_for_it(capsys):
+    """`run` and `export` resume when rerun; `status` or `reproduce` have nothing to resume."""
+    from jobs.exit_codes import RESUMABLE, guarded
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    assert guarded(interrupted, debug=False) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert guarded(interrupted, debug=False, on_interrupt=RESUMABLE) == 130
+    assert capsys.readouterr().err == f"interrupted: {RESUMABLE}\n"
