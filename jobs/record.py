@@ -108,6 +108,9 @@ class Record:
     # img2img: how the init image file became pixels (jobs.init_images.INIT_DECODING). Null in
     # txt2img records and in records written before it (decoding 1).
     init_decoding: Int32 | None = None
+    # How the image's parameters were embedded (jobs.writer.IMAGE_METADATA). Null in records
+    # written before it (1).
+    image_metadata: Int32 | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Record:
@@ -137,6 +140,7 @@ class Record:
             image_sha256=image.sha256,
             image_format=image.format,
             time_write_s=image.seconds,
+            image_metadata=image.metadata,
         )
 
 
@@ -176,6 +180,7 @@ class StoredImage:
     sha256: str  # of the file's bytes
     format: str  # png | jpeg | webp
     seconds: float  # encoding and writing it
+    metadata: int  # how its parameters are embedded (jobs.writer.IMAGE_METADATA)
 
 
 # The manifest fields of a row, as `parse_row` reads them: a `RowRequest` holds all of them, the

@@ -187,7 +187,8 @@ class Reproducer:
         init_image = self.init_image(record) if record.mode == "img2img" else None
         request = generation_request(record, init_image)
         image = pipe.generate([request], **generate_settings(record), **recorded_slots(record))[0]
-        return encode_image(image, record.image_format, a1111_parameters(record), self.quality)
+        parameters = a1111_parameters(record)
+        return encode_image(image, record.image_format, parameters, self.quality, record.image_metadata or 1)
 
     def compare(self, record: Record, min_psnr: float, exact: bool) -> tuple[Comparison, bytes | None]:
         row, rid = record.row, record.id

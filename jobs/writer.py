@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,12 +35,54 @@ from .record import Record, StoredImage
 
 EXIF_IFD = 0x8769
 EXIF_USER_COMMENT = 0x9286
+TIFF_LONG, TIFF_UNDEFINED = 4, 7
+UNICODE_PREFIX = b"UNICODE\0"  # EXIF's character-code prefix of a UTF-16 UserComment
+
+# How an image's parameters are embedded (the record's `image_metadata`), so that reproduce
+# writes a record's image as its job did, byte for byte:
+#   1: JPEG/WebP EXIF as Pillow builds it, whose UserComment is typed BYTE (records without the
+#      field). piexif, which A1111 reads EXIF with, returns such a comment as a tuple of ints,
+#      and A1111's PNG Info then fails on it.
+#   2: the UserComment typed UNDEFINED, as the EXIF spec and A1111 write it; a text longer than
+#      a JPEG's 64 KB EXIF segment holds is cut (it failed the whole shard, every attempt).
+# PNG is the same in both: a text chunk named "parameters", any length.
+IMAGE_METADATA = 2
+# A JPEG's APP1 segment holds 65533 bytes: "Exif\0\0", the TIFF header and two one-entry IFDs
+# (44 bytes) and the comment, UTF-16 after its 8-byte prefix.
+MAX_EXIF_COMMENT_CHARS = (65533 - 6 - 44 - len(UNICODE_PREFIX)) // 2
 
 
-def encode_image(image: Image.Image, fmt: str, parameters: str, quality: int = 95) -> bytes:
+def _fit_exif_comment(parameters: str) -> str:
+    """`parameters` cut to what a JPEG's EXIF holds: the prompt and negative prompt shortened
+    (marked with "…"), the settings line (the last) kept whole."""
+    if len(parameters) <= MAX_EXIF_COMMENT_CHARS:
+        return parameters
+    head, newline, settings = parameters.rpartition("\n")
+    if not newline:
+        head, settings = parameters, ""
+    keep = max(0, MAX_EXIF_COMMENT_CHARS - len(newline) - len(settings) - 1)
+    return (head[:keep] + "…" + newline + settings)[:MAX_EXIF_COMMENT_CHARS]
+
+
+def exif_user_comment(text: str) -> bytes:
+    """EXIF (as Pillow's `exif=` takes it) holding only a UserComment: big-endian TIFF, IFD0 with
+    one entry pointing to the Exif IFD, whose one entry is the comment, typed UNDEFINED."""
+    comment = UNICODE_PREFIX + text.encode("utf-16-be")
+    exif_ifd = 8 + 18  # after the TIFF header and IFD0 (count, one 12-byte entry, next offset)
+    data = exif_ifd + 18
+    tiff = b"MM\x00\x2a" + struct.pack(">I", 8)
+    ifd0 = struct.pack(">HHHII", 1, EXIF_IFD, TIFF_LONG, 1, exif_ifd) + struct.pack(">I", 0)
+    ifd = struct.pack(">HHHII", 1, EXIF_USER_COMMENT, TIFF_UNDEFINED, len(comment), data) + struct.pack(">I", 0)
+    return b"Exif\x00\x00" + tiff + ifd0 + ifd + comment
+
+
+def encode_image(
+    image: Image.Image, fmt: str, parameters: str, quality: int = 95, metadata: int = IMAGE_METADATA
+) -> bytes:
     """Image bytes carrying `parameters` where SD tools look for them: a PNG text chunk named
-    "parameters", or for JPEG/WebP the EXIF UserComment (as A1111 writes them). Deterministic:
-    the same pixels and parameters give the same bytes."""
+    "parameters", or for JPEG/WebP the EXIF UserComment (as A1111 writes them), embedded the
+    way `metadata` says (IMAGE_METADATA). Deterministic: the same pixels and parameters give the
+    same bytes."""
     buffer = io.BytesIO()
     image = image.convert("RGB")
     if fmt == "png":
@@ -47,9 +90,13 @@ def encode_image(image: Image.Image, fmt: str, parameters: str, quality: int = 9
         info.add_text("parameters", parameters)
         image.save(buffer, format="PNG", pnginfo=info)
     elif fmt in ("jpeg", "webp"):
-        exif = Image.Exif()
-        exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
-        save = {"quality": quality, "exif": exif.tobytes()}
+        if metadata >= 2:
+            exif_bytes = exif_user_comment(_fit_exif_comment(parameters))
+        else:
+            exif = Image.Exif()
+            exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = UNICODE_PREFIX + parameters.encode("utf-16-be")
+            exif_bytes = exif.tobytes()
+        save = {"quality": quality, "exif": exif_bytes}
         if fmt == "webp":
             save["method"] = 4
         image.save(buffer, format=fmt.upper(), **save)
@@ -64,8 +111,8 @@ def read_parameters(data: bytes) -> str | None:
     if "parameters" in image.info:
         return image.info["parameters"]
     comment = image.getexif().get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
-    if isinstance(comment, bytes) and comment.startswith(b"UNICODE\0"):
-        return comment[8:].decode("utf-16-be")
+    if isinstance(comment, bytes) and comment.startswith(UNICODE_PREFIX):
+        return comment[len(UNICODE_PREFIX) :].decode("utf-16-be")
     return None
 
 
@@ -112,6 +159,7 @@ class ShardWriter:
             sha256=sha256,
             format=self.format,
             seconds=time.perf_counter() - started,
+            metadata=IMAGE_METADATA,
         )
 
     def _replace_uncommitted(self, key: str, data: bytes, sha256: str) -> None:

@@ -60,7 +60,8 @@ COLUMNS = [
     ("kernels", pa.string()),  # kernel choices (compile mode, CUDA determinism)
     ("decode_rows", pa.int32()),  # the VAE decode's shape and this row's slot in it: added last
     ("decode_slot", pa.int32()),
-    ("init_decoding", pa.int32()),  # how an img2img row's init image was decoded (EXIF, 16-bit): added last
+    ("init_decoding", pa.int32()),  # how an img2img row's init image was decoded (EXIF, 16-bit)
+    ("image_metadata", pa.int32()),  # how the image's parameters were embedded (EXIF types): added last
 ]
 
 # Python type of a field -> the Arrow types its column may have.
@@ -188,6 +189,7 @@ def test_completing_a_record_makes_a_new_one():
         sha256="ef" * 32,
         format="png",
         seconds=0.25,
+        metadata=2,
     )
     done = record.generated(1.5).with_image(stored)
     assert (done.status, done.image_path, done.image_uri, done.image_sha256, done.image_format, done.time_write_s) == (

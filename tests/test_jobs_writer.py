@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import struct
 from datetime import datetime, timezone
 
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 from jobs.output import Output
 from jobs.record import RecordBuilder
 from jobs.storage import LocalStorage
-from jobs.writer import ShardWriter, encode_image, read_parameters
+from jobs.writer import MAX_EXIF_COMMENT_CHARS, ShardWriter, encode_image, read_parameters
 
 PARAMS = "a cat\nNegative prompt: dog\nSteps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 1, Size: 32x32, Model hash: abc"
 BUILDER = RecordBuilder(
@@ -67,6 +68,36 @@ def test_png_parameters_are_a_text_chunk_named_parameters():
     image = Image.open(io.BytesIO(data))
     assert image.text["parameters"] == PARAMS
     assert b"tEXtparameters\x00" in data or b"iTXtparameters\x00" in data
+
+
+def user_comment_type(data: bytes) -> int:
+    """The TIFF type of the EXIF UserComment entry in a JPEG/WebP's EXIF block."""
+    exif = Image.open(io.BytesIO(data)).info["exif"]
+    tiff = exif[6:] if exif.startswith(b"Exif\x00\x00") else exif
+    order = ">" if tiff[:2] == b"MM" else "<"
+    entry = tiff.index(struct.pack(f"{order}H", 0x9286))
+    return struct.unpack(f"{order}H", tiff[entry + 2 : entry + 4])[0]
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_the_exif_user_comment_is_typed_as_a1111_reads_it(fmt):
+    """UNDEFINED (7), as the EXIF spec says and piexif (which A1111 reads with) expects: Pillow's
+    own Exif types it BYTE (1), which piexif returns as a tuple of ints and A1111 fails on.
+    Records made before keep the old embedding (metadata 1) so they reproduce byte for byte."""
+    assert user_comment_type(encode_image(picture(), fmt, PARAMS)) == 7
+    old = encode_image(picture(), fmt, PARAMS, metadata=1)
+    assert user_comment_type(old) == 1 and read_parameters(old) == PARAMS
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_parameters_longer_than_a_jpeg_exif_holds_are_cut_keeping_the_settings(fmt):
+    """A 33K-character prompt made Pillow refuse the JPEG ("EXIF data is too long"): the whole
+    shard failed on every attempt. The record keeps the prompt whole."""
+    settings = "Steps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 1, Size: 32x32"
+    long = "a cat " * 7000 + "\nNegative prompt: dog\n" + settings
+    text = read_parameters(encode_image(picture(), fmt, long))
+    assert len(text) == MAX_EXIF_COMMENT_CHARS < len(long)
+    assert text.startswith("a cat a cat") and text.endswith("…\n" + settings)
 
 
 class RecordingStorage:
