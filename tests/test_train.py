@@ -82,6 +82,22 @@ def test_short_training_lowers_both_losses(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert {r["phase"] for r in log} == {"vae", "unet"}
 
+    # Shipped in float16, as training.json says (the run's float32 checkpoints were written
+    # as they were stored, at twice the size), with a command that trains this config again.
+    from safetensors import safe_open
+
+    from shapesworld.train.export import export
+
+    shipped = export(tmp_path, tmp_path / "ship")
+    with safe_open(str(shipped), "pt") as handle:
+        floating = {handle.get_tensor(k).dtype for k in handle.keys()} - {torch.int64}
+    assert floating == {torch.float16}
+    command = json.loads((tmp_path / "ship" / "training.json").read_text())["command"]
+    args = build_parser().parse_args(command[len("python -m shapesworld.train ") :].split())
+    parsed = config_from_args(args)  # the options the command line has (not size, lrs, model)
+    for name in ("seed", "dataset_seed", "n_train", "vae_steps", "unet_steps", "vae_batch", "unet_batch"):
+        assert getattr(parsed, name) == getattr(CFG, name), name
+
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
     cfg = replace(CFG, vae_steps=6, unet_steps=12, checkpoint_every=6)

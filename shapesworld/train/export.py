@@ -50,7 +50,14 @@ def adherence_check(pipe, check: dict = CHECK) -> dict:
 
 def training_command(cfg: TrainConfig, vae_from: bool) -> str:
     """The `python -m shapesworld.train` command that trains `cfg` (RUN and VAE_RUN stand for
-    run folders)."""
+    run folders). Options whose value is the default are left out only where older records
+    wrote them so (the dataset and batch options)."""
+    defaults = TrainConfig()
+    optional = [
+        f" --{name.replace('_', '-')} {getattr(cfg, name)}"
+        for name in ("dataset_seed", "n_train", "vae_batch", "unet_batch")
+        if getattr(cfg, name) != getattr(defaults, name)
+    ]
     return (
         f"python -m shapesworld.train --out RUN --seed {cfg.seed} --vae-steps {cfg.vae_steps} "
         f"--unet-steps {cfg.unet_steps} --caption-dropout {cfg.caption_dropout} "
@@ -58,6 +65,7 @@ def training_command(cfg: TrainConfig, vae_from: bool) -> str:
         f"--caption-noise-min-t {cfg.caption_noise_min_t} "
         f"--caption-noise-from-step {cfg.caption_noise_from_step} "
         f"--caption-noise-attributes {','.join(cfg.caption_noise_attributes)}"
+        + "".join(optional)
         + (" --vae-from VAE_RUN" if vae_from else "")
     )
 
@@ -144,6 +152,7 @@ def export(out: Path, target: Path, *, dtype: torch.dtype = torch.float16, extra
     pipe.unet.to(dtype)
     pipe.vae.to(dtype)
     pipe.text_encoder.to(dtype)
+    pipe.stored_dtypes = None  # written in `dtype`, not as the run's float32 checkpoints store them
     target.mkdir(parents=True, exist_ok=True)
     # Only the token rows training touched are stored (the rest would be 6 MB of random init);
     # loading makes the others zero, which changes nothing for the world's own prompts.
