@@ -32,6 +32,7 @@ can be read in any order by any number of workers.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -256,21 +257,28 @@ _SYNONYMS = {
     "tiny": "small",
     "rectangle": "square",
     "ball": "circle",
+    "upper": "top",
+    "lower": "bottom",
 }
+_NEGATIONS = ("not", "no", "without", "non")  # the word after one is not asked for
 
 
 def parse_caption(text: str) -> dict[str, str | None]:
     """Read the attributes a prompt asks for: keys shape, colour, size, position, background.
 
     Tolerant of word order and of our templates' phrasing; an attribute the prompt does not
-    name is None (and is then not scored). Colours are only read outside "<x> background"."""
-    words = [_SYNONYMS.get(w, w) for w in re.findall(r"[a-z]+", text.lower())]
+    name is None (and is then not scored). Colours are only read outside "<x> background" (any
+    colour word: "a blue background" names no shape colour, even where the world has no blue
+    backgrounds), a word after "not"/"no"/"without" is not read, and full-width letters are
+    read as letters (NFKC, as CLIP's text cleaning does)."""
+    words = [_SYNONYMS.get(w, w) for w in re.findall(r"[a-z]+", unicodedata.normalize("NFKC", text).lower())]
+    words = [w for i, w in enumerate(words) if not (i and words[i - 1] in _NEGATIONS)]
     text = " ".join(words)
 
     background = None
-    match = re.search(r"\b(" + "|".join(BACKGROUNDS) + r") background\b", text)
+    match = re.search(r"\b([a-z]+) background\b", text)
     if match:
-        background = match.group(1)
+        background = match.group(1) if match.group(1) in BACKGROUNDS else None
         text = text[: match.start()] + text[match.end() :]  # its colour word is not the shape's
     words = text.split()
 

@@ -103,8 +103,14 @@ def test_parse_caption_is_tolerant_and_says_what_is_missing():
         "position": None,
         "background": None,
     }
-    # The background's colour word is not the shape's colour.
+    # The background's colour word is not the shape's colour, even a colour no background has.
     assert parse_caption("a white background with a triangle")["colour"] is None
+    assert parse_caption("a blue background with a red circle")["colour"] == "red"
+    # "upper left" asks for the top left (it was read as "left": a middle-left shape passed),
+    # a negated word is not asked for, and full-width letters are letters (as CLIP reads them).
+    assert parse_caption("a red circle at the upper left")["position"] == "top left"
+    assert parse_caption("a square, not red")["colour"] is None
+    assert parse_caption("a ｒｅｄ circle")["colour"] == "red"
 
 
 def test_scene_rejects_unknown_attributes():
