@@ -421,7 +421,7 @@ class _ShardLoop:
         """No worker starting, idle or busy: raise if none ever started (a bad weights path is
         one clear error), else give up the shards still queued."""
         reason = "; ".join(dict.fromkeys(self.start_errors)) or "every worker died"
-        if self.outcome.workers_ready == 0 and self.start_errors:
+        if self.outcome.first_ready_at is None and self.start_errors:  # (workers_ready counts the living)
             if all(e.startswith(f"{TransientStorageError.__name__}:") for e in self.start_errors):
                 # The weights' store did not answer (after the retries): not a bad job.
                 raise InfrastructureFault(f"stopped by a storage fault while loading the model: {reason}")

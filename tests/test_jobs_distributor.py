@@ -49,6 +49,9 @@ class StandIn:
         if (self.folder / f"crash-{task.shard_id}").exists() and not crash_marker.exists():
             crash_marker.touch()
             os._exit(1)  # the actor process dies mid-shard
+        if (self.folder / f"die-for-good-{task.shard_id}").exists():
+            (self.folder / "fail-start").touch()  # the restarted worker cannot load its model
+            os._exit(1)
         if (self.folder / f"raise-{task.shard_id}").exists():
             raise RuntimeError(f"cannot write {task.shard_id}")
         if (self.folder / "halfway").exists():  # a long shard: its rows done so far, then a pause
@@ -130,6 +133,16 @@ def test_workers_that_cannot_start_give_one_clear_error(tmp_path):
     (tmp_path / "fail-start").touch()
     with pytest.raises(WorkerStartError, match="weights not found: /nowhere/model.safetensors"):
         distribute(tmp_path, tasks_for(tmp_path, 2))
+
+
+def test_workers_lost_after_work_was_committed_fail_the_rest_not_the_job(tmp_path):
+    """The only worker commits a shard, dies, and cannot start again: the shards left are
+    failed (exit 1, a summary written, a rerun resumes), not a refusal "before any work" (2)."""
+    (tmp_path / "die-for-good-shard-00001").touch()
+    outcome, lines, _ = distribute(tmp_path, tasks_for(tmp_path, 3), workers=1)
+    assert sorted(outcome.results) == ["shard-00000"]
+    assert sorted(outcome.failed) == ["shard-00001", "shard-00002"]
+    assert "no live workers left (ValueError: weights not found" in outcome.failed["shard-00002"]
 
 
 def test_on_ready_can_stop_the_job_before_any_shard(tmp_path):
