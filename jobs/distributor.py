@@ -471,7 +471,7 @@ class _ShardLoop:
         """The worker process died (crash, OOM, node lost): Ray restarts it (reloading the
         model) and it rejoins through `starting`; the shard goes to the next free worker."""
         self.died.add(task.shard_id)
-        self._attempt_failed(task, attempt, f"worker died: {_short_error(exc)}")
+        self._attempt_failed(task, attempt, f"worker died: {_short_error(exc)}", died=True)
         self.outcome.workers_ready -= 1
         self.starting[actor.info.remote()] = actor
 
@@ -479,8 +479,8 @@ class _ShardLoop:
         self._attempt_failed(task, attempt, _short_error(exc))
         self.idle.append(actor)
 
-    def _attempt_failed(self, task: ShardTask, attempt: int, error: str) -> None:
-        next_attempt = self.retry.next_attempt(task.shard_id, attempt, error)
+    def _attempt_failed(self, task: ShardTask, attempt: int, error: str, died: bool = False) -> None:
+        next_attempt = self.retry.next_attempt(task.shard_id, attempt, error, died)
         if next_attempt is None:
             self.outcome.failed[task.shard_id] = error
         else:

@@ -19,15 +19,23 @@ def _print_line(line: str) -> None:
     print(line, flush=True)
 
 
+# Attempts a shard whose worker dies gets, whatever `max_attempts` says: a row that kills its
+# worker is found in three (the batch it was in dies; the rows in flight then run alone, and it
+# dies alone; the next attempt writes it as an error record instead of generating it:
+# `ShardWorker._after_a_death`). With fewer, every rerun stopped one attempt short of the last.
+DEATH_ATTEMPTS = 3
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     max_attempts: int = 3
     log: Callable[[str], None] = _print_line
 
-    def next_attempt(self, shard_id: str, attempt: int, error: str) -> int | None:
-        """After attempt number `attempt` of a shard failed with `error`: the number of the
-        attempt to run next, or None when the shard is given up. Logs the decision."""
-        if attempt < self.max_attempts:
+    def next_attempt(self, shard_id: str, attempt: int, error: str, died: bool = False) -> int | None:
+        """After attempt number `attempt` of a shard failed with `error` (`died`: its worker
+        process died): the number of the attempt to run next, or None when the shard is given
+        up. Logs the decision."""
+        if attempt < (max(self.max_attempts, DEATH_ATTEMPTS) if died else self.max_attempts):
             self.log(f"[sdgen] {shard_id} attempt {attempt} failed ({error}); retrying")
             return attempt + 1
         self.log(f"[sdgen] {shard_id} failed after {attempt} attempt(s): {error}")
