@@ -25,7 +25,7 @@ import hashlib
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -77,11 +77,17 @@ def check_weights(weights: str) -> str | None:
     return None
 
 
-def check_rows(spec: JobSpec, manifest: Manifest) -> dict[str, Any]:
-    """Every row through `parse_row`, and every distinct init image looked up."""
+def check_rows(spec: JobSpec, manifest: Manifest, to_run: Sequence[tuple[int, int]] | None = None) -> dict[str, Any]:
+    """Every row through `parse_row`, and every distinct init image looked up. `to_run`: the
+    (start, stop) row ranges of the shards a run would run (None: all), which the estimate
+    counts (`ok_to_run`, `steps_to_run`): committed shards are not made again."""
     reasons: Counter[str] = Counter()
     examples: dict[str, str] = {}
     steps_total = ok = 0
+    running = bytearray(manifest.num_rows) if to_run is not None else bytearray(b"\1" * manifest.num_rows)
+    for start, stop in to_run or ():
+        running[start:stop] = b"\1" * (stop - start)
+    to_run_rows: dict[int, int] = {}  # row -> its denoising steps, for the ok rows a run would make
     inits: dict[str, list[int]] = {}
     offset = 0
     for batch in manifest.table.to_batches(max_chunksize=65536):
@@ -104,7 +110,10 @@ def check_rows(spec: JobSpec, manifest: Manifest) -> dict[str, Any]:
             if request.init_image_uri:
                 inits.setdefault(request.init_image_uri, []).append(row)
             ok += 1
-            steps_total += request.steps if request.strength is None else max(1, int(request.steps * request.strength))
+            steps = request.steps if request.strength is None else max(1, int(request.steps * request.strength))
+            steps_total += steps
+            if running[row]:
+                to_run_rows[row] = steps
         offset += batch.num_rows
 
     def missing(uri: str) -> bool:
@@ -120,6 +129,8 @@ def check_rows(spec: JobSpec, manifest: Manifest) -> dict[str, Any]:
         reasons[reason] += len(inits[uri])
         examples.setdefault(reason, f"row {inits[uri][0]}: init_image not found: {redact_uri(uri)}")
         ok -= len(inits[uri])
+        for row in inits[uri]:
+            to_run_rows.pop(row, None)
     return {
         "rows": manifest.num_rows,
         "ok": ok,
@@ -127,6 +138,8 @@ def check_rows(spec: JobSpec, manifest: Manifest) -> dict[str, Any]:
         "reasons": dict(reasons.most_common()),
         "examples": examples,
         "steps_total": steps_total,
+        "ok_to_run": len(to_run_rows),
+        "steps_to_run": sum(to_run_rows.values()),
         "init_images": len(inits),
         "init_images_missing": len(absent),
     }
@@ -191,8 +204,15 @@ def calibrate(spec: JobSpec, device: str, threads: int | None) -> dict[str, Any]
     }
 
 
-def dry_run(spec: JobSpec, manifest: Manifest, plan_counts: dict[str, Any], log: Callable[[str], None]) -> dict:
-    """The dry run's findings (printed as it goes). Raises SpecError for missing weights."""
+def dry_run(
+    spec: JobSpec,
+    manifest: Manifest,
+    plan_counts: dict[str, Any],
+    log: Callable[[str], None],
+    to_run: Sequence[tuple[int, int]] | None = None,
+) -> dict:
+    """The dry run's findings (printed as it goes). Raises SpecError for missing weights.
+    `to_run`: the row ranges of the shards not yet committed (None: all), which the estimate is for."""
     problem = check_weights(spec.model.weights)
     if problem:
         raise SpecError(problem)
@@ -207,7 +227,7 @@ def dry_run(spec: JobSpec, manifest: Manifest, plan_counts: dict[str, Any], log:
         + (f", {resolved['threads']} CPU threads" if resolved["threads"] else "")
         + (f", UNet {UNET_MODES[mode]}" if mode != "none" else "")
     )
-    rows = check_rows(spec, manifest)
+    rows = check_rows(spec, manifest, to_run)
     log(
         f"[sdgen] rows: {rows['rows']} checked, {rows['ok']} ok, {rows['bad']} would be error records"
         + (
@@ -229,9 +249,11 @@ def dry_run(spec: JobSpec, manifest: Manifest, plan_counts: dict[str, Any], log:
         f"[sdgen] weights {redact_uri(spec.model.weights)}: readable, fingerprint {cal['fingerprint'][:12]}, "
         f"{cal['dtype']}, loaded in {cal['load_s']:.1f}s"
     )
-    seconds = (rows["ok"] * cal["fixed_s"] + rows["steps_total"] * cal["per_step_s"]) / resolved["workers"]
+    images = rows["ok_to_run"]
+    seconds = (images * cal["fixed_s"] + rows["steps_to_run"] * cal["per_step_s"]) / resolved["workers"]
+    left = "" if images == rows["ok"] else f" (the shards not yet committed; {rows['ok']} in all)"
     log(
-        f"[sdgen] estimate: {duration(seconds)} for {rows['ok']} image(s) on {resolved['workers']} "
+        f"[sdgen] estimate: {duration(seconds)} for {images} image(s){left} on {resolved['workers']} "
         f"{resolved['device']} worker(s) like this machine ({cal['fixed_s']:.3f}s + {cal['per_step_s']:.3f}s/step "
         "per image, calibrated here; model loading and Ray start-up not included)"
     )

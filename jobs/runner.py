@@ -79,7 +79,8 @@ def run_job(
         from .dryrun import dry_run as check
 
         plan = plan_job(spec, overwrite, log, limit, read_only=True)  # no lease held: nothing is changed
-        return check(plan.spec, plan.manifest, plan.dry_run_summary(), log)
+        to_run = [(task.start, task.stop) for task in plan.tasks]
+        return check(plan.spec, plan.manifest, plan.dry_run_summary(), log, to_run)
     if not isinstance(spec, JobSpec):
         spec = load_spec(spec)
     check_address(address)  # before the lease: nothing written

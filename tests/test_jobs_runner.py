@@ -268,8 +268,12 @@ def test_a_dry_run_changes_nothing_in_the_output(tmp_path):
         return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
 
     before = tree()
-    summary = run_job(spec, dry_run=True, log=lambda s: None)
+    lines = []
+    summary = run_job(spec, dry_run=True, log=lines.append)
     assert summary["shards"] == {"total": 2, "committed": 1, "to_run": 1}
     assert tree() == before
+    # The estimate is for the shard left (rows 3 and 4), not the whole manifest.
+    assert (summary["rows"]["ok"], summary["rows"]["ok_to_run"]) == (5, 2)
+    assert any("for 2 image(s) (the shards not yet committed; 5 in all)" in line for line in lines), lines
     plan_job(spec, log=lambda s: None)  # a real run's plan (under its lease) does clean up
     assert [k.split("/")[1] for k in output.partial_files()] == ["shard-00001"]
