@@ -465,7 +465,11 @@ def check_job(existing: dict[str, Any] | None, spec: JobSpec, manifest: Manifest
     """Differences between the job recorded in an output and this one (empty: same job)."""
     if existing is None:
         return []
-    problems = differences(existing.get("identity", {}), spec.identity())
+    # model.dtype as written is not compared: the dtype the model ran in is (`check_model`), so
+    # `auto` and the dtype it resolves to here are the same job (that check's hint says to set it).
+    before, now = existing.get("identity", {}), spec.identity()
+    before, now = ({k: v for k, v in d.items() if k != "model.dtype"} for d in (before, now))
+    problems = differences(before, now)
     old_fp = existing.get("manifest", {}).get("fingerprint")
     if old_fp != manifest.fingerprint:
         problems.append(f"manifest content: fingerprint {str(old_fp)[:16]}… on disk, {manifest.fingerprint[:16]}… now")

@@ -3,12 +3,14 @@ from workers/batch/shard sizes, refusing a different job on an existing output."
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pytest
 
 from jobs.manifest import ManifestError, load_manifest
 from jobs.output import Output
-from jobs.runner import JobConflict, check_model, job_document, plan_job, run_job, summary_lines
+from jobs.runner import JobConflict, check_job, check_model, job_document, plan_job, run_job, summary_lines
 from jobs.spec import load_spec
 from jobs.worker import ShardWorker, WorkerConfig, WorkerInfo
 
@@ -160,6 +162,19 @@ def test_the_same_tensors_built_into_another_architecture_are_refused(tmp_path, 
     assert any(p.startswith("model architecture unet.num_heads: 2 on disk, 8 now") for p in problems)
     del existing["model"]["config"]  # an output of an sdgen that did not record it: not compared
     assert check_model(existing, info(inferred)) == []
+
+
+def test_model_dtype_as_written_is_not_compared_the_resolved_one_is(tmp_path):
+    """`auto` resolved to float32 here, then written out as `float32` (what the refusal's hint
+    says to do): the same job. It was refused as a changed `model.dtype`."""
+    manifest = load_manifest([str(write_manifest(tmp_path / "m.parquet", small_rows(2), manifest_schema()))])
+    auto = load_spec(
+        write_spec(tmp_path / "a.yaml", spec_dict(str(tmp_path / "m.parquet"), "out", model={"dtype": "auto"}))
+    )
+    fixed = load_spec(write_spec(tmp_path / "f.yaml", spec_dict(str(tmp_path / "m.parquet"), "out")))
+    info = WorkerInfo("w", "f" * 64, "float32", "cpu", "cpu", {})
+    existing = json.loads(json.dumps(job_document(auto, manifest, info, None, {})))
+    assert fixed.model.dtype == "float32" and check_job(existing, fixed, manifest) == []
 
 
 def test_model_changes_are_refused():
