@@ -52,16 +52,32 @@ IMAGE_METADATA = 2
 MAX_EXIF_COMMENT_CHARS = (65533 - 6 - 44 - len(UNICODE_PREFIX)) // 2
 
 
+def _utf16_units(text: str) -> int:
+    """The UTF-16 code units of `text` (a character beyond the BMP, e.g. an emoji, takes two)."""
+    return len(text.encode("utf-16-be")) // 2
+
+
 def _fit_exif_comment(parameters: str) -> str:
-    """`parameters` cut to what a JPEG's EXIF holds: the prompt and negative prompt shortened
-    (marked with "…"), the settings line (the last) kept whole."""
-    if len(parameters) <= MAX_EXIF_COMMENT_CHARS:
+    """`parameters` cut to what a JPEG's EXIF holds (MAX_EXIF_COMMENT_CHARS UTF-16 code units):
+    the prompt and negative prompt shortened (marked with "…"), the settings line (the last)
+    kept whole. Cut between characters, never inside one."""
+    if _utf16_units(parameters) <= MAX_EXIF_COMMENT_CHARS:
         return parameters
     head, newline, settings = parameters.rpartition("\n")
     if not newline:
         head, settings = parameters, ""
-    keep = max(0, MAX_EXIF_COMMENT_CHARS - len(newline) - len(settings) - 1)
-    return (head[:keep] + "…" + newline + settings)[:MAX_EXIF_COMMENT_CHARS]
+    tail = "…" + newline + settings
+    room = MAX_EXIF_COMMENT_CHARS - _utf16_units(tail)
+    if room < 0:  # a settings line alone over the limit: keep its start
+        tail, room = "", MAX_EXIF_COMMENT_CHARS
+        head = parameters
+    kept, units = [], 0
+    for character in head:
+        units += 2 if ord(character) > 0xFFFF else 1
+        if units > room:
+            break
+        kept.append(character)
+    return "".join(kept) + tail
 
 
 def exif_user_comment(text: str) -> bytes:

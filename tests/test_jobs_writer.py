@@ -98,6 +98,10 @@ def test_parameters_longer_than_a_jpeg_exif_holds_are_cut_keeping_the_settings(f
     text = read_parameters(encode_image(picture(), fmt, long))
     assert len(text) == MAX_EXIF_COMMENT_CHARS < len(long)
     assert text.startswith("a cat a cat") and text.endswith("…\n" + settings)
+    # Emoji take two UTF-16 units each: counted so, and never cut in half.
+    emoji = read_parameters(encode_image(picture(), fmt, "😀" * 20000 + "\n" + settings))
+    assert len(emoji.encode("utf-16-be")) // 2 <= MAX_EXIF_COMMENT_CHARS
+    assert emoji.endswith("😀…\n" + settings)
 
 
 class RecordingStorage:
