@@ -108,6 +108,13 @@ class LeaseInfo:
         return None
 
 
+def _steady_clock() -> float:
+    """Seconds on a clock that only goes forward and keeps counting while the machine is
+    suspended (CLOCK_BOOTTIME; time.monotonic where there is none)."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -147,7 +154,10 @@ class OutputLease:
         self.tag = tag
         self.lost: str | None = None  # why the lease was lost, once it is
         self.taken_over = False  # lost to another run (else lost by not being renewed in time)
-        self._renewed = time.monotonic()  # when it was last written (monotonic: a stopped process counts)
+        # When the lease as last written was stamped (`renewed_at`, taken before its write, which
+        # may take long: others count the ttl from the stamp), on a clock a stopped or suspended
+        # process does not stop.
+        self._renewed = _steady_clock() - max(0.0, time.time() - info.renewed_at)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -235,6 +245,7 @@ class OutputLease:
     def renew(self) -> None:
         """Write the lease again with a new renewal time, only if the object there is still the
         one this run last wrote (conditional on its tag); LeaseLost otherwise."""
+        stamped = _steady_clock()
         renewed = LeaseInfo(**{**self.info.__dict__, "renewed_at": time.time()})
         tag = _put(self.storage, renewed.to_bytes(), if_match=self.tag)
         if tag is None:
@@ -245,18 +256,18 @@ class OutputLease:
             who = held.holder() if held else "nobody"
             raise LeaseLost(f"the output lease of {self.storage.uri} was taken over (now held by {who})")
         self.info, self.tag = renewed, tag
-        self._renewed = time.monotonic()
+        self._renewed = stamped
 
     def check(self) -> None:
         """LeaseLost if another run took the lease over (seen by the heartbeat), or if it has not
         been renewed for STOP_AFTER_TTL_SHARE of its ttl (renewals failing, or this process
         stopped): soon another run may take it over, so this one must stop writing first.
         Called by the run before each step that writes to the output."""
-        unrenewed = time.monotonic() - self._renewed
+        unrenewed = _steady_clock() - self._renewed
         if not self.lost and unrenewed > STOP_AFTER_TTL_SHARE * self.info.ttl:
             self.lost = (
-                f"the output lease of {self.storage.uri} was not renewed for {unrenewed:.0f}s (ttl "
-                f"{self.info.ttl:.0f}s): stopping before another run may take it over"
+                f"the output lease of {self.storage.uri} was not renewed for {unrenewed:.1f}s (ttl "
+                f"{self.info.ttl:g}s): stopping before another run may take it over"
             )
         if self.lost:
             raise LeaseLost(self.lost)

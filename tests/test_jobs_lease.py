@@ -135,11 +135,30 @@ def test_a_holder_that_cannot_renew_stops_before_its_lease_may_be_taken_over(tmp
     time.sleep(1.0)
     lease.check()  # half the ttl without a renewal: still safe
     time.sleep(0.7)
-    with pytest.raises(LeaseLost, match="not renewed for \\d+s \\(ttl 2s\\): stopping before another run may take"):
+    with pytest.raises(LeaseLost, match="not renewed for [\\d.]+s \\(ttl 2s\\): stopping before another run may take"):
         lease.check()
     del lease.storage.write_tagged
     lease.release()  # still ours (nobody took it): deleted
     assert read_lease(open_storage(str(tmp_path))) is None
+
+
+def test_the_stop_counts_from_when_the_renewal_was_stamped_not_written(tmp_path):
+    """Others count the ttl from `renewed_at`, stamped before a write that may take long (storage
+    retries): counted from the write's end, a slow renewal left a window where two runs wrote."""
+    lease = OutputLease.acquire(str(tmp_path), log=lambda s: None, ttl=1)
+    write = lease.storage.write_tagged
+
+    def slow(*args, **kwargs):
+        time.sleep(0.4)
+        return write(*args, **kwargs)
+
+    lease.storage.write_tagged = slow
+    lease.renew()  # stamped, then 0.4 s writing
+    time.sleep(0.45)  # 0.85 s after the stamp: past 3/4 of the ttl, though 0.45 s after the write
+    with pytest.raises(LeaseLost, match="not renewed"):
+        lease.check()
+    del lease.storage.write_tagged
+    lease.release()
 
 
 def test_a_bad_lease_ttl_is_refused_naming_it(monkeypatch):
