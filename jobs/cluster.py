@@ -48,11 +48,11 @@ def check_local_weights(spec: JobSpec, address: str | None) -> None:
     """An embedded run's workers are this machine's processes, so a local weights path must exist
     here: refused (SpecError) before Ray starts rather than by every worker after it. On a
     cluster the workers' machines may hold a path the driver's does not; they check it."""
-    weights = spec.model.weights
-    if address or os.environ.get("RAY_ADDRESS") or weights.startswith("builtin:") or is_s3(weights):
-        return
-    if not os.path.exists(weights):
-        raise SpecError(f"model.weights: not found: {weights}")
+    from .weights import weights_here_problem
+
+    problem = None if address or os.environ.get("RAY_ADDRESS") else weights_here_problem(spec.model.weights)
+    if problem:
+        raise SpecError(f"model.weights: {problem}")
 
 
 def check_address(address: str | None) -> None:

@@ -37,10 +37,9 @@ from jobs.provenance import a1111_parameters
 from jobs.reader import shard_sort_key
 from jobs.record import Record
 from jobs.redact import redact_text
-from jobs.storage import StorageError, is_s3, local_path, read_uri, redact_uri
-from jobs.weights import resolve_weights
+from jobs.storage import StorageError, read_uri, redact_uri
+from jobs.weights import resolve_weights, weights_here_problem
 from jobs.writer import encode_image
-from sdcore import rules
 
 DEFAULT_MIN_PSNR = 40.0
 
@@ -273,15 +272,6 @@ def main(argv: list[str] | None = None, prog: str = "jobs/reproduce.py") -> int:
     return guarded(lambda: _main(args), args.debug)
 
 
-def _weights_argument_problem(weights: str) -> str | None:
-    """What makes `--weights` unusable before any record is read: a bad built-in name or URI, or
-    a local path that does not exist (reproduce runs here, so here is where it must)."""
-    problem = rules.weights_problem(weights)
-    if problem or weights.startswith("builtin:") or is_s3(weights):
-        return problem
-    return None if os.path.exists(os.path.expanduser(local_path(weights))) else f"{weights}: not found"
-
-
 def _main(args: argparse.Namespace) -> int:
     output = Output(args.output)
     try:
@@ -292,7 +282,7 @@ def _main(args: argparse.Namespace) -> int:
     if job is None:
         print(f"error: {output.uri}: no job.json here (not an sdgen output)", file=sys.stderr)
         return 2
-    problem = _weights_argument_problem(args.weights) if args.weights else None
+    problem = weights_here_problem(args.weights) if args.weights else None
     if problem:  # a bad argument (exit 2), not a mismatch of the records it was to remake
         print(f"error: --weights: {redact_text(problem)}", file=sys.stderr)
         return 2

@@ -16,6 +16,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from sdcore import rules
+
 from .storage import S3Storage, is_s3, local_path, redact_uri, s3_objects, split_s3
 
 COMPLETE = ".complete"
@@ -39,6 +41,17 @@ def resolve_weights(weights: str) -> str:
     if not path.exists():
         raise FileNotFoundError(f"weights not found: {path}")
     return str(path)
+
+
+def weights_here_problem(weights: str) -> str | None:
+    """What makes `weights` unusable on this machine, found without loading or downloading them:
+    what `sdcore.rules.weights_problem` sees on its face, or a local path (read as
+    `resolve_weights` reads it) that is not here. builtin: and s3:// are checked where they load."""
+    problem = rules.weights_problem(weights)
+    if problem or weights.startswith("builtin:") or is_s3(weights):
+        return problem
+    path = Path(local_path(weights)).expanduser()
+    return None if path.exists() else f"not found: {path}"
 
 
 def download_s3_weights(uri: str, root: Path | None = None) -> str:

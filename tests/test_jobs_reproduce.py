@@ -181,7 +181,7 @@ def test_weights_argument_that_cannot_be_used_is_refused_at_once(made, tmp_path,
     """A --weights that names nothing is a bad argument (exit 2), not a mismatch (exit 1)."""
     out = str(made / "out")
     for weights, needle in [
-        (str(tmp_path / "none.safetensors"), "none.safetensors: not found"),
+        (str(tmp_path / "none.safetensors"), "--weights: not found: "),
         ("builtin:nah", "unknown built-in model 'nah'"),
     ]:
         assert main([out, "r000", "--weights", weights]) == 2
