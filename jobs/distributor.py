@@ -43,7 +43,7 @@ from .exit_codes import InfrastructureFault, install_sigterm
 from .faults import inject_fault, worker_restarts
 from .progress import Outcome, ProgressState
 from .reader import ShardTask
-from .retry import RetryPolicy
+from .retry import RetryPolicy, strikes_after
 from .storage import StorageError, TransientStorageError
 from .worker import ShardResult, ShardWorker, WorkerConfig, WorkerInfo, WorkerStartError
 
@@ -324,6 +324,8 @@ class _ShardLoop:
         # a shard's stream (ObjectRefGenerator) -> (actor, task, attempt)
         self.inflight: dict[Any, tuple[Any, ShardTask, int]] = {}
         self.rows_done: dict[str, int] = {}  # shard in flight -> rows done, as last streamed
+        self.most_rows_done: dict[str, int] = {}  # shard -> the most rows done any attempt streamed
+        self.strikes: dict[str, int] = {}  # shard -> its failed attempts that count (`strikes_after`)
         self.died: set[str] = set()  # shards whose last attempt ended in a worker death
         self.start_errors: list[str] = []
         self.last_report = self.waiting_since = time.monotonic()
@@ -445,11 +447,9 @@ class _ShardLoop:
         try:
             item = ray.get(next(stream))
         except ray.exceptions.RayActorError as exc:
-            self._shard_ended(stream)
-            self._worker_died(actor, task, attempt, exc)
+            self._worker_died(actor, task, attempt, exc, saved_new_rows=self._shard_ended(stream))
         except (ray.exceptions.RayError, StopIteration) as exc:  # StopIteration: ended without a result
-            self._shard_ended(stream)
-            self._shard_raised(actor, task, attempt, exc)
+            self._shard_raised(actor, task, attempt, exc, saved_new_rows=self._shard_ended(stream))
         else:
             if isinstance(item, ShardResult):
                 self._shard_ended(stream)
@@ -457,9 +457,15 @@ class _ShardLoop:
             else:
                 self.rows_done[task.shard_id] = item
 
-    def _shard_ended(self, stream: Any) -> None:
+    def _shard_ended(self, stream: Any) -> bool:
+        """Forget a shard's stream; returns whether the attempt saved rows no earlier attempt
+        had (it streamed more rows done than any before it: every streamed count is of rows
+        whose records were saved)."""
         _, task, _ = self.inflight.pop(stream)
-        self.rows_done.pop(task.shard_id, None)
+        rows_done = self.rows_done.pop(task.shard_id, 0)
+        most_before = self.most_rows_done.get(task.shard_id, 0)
+        self.most_rows_done[task.shard_id] = max(most_before, rows_done)
+        return rows_done > most_before
 
     def _shard_done(self, actor: Any, task: ShardTask, result: ShardResult) -> None:
         self.outcome.results[task.shard_id] = result
@@ -467,20 +473,24 @@ class _ShardLoop:
         self.idle.append(actor)
         self._report(force=True)
 
-    def _worker_died(self, actor: Any, task: ShardTask, attempt: int, exc: BaseException) -> None:
+    def _worker_died(self, actor: Any, task: ShardTask, attempt: int, exc: BaseException, saved_new_rows: bool) -> None:
         """The worker process died (crash, OOM, node lost): Ray restarts it (reloading the
         model) and it rejoins through `starting`; the shard goes to the next free worker."""
         self.died.add(task.shard_id)
-        self._attempt_failed(task, attempt, f"worker died: {_short_error(exc)}", died=True)
+        self._attempt_failed(task, attempt, f"worker died: {_short_error(exc)}", True, saved_new_rows)
         self.outcome.workers_ready -= 1
         self.starting[actor.info.remote()] = actor
 
-    def _shard_raised(self, actor: Any, task: ShardTask, attempt: int, exc: BaseException) -> None:
-        self._attempt_failed(task, attempt, _short_error(exc))
+    def _shard_raised(
+        self, actor: Any, task: ShardTask, attempt: int, exc: BaseException, saved_new_rows: bool
+    ) -> None:
+        self._attempt_failed(task, attempt, _short_error(exc), False, saved_new_rows)
         self.idle.append(actor)
 
-    def _attempt_failed(self, task: ShardTask, attempt: int, error: str, died: bool = False) -> None:
-        next_attempt = self.retry.next_attempt(task.shard_id, attempt, error, died)
+    def _attempt_failed(self, task: ShardTask, attempt: int, error: str, died: bool, saved_new_rows: bool) -> None:
+        strikes = strikes_after(self.strikes.get(task.shard_id, 0), died, saved_new_rows)
+        self.strikes[task.shard_id] = strikes
+        next_attempt = self.retry.next_attempt(task.shard_id, attempt, error, died, strikes)
         if next_attempt is None:
             self.outcome.failed[task.shard_id] = error
         else:

@@ -190,8 +190,11 @@ def infrastructure_faults() -> Iterator[None]:
 
 def worker_restarts(max_attempts: int) -> int:
     """How often Ray restarts a dead worker: enough for every shard attempt of a poison shard
-    (`max_attempts`) plus as many unrelated deaths (node lost, OOM)."""
-    return max(4, 2 * max_attempts)
+    (`max_attempts`) plus as many unrelated deaths (node lost, OOM), and at least 8: narrowing
+    down rows that kill their worker takes two deaths per row (`jobs.retry`), so one worker
+    finds four such rows before it is lost. (A worker lost so is not replaced: the shards left
+    fail, "no live workers left", and a rerun goes on from the rows saved.)"""
+    return max(8, 2 * max_attempts)
 
 
 def inject_fault(shard: str, attempt: int) -> None:
