@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
+from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,20 @@ def _is_integer(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)) or _is_torch_scalar(value)
+
+
+def _is_torch_scalar(value: Any) -> bool:
+    """A 0-dim torch tensor of a real dtype (`torch.tensor(0.7)`), which the library API takes
+    as a number. torch is not imported for this: a tensor exists only once its caller did."""
+    torch = sys.modules.get("torch")
+    return (
+        torch is not None
+        and isinstance(value, torch.Tensor)
+        and value.dim() == 0
+        and value.dtype != torch.bool
+        and not value.is_complex()
+    )
 
 
 def sampler_problem(name: Any) -> str | None:
@@ -90,7 +105,7 @@ def guided(scale: float) -> bool:
 
 def guidance_problem(scale: Any) -> str | None:
     """Classifier-free guidance scale: any finite number >= 0 (<= 1 turns guidance off)."""
-    if not _is_number(scale) or not math.isfinite(scale) or scale < 0:
+    if not _is_number(scale) or not math.isfinite(as_float(scale)) or as_float(scale) < 0:
         return f"expected a finite number >= 0, got {scale!r}"
     return None
 
@@ -138,9 +153,39 @@ def weights_problem(weights: str) -> str | None:
 def as_float(value: Any) -> float:
     """A number as a Python float; a numpy float32/float16 as the decimal it prints as (0.7, not
     0.699999988...), which is what its writer meant and what diffusers' float32 arithmetic gets:
-    int(10 * float32(0.7)) is 7 in float32, but 6 after widening it to float64 as stored."""
+    int(10 * float32(0.7)) is 7 in float32, but 6 after widening it to float64 as stored. A 0-dim
+    torch float32/float16/bfloat16 tensor (`torch.tensor(0.7)` is float32) is read the same way."""
+    if _is_torch_scalar(value) and value.is_floating_point() and value.element_size() < 8:
+        return _shortest_decimal(value)
     narrow = type(value).__module__ == "numpy" and getattr(getattr(value, "dtype", None), "itemsize", 8) < 8
     return float(str(value)) if narrow and not isinstance(value, (bool, int, float)) else float(value)
+
+
+def _shortest_decimal(scalar: Any) -> float:
+    """The decimal with the fewest significant digits that a 0-dim torch tensor's dtype reads back
+    as the tensor's value (of those, the nearest to it): the digits numpy prints for its float32
+    and float16, for torch's bfloat16 too. torch.tensor(0.7) holds 0.699999988079071: this is 0.7."""
+    torch = sys.modules["torch"]
+    exact = scalar.item()  # a float32/float16/bfloat16 value is exactly a Python float
+    if not math.isfinite(exact) or exact == 0.0:
+        return exact
+    target = Decimal(exact)
+
+    def reads_back(candidate: Decimal) -> bool:
+        return torch.tensor(float(candidate), dtype=scalar.dtype).item() == exact
+
+    with localcontext() as context:  # whatever precision the caller's decimal context has
+        context.prec = 40
+        for digits in range(1, 18):
+            unit = Decimal(1).scaleb(target.adjusted() - digits + 1)  # one in the last of `digits` places
+            nearest = target.quantize(unit)
+            # The values reading back as `exact` are an interval around it, lopsided at a power of
+            # two: the nearest `digits`-digit decimal may fall outside where its neighbour is inside.
+            # `nearest` first: on a tie min() keeps it, rounded half to even as numpy prints ties.
+            fits = [c for c in (nearest, nearest - unit, nearest + unit) if reads_back(c)]
+            if fits:
+                return float(min(fits, key=lambda c: abs(c - target)))
+    return exact
 
 
 def strength_problem(strength: Any, steps: int) -> str | None:

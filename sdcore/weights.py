@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -301,7 +302,7 @@ FIXED_UNET_KEYS: dict[str, tuple[Any, ...]] = {
     "act_fn": ("silu",),
     "center_input_sample": (False,),
     "mid_block_type": ("UNetMidBlock2DCrossAttn",),
-    "mid_block_scale_factor": (1,),
+    "mid_block_scale_factor": (1.0,),
     "resnet_time_scale_shift": ("default",),
     "time_embedding_type": ("positional",),
     "conv_in_kernel": (3,),
@@ -321,11 +322,11 @@ FIXED_UNET_KEYS: dict[str, tuple[Any, ...]] = {
     "timestep_post_act": (None,),
     "time_embedding_dim": (None,),
     "resnet_skip_time_act": (False,),
-    "resnet_out_scale_factor": (1,),
+    "resnet_out_scale_factor": (1.0,),
 }
 FIXED_VAE_KEYS: dict[str, tuple[Any, ...]] = {
     "act_fn": ("silu",),
-    "shift_factor": (None, 0),
+    "shift_factor": (None, 0.0),
     "latents_mean": (None,),
     "latents_std": (None,),
     "use_quant_conv": (True,),
@@ -342,11 +343,55 @@ FIXED_SCHEDULER_KEYS: dict[str, tuple[Any, ...]] = {  # the noise schedule the U
 }
 
 
+# Of those, the keys diffusers' UNet2DConditionModel also takes as a list with one value per down
+# block (`bool | tuple[bool]` in its signature): a list repeating SD 1.x's value is SD 1.x's network.
+# upcast_attention is a plain bool there (a list would be truthy: upcast), so it stays one value.
+PER_BLOCK_FIXED_KEYS = ("only_cross_attention",)
+
+# Config floats are compared to SD 1.x's with this relative tolerance: a value computed or written
+# out by another tool (0.012000000000000002 for 0.012) is the same setting, a different one is not.
+FLOAT_REL_TOL = 1e-9
+
+
+def _same_value(value: Any, sd_value: Any) -> bool:
+    """Whether a config value is SD 1.x's `sd_value`: a float setting up to float noise (an int
+    or float in the JSON), anything else equal (an integer setting takes 1000.0, not 1000.0000001)."""
+    if isinstance(sd_value, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return math.isclose(value, sd_value, rel_tol=FLOAT_REL_TOL)
+    return value == sd_value
+
+
+def _is_sd_value(key: str, value: Any, allowed: tuple[Any, ...]) -> bool:
+    """Whether `value` is one of SD 1.x's `allowed` values for `key`; for a per-block key, a
+    non-empty list of them too (checked one entry per down block by `_unet_config`)."""
+    entries = value if key in PER_BLOCK_FIXED_KEYS and isinstance(value, list) and value else [value]
+    return all(any(_same_value(entry, sd_value) for sd_value in allowed) for entry in entries)
+
+
 def _refuse_other_values(cfg: dict, fixed: dict[str, tuple[Any, ...]], where: Path) -> None:
     """A CheckpointError naming every key of `cfg` whose value SD 1.x does not use."""
-    other = [f"{key}={cfg[key]!r}" for key, allowed in fixed.items() if key in cfg and cfg[key] not in allowed]
+    other = [
+        f"{key}={cfg[key]!r}"
+        for key, allowed in fixed.items()
+        if key in cfg and not _is_sd_value(key, cfg[key], allowed)
+    ]
     if other:
         raise CheckpointError(f"{where}: not an SD 1.x model: {', '.join(other)} (sdcore runs SD 1.x's values only)")
+
+
+def _one_for_all_blocks(cfg: dict, key: str, default: Any, blocks: int | None, where: Path) -> Any:
+    """`cfg[key]`, which diffusers also takes as a list with one entry per down block (`blocks` of
+    them; None: diffusers does not check the length): sdcore's UNet has one value for all blocks,
+    so such a list must repeat one value."""
+    value = cfg.get(key, default)
+    if isinstance(value, list):
+        wrong_length = blocks is not None and len(value) != blocks
+        if not value or wrong_length or any(isinstance(entry, list) or entry != value[0] for entry in value):
+            raise CheckpointError(
+                f"{where}: per-block {key} {value} unsupported (sdcore runs one value for all down blocks)"
+            )
+        value = value[0]
+    return value
 
 
 def _unet_config(cfg: dict, where: Path) -> UNetConfig:
@@ -357,11 +402,10 @@ def _unet_config(cfg: dict, where: Path) -> UNetConfig:
         )
     if cfg.get("addition_embed_type") or cfg.get("class_embed_type"):
         raise CheckpointError(f"{where}: UNet has extra embeddings — an SDXL-style model, not SD 1.x")
-    if cfg.get("cross_attention_dim", 768) != 768 and cfg.get("cross_attention_dim") in (1024, 2048):
-        raise CheckpointError(
-            f"{where}: cross_attention_dim {cfg['cross_attention_dim']} — an SD 2.x/SDXL model, not SD 1.x"
-        )
     down = cfg.get("down_block_types", [])
+    cross_attention_dim = _one_for_all_blocks(cfg, "cross_attention_dim", 768, len(down), where)
+    if cross_attention_dim in (1024, 2048):
+        raise CheckpointError(f"{where}: cross_attention_dim {cross_attention_dim} — an SD 2.x/SDXL model, not SD 1.x")
     kinds = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
     if any(block not in kinds for block in down):
         raise CheckpointError(f"{where}: unsupported down_block_types {down}")
@@ -370,21 +414,23 @@ def _unet_config(cfg: dict, where: Path) -> UNetConfig:
     up = cfg.get("up_block_types", [])
     if tuple(up_kinds.get(block) for block in up) != tuple(reversed(attention)):
         raise CheckpointError(f"{where}: up_block_types {up} do not mirror {down}")
-    layers = cfg.get("transformer_layers_per_block", 1)
-    if isinstance(layers, list):
-        if len(set(layers)) != 1:
-            raise CheckpointError(f"{where}: per-level transformer_layers_per_block unsupported")
-        layers = layers[0]
-    _refuse_other_values(cfg, FIXED_UNET_KEYS, where)
+    layers = _one_for_all_blocks(cfg, "transformer_layers_per_block", 1, None, where)
+    for key in PER_BLOCK_FIXED_KEYS:
+        if isinstance(cfg.get(key), list) and len(cfg[key]) != len(down):
+            raise CheckpointError(f"{where}: {key}={cfg[key]!r} needs one entry per down block ({len(down)})")
+    fixed = dict(cfg)
+    if cfg.get("time_embedding_dim") is not None and cfg["time_embedding_dim"] == 4 * cfg["block_out_channels"][0]:
+        fixed["time_embedding_dim"] = None  # diffusers' default (block_out_channels[0] * 4), written out
+    _refuse_other_values(fixed, FIXED_UNET_KEYS, where)
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
     return UNetConfig(
         in_channels=cfg.get("in_channels", 4),
         out_channels=cfg.get("out_channels", 4),
         block_out_channels=tuple(cfg["block_out_channels"]),
         attention_levels=attention,
-        layers_per_block=cfg.get("layers_per_block", 2),
+        layers_per_block=_one_for_all_blocks(cfg, "layers_per_block", 2, len(down), where),
         num_heads=tuple(heads) if isinstance(heads, list) else heads,
-        cross_attention_dim=cfg.get("cross_attention_dim", 768),
+        cross_attention_dim=cross_attention_dim,
         transformer_layers=layers,
         norm_num_groups=cfg.get("norm_num_groups", 32),
         norm_eps=cfg.get("norm_eps", 1e-5),

@@ -103,6 +103,42 @@ def test_a_float32_strength_counts_steps_as_its_decimal_and_diffusers_do():
     assert request.resolve({**SETTINGS, "steps": 10}).strength == 0.7
 
 
+def test_a_0dim_torch_strength_and_guidance_read_as_their_decimal_as_numpy_float32_does(pipe):
+    """torch.tensor(0.7) is float32 too: through the library call it was refused ("expected a
+    number"), and where it was read (samplers' start index) it was widened to 0.699999988, so
+    int(10 * strength) ran 6 steps, not 7. float16/bfloat16 read likewise; a float64 as it is."""
+    import torch
+
+    from sdcore import schedules
+
+    settings = {**SETTINGS, "steps": 10}
+    init = picture(2)
+
+    def image(strength, guidance_scale):
+        request = GenerationRequest("a red circle", seed=5, init_image=init, strength=strength)
+        return pipe.generate([request], **{**settings, "guidance_scale": guidance_scale})[0]
+
+    written = image(0.7, 7.1)
+    assert same(image(torch.tensor(0.7), torch.tensor(7.1)), written)
+    assert not same(image(0.699999988079071, 7.1), written)  # the widened value: one step fewer
+    assert schedules.img2img_start_index(10, torch.tensor(0.7)) == 3 == schedules.img2img_start_index(10, 0.7)
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        request = GenerationRequest("x", seed=1, init_image=init, strength=torch.tensor(0.7, dtype=dtype))
+        resolved = request.resolve({**settings, "guidance_scale": torch.tensor(7.1, dtype=dtype)})
+        assert (resolved.strength, resolved.guidance_scale) == (0.7, 7.1), dtype
+        assert type(resolved.strength) is float and type(resolved.guidance_scale) is float
+    for value in (0.7, 0.1, 1 / 3, 7.5, 1e-3):  # the decimal numpy prints for its float32
+        assert rules.as_float(torch.tensor(value)) == rules.as_float(np.float32(value)), value
+    wide = torch.tensor(0.699999988079071, dtype=torch.float64)
+    assert GenerationRequest("x", seed=1, init_image=init, strength=wide).resolve(settings).strength == wide.item()
+    for not_a_number in (torch.tensor([0.7]), torch.tensor(True)):
+        with pytest.raises(ValueError, match="strength: expected a number"):
+            GenerationRequest("x", seed=1, init_image=init, strength=not_a_number).resolve(settings)
+    with pytest.raises(ValueError, match="guidance_scale: expected a finite number >= 0"):
+        GenerationRequest("x", seed=1).resolve({**settings, "guidance_scale": torch.tensor(-1.0)})
+
+
 def test_the_strength_a_too_small_strength_error_suggests_is_accepted():
     for steps in (3, 7, 12, 999):
         problem = rules.strength_problem(0.5 / steps, steps)

@@ -178,6 +178,20 @@ def write_folder_variant(src, dst, part, change):
         ("vae", lambda c: c.update(act_fn="mish"), "act_fn='mish'"),
         ("scheduler", lambda c: c.update(prediction_type="sample"), "prediction_type='sample'"),
         ("scheduler", lambda c: c.update(beta_end=0.02), "beta_end=0.02"),
+        ("scheduler", lambda c: c.update(beta_start=0.00085001), "beta_start=0.00085001"),  # not float noise
+        ("scheduler", lambda c: c.update(num_train_timesteps=1000.0000001), "num_train_timesteps=1000.0000001"),
+        # A per-block list with one value that is not SD 1.x's, named as written.
+        (
+            "unet",
+            lambda c: c.update(only_cross_attention=[False, True, False]),
+            r"only_cross_attention=\[False, True, False\]",
+        ),
+        ("unet", lambda c: c.update(only_cross_attention=[False, False]), "needs one entry per down block"),
+        # diffusers types upcast_attention a bool: a list is truthy there (upcasts), not SD 1.x's False.
+        ("unet", lambda c: c.update(upcast_attention=[False] * 3), r"upcast_attention=\[False, False, False\]"),
+        ("unet", lambda c: c.update(layers_per_block=[2, 1, 2]), r"per-block layers_per_block \[2, 1, 2\] unsupported"),
+        ("unet", lambda c: c.update(cross_attention_dim=[1024] * 3), "SD 2.x"),
+        ("unet", lambda c: c.update(time_embedding_dim=256), "time_embedding_dim=256"),
         ("text_encoder", lambda c: c.update(architectures=["CLIPTextModelWithProjection"]), "not SD 1.x's"),
     ],
 )
@@ -185,6 +199,40 @@ def test_unsupported_diffusers_folders_are_refused(diffusers_folder, tmp_path, p
     folder = write_folder_variant(diffusers_folder, tmp_path / "variant", part, change)
     with pytest.raises(CheckpointError, match=message):
         sdcore.load_pipeline(folder)
+
+
+@pytest.mark.parametrize(
+    "part, key, json_value",
+    [
+        # diffusers takes these as one value or one per down block (heads per level: UNetConfig's own).
+        ("unet", "only_cross_attention", "[false, false, false]"),
+        ("unet", "layers_per_block", "[2, 2, 2]"),
+        ("unet", "cross_attention_dim", "[32, 32, 32]"),
+        ("unet", "transformer_layers_per_block", "[1, 1, 1]"),
+        ("unet", "time_embedding_dim", "128"),  # diffusers' null: block_out_channels[0] * 4
+        ("unet", "mid_block_only_cross_attention", "null"),  # null: only_cross_attention's value
+        ("unet", "mid_block_scale_factor", "1.0000000000000002"),
+        # Float noise from another writer, and other spellings of SD's numbers.
+        ("scheduler", "beta_end", "0.012000000000000002"),
+        ("scheduler", "beta_start", "0.0008499999999999999"),
+        ("scheduler", "beta_start", "8.5e-4"),
+        ("scheduler", "num_train_timesteps", "1000.0"),
+        ("vae", "shift_factor", "0.0"),
+    ],
+)
+def test_configs_that_are_sd_written_another_way_load_as_sd(
+    diffusers_folder, from_folder, tmp_path, part, key, json_value
+):
+    """Keys sdcore's networks do not read were compared to SD 1.x's value exactly, so a per-block
+    list of SD's value, or SD's beta_end with float noise, was refused as "not an SD 1.x model"."""
+    folder = tmp_path / "variant"
+    shutil.copytree(diffusers_folder, folder)
+    config_path = folder / part / ("scheduler_config.json" if part == "scheduler" else "config.json")
+    config = {k: v for k, v in json.loads(config_path.read_text()).items() if k != key}
+    config_path.write_text(json.dumps(config)[:-1] + f', "{key}": {json_value}}}')  # the value as spelled
+    loaded = sdcore.load_pipeline(folder)
+    assert loaded.config == from_folder.config
+    assert loaded.fingerprint == from_folder.fingerprint
 
 
 def test_a_text_encoder_with_another_vocabulary_is_refused(diffusers_folder, tmp_path):
