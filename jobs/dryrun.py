@@ -10,6 +10,8 @@ It prints and returns:
 - every manifest row checked exactly as the worker checks it (`parse_row`), plus the existence of
   every distinct init image; the rows that would become error records, counted by reason with an
   example each;
+- a warning for the rows whose prompt or negative prompt is longer than CLIP's 75 tokens and will
+  be cut (counted apart, with a few example rows): the job still runs them, as diffusers would;
 - a time estimate from a short calibration: one row generated at the job's size (after a warm-up
   call) with 1 and with 3 steps gives the fixed and the per-step cost, times the rows' steps
   (img2img: the steps its strength leaves), divided by the workers.
@@ -29,7 +31,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+
+from sdcore import rules
 
 from .errors import error_reason
 from .manifest import Manifest, parse_row
@@ -89,6 +94,7 @@ def check_rows(spec: JobSpec, manifest: Manifest, to_run: Sequence[tuple[int, in
         running[start:stop] = b"\1" * (stop - start)
     to_run_rows: dict[int, int] = {}  # row -> its denoising steps, for the ok rows a run would make
     inits: dict[str, list[int]] = {}
+    cut = TokenCounter(manifest.num_rows)
     offset = 0
     for batch in manifest.table.to_batches(max_chunksize=65536):
         for i, raw in enumerate(table_rows(pa.Table.from_batches([batch]))):  # as the worker reads them
@@ -114,6 +120,8 @@ def check_rows(spec: JobSpec, manifest: Manifest, to_run: Sequence[tuple[int, in
             steps_total += steps
             if running[row]:
                 to_run_rows[row] = steps
+            cut.add(row, request.prompt, request.negative if rules.guided(request.guidance_scale) else "")
+        cut.count()  # this batch's prompts, a batch at a time
         offset += batch.num_rows
 
     def missing(uri: str) -> bool:
@@ -131,6 +139,7 @@ def check_rows(spec: JobSpec, manifest: Manifest, to_run: Sequence[tuple[int, in
         ok -= len(inits[uri])
         for row in inits[uri]:
             to_run_rows.pop(row, None)
+        cut.forget(inits[uri])  # error records: never encoded
     return {
         "rows": manifest.num_rows,
         "ok": ok,
@@ -142,7 +151,74 @@ def check_rows(spec: JobSpec, manifest: Manifest, to_run: Sequence[tuple[int, in
         "steps_to_run": sum(to_run_rows.values()),
         "init_images": len(inits),
         "init_images_missing": len(absent),
+        "truncated": cut.findings(manifest.ids),
     }
+
+
+TRUNCATION_EXAMPLES = 3  # example rows the dry run names per kind of truncated text
+
+
+class TokenCounter:
+    """The tokens CLIP will drop from each ok row's prompt and negative prompt
+    (`sdcore.tokenizer.dropped_tokens`: the pipeline's tokenizer and cleaning, fast over a long
+    list), found a manifest batch at a time: `add` a batch's rows, then `count` them, each
+    distinct text of the batch once. Holds two int32 per manifest row (8 MB at 1M rows)."""
+
+    def __init__(self, rows: int):
+        self.dropped = {"prompt": np.zeros(rows, np.int32), "negative": np.zeros(rows, np.int32)}
+        self.pending: dict[str, dict[str, list[int]]] = {"prompt": {}, "negative": {}}  # text -> its rows
+
+    def add(self, row: int, prompt: str, negative: str) -> None:
+        """One ok row; `negative` "" when the row is not guided (its negative is not encoded)."""
+        self.pending["prompt"].setdefault(prompt, []).append(row)
+        if negative:
+            self.pending["negative"].setdefault(negative, []).append(row)
+
+    def count(self) -> None:
+        from sdcore.tokenizer import dropped_tokens
+
+        for kind, texts in self.pending.items():
+            for rows, n in zip(texts.values(), dropped_tokens(list(texts))):
+                if n:
+                    self.dropped[kind][rows] = n
+            texts.clear()
+
+    def forget(self, rows: Sequence[int]) -> None:
+        for dropped in self.dropped.values():
+            dropped[list(rows)] = 0
+
+    def findings(self, ids: Sequence[str | None]) -> dict[str, Any]:
+        """Per kind: the rows cut, and the first few (row, id, tokens dropped)."""
+        found = {}
+        for kind, dropped in self.dropped.items():
+            rows = np.flatnonzero(dropped)
+            examples = [
+                {"row": int(r), "id": ids[r], "tokens_dropped": int(dropped[r])} for r in rows[:TRUNCATION_EXAMPLES]
+            ]
+            found[kind] = {"rows": len(rows), "examples": examples}
+        return found
+
+
+def truncation_lines(truncated: dict[str, Any]) -> list[str]:
+    """The dry run's warnings for rows whose texts CLIP will cut (none when every text fits)."""
+    lines = []
+    for kind, what in (("prompt", "prompt"), ("negative", "negative prompt")):
+        found = truncated[kind]
+        if not found["rows"]:
+            continue
+        examples = ", ".join(
+            f"row {e['row']} (id {_short(e['id'])}: {e['tokens_dropped']} dropped)" for e in found["examples"]
+        )
+        lines.append(
+            f"[sdgen] warning: {found['rows']} row(s) have a {what} longer than CLIP's 75 tokens; the tokens "
+            f"past the 75th are dropped (the rows still run), e.g. {examples}"
+        )
+    return lines
+
+
+def _short(value: str | None, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _resolved(spec: JobSpec) -> dict[str, Any]:
@@ -239,6 +315,8 @@ def dry_run(
     )
     for reason, count in rows["reasons"].items():
         log(f"[sdgen]   {count:>6}  {reason}   e.g. {rows['examples'][reason]}")
+    for line in truncation_lines(rows["truncated"]):
+        log(line)
     try:
         cal = calibrate(spec, resolved["device"], resolved["threads"])
     except TransientStorageError:
@@ -274,4 +352,4 @@ def dry_run(
     }
 
 
-__all__ = ["calibrate", "check_rows", "check_weights", "dry_run", "trial_job"]
+__all__ = ["TokenCounter", "calibrate", "check_rows", "check_weights", "dry_run", "trial_job", "truncation_lines"]

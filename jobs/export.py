@@ -92,6 +92,8 @@ IMAGEFOLDER_FIELDS = (
     "height",
     "model_fingerprint",
     "image_sha256",
+    "prompt_tokens_dropped",  # the prompt's tokens past CLIP's 75, which the image never saw
+    "negative_tokens_dropped",
 )
 # The columns of each format that are not labels (`image`: the column datasets' imagefolder adds).
 COLUMNS = {

@@ -15,6 +15,7 @@ of the committed image, each returning a new record.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -23,6 +24,8 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import pyarrow as pa
+
+from sdcore import rules
 
 from .manifest import RowRequest
 from .redact import redact_text
@@ -111,6 +114,12 @@ class Record:
     # How the image's parameters were embedded (jobs.writer.IMAGE_METADATA). Null in records
     # written before it (1).
     image_metadata: Int32 | None = None
+    # Tokens CLIP's 77-token context cut from the end of the prompt and of the negative prompt
+    # (beyond 75; sdcore.tokenizer.dropped_tokens, the pipeline's tokenizer): 0 when the text fit,
+    # and the negative's 0 when the row is not guided (guidance_scale <= 1: it is not encoded).
+    # Null in error records of rows never given to the pipeline and in records written before it.
+    prompt_tokens_dropped: Int32 | None = None
+    negative_tokens_dropped: Int32 | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Record:
@@ -242,7 +251,15 @@ class RecordBuilder:
     ) -> Record:
         """The record of one manifest row: `row` is its checked request, or for a rejected row
         the fields `parse_row` could read; `error` makes it an error record. The image and the
-        generate() time are added later (`Record.with_image`, `Record.generated`)."""
+        generate() time are added later (`Record.with_image`, `Record.generated`). A row to be
+        generated gets the tokens CLIP will cut from its texts (`tokens_dropped`)."""
+        dropped = {}
+        if isinstance(row, RowRequest) and error is None:
+            negative = row.negative if rules.guided(row.guidance_scale) else ""
+            dropped = {
+                "prompt_tokens_dropped": tokens_dropped(row.prompt),
+                "negative_tokens_dropped": tokens_dropped(negative),
+            }
         fields = _row_fields(row)
         uri = fields["init_image_uri"]
         fields["init_image_uri"] = redact_uri(uri) if uri else uri
@@ -265,7 +282,18 @@ class RecordBuilder:
             attempt=attempt,
             started_at=started_at,
             time_load_s=time_load_s,
+            **dropped,
         )
+
+
+@functools.lru_cache(maxsize=4096)
+def tokens_dropped(text: str) -> int:
+    """Tokens of `text` beyond CLIP's 75, as the pipeline's tokenizer cuts them. Cached: a worker
+    sees the same negative (and often the same prompt) row after row, and the tokenizer (with
+    torch) is imported only by the workers that make records of generated rows."""
+    from sdcore.tokenizer import dropped_tokens
+
+    return dropped_tokens([text])[0]
 
 
 def _row_fields(row: RowRequest | Mapping[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import html
+import re
 import threading
 import warnings
 from collections.abc import Sequence
@@ -86,7 +87,7 @@ def tokenize(prompts: Sequence[str]) -> torch.LongTensor:
     with _lock:
         # The same call as diffusers' StableDiffusionPipeline.encode_prompt.
         ids = tok(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
-        lengths = [len(x) for x in tok(texts, verbose=False).input_ids]  # untruncated, BOS+EOS included
+        lengths = _lengths(tok, texts)
     for prompt, n in zip(prompts, lengths):
         if n > MAX_LENGTH:
             short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
@@ -98,3 +99,80 @@ def tokenize(prompts: Sequence[str]) -> torch.LongTensor:
                 stacklevel=2,
             )
     return ids  # (B, 77) int64
+
+
+def _lengths(tok: CLIPTokenizer, texts: list[str]) -> list[int]:
+    """Untruncated ids per cleaned text, BOS and EOS included (call under `_lock`)."""
+    return [len(x) for x in tok(texts, verbose=False, return_attention_mask=False).input_ids]
+
+
+def _fits(text: str) -> bool:
+    """A cleaned text that surely fits without tokenizing it: ASCII with at most 75 characters
+    besides spaces. Each token holds at least one byte of a word (byte-level BPE; spaces are
+    not tokens), and the tokenizer's own normalizing (NFC, lowercase) keeps ASCII as it is."""
+    return text.isascii() and len(text) - text.count(" ") <= MAX_LENGTH - 2
+
+
+# Counting a long list of prompts (a dry run over a manifest) without running the whole
+# tokenizer on each: BPE merges never cross the pieces the pre-tokenizer splits a text into, so a
+# text's token count is the sum of its pieces' counts, each piece tokenized once (by the tokenizer
+# itself) and remembered. That needs the pre-tokenizer's split, which this module writes out only
+# for printable ASCII without `<|` (the special tokens are matched before the split): there the
+# tokenizer's normalizer (NFC, whitespace, lowercase) changes nothing and its pattern
+# (`tokenizer.json`: `'s|'t|...|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+`) reads as below. Any other
+# text is tokenized whole. `tests/test_tokenizer.py` compares both ways over random texts.
+_ASCII_PIECES = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+")
+_PIECE_CACHE_SIZE = 1 << 17  # pieces remembered (cleared when full): a vocabulary's worth
+_piece_tokens: dict[str, int] = {}
+
+
+def _plain(text: str) -> bool:
+    """Printable ASCII without an HTML entity or a special token's opening: `clean_prompt`
+    (ftfy changes no such text) is only whitespace and case, and the pieces are `_ASCII_PIECES`."""
+    return text.isascii() and text.isprintable() and "&" not in text and "<|" not in text
+
+
+def _count_pieces(texts: list[str]) -> list[int]:
+    """Tokens of each cleaned `_plain` text (BOS and EOS not counted), piece by piece."""
+    split = [_ASCII_PIECES.findall(text) for text in texts]
+    new = sorted({piece for pieces in split for piece in pieces} - _piece_tokens.keys())
+    if len(_piece_tokens) + len(new) > _PIECE_CACHE_SIZE:
+        _piece_tokens.clear()
+        new = sorted({piece for pieces in split for piece in pieces})
+    if new:
+        tok = get_tokenizer()
+        with _lock:
+            ids = tok(new, add_special_tokens=False, verbose=False, return_attention_mask=False).input_ids
+        _piece_tokens.update(zip(new, map(len, ids)))
+    return [sum(map(_piece_tokens.__getitem__, pieces)) for pieces in split]
+
+
+def dropped_tokens(prompts: Sequence[str]) -> list[int]:
+    """How many tokens `tokenize` drops from the end of each prompt: those beyond CLIP's 75
+    (0 when it fits). The same cleaning and tokenizer as `tokenize`, without the ids tensor or
+    the warning, and cheap over a long list: a prompt short enough to fit whatever it says is not
+    tokenized (`_fits`), plain ASCII is counted piece by piece (`_count_pieces`, ~10x faster than
+    tokenizing it), the rest in one tokenizer call."""
+    if isinstance(prompts, str):
+        raise TypeError("dropped_tokens() takes a sequence of prompts, not a single str")
+    dropped = [0] * len(prompts)
+    plain: list[tuple[int, str]] = []
+    other: list[tuple[int, str]] = []
+    for i, prompt in enumerate(prompts):
+        if _plain(prompt):
+            text = " ".join(prompt.split()).lower()  # = clean_prompt(prompt) here, much faster
+            if not _fits(text):
+                plain.append((i, text))
+        else:
+            text = clean_prompt(prompt)
+            if not _fits(text):
+                other.append((i, text))
+    for i, n in zip((i for i, _ in plain), _count_pieces([text for _, text in plain])):
+        dropped[i] = max(0, n - (MAX_LENGTH - 2))
+    if other:
+        tok = get_tokenizer()
+        with _lock:
+            lengths = _lengths(tok, [text for _, text in other])
+        for (i, _), n in zip(other, lengths):
+            dropped[i] = max(0, n - MAX_LENGTH)
+    return dropped

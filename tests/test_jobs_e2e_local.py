@@ -36,6 +36,8 @@ def finished_job(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e-local")
     init_image(tmp / "data" / "init" / "a.png")
     rows = small_rows(7, img2img_every=3)  # rows 2 and 5 are img2img
+    rows[4]["prompt"] += " and a red circle" * 20  # 84 tokens: CLIP reads 75
+    rows[5]["negative"] = "blurry " * 80
     rows.append({"id": "bad", "prompt": None, "negative": "", "seed": 1, "strength": None, "init_image": None})
     manifest = write_manifest(tmp / "data" / "m.parquet", rows, manifest_schema())
     spec = write_spec(
@@ -78,6 +80,19 @@ def test_every_row_has_exactly_one_complete_record(finished_job):
         assert image.size == (32, 32) and image.text["parameters"].startswith(r["prompt"])
         assert r["image_path"] == f"images/{r['shard']}/{r['id']}.png"
     assert [r["mode"] for r in records if r["status"] == "ok"].count("img2img") == 2
+
+
+def test_records_count_the_tokens_clip_dropped(finished_job):
+    """The long prompt of r004 and the long negative of r005 lost their tokens past CLIP's 75
+    (cut, as diffusers cuts them): their records say how many; the texts that fit, 0."""
+    tmp, _, _ = finished_job
+    dropped = {r["id"]: (r["prompt_tokens_dropped"], r["negative_tokens_dropped"]) for r in all_records(tmp / "out")}
+    assert dropped == {
+        **{f"r{i:03d}": (0, 0) for i in range(7)},
+        "r004": (9, 0),
+        "r005": (0, 5),
+        "bad": (None, None),  # an error record: never generated
+    }
 
 
 def test_job_and_summary_files(finished_job):

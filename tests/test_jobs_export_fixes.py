@@ -374,12 +374,13 @@ def test_export_to_s3_keeps_a_marker(labelled, unsigned, s3):
 @pytest.mark.parametrize("fmt", ["parquet", "imagefolder", "webdataset"])
 def test_an_output_made_before_the_latest_record_fields_exports(labelled, tmp_path, fmt):
     """Record files of an older sdgen lack the fields added since (here `decode_rows`,
-    `decode_slot`, `init_decoding`): exporting them failed with KeyError: 'init_decoding'."""
+    `decode_slot`, `init_decoding`, the tokens dropped): exporting them failed with KeyError:
+    'init_decoding'."""
     import shutil
 
     old = tmp_path / "old"
     shutil.copytree(labelled, old)
-    newer = ["decode_rows", "decode_slot", "init_decoding"]
+    newer = ["decode_rows", "decode_slot", "init_decoding", "prompt_tokens_dropped", "negative_tokens_dropped"]
     for path in (old / "records").glob("*.parquet"):
         table = pq.read_table(path)
         pq.write_table(table.drop_columns(newer), path)
@@ -387,6 +388,10 @@ def test_an_output_made_before_the_latest_record_fields_exports(labelled, tmp_pa
     if fmt == "parquet":
         table = pq.read_table(tmp_path / fmt)
         assert table.num_rows == 4 and table.column("init_decoding").null_count == 4
+        assert table.column("prompt_tokens_dropped").null_count == 4
+    if fmt == "imagefolder":
+        lines = [json.loads(line) for line in (tmp_path / fmt / "metadata.jsonl").read_text().splitlines()]
+        assert [m["prompt_tokens_dropped"] for m in lines] == [None] * 4
 
 
 # ---------------------------------------------------------------------------------------------

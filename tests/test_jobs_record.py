@@ -61,7 +61,9 @@ COLUMNS = [
     ("decode_rows", pa.int32()),  # the VAE decode's shape and this row's slot in it: added last
     ("decode_slot", pa.int32()),
     ("init_decoding", pa.int32()),  # how an img2img row's init image was decoded (EXIF, 16-bit)
-    ("image_metadata", pa.int32()),  # how the image's parameters were embedded (EXIF types): added last
+    ("image_metadata", pa.int32()),  # how the image's parameters were embedded (EXIF types)
+    ("prompt_tokens_dropped", pa.int32()),  # tokens CLIP cut from the prompt / negative: added last
+    ("negative_tokens_dropped", pa.int32()),
 ]
 
 # Python type of a field -> the Arrow types its column may have.
@@ -177,6 +179,26 @@ def test_an_error_record_from_the_fields_that_could_be_read():
     )
     with pytest.raises(ValueError, match="not manifest row fields: name"):
         BUILDER.build({**known, "name": "bad"}, shard="shard-00000", attempt=1, started_at=STARTED)
+
+
+def test_a_generated_rows_record_counts_the_tokens_clip_drops():
+    """CLIP reads 75 tokens of a text: the record says how many more the prompt and the
+    negative prompt had (cut, as diffusers cuts them), 0 when they fit."""
+    long = dataclasses.replace(REQUEST, prompt="a cat " * 40, negative="blurry " * 80)  # 80 tokens each
+    record = BUILDER.build(long, shard="s", attempt=1, started_at=STARTED)
+    assert (record.prompt_tokens_dropped, record.negative_tokens_dropped) == (5, 5)
+    assert record.generated(1.0).prompt_tokens_dropped == 5  # kept when the record is completed
+    fits = BUILDER.build(REQUEST, shard="s", attempt=1, started_at=STARTED)
+    assert (fits.prompt_tokens_dropped, fits.negative_tokens_dropped) == (0, 0)
+    # Not guided (guidance_scale <= 1): the negative prompt is not encoded, so nothing of it is cut.
+    unguided = BUILDER.build(dataclasses.replace(long, guidance_scale=1.0), shard="s", attempt=1, started_at=STARTED)
+    assert (unguided.prompt_tokens_dropped, unguided.negative_tokens_dropped) == (5, 0)
+    # Rows never given to the pipeline: null, as in records written before the fields.
+    failed = BUILDER.build(long, shard="s", attempt=1, started_at=STARTED, error="init_image not found: x")
+    rejected = BUILDER.build({"row": 3, "id": "x", "prompt": "a cat " * 40}, shard="s", attempt=1, started_at=STARTED)
+    assert [failed.prompt_tokens_dropped, rejected.prompt_tokens_dropped, rejected.negative_tokens_dropped] == [
+        None
+    ] * 3
 
 
 def test_completing_a_record_makes_a_new_one():

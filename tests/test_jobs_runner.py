@@ -209,6 +209,39 @@ def test_dry_run_and_invalid_manifest(tmp_path):
         run(tmp_path, spec_dict(str(tmp_path / "bad.parquet"), str(tmp_path / "out")))
 
 
+def test_a_dry_run_warns_of_rows_whose_texts_clip_will_cut(tmp_path):
+    """CLIP reads 75 tokens of a prompt and of a negative prompt; the rest is cut, as diffusers
+    cuts it. The dry run counts those rows apart (a warning: they still run) and names some."""
+    rows = [{**row, "guidance_scale": None} for row in small_rows(6)]
+    rows[1]["prompt"] = "a large red circle " + "and a red circle " * 20  # 84 tokens: 9 cut
+    rows[4]["prompt"] = "cat " * 76  # one token too many
+    rows[3]["negative"] = "blurry " * 80
+    rows.append({**small_rows(7)[6], "guidance_scale": 1.0, "negative": "blurry " * 80})  # not guided: not encoded
+    rows.append({**small_rows(8)[7], "prompt": "cat " * 90, "seed": -1})  # an error record: never encoded
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    summary, lines = run(tmp_path, spec_dict(str(manifest), str(tmp_path / "out")), dry_run=True)
+    assert (summary["rows"]["ok"], summary["rows"]["bad"]) == (7, 1)  # warnings, not errors
+    assert summary["rows"]["truncated"] == {
+        "prompt": {
+            "rows": 2,
+            "examples": [{"row": 1, "id": "r001", "tokens_dropped": 9}, {"row": 4, "id": "r004", "tokens_dropped": 1}],
+        },
+        "negative": {"rows": 1, "examples": [{"row": 3, "id": "r003", "tokens_dropped": 5}]},
+    }
+    warnings = [line for line in lines if "longer than CLIP's 75 tokens" in line]
+    assert warnings == [
+        "[sdgen] warning: 2 row(s) have a prompt longer than CLIP's 75 tokens; the tokens past the 75th are "
+        "dropped (the rows still run), e.g. row 1 (id 'r001': 9 dropped), row 4 (id 'r004': 1 dropped)",
+        "[sdgen] warning: 1 row(s) have a negative prompt longer than CLIP's 75 tokens; the tokens past the 75th "
+        "are dropped (the rows still run), e.g. row 3 (id 'r003': 5 dropped)",
+    ]
+    # A manifest whose texts all fit: no warning.
+    manifest = write_manifest(tmp_path / "fits.parquet", small_rows(3), manifest_schema())
+    summary, lines = run(tmp_path, spec_dict(str(manifest), str(tmp_path / "out")), dry_run=True)
+    assert summary["rows"]["truncated"]["prompt"] == {"rows": 0, "examples": []}
+    assert not any("CLIP" in line for line in lines)
+
+
 def test_spec_paths_are_resolved(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = load_spec(write_spec(tmp_path / "s.yaml", spec_dict("m.parquet", "out")))

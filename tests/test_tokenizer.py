@@ -183,3 +183,37 @@ def test_input_checks():
         tokenize("a cat")
     assert tokenize([]).shape == (0, 77)
     assert get_tokenizer() is get_tokenizer()
+
+
+def _long_fuzz(n=3000, seed=1):
+    """Texts around and past 75 tokens: plain ASCII (counted piece by piece) and the rest."""
+    words = ["cat", "photo", "it's", "we're", "I'M", "'s", "''", "8k", "1024", "--", "!!!", "(masterpiece:1.2)"]
+    words += ["snake_case", "x" * 30, "supercalifragilistic", "'ll", "'D", "a.b", "\\", "<", "|", ">", "`~"]
+    others = ["\t", "\n", "é", "&amp;", "&nGt;", "<|endoftext|>", "ﬁ", "\u00a0", "😀", "İ"]
+    rng = random.Random(seed)
+    texts = []
+    for i in range(n):
+        pool = words if i % 2 else words + others
+        texts.append(" ".join(rng.choice(pool) for _ in range(rng.randint(1, 110))))
+    printable = [chr(c) for c in range(32, 127)]
+    texts += ["".join(rng.choice(printable) for _ in range(rng.randint(1, 250))) for _ in range(n)]
+    return texts
+
+
+def test_dropped_tokens_counts_what_tokenize_cuts():
+    """`dropped_tokens` (the dry run's and the records' count) equals the tokens the whole
+    tokenizer finds past 75, over plain ASCII (counted piece by piece) and any other text."""
+    texts = _long_fuzz() + CORPUS + [LONG, "cat " * 75, "cat " * 76, "", "a<|endoftext|>b" * 30]
+    tok = get_tokenizer()
+    lengths = [len(ids) for ids in tok([clean_prompt(t) for t in texts], verbose=False).input_ids]
+    expected = [max(0, n - 77) for n in lengths]
+    assert sdtok.dropped_tokens(texts) == expected
+    assert sum(1 for n in expected if n) > 1000  # the fuzz reaches past 75 often
+    assert sdtok.dropped_tokens(["cat " * 75, "cat " * 76, "", LONG]) == [0, 1, 0, expected[-5]]
+    with pytest.warns(PromptTruncatedWarning, match=f"last {expected[-5]} tokens were dropped"):
+        tokenize([LONG])
+    for text in texts:  # the plain texts' shortcut for clean_prompt
+        if sdtok._plain(text):
+            assert clean_prompt(text) == " ".join(text.split()).lower(), repr(text)
+    with pytest.raises(TypeError):
+        sdtok.dropped_tokens("a cat")
