@@ -47,6 +47,20 @@ class Conv2d(nn.Conv2d):
         self._winograd_u = self._winograd_key = None
 
 
+class GroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm` that also normalizes a group holding one value: one row whose map is 1x1
+    where the group has one channel (a tiny config at its smallest size, unguided). PyTorch
+    refuses that input ("Expected more than 1 value per channel"), diffusers with it; its
+    normalized value is 0 (its own mean, over sqrt(0 + eps)), so the output is the bias. Each
+    row is normalized on its own, so the row is run beside a copy of itself and the copy
+    dropped: the same bits as that row in any larger batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and self.num_channels == self.num_groups and x[0, 0].numel() == 1:
+            return super().forward(x.expand(2, *x.shape[1:]))[:1]
+        return super().forward(x)
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm -> SiLU -> conv, twice, with an optional time-embedding bias in between.
 
@@ -63,10 +77,10 @@ class ResnetBlock2D(nn.Module):
         temb_channels: int | None = None,
     ):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         # A 1x1 projection only where the channel count changes; identity otherwise.
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import UNetConfig
-from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+from .layers import Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
 
 TRANSFORMER_NORM_EPS = 1e-6
 
@@ -90,7 +90,7 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, channels: int, heads: int, cfg: UNetConfig):
         super().__init__()
-        self.norm = nn.GroupNorm(cfg.norm_num_groups, channels, eps=TRANSFORMER_NORM_EPS)
+        self.norm = GroupNorm(cfg.norm_num_groups, channels, eps=TRANSFORMER_NORM_EPS)
         self.use_linear_projection = cfg.use_linear_projection
         if self.use_linear_projection:
             self.proj_in = nn.Linear(channels, channels)
@@ -245,7 +245,7 @@ class UNet2DConditionModel(nn.Module):
             )
             prev_ch = out_ch
 
-        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
+        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import VAEConfig
-from .layers import Downsample2D, ResnetBlock2D, Upsample2D
+from .layers import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
 
 VAE_NORM_EPS = 1e-6
 
@@ -22,7 +22,7 @@ class VAEAttention(nn.Module):
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.group_norm = nn.GroupNorm(groups, channels, eps=VAE_NORM_EPS)
+        self.group_norm = GroupNorm(groups, channels, eps=VAE_NORM_EPS)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -91,7 +91,7 @@ class Encoder(nn.Module):
             last = level == len(channels) - 1
             self.down_blocks.append(VAEBlock(in_ch, out_ch, cfg.layers_per_block, groups, None if last else "down"))
         self.mid_block = VAEMidBlock(channels[-1], groups)
-        self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=VAE_NORM_EPS)
+        self.conv_norm_out = GroupNorm(groups, channels[-1], eps=VAE_NORM_EPS)
         self.conv_out = nn.Conv2d(channels[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +117,7 @@ class Decoder(nn.Module):
             in_ch = channels[max(level - 1, 0)]
             last = level == len(channels) - 1
             self.up_blocks.append(VAEBlock(in_ch, out_ch, cfg.layers_per_block + 1, groups, None if last else "up"))
-        self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=VAE_NORM_EPS)
+        self.conv_norm_out = GroupNorm(groups, channels[-1], eps=VAE_NORM_EPS)
         self.conv_out = nn.Conv2d(channels[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

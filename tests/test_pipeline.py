@@ -18,6 +18,7 @@ from PIL import Image
 
 import sdcore
 from sdcore.config import ModelConfig
+from sdcore.layers import GroupNorm
 from sdcore.tokenizer import get_tokenizer
 
 from tests.reference import SD15_SCHEDULER_CONFIG, save_diffusers_folder
@@ -210,6 +211,31 @@ def test_odd_latent_size_runs(ours):
         [{"prompt": "x", "seed": 0}], sampler="ddim", steps=2, guidance_scale=5.0, width=40, height=24
     )[0]
     assert image.size == (40, 24)
+
+
+@pytest.mark.parametrize("width, height", [(8, 8), (16, 8), (16, 16)])
+def test_the_smallest_sizes_run_unguided(ours, width, height):
+    """One unguided row at the tiny config's smallest sizes reaches a 1x1 map with one channel
+    per norm group, which PyTorch's GroupNorm (and diffusers) refuses: sdcore's normalizes it
+    (to its bias), the same way every time."""
+
+    def make():
+        rows = [{"prompt": "x", "seed": 3}]
+        return ours.generate(rows, sampler="ddim", steps=2, guidance_scale=1.0, width=width, height=height)[0]
+
+    first = make()
+    assert first.size == (width, height)
+    assert first.tobytes() == make().tobytes()
+
+
+def test_a_group_of_one_value_normalizes_to_the_bias_as_in_a_larger_batch():
+    norm = GroupNorm(4, 4)
+    torch.nn.init.normal_(norm.bias)
+    one = torch.randn(1, 4, 1, 1)
+    torch.testing.assert_close(norm(one), norm.bias.view(1, 4, 1, 1).expand_as(one))  # up to rounding of its mean
+    assert torch.equal(norm(one), norm(torch.cat([one, torch.randn(3, 4, 1, 1)]))[:1])
+    wider = torch.randn(1, 4, 2, 1)  # more than one value per group: PyTorch's own path
+    assert torch.equal(norm(wider), torch.nn.functional.group_norm(wider, 4, norm.weight, norm.bias, norm.eps))
 
 
 @pytest.mark.parametrize(
