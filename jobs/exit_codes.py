@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from typing import Any
 
 OK = 0  # run: every shard committed; status: complete; reproduce: every image matches
 INCOMPLETE = 1  # run: some shards failed (rerun resumes); status: not complete; reproduce: a mismatch
@@ -49,14 +50,24 @@ def _interrupt(signum, frame) -> None:  # noqa: ARG001 - signal handler signatur
     raise KeyboardInterrupt
 
 
-def install_sigterm() -> None:
+def install_sigterm() -> dict[int, Any]:
     """Ctrl-C (SIGINT) and SIGTERM raise KeyboardInterrupt in the main thread, once, so `finally`
-    blocks run (the embedded Ray is shut down) alike; further ones are ignored while they run."""
+    blocks run (the embedded Ray is shut down) alike; further ones are ignored while they run.
+    Returns the handlers it replaced (none off the main thread), for `restore_signals`."""
+    before: dict[int, Any] = {}
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, _interrupt)
+            before[sig] = signal.signal(sig, _interrupt)
     except ValueError:  # not the main thread (e.g. called from a test's thread)
         pass
+    return before
+
+
+def restore_signals(handlers: dict[int, Any]) -> None:
+    """Put back the handlers `install_sigterm` replaced: a command run in-process (a test, a
+    notebook) leaves Ctrl-C working as it found it, even after it ignored a second one."""
+    for sig, handler in handlers.items():
+        signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def one_line(text: object, limit: int = 300) -> str:
@@ -73,7 +84,7 @@ def guarded(main: Callable[[], int], debug: bool, on_interrupt: str | None = Non
     """Run a command's body: an unexpected exception is one line and exit 3 (a traceback only
     with --debug); Ctrl-C/SIGTERM is exit 130, saying `on_interrupt` (e.g. RESUMABLE) after
     "interrupted" when the command has something to say of what it leaves."""
-    install_sigterm()
+    handlers = install_sigterm()
     try:
         return main()
     except KeyboardInterrupt:
@@ -92,6 +103,8 @@ def guarded(main: Callable[[], int], debug: bool, on_interrupt: str | None = Non
             flush=True,
         )
         return INFRASTRUCTURE
+    finally:
+        restore_signals(handlers)
 
 
 def finish(code: int) -> None:

@@ -3,6 +3,7 @@ environment, and `status` / `run --dry-run` exit right every time (the SIGABRT a
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -227,3 +228,23 @@ def test_an_interrupted_command_says_only_what_holds_for_it(capsys):
     assert capsys.readouterr().err == "interrupted\n"
     assert guarded(interrupted, debug=False, on_interrupt=RESUMABLE) == 130
     assert capsys.readouterr().err == f"interrupted: {RESUMABLE}\n"
+
+
+def test_a_command_run_in_process_leaves_ctrl_c_as_it_found_it():
+    """`guarded` ignores a second Ctrl-C while its cleanup runs; afterwards, a caller in the
+    same process (a test, a notebook) gets its own handlers back: Ctrl-C interrupts it again."""
+    import signal
+
+    from jobs.exit_codes import guarded
+
+    def interrupted_twice() -> int:
+        os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt; later ones ignored while it unwinds
+        time.sleep(1)
+        return 0
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert guarded(interrupted_twice, debug=False) == 130
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
