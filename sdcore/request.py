@@ -115,8 +115,9 @@ class GenerationRequest:
         filled["steps"] = int(filled["steps"])
         filled["guidance_scale"] = rules.as_float(filled["guidance_scale"])
         filled["width"], filled["height"] = int(filled["width"]), int(filled["height"])
-        strength = None if self.strength is None else rules.as_float(self.strength)
-        return dataclasses.replace(self, strength=strength, **filled)
+        # The strength stays as given: its step count is computed in its own type, as diffusers
+        # computes it (`rules.img2img_steps`: a numpy float32 can count one step more).
+        return dataclasses.replace(self, **filled)
 
     def settings_key(self) -> tuple:
         """Resolved requests with equal keys can share UNet forwards (same schedule and size)."""

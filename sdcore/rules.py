@@ -16,7 +16,6 @@ import math
 import numbers
 import os
 import sys
-from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Any
 
@@ -151,56 +150,24 @@ def weights_problem(weights: str) -> str | None:
 
 
 def as_float(value: Any) -> float:
-    """A number as a Python float; a numpy float32/float16 as the decimal it prints as (0.7, not
-    0.699999988...), which is what its writer meant and what diffusers' float32 arithmetic gets:
-    int(10 * float32(0.7)) is 7 in float32, but 6 after widening it to float64 as stored. A 0-dim
-    torch float32/float16/bfloat16 tensor (`torch.tensor(0.7)` is float32) is read the same way."""
-    if _is_torch_scalar(value) and value.is_floating_point() and value.element_size() < 8:
-        return _shortest_decimal(value)
-    narrow = type(value).__module__ == "numpy" and getattr(getattr(value, "dtype", None), "itemsize", 8) < 8
-    return float(str(value)) if narrow and not isinstance(value, (bool, int, float)) else float(value)
-
-
-def _shortest_decimal(scalar: Any) -> float:
-    """The decimal with the fewest significant digits that a 0-dim torch tensor's dtype reads back
-    as the tensor's value (of those, the nearest to it): the digits numpy prints for its float32
-    and float16, for torch's bfloat16 too. torch.tensor(0.7) holds 0.699999988079071: this is 0.7."""
-    torch = sys.modules["torch"]
-    exact = scalar.item()  # a float32/float16/bfloat16 value is exactly a Python float
-    if not math.isfinite(exact) or exact == 0.0:
-        return exact
-    target = Decimal(exact)
-
-    def reads_back(candidate: Decimal) -> bool:
-        return torch.tensor(float(candidate), dtype=scalar.dtype).item() == exact
-
-    with localcontext() as context:  # whatever precision the caller's decimal context has
-        context.prec = 40
-        for digits in range(1, 18):
-            unit = Decimal(1).scaleb(target.adjusted() - digits + 1)  # one in the last of `digits` places
-            nearest = target.quantize(unit)
-            # The values reading back as `exact` are an interval around it, lopsided at a power of
-            # two: the nearest `digits`-digit decimal may fall outside where its neighbour is inside.
-            # `nearest` first: on a tie min() keeps it, rounded half to even as numpy prints ties.
-            fits = [c for c in (nearest, nearest - unit, nearest + unit) if reads_back(c)]
-            if fits:
-                return float(min(fits, key=lambda c: abs(c - target)))
-    return exact
+    """A number as a Python float: its exact value (a numpy or 0-dim torch float32 widens
+    exactly), which is what diffusers computes with wherever a setting meets a tensor."""
+    return float(value)
 
 
 def strength_problem(strength: Any, steps: int) -> str | None:
     """img2img strength with `steps` sampler steps: in (0, 1], and leaving at least one step."""
     if not _is_number(strength):
         return f"expected a number in (0, 1], got {strength!r}"
-    strength = as_float(strength)
-    if not 0.0 < strength <= 1.0:  # also rejects NaN
-        return f"{strength:g} outside (0, 1]"
-    if int(steps * strength) < 1:
+    value = as_float(strength)
+    if not 0.0 < value <= 1.0:  # also rejects NaN
+        return f"{value:g} outside (0, 1]"
+    if _denoised_steps(steps, strength) < 1:
         # The smallest strength with 6 significant digits that leaves a step (rounded up: 1/3
         # printed as 0.333333 would itself leave none).
         least = math.ceil(1e6 / steps) / 1e6
         return (
-            f"{strength:g} x {steps} steps leaves no denoising step "
+            f"{value:g} x {steps} steps leaves no denoising step "
             f"(int(steps * strength) = 0); use strength >= {least:.6g} or more steps"
         )
     return None
@@ -213,4 +180,14 @@ def img2img_steps(steps: int, strength: float) -> int:
     problem = strength_problem(strength, steps)
     if problem:
         raise ValueError(f"strength {problem}")
-    return min(int(steps * as_float(strength)), steps)
+    return min(_denoised_steps(steps, strength), steps)
+
+
+def _denoised_steps(steps: int, strength: Any) -> int:
+    """`int(steps * strength)` computed as diffusers computes it: in the strength's own type. A
+    numpy float32 (or 0-dim torch float32 tensor) multiplies in float32, which can round up to
+    the next whole step where its exact value would not: 50 x float32(0.58) is 29.0 in float32,
+    28.99999917 widened, so diffusers denoises 29 steps of 50 given np.float32(0.58) and 28 given
+    the Python float 0.58. (A job reads a float32 manifest column as the decimal it prints as,
+    before any of this: `jobs.tabular`.)"""
+    return int(steps * strength)

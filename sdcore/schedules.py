@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from .rules import NUM_TRAIN_TIMESTEPS, STEPS_OFFSET, as_float, img2img_steps
+from .rules import NUM_TRAIN_TIMESTEPS, STEPS_OFFSET, img2img_steps
 
 BETA_START = 0.00085
 BETA_END = 0.012
@@ -199,10 +199,6 @@ def img2img_start_index(steps: int, strength: float) -> int:
     """
     if strength is None or isinstance(strength, (bool, str, bytes)):
         raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
-    try:
-        strength = as_float(strength)  # Python/numpy floats, 0-dim tensors: as a Python float
-    except (TypeError, ValueError):
-        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}") from None
     init_timestep = img2img_steps(steps, strength)  # the rule lives in sdcore.rules
     return max(steps - init_timestep, 0)
 

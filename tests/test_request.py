@@ -95,18 +95,45 @@ def test_rules_are_the_diffusers_rules():
     assert rules.karras_problem(True, "dpmpp_2m") is None and rules.karras_problem(True, "ddim")
 
 
-def test_a_float32_strength_counts_steps_as_its_decimal_and_diffusers_do():
-    """np.float32(0.7) is 0.699999988 once widened: int(10 * that) ran 6 steps where diffusers,
-    computing in float32, runs 7 (and the user wrote 0.7)."""
-    assert rules.img2img_steps(10, np.float32(0.7)) == 7 == int(np.float32(10) * np.float32(0.7))
-    request = GenerationRequest("x", seed=1, init_image=picture(0), strength=np.float32(0.7))
-    assert request.resolve({**SETTINGS, "steps": 10}).strength == 0.7
+def diffusers_steps(steps, strength):
+    """How many steps diffusers' img2img pipeline denoises for `strength` as given, by its own
+    `get_timesteps` (on a real DDIM scheduler)."""
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(steps)
+    _, denoised = StableDiffusionImg2ImgPipeline.get_timesteps(
+        SimpleNamespace(scheduler=scheduler), steps, strength, "cpu"
+    )
+    return denoised
 
 
-def test_a_0dim_torch_strength_and_guidance_read_as_their_decimal_as_numpy_float32_does(pipe):
-    """torch.tensor(0.7) is float32 too: through the library call it was refused ("expected a
-    number"), and where it was read (samplers' start index) it was widened to 0.699999988, so
-    int(10 * strength) ran 6 steps, not 7. float16/bfloat16 read likewise; a float64 as it is."""
+@pytest.mark.parametrize("steps, written", [(10, 0.7), (50, 0.58), (90, 0.7), (75, 0.84), (100, 0.29)])
+def test_a_strength_counts_its_steps_in_its_own_type_as_diffusers_does(steps, written):
+    """diffusers computes int(steps * strength) in the strength's type: np.float32(0.7) x 10 is
+    7.0 in float32 (widened first, it was 6.99999988: one step too few), and np.float32(0.58) x 50
+    rounds up to 29.0 where the Python float 0.58 gives 28.99999999 (and 75 x float32(0.84) one
+    fewer). Reading a float32 as its decimal, as the library once did, got 28 there; diffusers
+    given the same object, 29."""
+    import torch
+
+    given = [written, np.float32(written), np.float16(written), torch.tensor(written), torch.tensor(written).half()]
+    for strength in given:
+        expected = diffusers_steps(steps, strength)
+        assert rules.img2img_steps(steps, strength) == expected, (strength, type(strength))
+        request = GenerationRequest("x", seed=1, init_image=picture(0), strength=strength)
+        resolved = request.resolve({**SETTINGS, "steps": steps})
+        assert rules.img2img_steps(steps, resolved.strength) == expected
+    if (steps, written) != (10, 0.7):  # pairs where float32 and the decimal count differently
+        assert rules.img2img_steps(steps, np.float32(written)) != rules.img2img_steps(steps, written)
+
+
+def test_a_0dim_torch_strength_and_guidance_are_taken_as_numbers(pipe):
+    """torch.tensor(0.7) as strength or guidance: refused before ("expected a number"); now the
+    same image as 0.7 (10 x float32(0.7) is 7.0: the same 7 steps), and the widened value written
+    as a Python float (6.99999988: 6 steps) another."""
     import torch
 
     from sdcore import schedules
@@ -118,25 +145,18 @@ def test_a_0dim_torch_strength_and_guidance_read_as_their_decimal_as_numpy_float
         request = GenerationRequest("a red circle", seed=5, init_image=init, strength=strength)
         return pipe.generate([request], **{**settings, "guidance_scale": guidance_scale})[0]
 
-    written = image(0.7, 7.1)
-    assert same(image(torch.tensor(0.7), torch.tensor(7.1)), written)
-    assert not same(image(0.699999988079071, 7.1), written)  # the widened value: one step fewer
+    written = image(0.7, 7.0)
+    assert same(image(torch.tensor(0.7), torch.tensor(7.0)), written)
+    assert not same(image(0.699999988079071, 7.0), written)  # the widened value: one step fewer
     assert schedules.img2img_start_index(10, torch.tensor(0.7)) == 3 == schedules.img2img_start_index(10, 0.7)
-
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        request = GenerationRequest("x", seed=1, init_image=init, strength=torch.tensor(0.7, dtype=dtype))
-        resolved = request.resolve({**settings, "guidance_scale": torch.tensor(7.1, dtype=dtype)})
-        assert (resolved.strength, resolved.guidance_scale) == (0.7, 7.1), dtype
-        assert type(resolved.strength) is float and type(resolved.guidance_scale) is float
-    for value in (0.7, 0.1, 1 / 3, 7.5, 1e-3):  # the decimal numpy prints for its float32
-        assert rules.as_float(torch.tensor(value)) == rules.as_float(np.float32(value)), value
-    wide = torch.tensor(0.699999988079071, dtype=torch.float64)
-    assert GenerationRequest("x", seed=1, init_image=init, strength=wide).resolve(settings).strength == wide.item()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        request = GenerationRequest("x", seed=1, init_image=init, strength=torch.tensor(0.5, dtype=dtype))
+        resolved = request.resolve({**settings, "guidance_scale": torch.tensor(7.5, dtype=dtype)})
+        assert resolved.guidance_scale == 7.5 and type(resolved.guidance_scale) is float
+        assert rules.img2img_steps(10, resolved.strength) == 5
     for not_a_number in (torch.tensor([0.7]), torch.tensor(True)):
         with pytest.raises(ValueError, match="strength: expected a number"):
             GenerationRequest("x", seed=1, init_image=init, strength=not_a_number).resolve(settings)
-    with pytest.raises(ValueError, match="guidance_scale: expected a finite number >= 0"):
-        GenerationRequest("x", seed=1).resolve({**settings, "guidance_scale": torch.tensor(-1.0)})
 
 
 def test_the_strength_a_too_small_strength_error_suggests_is_accepted():
