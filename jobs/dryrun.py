@@ -17,7 +17,9 @@ It prints and returns:
   (img2img: the steps its strength leaves), divided by the workers.
 
 `--limit N` (`trial_job`) runs only the first N rows into a separate output, `OUTPUT-limitN`, for
-a trial that never mixes with the real job's output.
+a trial that never mixes with the real job's output; when OUTPUT is a bucket's root
+(`s3://bucket`), which has nothing beside it but other buckets, into `s3://bucket/limitN`
+(`trial_output`).
 """
 
 from __future__ import annotations
@@ -41,15 +43,24 @@ from .manifest import Manifest, parse_row
 from .progress import duration
 from .rows import table_rows
 from .spec import JobSpec, SpecError
-from .storage import TransientStorageError, is_s3, local_path, redact_uri, uri_exists
+from .storage import TransientStorageError, is_s3, local_path, redact_uri, split_s3, uri_exists
+
+
+def trial_output(output: str, limit: int) -> str:
+    """Where `--limit N` writes: `OUTPUT-limitN`, beside the output; for a bucket's root
+    (`s3://bucket`, `s3://bucket/`), the prefix `s3://bucket/limitN` inside that bucket, never
+    another bucket (`s3://bucket-limitN` may be someone else's, or not exist)."""
+    if limit < 1:  # here, so that a run refuses it before taking a lease on the trial output
+        raise SpecError(f"--limit: expected a positive number of rows, got {limit}")
+    if is_s3(output) and not split_s3(output)[1].strip("/"):
+        return f"{output.rstrip('/')}/limit{limit}"
+    return f"{output.rstrip('/')}-limit{limit}"
 
 
 def trial_job(spec: JobSpec, manifest: Manifest, limit: int) -> tuple[JobSpec, Manifest]:
-    """The job on the manifest's first `limit` rows, writing to `OUTPUT-limitN`."""
-    if limit < 1:
-        raise SpecError(f"--limit: expected a positive number of rows, got {limit}")
+    """The job on the manifest's first `limit` rows, writing to `trial_output` (`OUTPUT-limitN`)."""
+    output = trial_output(spec.output, limit)
     n = min(limit, manifest.num_rows)
-    output = f"{spec.output.rstrip('/')}-limit{limit}"
     table = manifest.table.slice(0, n)
     trial = dataclasses.replace(
         manifest,

@@ -2,8 +2,11 @@
 urllib3, PIL) lose their userinfo and their secret query parameters before they are stored,
 printed or logged.
 
-`storage.redact_uri` cleans one URI (and drops its whole query string); `redact_text` finds URIs
-and secret-looking `key=value` pairs inside free text and keeps the rest of the text.
+`storage.redact_uri` cleans one URI (an s3:// or file:// one keeps its key or path verbatim, `#`
+and `?` included, less secret parameter values; others lose their query and fragment);
+`redact_text` finds URIs and secret-looking `key=value` pairs inside free text and keeps the rest
+of the text. `without_userinfo` is for a URI that is to be used, not shown: only its own userinfo
+goes, the rest (an S3 key) is kept byte for byte.
 """
 
 from __future__ import annotations
@@ -28,10 +31,22 @@ def strip_userinfo(text: str) -> str:
     return _USERINFO.sub(lambda m: m.group("scheme"), str(text))
 
 
+def without_userinfo(uri: str) -> str:
+    """`uri` without the userinfo at its start (`s3://KEY:SECRET@bucket/key` -> `s3://bucket/key`);
+    the rest is kept verbatim, even a `scheme://user@` inside an S3 key."""
+    uri = str(uri)
+    match = _USERINFO.match(uri)
+    return match.group("scheme") + uri[match.end() :] if match else uri
+
+
+def redact_params(text: str) -> str:
+    """`text` with the values of secret-looking `key=value` pairs replaced (nothing else changed)."""
+    return _SECRET_PARAM.sub(lambda m: m.group("key") + REDACTED, str(text))
+
+
 def redact_text(text: str) -> str:
     """`text` with userinfo removed from every URI and secret parameter values replaced."""
-    text = strip_userinfo(text)
-    return _SECRET_PARAM.sub(lambda m: m.group("key") + REDACTED, text)
+    return redact_params(strip_userinfo(text))
 
 
-__all__ = ["REDACTED", "redact_text", "strip_userinfo"]
+__all__ = ["REDACTED", "redact_params", "redact_text", "strip_userinfo", "without_userinfo"]

@@ -11,7 +11,8 @@ new image is encoded exactly as the job encoded it and compared:
 - otherwise the max absolute pixel difference and PSNR against the stored image, and whether
   that is within tolerance (PSNR >= --min-psnr, default 40 dB; --exact accepts identical only).
 
-Exit status 0 only when every requested image is identical or within tolerance.
+Exit status 0 only when every requested image is identical or within tolerance; 2, before
+anything is remade, when an ID or row has no record (every record file read).
 """
 
 import argparse
@@ -288,13 +289,19 @@ def _main(args: argparse.Namespace) -> int:
         return 2
     damaged: dict[str, str] = {}
     found = find_records(output, args.ids, args.row, damaged)
+    keys = [f"id:{i}" for i in args.ids] + [f"row:{r}" for r in args.row]
+    missing = [key for key in keys if key not in found]
+    if missing and not damaged:  # every record file was read: an id or row not there is a bad argument
+        for key in missing:
+            print(f"error: {key.replace(':', ' ')}: no such record in {output.uri}", file=sys.stderr)
+        return 2
     reproducer = Reproducer(
         output, weights=args.weights, device=args.device, dtype=args.dtype, init_image=args.init_image
     )
     all_passed = True
-    for key in [f"id:{i}" for i in args.ids] + [f"row:{r}" for r in args.row]:
+    for key in keys:
         record = found.get(key)
-        if record is None:
+        if record is None:  # perhaps in a record file that could not be read: the output is damaged (exit 1)
             unread = f" (not searched: {', '.join(damaged)}, record file damaged; rerun the job to redo it)"
             print(f"{key.replace(':', ' ')}: no such record in {output.uri}" + (unread if damaged else ""))
             all_passed = False

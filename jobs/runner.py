@@ -85,7 +85,12 @@ def run_job(
         spec = load_spec(spec)
     check_address(address)  # before the lease: nothing written
     check_local_weights(spec, address)
-    leased = spec.output if limit is None else f"{spec.output.rstrip('/')}-limit{limit}"  # where it writes
+    if limit is None:
+        leased = spec.output  # where it writes
+    else:
+        from .dryrun import trial_output
+
+        leased = trial_output(spec.output, limit)
     with held_output(leased, break_lease=break_lease, log=log) as lease:  # before anything is written
         plan = plan_job(spec, overwrite, log, limit)
         with infrastructure_faults():  # from here on a storage fault stops the run (exit 3)

@@ -9,7 +9,12 @@ local fsync, for notes that only need to outlive the process that writes them.
 
 S3 goes through boto3 with its standard configuration: the credentials chain, `AWS_ENDPOINT_URL`
 (or `AWS_ENDPOINT_URL_S3`), the region settings. Credentials never appear in anything this
-module returns or raises: `redact_uri` strips userinfo and query strings from URIs.
+module returns or raises: `redact_uri` strips userinfo (and secret parameters) from URIs.
+
+An S3 URI carries its key verbatim, as the AWS CLI reads it: `s3://bkt/exp#1?v` is the key
+`exp#1?v` of bucket `bkt` (`#` and `?` are legal in keys, not a fragment or a query), and a
+`file://` URI's path likewise runs to its end (percent-escapes decoded). `split_s3` and
+`local_path` parse the URI as given; `redact_uri` is only for showing or storing it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import fnmatch
 import glob as globlib
 import hashlib
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -27,7 +33,7 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from .redact import redact_text, strip_userinfo
+from .redact import redact_params, redact_text, strip_userinfo, without_userinfo
 
 TEMP_MARK = ".tmp-"
 
@@ -73,36 +79,51 @@ def is_s3(uri: str) -> bool:
 
 
 def redact_uri(uri: str) -> str:
-    """`uri` without userinfo, query string or fragment; plain paths are returned unchanged.
-    The userinfo goes first, as text (`redact.strip_userinfo`): a secret key holding a `/`
-    (half of AWS's do) ends urlsplit's host there and would be kept as the path."""
+    """`uri` as it may be shown or stored: without userinfo; plain paths are returned unchanged.
+
+    An s3:// or file:// URI keeps the rest verbatim (its key or path may hold `#` and `?`), only
+    the values of secret-looking parameters after a `?` replaced (a presigned query pasted onto
+    it); any other URI (http...) loses its query string and fragment. The userinfo goes first, as
+    text (`redact.strip_userinfo`): a secret key holding a `/` (half of AWS's do) ends urlsplit's
+    host there and would be kept as the path."""
     uri = strip_userinfo(str(uri))
     if "://" not in uri:
         return uri
+    if uri.startswith(("s3://", "file://")):
+        head, mark, tail = uri.partition("?")
+        return head + mark + redact_params(tail)
     parts = urlsplit(uri)
     netloc = parts.netloc.rsplit("@", 1)[-1]
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def local_path(uri: str) -> str:
-    """A local path for `uri` (plain path or file://); raises for other schemes."""
+    """A local path for `uri` (plain path or file://); raises for other schemes. A file:// URI's
+    path runs to its end: a `#` or `?` there is part of the file name, not a fragment or query."""
     uri = str(uri)
     if uri.startswith("file://"):
-        parts = urlsplit(uri)
-        if parts.netloc not in ("", "localhost"):
+        host, slash, path = uri[len("file://") :].partition("/")
+        if host not in ("", "localhost"):
             raise StorageError(f"file:// URI with a host is not supported: {redact_uri(uri)}")
-        return unquote(parts.path)  # percent-encoded, as Path.as_uri() writes spaces and non-ASCII
+        return unquote(slash + path)  # percent-encoded, as Path.as_uri() writes spaces, `#`, `?`, non-ASCII
     if "://" in uri:
         raise StorageError(f"unsupported URI scheme in {redact_uri(uri)!r}: expected a local path, file:// or s3://")
     return uri
 
 
+# Bucket names: lowercase letters, digits, `.` and `-` (older buckets also `_` and capitals).
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def split_s3(uri: str) -> tuple[str, str]:
-    """s3://bucket/key -> (bucket, key)."""
-    parts = urlsplit(redact_uri(uri))
-    if parts.scheme != "s3" or not parts.netloc:
+    """s3://bucket/key -> (bucket, key). The key is everything after `s3://bucket/`, verbatim
+    (`#`, `?`, `%`, spaces and all: S3 URIs carry no query, fragment or escapes), less leading
+    `/`s; userinfo before the bucket (`s3://KEY:SECRET@bucket/...`) is dropped."""
+    text = without_userinfo(str(uri))
+    bucket, _, key = text[len("s3://") :].partition("/")
+    if not text.startswith("s3://") or not _BUCKET.fullmatch(bucket):
         raise StorageError(f"not an s3://bucket/key URI: {redact_uri(uri)!r}")
-    return parts.netloc, parts.path.lstrip("/")
+    return bucket, key.lstrip("/")
 
 
 def join_uri(base: str, relative: str) -> str:

@@ -142,9 +142,13 @@ def test_reproduce_reports_differences_and_a_changed_stored_image(finished_job):
         image = Image.open(io.BytesIO(original)).convert("RGB")
         image.putpixel((0, 0), tuple((c + 3) % 256 for c in image.getpixel((0, 0))))
         image.save(path)
-        result = run_command([PYTHON, "jobs/reproduce.py", out, "r001", "no-such-id", "bad"], check=False)
+        result = run_command([PYTHON, "jobs/reproduce.py", out, "r001", "bad"], check=False)
         assert "row 1 id 'r001': identical" in result.stdout and "does not match its recorded sha256" in result.stdout
-        assert result.returncode == 1 and "no such record" in result.stdout and "an error record" in result.stdout
+        assert result.returncode == 1 and "an error record" in result.stdout
+        # An id no record holds is a bad argument (exit 2), refused before anything is remade.
+        unknown = run_command([PYTHON, "jobs/reproduce.py", out, "r001", "no-such-id"], check=False)
+        assert unknown.returncode == 2 and "id no-such-id: no such record" in unknown.stdout
+        assert "r001" not in unknown.stdout
     finally:
         path.write_bytes(original)
 

@@ -80,3 +80,43 @@ def test_a_job_entirely_on_s3(s3, tmp_path, tiny_pipe):
     assert "2 done" in status.stdout and "5 ok, 1 error" in status.stdout
     again = run_command([PYTHON, "jobs/reproduce.py", f"s3://{bucket}/out", "r000", "r001"], env={**env, **cache})
     assert again.stdout.count(": identical: sha256") == 2, again.stdout
+
+
+def test_keys_holding_hash_and_question_mark_are_used_verbatim(s3, tmp_path):
+    """`#` and `?` are part of an S3 key (as the AWS CLI reads `s3://bucket/key`): URIs parsed as
+    URLs lost them, so `output: s3://bkt/exp#1` wrote under `exp/` (and `--overwrite` of
+    `s3://bkt/exp#2` deleted that job), and the init image `.../init/a#1?v=2.png` was looked up,
+    and reported not found, as `.../init/a`."""
+    from jobs.output import Output
+
+    bucket, client, env = s3
+    init = init_image(tmp_path / "a.png")
+    client.upload_file(str(init), bucket, "in/init/a#1?v=2.png")
+    rows = small_rows(2, img2img_every=2, init="init/a#1?v=2.png")  # row 1: img2img, relative to the manifest
+    manifest = write_manifest(tmp_path / "m.parquet", rows, manifest_schema())
+    client.upload_file(str(manifest), bucket, "in/m#1.parquet")
+    output = f"s3://{bucket}/exp#1"
+    spec_path = write_spec(tmp_path / "job.yaml", spec_dict(f"s3://{bucket}/in/m#1.parquet", output))
+    result = run_command([PYTHON, "jobs/run.py", str(spec_path)], env=env, timeout=400)
+    assert "complete: 2 ok, 0 error, 0 missing of 2 rows" in result.stdout, result.stdout
+
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"])
+    written = [k for k in keys if not k.startswith("in/")]
+    assert written and all(k.startswith("exp#1/") for k in written), keys
+    assert "exp#1/job.json" in written and "exp#1/records/shard-00000.parquet" in written
+    data = client.get_object(Bucket=bucket, Key="exp#1/records/shard-00000.parquet")["Body"].read()
+    records = pq.read_table(pa.BufferReader(data)).to_pylist()
+    assert [(r["id"], r["status"], r["mode"]) for r in records] == [
+        ("r000", "ok", "txt2img"),
+        ("r001", "ok", "img2img"),
+    ]
+    assert records[1]["init_image_uri"] == f"s3://{bucket}/in/init/a#1?v=2.png"
+    assert records[1]["init_image_sha256"] == hashlib.sha256(init.read_bytes()).hexdigest()
+    assert all(r["image_uri"] == f"{output}/{r['image_path']}" for r in records)
+    job = json.loads(client.get_object(Bucket=bucket, Key="exp#1/job.json")["Body"].read())
+    assert job["spec"]["output"] == output and job["manifest"]["sources"] == [f"s3://{bucket}/in/m#1.parquet"]
+    assert Output(f"s3://{bucket}/exp#2").read_job() is None  # another output, not this job's
+
+    # The record's init image URI is read back as it is: the img2img row reproduces.
+    again = run_command([PYTHON, "jobs/reproduce.py", output, "r001"], env=env)
+    assert "row 1 id 'r001': identical" in again.stdout, again.stdout

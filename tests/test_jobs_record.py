@@ -151,7 +151,8 @@ def test_an_ok_record_from_a_request():
         "shard-00001",
         2,
     )
-    assert record.init_image_uri == "s3://bucket/init/a.png"  # credentials never reach a record
+    # Credentials never reach a record; the key is kept whole (`?` is part of an S3 key).
+    assert record.init_image_uri == "s3://bucket/init/a.png?X-Amz-Signature=REDACTED"
     assert (record.prompt, record.seed, record.strength, record.steps) == ("a cat", 42, 0.6, 20)
     assert (record.model_fingerprint, record.worker, record.threads) == ("ab" * 32, "host:1", 2)
     assert record.image_path is None and record.time_generate_s is None

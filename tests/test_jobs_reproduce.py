@@ -217,10 +217,25 @@ def test_cli(made, capsys):
     assert "row 2 id 'r002': identical" in capsys.readouterr().out
     stored = (made / "out" / record(made, "r002").image_path).read_bytes()
     assert (made / "again" / "r002.png").read_bytes() == stored
-    assert main([str(made / "out"), "missing-id"]) == 1
+    assert main([str(made / "out"), "missing-id"]) == 2  # a bad argument, not a mismatch (see below)
     with pytest.raises(SystemExit):
         main([str(made / "out")])
     assert torch.get_num_threads() >= 1
+
+
+def test_an_id_or_row_with_no_record_is_a_bad_argument(made, capsys):
+    """`sdgen reproduce OUTPUT nosuchid` exited 1, the code of an image that differs; the table
+    says bad arguments are 2, refused before any work: nothing is remade, every unknown key named."""
+    from conftest import PYTHON, run_command
+
+    out = str(made / "out")
+    result = run_command([PYTHON, "-m", "jobs.cli", "reproduce", out, "nosuchid"], check=False)
+    assert result.returncode == 2, result.stdout  # run_command: stdout and stderr together
+    assert result.stdout.strip() == f"error: id nosuchid: no such record in {out}"
+    assert main([out, "r000", "nosuchid", "--row", "99"]) == 2
+    said = capsys.readouterr()
+    assert "id nosuchid: no such record" in said.err and "row 99: no such record" in said.err
+    assert "r000" not in said.out + said.err  # refused before remaking the one that exists
 
 
 def test_a_tampered_or_deleted_stored_image_fails(made, capsys):

@@ -11,9 +11,11 @@ from jobs.storage import (
     S3Storage,
     StorageError,
     expand_uris,
+    local_path,
     open_storage,
     read_uri,
     redact_uri,
+    split_s3,
     uri_exists,
     write_uri,
 )
@@ -117,9 +119,47 @@ def test_unsupported_scheme_is_a_clear_error():
 
 
 def test_redact_uri_strips_credentials():
-    assert redact_uri("s3://AKIA:secret@bucket/key?X-Amz-Signature=abc") == "s3://bucket/key"
+    # An S3 key is kept whole (`?` is part of it): only the secret value after it goes.
+    assert redact_uri("s3://AKIA:secret@bucket/key?X-Amz-Signature=abc") == "s3://bucket/key?X-Amz-Signature=REDACTED"
     assert redact_uri("https://user:pw@host/p?q=1#f") == "https://host/p"
     assert redact_uri("/plain/path") == "/plain/path"
+
+
+def test_split_s3_takes_the_key_verbatim():
+    """`#` and `?` are legal in S3 keys (the AWS CLI reads them as part of the key): a URI
+    parsed as a URL lost them, and `s3://bkt/exp#1` wrote under `exp/`."""
+    assert split_s3("s3://bkt/exp#1") == ("bkt", "exp#1")
+    assert split_s3("s3://bkt/exp#2/") == ("bkt", "exp#2/")
+    assert split_s3("s3://bkt3/m#1.parquet") == ("bkt3", "m#1.parquet")
+    assert split_s3("s3://bkt/init/a#1?v=2&x.png") == ("bkt", "init/a#1?v=2&x.png")
+    assert split_s3("s3://bkt/a%20b c.png") == ("bkt", "a%20b c.png")  # no escapes in S3 URIs
+    assert split_s3("s3://AKIA:Se/cret@bkt/a#b?c") == ("bkt", "a#b?c")  # userinfo dropped, key kept
+    assert split_s3("s3://bkt") == ("bkt", "") and split_s3("s3://bkt/") == ("bkt", "")
+    for bad in ("s3://", "s3:///key", "s3://bkt?x/key", "https://bkt/key"):
+        with pytest.raises(StorageError, match="not an s3://bucket/key URI"):
+            split_s3(bad)
+    # Shown or stored, the URI keeps its key too (records' init_image_uri is read back by reproduce).
+    assert redact_uri("s3://AKIA:secret@bkt/init/a#1?v=2.png") == "s3://bkt/init/a#1?v=2.png"
+    assert redact_uri("file:///data/a#1?v=2.png") == "file:///data/a#1?v=2.png"
+
+
+def test_hash_and_question_mark_in_names_just_work(s3, tmp_path):
+    bucket, client, _ = s3
+    client.put_object(Bucket=bucket, Key="exp", Body=b"the cut key")
+    write_uri(f"s3://{bucket}/exp#1/init/a#1?v=2.png", b"img")
+    assert read_uri(f"s3://{bucket}/exp#1/init/a#1?v=2.png") == b"img"
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"])
+    assert keys == ["exp", "exp#1/init/a#1?v=2.png"]
+    assert open_storage(f"s3://{bucket}/exp#1").list() == ["init/a#1?v=2.png"]
+    assert open_storage(f"s3://{bucket}/exp#2").list() == []
+    assert not uri_exists(f"s3://{bucket}/exp#2")
+    assert expand_uris(f"s3://{bucket}/exp#1/init/*.png") == [f"s3://{bucket}/exp#1/init/a#1?v=2.png"]
+    # Local names, as plain paths and as file:// URIs (bare, or percent-escaped as as_uri() writes).
+    path = tmp_path / "exp#1" / "a#1?v=2.png"
+    write_uri(str(path), b"local")
+    assert local_path(f"file://{path}") == str(path) == local_path(path.as_uri())
+    assert read_uri(f"file://{path}") == read_uri(path.as_uri()) == read_uri(str(path)) == b"local"
+    assert open_storage(f"file://{tmp_path}/exp#1").list() == ["a#1?v=2.png"]
 
 
 def test_s3_errors_do_not_leak_credentials(s3, monkeypatch):
