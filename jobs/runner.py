@@ -31,6 +31,7 @@ from .progress import Outcome, duration
 from .progressbar import progress_reporter
 from .reader import ShardTask, num_shards, read_shards, shard_row_ranges, shard_sort_key
 from .spec import JobSpec, load_spec
+from .storage import redact_uri
 from .worker import ShardResult, ShardWorker, WorkerConfig, WorkerInfo
 
 JOB_FORMAT = 1
@@ -165,7 +166,7 @@ def plan_job(
         from .dryrun import trial_job
 
         spec, manifest = trial_job(spec, manifest, limit)
-        log(f"[sdgen] --limit {limit}: the first {manifest.num_rows} row(s) only, into {spec.output}")
+        log(f"[sdgen] --limit {limit}: the first {manifest.num_rows} row(s) only, into {redact_uri(spec.output)}")
     _log_manifest(spec, manifest, log)
     output = Output(spec.output)
     try:

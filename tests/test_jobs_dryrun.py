@@ -49,3 +49,15 @@ def test_a_limited_run_on_a_bucket_root_leases_and_plans_inside_that_bucket(s3, 
     with pytest.raises(Planned):
         run_job(spec, limit=1, log=lambda line: None)
     assert seen == [["limit1/lease.json"]]
+
+
+def test_the_limit_line_shows_the_trial_output_without_credentials(s3, tmp_path):
+    bucket, _, _ = s3
+    manifest = write_manifest(tmp_path / "m.parquet", small_rows(3), manifest_schema())
+    output = f"s3://AKIAEXAMPLE:not-a-real-secret@{bucket}/exp"
+    spec = load_spec(str(write_spec(tmp_path / "job.yaml", spec_dict(str(manifest), output))))
+    lines = []
+    plan_job(spec, log=lines.append, limit=1, read_only=True)
+    said = [line for line in lines if "--limit 1" in line]
+    assert said and f"into s3://{bucket}/exp-limit1" in said[0], lines
+    assert not any("not-a-real-secret" in line for line in lines), lines
