@@ -644,8 +644,13 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None, prog: str = "sdgen export") -> int:
     """Exit status: 0 exported; 2 nothing to export from OUTPUT, DEST holds something else, a
     label no Parquet column holds, bad options, or another error (one line, no traceback)."""
+    from .exit_codes import TABLE
+
     parser = argparse.ArgumentParser(
-        prog=prog, description="Export an sdgen output's ok rows as a dataset (see jobs/README.md, 'Export')."
+        prog=prog,
+        description="Export an sdgen output's ok rows as a dataset (see jobs/README.md, 'Export').",
+        epilog=TABLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("output", help="the job's output folder or s3:// prefix")
     parser.add_argument("dest", help="destination folder or s3:// prefix (empty, or an earlier export of OUTPUT)")

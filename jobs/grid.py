@@ -264,7 +264,14 @@ def main(argv: list[str] | None = None, prog: str = "sdgen grid") -> int:
     """Exit status: 0 written (missing images as a warning), 2 nothing to lay out (no output, no
     matching rows, unknown field) or refused (an OUT suffix other than .png/.jpg/.jpeg, a grid over
     MAX_PIXELS)."""
-    parser = argparse.ArgumentParser(prog=prog, description="Lay out a sweep's images as a labelled grid.")
+    from .exit_codes import TABLE
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Lay out a sweep's images as a labelled grid.",
+        epilog=TABLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("output", help="the job's output folder or s3:// prefix")
     parser.add_argument("out", help="the image to write, .png or .jpg (local path or s3://)")
     parser.add_argument(

@@ -487,7 +487,14 @@ def build_report(
 
 def main(argv: list[str] | None = None, prog: str = "sdgen report") -> int:
     """Exit status: 0 written, 2 no sdgen output there (or bad options)."""
-    parser = argparse.ArgumentParser(prog=prog, description="(Re)build OUTPUT/index.html, the job's HTML report.")
+    from .exit_codes import TABLE
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="(Re)build OUTPUT/index.html, the job's HTML report.",
+        epilog=TABLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("output", help="the job's output folder or s3:// prefix")
     parser.add_argument(
         "--max-images", type=int, metavar="N", help="only the first N ok rows in the contact sheet (default: all)"

@@ -7,15 +7,19 @@ seed is read as the exact integer written, never through a float (a float64 colu
 integers exactly only up to 2**53: a seed of 7550895919379764811 would become
 7550895919379765248). A cell that cannot be read as its column's type is a problem of its row
 alone (`read_manifest_table`), not of the column. Every other column is a label, typed as the
-file says (CSV: inferred per column).
+file says (CSV: inferred per column). Lines may end in \\n, \\r\\n or \\r; a file in UTF-16 with
+its byte-order mark is decoded; UTF-32 or UTF-16 without the mark is refused (ValueError, which
+`make-manifest` and `load_manifest` report naming the file).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import math
+import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -79,8 +83,9 @@ def _narrow_floats(table: pa.Table) -> tuple[pa.Table, CellProblems]:
 
 
 def manifest_format(uri: str) -> str:
-    """`parquet`, `csv`, `tsv` or `jsonl`, from the name (anything else is read as Parquet)."""
-    name = uri.lower().split("?")[0]
+    """`parquet`, `csv`, `tsv` or `jsonl`, from the name (anything else is read as Parquet). The
+    whole name counts: a `?` in it is part of a file name or an S3 key, not a query."""
+    name = uri.lower()
     for suffix, kind in TEXT_SUFFIXES.items():
         if name.endswith(suffix):
             return kind
@@ -93,6 +98,11 @@ def read_manifest_table(data: bytes, uri: str) -> tuple[pa.Table, CellProblems]:
     pa.ArrowException / OSError / ValueError when the file cannot be read at all."""
     kind = manifest_format(uri)
     if kind == "parquet":
+        if data[:4] != b"PAR1":  # Parquet files start (and end) with it
+            raise ValueError(
+                f"not a Parquet file (a manifest is read by its extension: .parquet, "
+                f"{', '.join(TEXT_SUFFIXES)}; anything else as Parquet)"
+            )
         return _narrow_floats(pq.read_table(pa.BufferReader(data)))
     if kind in ("csv", "tsv"):
         table = _read_csv(data, "\t" if kind == "tsv" else ",")
@@ -128,11 +138,42 @@ def read_table_bytes(data: bytes, uri: str) -> pa.Table:
     return table
 
 
+SAVE_AS = "save it as UTF-8 text with \\n or \\r\\n line ends"
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def _first_line(data: bytes) -> bytes:
+    end = _LINE_END.search(data)
+    return data if end is None else data[: end.start()]
+
+
+def _as_utf8(data: bytes) -> bytes:
+    """A text manifest's bytes as UTF-8: UTF-16 with its byte-order mark (what spreadsheets
+    write as "Unicode text") is decoded; UTF-32, or UTF-16 without a mark (NUL bytes in the
+    first line), is refused (ValueError saying what to do). Anything else is left as it is: a
+    cell that is not UTF-8 is its own row's problem."""
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        raise ValueError(f"the file is UTF-32; {SAVE_AS}")
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16").encode("utf-8")
+        except UnicodeError:
+            raise ValueError(f"the file starts as UTF-16 but does not decode as UTF-16; {SAVE_AS}") from None
+    if b"\x00" in _first_line(data[:65536]):
+        raise ValueError(f"the first line holds NUL bytes (UTF-16 without a byte-order mark?); {SAVE_AS}")
+    return data
+
+
 def _read_csv(data: bytes, delimiter: str) -> pa.Table:
     """CSV/TSV with the known columns as bytes (decoded and typed cell by cell later: one cell
-    that is not UTF-8 must not refuse the file), the rest inferred."""
-    first = data.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace").rstrip("\r")
-    header = next(csv.reader([first], delimiter=delimiter), [])
+    that is not UTF-8 must not refuse the file), the rest inferred. Lines may end in \\n,
+    \\r\\n or \\r (old Mac files), as Arrow reads them."""
+    data = _as_utf8(data)
+    first = _first_line(data).decode("utf-8-sig", errors="replace")
+    try:
+        header = next(csv.reader([first], delimiter=delimiter), [])
+    except csv.Error as exc:  # not a ValueError: it would escape every caller's handling
+        raise ValueError(f"the header line cannot be read ({exc}); {SAVE_AS}") from None
     return pacsv.read_csv(
         io.BytesIO(data),
         parse_options=pacsv.ParseOptions(delimiter=delimiter),
@@ -151,6 +192,7 @@ def _read_jsonl(data: bytes, problems: CellProblems) -> tuple[pa.Table, dict[str
     file, or a lone surrogate escape such as "\\ud800") is null, a problem of its row."""
     if not data.strip():
         raise ValueError("empty file")
+    data = _as_utf8(data)
     rows: list[dict[str, Any]] = []
     for number, line in enumerate(data.decode("utf-8-sig", errors="surrogateescape").splitlines(), 1):
         if not line.strip():

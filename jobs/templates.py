@@ -17,7 +17,7 @@ settings:                          # per-row settings; a list multiplies the row
   sampler: [ddim, euler_a]
   steps: 10
 init_images:                       # optional img2img: every image x every strength
-  source: init/                    # local folder (relative to the template) or s3:// prefix
+  source: init/                    # folder relative to the template (on S3: the prefix beside it) or s3://
   strengths: [0.5, 0.8]
 columns: {split: train}            # constant label columns
 id: "{color}-{shape}-{seed_index}" # optional; default: the manifest row number
@@ -29,13 +29,17 @@ init image x strength, seed index. A *prompt* is one (repeat, combination) pair:
 weighted draws depend only on `base_seed`, the prompt's index and the seed index, so every
 setting and init image of a sweep is tried on the same seeds. Seeds are the first 63 bits of
 sha256(`base_seed:prompt_index:seed_index`). The variables (weighted ones included) and
-`columns` become label columns. The same template gives the same bytes.
+`columns` become label columns. The same template gives the same bytes. With `sampler` and
+`karras` both in `settings`, karras follows the sampler (`Template.setting_combos`): true only
+where the sampler has Karras sigmas. What the runner would refuse in every such row is refused
+here: a strength leaving no step (`sdcore.rules.strength_problem`), an empty prompt or id.
 
 Rows are made lazily and written `row_group_size` at a time (pyarrow's ParquetWriter), so
-memory stays flat whatever the row count (bench/bench_make_manifest.py measures it). A template
-or list that would give more than `max_rows` rows (MAX_ROWS, `--max-rows`) or none is refused
-before anything is written; so is a YAML alias bomb (values must be scalars, and every value
-quoted in a message is shortened).
+memory stays flat whatever the row count (bench/bench_make_manifest.py measures it), also for an
+s3:// OUT (written to a temporary file, then uploaded from it). OUT must be a `.parquet` name
+other than the source. A template or list that would give more than `max_rows` rows
+(MAX_ROWS, `--max-rows`) or none is refused before anything is written; so is a YAML alias bomb
+(values must be scalars, and every value quoted in a message is shortened).
 
 A prompt list is converted as it is, except: without a `seed` column each row is repeated
 `seeds_per_prompt` times with derived seeds, and its `id` (if any) becomes `ID-sK` (K the seed
@@ -50,10 +54,12 @@ import hashlib
 import itertools
 import math
 import os
+import posixpath
 import re
 import reprlib
 import string
-from collections.abc import Iterator, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,8 +71,8 @@ import yaml
 from sdcore import rules
 
 from .exit_codes import one_line
-from .storage import is_s3, open_storage, parent_uri, read_uri, redact_uri
-from .tabular import manifest_format, read_table_bytes
+from .storage import is_s3, local_path, open_storage, parent_uri, read_uri, redact_uri, split_s3
+from .tabular import TEXT_SUFFIXES, manifest_format, read_table_bytes
 
 SETTINGS = {"sampler": pa.string(), "karras": pa.bool_(), "steps": pa.int32(), "guidance_scale": pa.float64()}
 SETTINGS.update(width=pa.int32(), height=pa.int32())
@@ -91,10 +97,37 @@ MAX_ROWS = 100_000_000  # rows a template or list may give unless --max-rows rai
 MAX_SEEDS_PER_PROMPT = 10**6
 MAX_PROBLEMS = 50  # problems listed in one message (the rest are counted)
 _BIG_NUMBER = re.compile(r"\d{6,}")  # a format width/precision this long would build huge strings
+TEMPLATE_SUFFIXES = (".yaml", ".yml")
+LIST_SUFFIXES = (*TEXT_SUFFIXES, ".parquet")
 
 
 class TemplateError(ValueError):
     """The template cannot be expanded (the message names the key)."""
+
+
+class _BigSpec(TemplateError):
+    """A format spec, its nested fields filled in, with a width or precision over 99999."""
+
+
+class _CappedFormatter(string.Formatter):
+    """`str.format_map` that refuses a width or precision over 99999 before formatting with it:
+    a nested field (`{c:{w}}`) fills the spec in from a variable, where the check of the
+    literal spec cannot see it, and `{c:1000000}` would build a megabyte per row."""
+
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        if _BIG_NUMBER.search(format_spec):
+            raise _BigSpec(format_spec)
+        return super().format_field(value, format_spec)
+
+
+_CAPPED = _CappedFormatter()
+
+
+def _formatter(text: str) -> Callable[[Mapping[str, Any]], str]:
+    """`text.format_map`, or the capped formatter's (pure Python, slower) when a field's spec
+    holds a nested field."""
+    nested = any(n is not None and spec and "{" in spec for _, n, spec, _ in string.Formatter().parse(text))
+    return (lambda values: _CAPPED.vformat(text, (), values)) if nested else text.format_map
 
 
 _REPR = reprlib.Repr()
@@ -177,11 +210,46 @@ class Template:
     def num_prompts(self) -> int:
         return self.repeat * self.combinations
 
+    def _karras_by_sampler(self) -> bool:
+        """Whether both `sampler` and `karras` are swept here, so that karras follows the sampler."""
+        return "sampler" in self.settings and "karras" in self.settings
+
+    @property
+    def settings_count(self) -> int:
+        """Settings combinations per prompt (see `setting_combos`), counted without making them."""
+        if not self.settings:
+            return 1
+        count = math.prod(len(v) for v in self.settings.values())
+        if self._karras_by_sampler() and any(v is False for v in self.settings["karras"]):
+            others = math.prod(len(v) for k, v in self.settings.items() if k not in ("sampler", "karras"))
+            plain = sum(1 for v in self.settings["sampler"] if v not in rules.KARRAS_SAMPLERS)
+            count -= plain * sum(1 for v in self.settings["karras"] if v is True) * others
+        return count
+
+    def setting_combos(self) -> Iterator[tuple[Any, ...]]:
+        """Every combination of the `settings:` lists, in order. Karras sigmas exist only for
+        some samplers (rules.KARRAS_SAMPLERS), and the runner refuses a row asking for them on
+        another one, so `karras: true` beside a sampler without them is written as false; in a
+        sweep over both flags (`karras: [false, true]`) that combination would repeat the false
+        one's rows and is left out."""
+        if not self.settings:
+            yield ()
+            return
+        names = list(self.settings)
+        follow = self._karras_by_sampler()
+        s, k = (names.index("sampler"), names.index("karras")) if follow else (0, 0)
+        drop = follow and any(v is False for v in self.settings["karras"])
+        for combo in itertools.product(*self.settings.values()):
+            if follow and combo[k] is True and combo[s] not in rules.KARRAS_SAMPLERS:
+                if drop:
+                    continue
+                combo = (*combo[:k], False, *combo[k + 1 :])
+            yield combo
+
     @property
     def rows_per_prompt(self) -> int:
-        settings = math.prod(len(v) for v in self.settings.values()) if self.settings else 1
         images = len(self.init_images) * len(self.strengths) if self.init_images else 1
-        return settings * images * self.seeds_per_prompt
+        return self.settings_count * images * self.seeds_per_prompt
 
     @property
     def num_rows(self) -> int:
@@ -213,11 +281,25 @@ class Template:
             yield dict(zip(names, values))
 
     def rows(self) -> Iterator[dict[str, Any]]:
-        """The manifest rows, lazily, in order."""
+        """The manifest rows, lazily, in order. Raises TemplateError at a row the runner would
+        refuse for its text alone: an empty prompt or id, or a nested format field giving a
+        width or precision over 99999 (checked before that field is formatted)."""
         setting_names = list(self.settings)
-        setting_combos = list(itertools.product(*self.settings.values())) if self.settings else [()]
+        setting_combos = list(self.setting_combos())
         images = [(i, s) for i in self.init_images for s in self.strengths] if self.init_images else [(None, None)]
+        texts = {"prompt": self.prompt, "negative": self.negative, "id": self.id}
+        fill = {key: _formatter(value) for key, value in texts.items() if value is not None}
         prompt_index = row = 0
+
+        def text(key: str, values: Mapping[str, Any]) -> str:
+            try:
+                return fill[key](values)
+            except _BigSpec as exc:
+                raise TemplateError(
+                    f"{key}: row {row} ({_values(values)}): a format spec filled in as {_short(str(exc))} has a "
+                    "width or precision over 99999, which is refused"
+                ) from None
+
         for _ in range(self.repeat):
             for variables in self._variables():
                 draws = {
@@ -225,17 +307,27 @@ class Template:
                     for name, (choices, cumulative) in self.weighted.items()
                 }
                 values = {**variables, **draws}
-                prompt = self.prompt.format_map(values)
-                negative = self.negative.format_map(values) if self.negative is not None else None
+                prompt = text("prompt", values)
+                if not prompt.strip():
+                    raise TemplateError(
+                        f"prompt: row {row} ({_values(values)}) gets an empty prompt, which the runner refuses "
+                        "(the row would be an error record); give every variable in the prompt a non-empty value "
+                        "or keep some text around it"
+                    )
+                negative = text("negative", values) if self.negative is not None else None
                 seeds = [derive_seed(self.base_seed, prompt_index, k) for k in range(self.seeds_per_prompt)]
                 for combo in setting_combos:
                     for init_image, strength in images:
                         for k, seed in enumerate(seeds):
                             out: dict[str, Any] = {}
                             if self.id:
-                                out["id"] = self.id.format_map(
-                                    {**values, "row": row, "prompt_index": prompt_index, "seed_index": k}
-                                )
+                                counters = {"row": row, "prompt_index": prompt_index, "seed_index": k}
+                                out["id"] = text("id", {**values, **counters})
+                                if not out["id"]:
+                                    raise TemplateError(
+                                        f"id: row {row} ({_values(values)}) gets an empty id, which the runner "
+                                        "refuses (the row would be an error record)"
+                                    )
                             out["prompt"] = prompt
                             if negative is not None:
                                 out["negative"] = negative
@@ -250,6 +342,11 @@ class Template:
                 prompt_index += 1
 
 
+def _values(values: Mapping[str, Any]) -> str:
+    """A row's variables for a message: `c=''`, shortened."""
+    return one_line(", ".join(f"{name}={_short(value, 60)}" for name, value in values.items()) or "no variables", 300)
+
+
 def _fields(text: str, key: str) -> set[str]:
     try:
         return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
@@ -260,7 +357,10 @@ def _fields(text: str, key: str) -> set[str]:
 def _format_problems(key: str, text: str, samples: Mapping[str, Sequence[Any]]) -> list[str]:
     """Each `{name!conversion:spec}` field of `text` formatted with every value its variable can
     take, so a bad spec or conversion (`{colour:d}` on a string) is named now rather than failing
-    mid-write. Fields of names not in `samples` are checked elsewhere (unknown or badly typed)."""
+    mid-write. Fields of names not in `samples` are checked elsewhere (unknown or badly typed).
+    A spec's nested fields (`{c:{w}}`) are tried with every value of their variables too (the
+    others at their first value), never building a string wider than 99999; a combination of
+    nested values the check does not try is caught while the rows are made (`Template.rows`)."""
     problems: list[str] = []
     first = {name: values[0] for name, values in samples.items()}
     fields = {(n, spec, conv) for _, n, spec, conv in string.Formatter().parse(text) if n is not None}
@@ -271,13 +371,31 @@ def _format_problems(key: str, text: str, samples: Mapping[str, Sequence[Any]]) 
         if spec and _BIG_NUMBER.search(spec):
             problems.append(f"{key}: {field}: a width or precision over 99999 is refused")
             continue
-        for value in samples[name]:
-            try:
-                field.format_map({**first, name: value})
-            except KeyError:  # a nested field naming an unknown variable: reported by the name check
-                break
-            except (ValueError, TypeError, OverflowError, IndexError, AttributeError) as exc:
-                problems.append(f"{key}: {field} cannot format {_short(value)}: {exc}")
+        try:
+            nested = [n for _, n, _, _ in string.Formatter().parse(spec or "") if n is not None and n in samples]
+        except ValueError:
+            nested = []  # the spec's own syntax error is named when the field is formatted below
+        problem = None
+        for variable in dict.fromkeys([name, *nested]):
+            for value in samples[variable]:
+                values = {**first, variable: value}
+                try:
+                    _CAPPED.vformat(field, (), values)
+                except KeyError:  # a nested field naming an unknown variable: reported by the name check
+                    break
+                except _BigSpec as exc:
+                    involved = _values({n: values[n] for n in dict.fromkeys(nested)})
+                    problem = (
+                        f"{key}: {field}: a width or precision over 99999 is refused "
+                        f"({involved} makes the spec {_short(str(exc))})"
+                    )
+                except (ValueError, TypeError, OverflowError, IndexError, AttributeError) as exc:
+                    shown = _short(value) if variable == name else f"{variable}={_short(value)}"
+                    problem = f"{key}: {field} cannot format {shown}: {exc}"
+                if problem:
+                    break
+            if problem:
+                problems.append(problem)
                 break
     return problems
 
@@ -437,6 +555,23 @@ def parse_template(
                 if not init_images:
                     problems.append(f"init_images.source: no {'/'.join(IMAGE_SUFFIXES)} files in {init['source']}")
 
+    # img2img runs int(steps * strength) steps; none is every such row's error at run time.
+    good_steps = [v for v in settings.get("steps", []) if _is_scalar(v) and not rules.steps_problem(v)]
+    for strength in strengths:
+        if "steps" not in settings:  # the job's sampler.steps decide; none can save a strength this small
+            if rules.strength_problem(strength, rules.MAX_STEPS):
+                problems.append(
+                    f"init_images.strengths: {strength:g} leaves no denoising step at any step count "
+                    f"(int(steps * strength) = 0 up to {rules.MAX_STEPS} steps)"
+                )
+            continue
+        for steps in good_steps:
+            if rules.strength_problem(strength, steps):
+                problems.append(
+                    f"init_images.strengths: {strength:g} with settings.steps {steps}: "
+                    f"{rules.strength_problem(strength, steps)}"
+                )
+
     columns = data.get("columns") or {}
     if not isinstance(columns, Mapping):
         problems.append("columns: expected a mapping of name -> value")
@@ -493,11 +628,10 @@ def parse_template(
     )
     rows = template.num_rows
     if not 0 < rows <= max_rows:
-        settings_count = math.prod(len(v) for v in settings.values()) if settings else 1
         factors = [
             f"repeat {repeat}",
             f"{template.combinations} variable combination(s)",
-            f"{settings_count} settings combination(s)",
+            f"{template.settings_count} settings combination(s)",
             f"{len(init_images) * len(strengths) if init_images else 1} init image x strength pair(s)",
             f"seeds_per_prompt {seeds_per_prompt}",
         ]
@@ -506,9 +640,26 @@ def parse_template(
     return template
 
 
+def _s3_join(base: str, relative: str) -> str:
+    """The s3:// prefix `relative` names from the s3:// folder `base` (`..` and `.` resolved)."""
+    bucket, key = split_s3(base)
+    joined = posixpath.normpath(posixpath.join(key, relative))
+    if joined == ".." or joined.startswith("../"):
+        raise OSError(f"{relative}: leaves the bucket of the template ({redact_uri(base)})")
+    return f"s3://{bucket}/{'' if joined == '.' else joined}"
+
+
 def _list_images(source: str, base_dir: str, manifest_dir: str | None) -> list[str]:
     """The init images under a folder or s3:// prefix, sorted: s3 URIs, or local paths relative
-    to the manifest's folder (absolute when the manifest goes to S3)."""
+    to the manifest's folder (absolute when the manifest goes to S3). A relative folder is
+    relative to `base_dir`, the template's folder: local, or an s3:// prefix (a template on S3
+    names the prefix beside it)."""
+    if source.startswith("file://"):
+        source = local_path(source)
+    elif source.startswith("~"):
+        source = os.path.expanduser(source)
+    if is_s3(base_dir) and not is_s3(source) and not os.path.isabs(source):
+        source = _s3_join(base_dir, source)
     if is_s3(source):
         storage = open_storage(source)
         return [storage.url(k) for k in storage.list("") if k.lower().endswith(IMAGE_SUFFIXES)]
@@ -556,6 +707,8 @@ def convert_table(
     if "seed" in table.column_names:
         if seeds_per_prompt != 1:
             raise TemplateError("--seeds-per-prompt needs a list without a seed column")
+        if base_seed is not None:
+            raise TemplateError("--base-seed needs a list without a seed column (the list's own seeds are used)")
         rows = table.num_rows
     else:
         rows = table.num_rows * seeds_per_prompt
@@ -587,7 +740,8 @@ def rebase_init_images(table: pa.Table, source: str, out: str) -> pa.Table:
     """A prompt list's relative `init_image` paths are relative to the list's own folder (as in any
     manifest, see manifest.resolve_init_image); rewrite them to name the same files from OUT:
     relative to OUT's folder when both are local (as a template writes them), else the absolute
-    path or s3:// URI. Absolute paths and URIs are kept as they are."""
+    path or s3:// URI. Absolute paths, `~` paths (the runner expands `~` where it runs) and URIs
+    are kept as they are."""
     from .manifest import resolve_init_image
 
     if "init_image" not in table.column_names or parent_uri(source) == parent_uri(out):
@@ -599,7 +753,7 @@ def rebase_init_images(table: pa.Table, source: str, out: str) -> pa.Table:
     out_dir = None if is_s3(out) else parent_uri(out)
 
     def rebase(value: str | None) -> str | None:
-        if not value or is_s3(value) or "://" in value or os.path.isabs(value):
+        if not value or is_s3(value) or "://" in value or value.startswith("~") or os.path.isabs(value):
             return value
         target = resolve_init_image(value, source)
         if out_dir is None or is_s3(target):
@@ -614,20 +768,109 @@ def rebase_init_images(table: pa.Table, source: str, out: str) -> pa.Table:
 ID_CHECK_ROWS = 1_000_000  # ids checked for repeats in the first this many rows (memory stays bounded)
 
 
-def _unique_ids(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """The rows, refusing (TemplateError) an id that repeats among the first ID_CHECK_ROWS: at
-    run time every repeat would be an error record. An id template that leaves out an axis the
-    rows vary along (e.g. `{color}` with two seeds per prompt) repeats within the first rows."""
+def _template_repeat(row_id: Any, earlier: int, index: int) -> str:
+    return (
+        f"id {_short(row_id)} repeats (rows {earlier} and {index}): every row needs its own id; "
+        "name in the id what tells the rows apart (e.g. {seed_index} or {row})"
+    )
+
+
+def _unique_ids(
+    rows: Iterator[dict[str, Any]], repeated: Callable[[Any, int, int], str] = _template_repeat
+) -> Iterator[dict[str, Any]]:
+    """The rows, refusing (TemplateError, `repeated(id, earlier_row, row)` its message) an id
+    that repeats among the first ID_CHECK_ROWS: at run time every repeat would be an error
+    record. An id template that leaves out an axis the rows vary along (e.g. `{color}` with two
+    seeds per prompt) repeats within the first rows."""
     first: dict[Any, int] = {}
     for index, row in enumerate(rows):
         if index < ID_CHECK_ROWS and row.get("id") is not None:
             earlier = first.setdefault(row["id"], index)
             if earlier != index:
-                raise TemplateError(
-                    f"id {_short(row['id'])} repeats (rows {earlier} and {index}): every row needs its own id; "
-                    "name in the id what tells the rows apart (e.g. {seed_index} or {row})"
-                )
+                raise TemplateError(repeated(row["id"], earlier, index))
         yield row
+
+
+def _source_kind(source: str) -> str:
+    """`template`, or the list's format (`csv`, `tsv`, `jsonl`, `parquet`), by extension;
+    TemplateError for any other."""
+    name = source.lower().split("?")[0]
+    if name.endswith(TEMPLATE_SUFFIXES):
+        return "template"
+    if name.endswith(LIST_SUFFIXES):
+        return manifest_format(source)
+    raise TemplateError(
+        f"{redact_uri(source)}: unknown kind of file; expected a template ({', '.join(TEMPLATE_SUFFIXES)}) "
+        f"or a prompt list ({', '.join(LIST_SUFFIXES)}), by its extension"
+    )
+
+
+def _check_out(source: str, out: str) -> None:
+    """Refuse (TemplateError, before anything is read or written) an OUT that is a folder, not a
+    `.parquet` name, or SOURCE itself (writing it would replace the source)."""
+    if not out.strip():
+        raise TemplateError("OUT is empty: name the Parquet manifest to write (e.g. manifest.parquet)")
+    shown = redact_uri(out)
+    try:  # StorageError (a RuntimeError): a file:// URI naming a host, another scheme, no bucket
+        out_path = None if is_s3(out) else Path(local_path(out)).expanduser()
+        source_path = None if is_s3(source) else Path(local_path(source)).expanduser()
+        if out_path is None:
+            split_s3(out)
+    except RuntimeError as exc:
+        raise TemplateError(str(exc)) from None
+    if out_path is not None and out_path.is_dir():
+        raise TemplateError(f"OUT {shown}: is a folder; name the Parquet file to write in it (e.g. manifest.parquet)")
+    if not out.lower().split("?")[0].endswith(".parquet"):
+        kind = manifest_format(out)
+        misread = f": {shown} would be read as {kind.upper()}" if kind != "parquet" else ""
+        raise TemplateError(
+            f"OUT {shown}: make-manifest writes Parquet; name OUT with a .parquet extension "
+            f"(the runner reads a manifest by its extension{misread})"
+        )
+    if out_path is None or source_path is None:
+        same = out_path is None and source_path is None and split_s3(out) == split_s3(source)
+    else:
+        same = out_path.resolve() == source_path.resolve()
+        try:  # another name of the same file (a hard link)
+            same = same or (out_path.exists() and source_path.exists() and out_path.samefile(source_path))
+        except OSError:
+            pass
+    if same:
+        raise TemplateError(f"OUT {shown} is SOURCE itself: writing it would replace the source; name another file")
+
+
+def _write_local(rows: Iterator[dict[str, Any]], schema: pa.Schema, path: str, out: str, group: int) -> int:
+    """Stream the rows to `PATH.tmp-PID`, then rename it to `path` (OUT, as `out` names it):
+    OUT appears only when complete. The temp file goes on any exception, Ctrl-C and SIGTERM
+    (main turns it into Ctrl-C)."""
+    temp = f"{path}.tmp-{os.getpid()}"
+    try:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(temp, "wb") as sink:
+                count = stream_parquet(rows, schema, sink, group)
+            os.replace(temp, path)
+        except OSError as exc:
+            raise TemplateError(f"cannot write OUT {redact_uri(out)}: {exc.strerror or exc}") from None
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+    return count
+
+
+def _write_s3(rows: Iterator[dict[str, Any]], schema: pa.Schema, out: str, group: int) -> int:
+    """Stream the rows to a local temporary file, then upload it (multipart when large, the
+    object appearing only when complete): memory stays flat whatever the row count, as for a
+    local OUT. The temporary file, in $TMPDIR, is removed in every case."""
+    bucket, key = split_s3(out)
+    handle, temp = tempfile.mkstemp(prefix="sdgen-manifest-", suffix=".parquet")
+    try:
+        with os.fdopen(handle, "wb") as sink:
+            count = stream_parquet(rows, schema, sink, group)
+        open_storage(f"s3://{bucket}").write_file(key, temp)
+    finally:
+        os.remove(temp)
+    return count
 
 
 def make_manifest(
@@ -641,9 +884,10 @@ def make_manifest(
     """Expand a template (.yaml/.yml) or convert a prompt list (.csv/.tsv/.jsonl/.parquet) into
     the Parquet manifest `out` (a local path or s3:// URI). Returns {"rows", "row_groups", "out"}.
     Refuses (TemplateError, nothing written) a source giving no rows or more than `max_rows`."""
-    kind = "template" if source.lower().endswith((".yaml", ".yml")) else manifest_format(source)
-    local_out = not is_s3(out)
-    out_dir = os.path.dirname(os.path.abspath(out)) if local_out else None
+    kind = _source_kind(source)
+    _check_out(source, out)
+    target = out if is_s3(out) else os.path.abspath(os.path.expanduser(local_path(out)))
+    out_dir = None if is_s3(out) else os.path.dirname(target)
     if kind == "template":
         try:
             data = yaml.safe_load(read_uri(source))
@@ -654,42 +898,43 @@ def make_manifest(
                 data = {**data, "base_seed": base_seed}
             if seeds_per_prompt is not None:
                 data = {**data, "seeds_per_prompt": seeds_per_prompt}
-        base_dir = "." if is_s3(source) else os.path.dirname(os.path.abspath(source))
+        # Relative init-image folders are relative to the template: its local folder, or the
+        # s3:// prefix it sits in.
+        base_dir = (
+            parent_uri(source)
+            if is_s3(source)
+            else os.path.dirname(os.path.abspath(os.path.expanduser(local_path(source))))
+        )
         template = parse_template(data, base_dir, out_dir, max_rows)
         schema, rows, group = template.schema(), template.rows(), template.row_group_size
+        repeated = _template_repeat
     else:
         try:
             table = read_table_bytes(read_uri(source), source)
         except (pa.ArrowException, ValueError) as exc:
             raise TemplateError(f"{redact_uri(source)}: cannot read as {kind} ({exc})") from None
+        per_row = 1 if seeds_per_prompt is None else seeds_per_prompt
         try:
-            table = convert_table(table, base_seed, 1 if seeds_per_prompt is None else seeds_per_prompt, max_rows)
+            table = convert_table(table, base_seed, per_row, max_rows)
         except TemplateError as exc:
             raise TemplateError(f"{redact_uri(source)}: {exc}") from None
-        table = rebase_init_images(table, source, out)
+        table = rebase_init_images(table, source, target)
         # Row dicts one record batch at a time: a Python dict per row costs ~10x the row's
         # columnar bytes, so the whole list as dicts would be the conversion's peak memory.
         group = 65536
         schema, rows = table.schema, (row for batch in table.to_batches(group) for row in batch.to_pylist())
+
+        def repeated(row_id: Any, earlier: int, index: int) -> str:
+            # Rows repeated per seed got ids ID-sK: a repeat is the list's own; name its rows.
+            return (
+                f"{redact_uri(source)}: id {_short(row_id)} repeats (rows {earlier // per_row} and "
+                f"{index // per_row} of the list): every row needs its own id; make the list's ids unique, "
+                "or leave its id column out (rows are then named by their row number)"
+            )
+
     if "id" in schema.names:
-        rows = _unique_ids(rows)
-    if local_out:
-        os.makedirs(out_dir, exist_ok=True)
-        temp = f"{out}.tmp-{os.getpid()}"
-        try:  # the temp file goes on any exception, Ctrl-C and SIGTERM (main turns it into Ctrl-C)
-            count = stream_parquet(rows, schema, temp, group)
-            os.replace(temp, out)
-        finally:
-            if os.path.exists(temp):
-                os.remove(temp)
-    else:
-        import io
-
-        from .storage import write_uri
-
-        buffer = io.BytesIO()
-        count = stream_parquet(rows, schema, buffer, group)
-        write_uri(out, buffer.getvalue())
+        rows = _unique_ids(rows, repeated)
+    count = _write_s3(rows, schema, out, group) if is_s3(out) else _write_local(rows, schema, target, out, group)
     return {"rows": count, "row_groups": (count + group - 1) // group, "out": redact_uri(out)}
 
 
@@ -700,16 +945,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "sdgen make-manifest") -
     import signal
     import sys
 
-    from .exit_codes import INTERRUPTED, REFUSED, install_sigterm
+    from .exit_codes import INTERRUPTED, REFUSED, TABLE, install_sigterm
     from .redact import redact_text
 
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Expand a prompt template (YAML) or convert a CSV/TSV/JSONL prompt list into a Parquet "
-        "manifest (see jobs/README.md, 'Making manifests').",
+        description="Expand a prompt template (YAML) or convert a CSV/TSV/JSONL/Parquet prompt list into a\n"
+        "Parquet manifest (see jobs/README.md, 'Making manifests').",
+        epilog=TABLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("source", help="template .yaml, or a prompt list .csv/.tsv/.jsonl")
-    parser.add_argument("out", help="the Parquet manifest to write (local path or s3://)")
+    parser.add_argument(
+        "source", help="template .yaml/.yml, or a prompt list .csv/.tsv/.jsonl/.ndjson/.parquet (local path or s3://)"
+    )
+    parser.add_argument("out", help="the Parquet manifest to write, OUT.parquet (local path or s3://; not SOURCE)")
     parser.add_argument("--base-seed", type=int, default=None, help="override the template's base_seed")
     parser.add_argument(
         "--seeds-per-prompt",

@@ -445,3 +445,15 @@ def test_a_cell_that_is_not_utf8_fails_its_row_not_the_file(tmp_path, name, data
     manifest = load_manifest([str(tmp_path / name)])
     problems = [_checked(manifest, row)[1] for row in range(3)]
     assert problems == [None, "prompt: is not valid UTF-8", "note: is not valid UTF-8"]
+
+
+def test_a_manifest_name_is_read_whole_question_marks_included():
+    """`m?x.csv` (a legal S3 key or file name) is a CSV: the name was cut at its `?`, read as
+    `m` and so as Parquet. Bytes that are not Parquet under a Parquet name say so."""
+    from jobs.tabular import manifest_format, read_manifest_table
+
+    assert manifest_format("s3://bkt/in/m?x.csv") == "csv" and manifest_format("m#1?.jsonl") == "jsonl"
+    table, problems = read_manifest_table(b"id,prompt,seed\nr1,a red circle,3\n", "s3://bkt/in/m?x.csv")
+    assert table.column("prompt").to_pylist() == ["a red circle"] and not problems
+    with pytest.raises(ValueError, match=r"not a Parquet file \(a manifest is read by its extension"):
+        read_manifest_table(b"id,prompt\n", "m.parquet")

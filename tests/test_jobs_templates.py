@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -409,6 +410,276 @@ def test_an_id_that_repeats_across_rows_is_refused_naming_the_rows(tmp_path, cap
     code, err = make([repeated, tmp_path / "m.parquet"], capsys)
     assert code == 2 and "id 'red' repeats (rows 0 and 1)" in err and "{seed_index}" in err
     assert not list(tmp_path.glob("m.parquet*"))
+    # A list's repeat is the list's own: named with its file and list advice, not template syntax.
     (tmp_path / "l.csv").write_text("id,prompt\na,x\nb,y\na,z\n")
     code, err = make([tmp_path / "l.csv", tmp_path / "l.parquet"], capsys)
-    assert code == 2 and "id 'a' repeats (rows 0 and 2)" in err
+    assert code == 2 and f"{tmp_path / 'l.csv'}: id 'a' repeats (rows 0 and 2 of the list)" in err, err
+    assert "make the list's ids unique" in err and "{seed_index}" not in err and "{row}" not in err
+    assert not list(tmp_path.glob("l.parquet*"))
+    # Repeated per seed (ids a-s0, a-s1, ...), the rows named are still the list's.
+    code, err = make([tmp_path / "l.csv", tmp_path / "l.parquet", "--seeds-per-prompt", "2"], capsys)
+    assert code == 2 and "id 'a-s0' repeats (rows 0 and 2 of the list)" in err, err
+
+
+# --- Bug hunt: make-manifest's inputs and outputs ------------------------------------------------
+
+
+def test_out_must_be_a_parquet_file_that_is_not_the_source(tmp_path, capsys):
+    """`make-manifest l.csv l.csv` replaced the list with Parquet bytes, and `l.csv out.csv` wrote
+    Parquet into a file the runner then read as CSV: OUT must be a .parquet file other than
+    SOURCE, and a folder or an empty OUT is named, not a raw errno with a temp file's name."""
+    listing = tmp_path / "l.csv"
+    listing.write_text("prompt,seed\na,1\n")
+    before = listing.read_bytes()
+    for out in (listing, tmp_path / "out.csv", tmp_path / "out.jsonl"):
+        code, err = make([listing, out], capsys)
+        assert code == 2 and f"OUT {out}: make-manifest writes Parquet; name OUT with a .parquet extension" in err
+    assert (
+        f"extension: {tmp_path / 'out.csv'} would be read as CSV)" in make([listing, tmp_path / "out.csv"], capsys)[1]
+    )
+    assert listing.read_bytes() == before and not (tmp_path / "out.csv").exists()
+    assert make([listing, tmp_path / "l.parquet"], capsys)[0] == 0
+    parquet = (tmp_path / "l.parquet").read_bytes()
+    (tmp_path / "sub").mkdir()
+    for same in (tmp_path / "l.parquet", tmp_path / "sub" / ".." / "l.parquet"):
+        code, err = make([tmp_path / "l.parquet", same], capsys)
+        assert code == 2 and f"OUT {same} is SOURCE itself" in err, err
+    os.link(tmp_path / "l.parquet", tmp_path / "hard.parquet")  # another name of the same file
+    code, err = make([tmp_path / "l.parquet", tmp_path / "hard.parquet"], capsys)
+    assert code == 2 and "is SOURCE itself" in err, err
+    assert (tmp_path / "l.parquet").read_bytes() == parquet
+    (tmp_path / "d.parquet").mkdir()
+    code, err = make([listing, tmp_path / "d.parquet"], capsys)
+    assert code == 2 and f"OUT {tmp_path / 'd.parquet'}: is a folder" in err and ".tmp-" not in err, err
+    (tmp_path / "d").mkdir()
+    code, err = make([listing, tmp_path / "d"], capsys)
+    assert code == 2 and f"OUT {tmp_path / 'd'}: is a folder" in err, err
+    code, err = make([listing, ""], capsys)
+    assert code == 2 and "OUT is empty" in err, err
+
+
+def test_a_template_on_s3_or_as_a_file_uri_finds_its_init_images_beside_it(tmp_path, capsys, s3, monkeypatch):
+    """A relative `init_images.source` is relative to the template, also when the template is on
+    S3 (the prefix beside it) or given as file:///abs/t.yaml; it was read from the current folder."""
+    bucket, client, _ = s3
+    monkeypatch.chdir(tmp_path)  # no init/ folder here
+    template = b'prompt: "a circle"\ninit_images: {source: init/, strengths: [0.5]}\n'
+    client.put_object(Bucket=bucket, Key="tp/st.yaml", Body=template)
+    for key in ("tp/init/a.png", "tp/init/b.jpg", "tp/initial/c.png", "init/d.png"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"img")
+    assert make([f"s3://{bucket}/tp/st.yaml", tmp_path / "s.parquet"], capsys)[0] == 0
+    assert pq.read_table(tmp_path / "s.parquet").column("init_image").to_pylist() == [
+        f"s3://{bucket}/tp/init/a.png",
+        f"s3://{bucket}/tp/init/b.jpg",
+    ]
+    client.put_object(Bucket=bucket, Key="tp/up.yaml", Body=template.replace(b"init/", b"../init"))
+    assert make([f"s3://{bucket}/tp/up.yaml", tmp_path / "u.parquet"], capsys)[0] == 0
+    assert pq.read_table(tmp_path / "u.parquet").column("init_image").to_pylist() == [f"s3://{bucket}/init/d.png"]
+    client.put_object(Bucket=bucket, Key="tp/out.yaml", Body=template.replace(b"init/", b"../../init"))
+    code, err = make([f"s3://{bucket}/tp/out.yaml", tmp_path / "o.parquet"], capsys)
+    assert code == 2 and "init_images.source: ../../init: leaves the bucket" in err, err
+    # file:// (percent-escaped, as Path.as_uri() writes a space)
+    red = init_image(tmp_path / "my templates" / "init" / "red.png")
+    (tmp_path / "my templates" / "t.yaml").write_bytes(template)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    uri = (tmp_path / "my templates" / "t.yaml").as_uri()
+    assert "%20" in uri and make([uri, tmp_path / "out" / "f.parquet"], capsys)[0] == 0
+    assert pq.read_table(tmp_path / "out" / "f.parquet").column("init_image").to_pylist() == [
+        "../my templates/init/red.png"
+    ]
+    manifest = load_manifest([str(tmp_path / "out" / "f.parquet")])
+    assert os.path.normpath(manifest.table.column("init_image_uri")[0].as_py()) == str(red)
+
+
+def _row_problems(path):
+    """What the runner says of each row of the manifest at `path` (None: the row would run)."""
+    from jobs.manifest import parse_row
+    from jobs.spec import SamplerSpec
+
+    manifest = load_manifest([str(path)])
+    rows = manifest.table.to_pylist()
+    return [parse_row(i, row, row_id=manifest.ids[i], sampler=SamplerSpec())[1] for i, row in enumerate(rows)]
+
+
+def test_karras_in_a_sampler_sweep_is_written_only_where_the_sampler_has_it(tmp_path, capsys):
+    """`sampler: [ddim, dpmpp_2m], karras: true` wrote karras=true on the ddim rows, which the
+    runner makes error records (Karras sigmas are dpmpp_2m's only)."""
+    base = {"prompt": "a {c}", "vars": {"c": ["x", "y"]}, "seeds_per_prompt": 2}
+    single = write(tmp_path / "t.yaml", {**base, "settings": {"sampler": ["ddim", "dpmpp_2m"], "karras": True}})
+    assert make([single, tmp_path / "a.parquet"], capsys)[0] == 0
+    rows = pq.read_table(tmp_path / "a.parquet").to_pylist()
+    assert [(r["c"], r["sampler"], r["karras"]) for r in rows[::2]] == [
+        ("x", "ddim", False), ("x", "dpmpp_2m", True), ("y", "ddim", False), ("y", "dpmpp_2m", True)
+    ]  # fmt: skip
+    assert _row_problems(tmp_path / "a.parquet") == [None] * 8
+    # A sweep over both flags: ddim x true would repeat ddim x false, so it is left out.
+    both = {**base, "settings": {"karras": [False, True], "steps": [3, 4], "sampler": ["ddim", "euler_a", "dpmpp_2m"]}}
+    result = make_manifest(str(write(tmp_path / "b.yaml", both)), str(tmp_path / "b.parquet"))
+    rows = pq.read_table(tmp_path / "b.parquet").to_pylist()
+    combos = [(r["karras"], r["steps"], r["sampler"]) for r in rows if r["c"] == "x" and r["seed"] == rows[0]["seed"]]
+    assert combos == [
+        (False, 3, "ddim"), (False, 3, "euler_a"), (False, 3, "dpmpp_2m"),
+        (False, 4, "ddim"), (False, 4, "euler_a"), (False, 4, "dpmpp_2m"),
+        (True, 3, "dpmpp_2m"), (True, 4, "dpmpp_2m"),
+    ]  # fmt: skip
+    assert result["rows"] == len(rows) == 2 * 8 * 2 and _row_problems(tmp_path / "b.parquet") == [None] * 32
+    # The row limit counts the rows that are made.
+    code, err = make([tmp_path / "b.yaml", tmp_path / "c.parquet", "--max-rows", "31"], capsys)
+    assert code == 2 and "x 8 settings combination(s) x" in err and "= 32 rows" in err, err
+
+
+def test_strengths_that_leave_no_denoising_step_are_refused(tmp_path, capsys):
+    """`settings: {steps: 2}` with `strengths: [0.1]`: int(2 * 0.1) = 0, every such row an error
+    record at run time. Refused, naming the combination, by the runner's own rule."""
+    from sdcore import rules
+
+    init_image(tmp_path / "init" / "a.png")
+    template = {
+        "prompt": "a circle",
+        "settings": {"steps": [2, 20]},
+        "init_images": {"source": "init", "strengths": [0.1, 0.5]},
+    }
+    code, err = make([write(tmp_path / "t.yaml", template), tmp_path / "m.parquet"], capsys)
+    assert code == 2 and f"init_images.strengths: 0.1 with settings.steps 2: {rules.strength_problem(0.1, 2)}" in err
+    assert "0.5 with" not in err and "settings.steps 20" not in err and not list(tmp_path.glob("m.parquet*"))
+    # Without settings.steps the job's steps decide, but no step count saves 0.0001.
+    template = {"prompt": "a circle", "init_images": {"source": "init", "strengths": [0.0001, 0.5]}}
+    code, err = make([write(tmp_path / "u.yaml", template), tmp_path / "m.parquet"], capsys)
+    assert code == 2 and "init_images.strengths: 0.0001 leaves no denoising step at any step count" in err, err
+    template["init_images"]["strengths"] = [0.01, 0.5]  # 0.01 x 100+ steps is fine: the job's steps decide
+    assert make([write(tmp_path / "v.yaml", template), tmp_path / "m.parquet"], capsys)[0] == 0
+
+
+def test_a_variable_giving_an_empty_prompt_or_id_is_refused(tmp_path, capsys):
+    """The runner makes a row with an empty prompt (or id) an error record; a template whose
+    variable makes one is refused, naming the row and the values, nothing written."""
+    from jobs.manifest import parse_row
+    from jobs.spec import SamplerSpec
+
+    assert "prompt is empty" in parse_row(0, {"prompt": " ", "seed": 1}, row_id="0", sampler=SamplerSpec())[1]
+    assert "id is empty" in parse_row(0, {"prompt": "a", "seed": 1}, row_id="", sampler=SamplerSpec())[1]
+    template = write(tmp_path / "t.yaml", {"prompt": "{c}{d}", "vars": {"c": ["red", ""], "d": [" "]}})
+    code, err = make([template, tmp_path / "m.parquet"], capsys)
+    assert code == 2 and "prompt: row 1 (c='', d=' ') gets an empty prompt, which the runner refuses" in err, err
+    assert not list(tmp_path.glob("m.parquet*"))
+    template = write(tmp_path / "i.yaml", {"prompt": "a {c} circle", "vars": {"c": ["red", ""]}, "id": "{c}"})
+    code, err = make([template, tmp_path / "m.parquet"], capsys)
+    assert code == 2 and "id: row 1 (c='') gets an empty id" in err, err
+    assert not list(tmp_path.glob("m.parquet*"))
+
+
+def test_a_nested_format_width_is_capped_like_a_literal_one(tmp_path, capsys):
+    """`{c:{w}}` with w = 1000000 wrote a 1,000,000-character prompt where `{c:1000000}` is
+    refused: the nested values are checked, and the string is never built."""
+    import time
+
+    cases = [
+        (
+            {"c": ["x"], "w": [1000000]},
+            "prompt: {c:{w}}: a width or precision over 99999 is refused (w=1000000 makes the spec '1000000')",
+        ),
+        ({"c": ["x"], "w": ["5", "99999999"]}, "(w='99999999' makes the spec '99999999')"),
+    ]
+    for variables, needle in cases:
+        template = write(tmp_path / "t.yaml", {"prompt": "a {c:{w}} circle", "vars": variables})
+        started = time.perf_counter()
+        code, err = make([template, tmp_path / "m.parquet"], capsys)
+        assert code == 2 and needle in err and time.perf_counter() - started < 5, err
+        assert len(err) < 1000 and not list(tmp_path.glob("m.parquet*"))
+    # Widths the check does not try (a=999 with b=999 only) are refused while the rows are made.
+    template = write(tmp_path / "t.yaml", {"prompt": "{c:>{a}{b}}", "vars": {"c": ["x"], "a": [1, 999], "b": [1, 999]}})
+    code, err = make([template, tmp_path / "m.parquet"], capsys)
+    assert code == 2 and "prompt: row 3 (c='x', a=999, b=999): a format spec filled in as '>999999'" in err, err
+    assert not list(tmp_path.glob("m.parquet*"))
+    # Nested widths within the cap still work.
+    template = write(tmp_path / "t.yaml", {"prompt": "{c:>{w}}", "vars": {"c": ["x"], "w": [3]}, "id": "{row:0{w}d}"})
+    assert make([template, tmp_path / "m.parquet"], capsys)[0] == 0
+    assert pq.read_table(tmp_path / "m.parquet").select(["id", "prompt"]).to_pylist() == [
+        {"id": "000", "prompt": "  x"}
+    ]
+
+
+def test_tilde_init_images_in_a_list_are_kept_for_the_runner_to_expand(tmp_path, capsys):
+    """`~/q.png` became `../../../root/q.png`-style paths (made relative before `~` was expanded)."""
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "p.csv").write_text("prompt,init_image,strength\na,~/q.png,0.5\nb,~,0.5\n")
+    assert make([tmp_path / "lists" / "p.csv", tmp_path / "out" / "m.parquet"], capsys)[0] == 0
+    assert pq.read_table(tmp_path / "out" / "m.parquet").column("init_image").to_pylist() == ["~/q.png", "~"]
+    uris = load_manifest([str(tmp_path / "out" / "m.parquet")]).table.column("init_image_uri").to_pylist()
+    assert uris[0] == os.path.expanduser("~/q.png")
+
+
+def test_cr_only_and_utf16_lists_are_read_and_unreadable_ones_named(tmp_path, capsys):
+    """A CR-only or UTF-16 CSV crashed make-manifest with a raw `_csv.Error` (exit 3, no file
+    named). Both are read now, by make-manifest and by the runner alike; UTF-16 without a
+    byte-order mark and UTF-32 are refused, naming the file and what to do, also by `sdgen run`."""
+    from jobs.cli import run_main
+
+    expected = [{"prompt": "a red circle", "seed": 1, "tag": "é"}, {"prompt": "b", "seed": 2, "tag": "x"}]
+    files = {
+        "cr.csv": "prompt,seed,tag\ra red circle,1,é\rb,2,x\r".encode(),
+        "utf16.csv": "prompt,seed,tag\r\na red circle,1,é\r\nb,2,x\r\n".encode("utf-16"),
+        "utf16be.tsv": b"\xfe\xff" + "prompt\tseed\ttag\na red circle\t1\té\nb\t2\tx\n".encode("utf-16-be"),
+        "utf16.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in expected).encode("utf-16"),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        assert make([tmp_path / name, tmp_path / f"{name}.parquet"], capsys)[0] == 0, name
+        assert pq.read_table(tmp_path / f"{name}.parquet").to_pylist() == expected, name
+        assert load_manifest([str(tmp_path / name)]).table.to_pylist() == expected, name
+    broken = {
+        "bomless.csv": "prompt,seed\na,1\n".encode("utf-16-le"),
+        "utf32.csv": "prompt,seed\na,1\n".encode("utf-32"),
+    }
+    for name, data in broken.items():
+        (tmp_path / name).write_bytes(data)
+        code, err = make([tmp_path / name, tmp_path / "m.parquet"], capsys)
+        assert code == 2 and f"{tmp_path / name}: cannot read as csv" in err and "save it as UTF-8" in err, err
+        spec = tmp_path / f"{name}.yaml"
+        spec.write_text(f"manifest: {tmp_path / name}\noutput: {tmp_path / 'out'}\nmodel: {{weights: builtin:tiny}}\n")
+        assert run_main([str(spec), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert f"manifest {tmp_path / name}: not a readable CSV file" in err and "save it as UTF-8" in err, err
+
+
+def test_list_options_and_sources_are_checked_and_named(tmp_path, capsys):
+    """--base-seed was silently ignored for a list with seeds (--seeds-per-prompt is refused
+    there); an unknown extension was read as Parquet ("magic bytes")."""
+    (tmp_path / "s.csv").write_text("prompt,seed\na,1\n")
+    code, err = make([tmp_path / "s.csv", tmp_path / "m.parquet", "--base-seed", "3"], capsys)
+    assert code == 2 and "--base-seed needs a list without a seed column" in err, err
+    (tmp_path / "l.txt").write_text("prompt\na\n")
+    code, err = make([tmp_path / "l.txt", tmp_path / "m.parquet"], capsys)
+    assert code == 2 and f"{tmp_path / 'l.txt'}: unknown kind of file" in err and "magic" not in err, err
+    assert ".yaml, .yml" in err and ".csv, .tsv, .jsonl, .ndjson, .parquet" in err
+    assert not list(tmp_path.glob("m.parquet*"))
+
+
+@pytest.mark.parametrize("command", ["make-manifest", "report", "grid", "export"])
+def test_every_command_help_ends_with_the_exit_code_table(command, capsys):
+    from jobs.cli import main
+    from jobs.exit_codes import TABLE
+
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and out.rstrip().endswith(TABLE), out
+    if command == "make-manifest":
+        assert ".parquet" in out.split("positional arguments:")[1].split("out")[0]  # SOURCE may be Parquet
+
+
+def test_a_manifest_for_s3_goes_through_a_temporary_file_that_is_removed(tmp_path, s3):
+    """An s3:// OUT was written into a BytesIO, the whole file in memory. It is written to a
+    temporary file in $TMPDIR and uploaded (storage's `write_file`); the file is gone after.
+    (What that saves in memory: bench/MANIFEST_RESULTS.md.)"""
+    bucket, client, env = s3
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    src = write(tmp_path / "t.yaml", {"prompt": "a {c}", "vars": {"c": ["x", "y"]}, "repeat": 3000})
+    code = f"import sys; from jobs.templates import main; sys.exit(main({[str(src), f's3://{bucket}/m.parquet']!r}))"
+    done = run_command([PYTHON, "-c", code], env={**env, "TMPDIR": str(scratch)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = client.get_object(Bucket=bucket, Key="m.parquet")["Body"].read()
+    assert pq.read_table(pa.BufferReader(data), columns=["seed"]).num_rows == 6000
+    assert list(scratch.iterdir()) == []
