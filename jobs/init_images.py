@@ -29,8 +29,9 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image, ImageOps
+
+from sdcore.request import grey_to_8_bits
 
 from .storage import StorageError, TransientStorageError, read_uri, redact_uri
 
@@ -67,8 +68,10 @@ class InitImage:
 #   2: the EXIF orientation applied first, as diffusers' load_image and every image viewer do
 #      (a phone photo stored sideways is used upright), and 16-bit greyscale (PNG mode I;16,
 #      which convert("RGB") clipped to white) scaled to 8 bits. Other images: as in 1.
+#      That scaling is sdcore's `grey_to_8_bits`, which the library applies to init images too.
+#      (Modes I and F, 32-bit integer and float TIFFs, are still converted as in 1, clipped, so
+#      that records made with them reproduce; the library's `init_image_rgb` refuses them.)
 INIT_DECODING = 2
-SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def decode_init_image(data: bytes, max_pixels: int | None = None, decoding: int = INIT_DECODING) -> Image.Image:
@@ -84,10 +87,7 @@ def decode_init_image(data: bytes, max_pixels: int | None = None, decoding: int 
             raise InitImageError(f"{image.width}x{image.height} pixels, over the cap of {max_pixels}")
         image.load()
         if decoding >= 2:
-            image = ImageOps.exif_transpose(image)
-            if image.mode in SIXTEEN_BIT_GREY:
-                grey = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
-                image = Image.fromarray(grey)  # mode L
+            image = grey_to_8_bits(ImageOps.exif_transpose(image))  # SIXTEEN_BIT_GREY -> mode L
         return image.convert("RGB")
 
 

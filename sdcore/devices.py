@@ -25,6 +25,34 @@ import torch
 ASYNC_COPIES = True
 
 
+def compute_device(device: torch.device | str) -> torch.device:
+    """`device` as a torch.device that can hold and compute a model's tensors; ValueError naming
+    it otherwise: not a device name, `meta` (shapes without data: a pipeline there cannot
+    generate), CUDA where this torch has none, or any other device that cannot run one small
+    tensor op and give its result back to the host (an absent accelerator, a GPU index past the
+    last one)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r}: not a torch device ({exc})") from None
+    if device.type == "meta":
+        raise ValueError(
+            "device meta: tensors there have shapes but no data, so a pipeline cannot generate on it; "
+            "load on a compute device (cpu, cuda, ...)"
+        )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: this torch has no CUDA device (torch.cuda.is_available() is False)")
+    if device.type != "cpu":
+        try:
+            works = torch.ones(1, device=device).add(1).cpu().item() == 2.0
+        except Exception as exc:  # noqa: BLE001 - each backend fails its own way (RuntimeError, NotImplementedError, ...)
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise ValueError(f"device {device}: cannot compute there ({type(exc).__name__}: {first})") from None
+        if not works:
+            raise ValueError(f"device {device}: a test addition there gave a wrong result")
+    return device
+
+
 def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`tensor.to(device, dtype)`, queued without waiting where `tensor` is on the host and
     `device` is a CUDA device. The caller may reuse `tensor` at once."""
@@ -55,4 +83,4 @@ class HostCopy:
         return self._host
 
 
-__all__ = ["ASYNC_COPIES", "HostCopy", "to_device"]
+__all__ = ["ASYNC_COPIES", "HostCopy", "compute_device", "to_device"]

@@ -34,7 +34,7 @@ class Conv2d(nn.Conv2d):
 
     def winograd_weight(self) -> torch.Tensor:
         weight = self.weight
-        key = _tensor_key(weight)
+        key = tensor_key(weight)
         if getattr(self, "_winograd_key", None) != key:
             # A normal tensor even when first made inside inference_mode, so that later forwards
             # outside it (autograd recording) can use it too.
@@ -117,7 +117,7 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, query_dim, bias=qkv_bias)
         # A ModuleList so the key is `to_out.0`, as in every SD checkpoint layout.
         self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim)])
-        self._context_cache: tuple | None = None  # (context, weights' key, K, V): see _keys_values
+        self._context_cache: tuple | None = None  # (context, its version and weights' key, K, V): see _keys_values
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, N, C); context: (B, M, C_ctx), defaults to x (self-attention)
@@ -138,21 +138,26 @@ class Attention(nn.Module):
         return self.to_out[0](out)
 
     def _keys_values(self, context: torch.Tensor, split_heads) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the text context, kept while the same context tensor comes back: the
-        pipeline passes one context tensor to every step of a batch whose rows stay the same, and
-        the prompts' K and V do not change between steps. The same ops on the same tensor, so the
-        bits are those of computing them afresh. Remade for any other tensor (checked by
-        identity: the cache holds the tensor, so its id cannot be reused) or when a weight
-        changes; not used where autograd records (training), under torch.compile, or while a
-        CUDA graph is captured (a replay must compute them from its own context buffer)."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or _capturing(context):
+        """K and V of the text context, kept while the same, unchanged context tensor comes back:
+        the pipeline passes one context tensor to every step of a batch whose rows stay the same,
+        and the prompts' K and V do not change between steps. The same ops on the same tensor, so
+        the bits are those of computing them afresh. Remade for any other tensor (checked by
+        identity: the cache holds the tensor, so its id cannot be reused), for the same tensor
+        changed in place (its version counter moved: `context.copy_(...)`), or when a weight
+        changes. Not kept for an inference tensor (made in inference mode: it has no version
+        counter, so an in-place change could not be seen; the pipeline makes its contexts as
+        ordinary tensors), nor where autograd records (training), under torch.compile, or while
+        a CUDA graph is captured (a replay must compute them from its own context buffer). A
+        write through `.data` moves no version counter: call `forget_context` after one."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or context.is_inference() or _capturing(context):
             return split_heads(self.to_k(context)), split_heads(self.to_v(context))
-        weights = tuple(_tensor_key(p) for p in (self.to_k.weight, self.to_k.bias, self.to_v.weight, self.to_v.bias))
+        weights = (self.to_k.weight, self.to_k.bias, self.to_v.weight, self.to_v.bias)
+        key = (context._version, *(tensor_key(p) for p in weights))
         cached = self._context_cache
-        if cached is not None and cached[0] is context and cached[1] == weights:
+        if cached is not None and cached[0] is context and cached[1] == key:
             return cached[2], cached[3]
         k, v = split_heads(self.to_k(context)), split_heads(self.to_v(context))
-        self._context_cache = (context, weights, k, v)
+        self._context_cache = (context, key, k, v)
         return k, v
 
     def forget_context(self) -> None:
@@ -166,7 +171,7 @@ def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _tensor_key(t: torch.Tensor | None) -> tuple | None:
+def tensor_key(t: torch.Tensor | None) -> tuple | None:
     """What identifies a parameter's current values: its storage and in-place version
     (inference tensors have no version counter; they cannot be changed outside inference mode)."""
     if t is None:

@@ -22,6 +22,7 @@ sizes.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -35,15 +36,17 @@ from .clip import CLIPTextModel
 from .config import ModelConfig
 from .devices import HostCopy, to_device
 from .kernels import DEFAULT_CONV_ALGORITHM, set_conv_algorithm
-from .request import GenerationRequest
+from .layers import tensor_key
+from .request import GenerationRequest, init_image_rgb
 from .samplers import Sampler, Trajectory
 from .tokenizer import tokenize
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
 
-# Text embeddings are cached by prompt (the empty negative and repeated prompts are common). The
-# cache is bounded in bytes, not entries: one SD 1.5 embedding (1, 77, 768) float32 is 236 KB, so
-# 4096 entries would hold ~1 GB of device memory.
+# Text embeddings are cached by prompt (the empty negative and repeated prompts are common), and
+# emptied when the text encoder's weights change (checked once per generation, see
+# `Pipeline.encode_prompt`). The cache is bounded in bytes, not entries: one SD 1.5 embedding
+# (1, 77, 768) float32 is 236 KB, so 4096 entries would hold ~1 GB of device memory.
 EMBEDDING_CACHE_BYTES = 64 * 2**20
 
 # A decode's images are given out this many UNet forwards after it is queued on a CUDA device
@@ -186,15 +189,19 @@ class _Lane:
         """The forward's text context: each slot's prompt embedding ((negative, then prompt) x
         rows when guided; the empty prompt in a free slot). The same tensor object while the
         slots hold the same rows, so the UNet's cross-attentions keep its K and V between steps
-        (sdcore/layers.py)."""
+        (sdcore/layers.py). An ordinary tensor, not an inference one even in inference mode: the
+        attentions keep K and V only for a context whose version counter tells them it was not
+        changed in place since, and inference tensors have none."""
         flights = self.slots
         if self._context is not None and all(a is b for a, b in zip(self._context[0], flights)):
             return self._context[1]
         cond = [encode_prompt("" if f is None else f.request.prompt) for f in flights]
         if self.guided:
             cond = [encode_prompt("" if f is None else f.request.negative) for f in flights] + cond
+        with torch.inference_mode(False), torch.no_grad():
+            context = torch.cat(cond)  # (rows or 2 rows, 77, D): the same bits in either mode
         # The slots it was built for are kept, so their ids cannot be reused by new flights.
-        self._context = (list(flights), torch.cat(cond))
+        self._context = (list(flights), context)
         return self._context[1]
 
     def admit(self) -> list[tuple[int, int, GenerationRequest]]:
@@ -224,8 +231,10 @@ class _Lane:
 
 
 def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """PIL image -> (1, 3, H, W) float32 in [-1, 1], resized (Lanczos) to width x height."""
-    image = image.convert("RGB")
+    """PIL image -> (1, 3, H, W) float32 in [-1, 1], resized (Lanczos) to width x height.
+    RGB as `sdcore.request.init_image_rgb` makes it (16-bit grey scaled to 8 bits; ValueError
+    for an image without pixels or of a mode whose range is ambiguous)."""
+    image = init_image_rgb(image)
     if image.size != (width, height):
         image = image.resize((width, height), resample=Image.LANCZOS)
     array = np.asarray(image).astype(np.float32) / 255.0
@@ -267,6 +276,26 @@ def _one_slot_each(
         raise ValueError(f"slots/decode_slots have {count} entries for {read} requests: one per request")
 
 
+def _count_of(name: str, value: Any) -> int:
+    """A count given to `generate` (`fixed_batch`, `decode_batch`) as a Python int: any integer
+    `sdcore.rules` takes (a numpy integer, a 0-dim torch integer tensor), >= 1."""
+    if not rules.is_integer(value) or value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _slot_list(name: str, what: str, asked: Sequence[Any], rows: int) -> list[int | None]:
+    """`slots` / `decode_slots` as Python ints (or None: any slot), each in 0..rows-1."""
+    slots: list[int | None] = []
+    for index, slot in enumerate(asked):
+        if slot is not None and not rules.is_integer(slot):
+            raise ValueError(f"{name}: request {index}'s entry: expected an integer slot or None, got {slot!r}")
+        if slot is not None and not 0 <= int(slot) < rows:
+            raise ValueError(f"{what} {int(slot)} outside 0..{rows - 1} (request {index})")
+        slots.append(None if slot is None else int(slot))
+    return slots
+
+
 class Pipeline:
     """The three networks of one SD 1.x checkpoint on one device, ready to generate."""
 
@@ -294,6 +323,7 @@ class Pipeline:
         set_conv_algorithm(self, DEFAULT_CONV_ALGORITHM)  # sets self.conv_algorithm
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._embedding_bytes = 0
+        self._embeddings_made_by: tuple | None = None  # the text encoder's weights' key (see _text_encoder_key)
         self._give_out_lag: int | None = None  # None: GIVE_OUT_LAG on CUDA, 0 elsewhere
         self._prepare_ahead: bool | None = None  # None: PREPARE_AHEAD on CUDA, off elsewhere
 
@@ -352,6 +382,22 @@ class Pipeline:
     def clear_embedding_cache(self) -> None:
         self._embeddings.clear()
         self._embedding_bytes = 0
+        self._embeddings_made_by = None
+
+    def _text_encoder_key(self) -> tuple:
+        """What identifies the text encoder's current weights (each tensor's storage, in-place
+        version, dtype and device, as the UNet's caches check theirs: `sdcore.layers.tensor_key`),
+        so that `load_state_dict`, `.to(...)` or an in-place change of any of them is seen. A few
+        hundred attribute reads: asked once per generation, not per prompt."""
+        encoder = self.text_encoder
+        return (id(encoder), *(tensor_key(t) for t in itertools.chain(encoder.parameters(), encoder.buffers())))
+
+    def _check_embedding_cache(self) -> None:
+        """Empty the prompt cache if the text encoder's weights changed since it was filled."""
+        key = self._text_encoder_key()
+        if key != self._embeddings_made_by:
+            self.clear_embedding_cache()
+            self._embeddings_made_by = key
 
     @property
     def embedding_cache_bytes(self) -> int:
@@ -361,7 +407,14 @@ class Pipeline:
 
     @torch.inference_mode()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """Prompt -> (1, 77, D) text embedding, cached (the empty negative repeats a lot)."""
+        """Prompt -> (1, 77, D) text embedding, cached (the empty negative repeats a lot); the
+        cache is emptied when the text encoder's weights have changed since it was filled."""
+        self._check_embedding_cache()
+        return self._encode_prompt(prompt)
+
+    def _encode_prompt(self, prompt: str) -> torch.Tensor:
+        """`encode_prompt` without the weights check: within a generation, which checks them
+        once at its start (under inference mode, as every caller here is)."""
         cached = self._embeddings.get(prompt)
         if cached is not None:
             self._embeddings.move_to_end(prompt)
@@ -380,11 +433,11 @@ class Pipeline:
         self,
         requests: Sequence[GenerationRequest | Mapping[str, Any]],
         *,
-        sampler: str,
-        steps: int,
-        guidance_scale: float,
-        width: int,
-        height: int,
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
         karras: bool = False,
         batch_invariant: bool = True,
         fixed_batch: int | None = None,
@@ -394,11 +447,14 @@ class Pipeline:
     ) -> list[Image.Image]:
         """Images for `requests`, in order.
 
-        The keyword settings apply to every request that does not set its own (see
-        `GenerationRequest`). Requests with equal settings share UNet forwards; mappings are
-        read with `GenerationRequest.from_mapping`. ValueError, naming the request's index, for
-        anything `sdcore.rules` refuses. How the UNet forwards are shaped (which decides an
-        image's last bits, see the module docstring):
+        The keyword settings (`sampler`, `steps`, `guidance_scale`, `width`, `height`, `karras`)
+        apply to every request that does not set its own (see `GenerationRequest`); one may be
+        left out when every request sets it (a request with a value from neither is a ValueError
+        naming the setting). Mappings are read with `GenerationRequest.from_mapping`. ValueError,
+        naming the request's index, for anything `sdcore.rules` refuses. How the UNet forwards
+        are shaped (which decides an image's last bits, see the module docstring); rows share a
+        forward only with `fixed_batch` or `batch_invariant=False`, and then whatever their
+        sampler, steps, strength or guidance scale (only the size, and guided or not, split them):
 
         - `fixed_batch=N`: every forward runs N rows (a short batch is padded with filler rows),
           and a row's image depends only on its own inputs and its slot among the N; `slots`
@@ -436,11 +492,11 @@ class Pipeline:
         self,
         requests: Sequence[GenerationRequest | Mapping[str, Any]],
         *,
-        sampler: str,
-        steps: int,
-        guidance_scale: float,
-        width: int,
-        height: int,
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
         karras: bool = False,
         batch_invariant: bool = True,
         fixed_batch: int | None = None,
@@ -466,11 +522,11 @@ class Pipeline:
         self,
         requests: Iterable[GenerationRequest | Mapping[str, Any]],
         *,
-        sampler: str,
-        steps: int,
-        guidance_scale: float,
-        width: int,
-        height: int,
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
         karras: bool = False,
         batch_invariant: bool = True,
         fixed_batch: int | None = None,
@@ -510,24 +566,18 @@ class Pipeline:
         """Continuous batching (see the module docstring): requests go into lanes, one per forward
         shape (width, height, guided or not); a lane runs until it drains, its free slots taking
         the next requests of its shape as they come."""
-        if fixed_batch is not None and (
-            isinstance(fixed_batch, bool) or not isinstance(fixed_batch, int) or fixed_batch < 1
-        ):
-            raise ValueError(f"fixed_batch: expected an integer >= 1, got {fixed_batch!r}")
+        if fixed_batch is not None:
+            fixed_batch = _count_of("fixed_batch", fixed_batch)
         if slots is not None:
             if fixed_batch is None or len(slots) != count:
                 raise ValueError("slots need fixed_batch and one entry per request")
-            for slot in slots:
-                if slot is not None and not 0 <= slot < fixed_batch:
-                    raise ValueError(f"slot {slot} outside 0..{fixed_batch - 1}")
-        if isinstance(decode_batch, bool) or not isinstance(decode_batch, int) or decode_batch < 1:
-            raise ValueError(f"decode_batch: expected an integer >= 1, got {decode_batch!r}")
+            slots = _slot_list("slots", "slot", slots, fixed_batch)
+        decode_batch = _count_of("decode_batch", decode_batch)
         if decode_slots is not None:
             if len(decode_slots) != count:
                 raise ValueError("decode_slots need one entry per request")
-            for slot in decode_slots:
-                if slot is not None and not 0 <= slot < decode_batch:
-                    raise ValueError(f"decode slot {slot} outside 0..{decode_batch - 1}")
+            decode_slots = _slot_list("decode_slots", "decode slot", decode_slots, decode_batch)
+        self._check_embedding_cache()  # once per generation: the text encoder may have changed since the last
         resolved = iter(resolved)
         if fixed_batch is not None:
             lane_rows = lambda key: fixed_batch  # noqa: E731
@@ -613,9 +663,9 @@ class Pipeline:
         start = 0 if request.strength is None else sampler.start_index(request.strength)
         generator = torch.Generator("cpu").manual_seed(request.seed)
         latent = self._initial_latent(request, sampler, generator)
-        self.encode_prompt(request.prompt)
+        self._encode_prompt(request.prompt)
         if rules.guided(request.guidance_scale):
-            self.encode_prompt(request.negative)
+            self._encode_prompt(request.negative)
         return _Flight(index, request, generator, sampler.trajectory(start), latent)
 
     def _forward(self, lane: _Lane) -> list[tuple[int, _Flight]]:
@@ -629,7 +679,7 @@ class Pipeline:
         filler = torch.zeros_like(next(f.x for f in flights if f is not None))
         x = torch.cat([filler if f is None else f.trajectory.model_input(f.x) for f in flights])  # (rows, 4, h, w)
         t = to_device(torch.stack([_FILLER_T if f is None else f.trajectory.timestep() for f in flights]), self.device)
-        context = lane.context(self.encode_prompt)
+        context = lane.context(self._encode_prompt)
         if lane.guided:
             # Both halves in one forward, unconditional first as diffusers orders them:
             # (rows, ...) x 2 -> (2 rows, ...)

@@ -5,7 +5,8 @@ of randomness), and for img2img the init image and strength. The sampler setting
 `karras`, `steps`, `guidance_scale`, `width`, `height`) may be set per request; a field left at
 None takes the value given to `generate`. Requests are checked when they are made (types, the
 seed range) and again when their settings are known (`resolve`: the strength rule needs the step
-count), with the rules of `sdcore.rules`.
+count; the init image's mode and size are checked there too), with the rules of `sdcore.rules`.
+How an init image becomes the RGB pixels the VAE encodes is here too (`init_image_rgb`).
 
     from sdcore import GenerationRequest
     pipe.generate([GenerationRequest("a red circle", seed=1),
@@ -22,11 +23,53 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
 from PIL import Image
 
 from . import rules
 
 SETTINGS = ("sampler", "karras", "steps", "guidance_scale", "width", "height")
+
+# PIL modes of 16-bit greyscale (a 16-bit grey PNG opens as I;16): 0..65535, scaled to 8 bits.
+SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
+# PIL modes whose range of values is not fixed (32-bit integers, floats: 0..1? 0..255? 0..65535?),
+# which convert("RGB") clips to 0..255: refused rather than guessed.
+AMBIGUOUS_MODES = {"I": "32-bit integer", "F": "32-bit float"}
+
+
+def init_image_problem(image: Image.Image) -> str | None:
+    """What makes a PIL image unusable as an init image: no pixels, or a mode whose range is
+    ambiguous (AMBIGUOUS_MODES). None for every other image."""
+    if image.width == 0 or image.height == 0:
+        return f"the image is {image.width}x{image.height} pixels: it has none"
+    if image.mode in AMBIGUOUS_MODES:
+        return (
+            f"mode {image.mode} ({AMBIGUOUS_MODES[image.mode]} pixels) has no fixed range of values, "
+            "so it cannot be turned into RGB without guessing; convert it to 8-bit RGB (mode RGB, "
+            "values 0..255) or 16-bit greyscale (mode I;16, values 0..65535) first"
+        )
+    return None
+
+
+def grey_to_8_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image (SIXTEEN_BIT_GREY) as 8-bit greyscale (mode L): each value's top
+    8 bits (`>> 8`; PIL's convert clips them to 255 instead, a white image). Any other image is
+    returned as it is. The job runner's init image decoding (version 2) is this, so its bits are
+    fixed: reproduce relies on them."""
+    if image.mode not in SIXTEEN_BIT_GREY:
+        return image
+    grey = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+    return Image.fromarray(grey)  # mode L
+
+
+def init_image_rgb(image: Image.Image) -> Image.Image:
+    """An init image as 8-bit RGB, the way the pipeline reads it: 16-bit greyscale scaled to 8
+    bits (`grey_to_8_bits`), every other mode by PIL's convert("RGB") (alpha dropped, as
+    diffusers' `load_image` does). ValueError for an image `init_image_problem` refuses."""
+    problem = init_image_problem(image)
+    if problem:
+        raise ValueError(problem)
+    return grey_to_8_bits(image).convert("RGB")
 
 
 @dataclass(frozen=True)
@@ -62,7 +105,7 @@ class GenerationRequest:
         if self.init_image is None:
             object.__setattr__(self, "strength", None)  # nothing for a strength to act on
         elif self.strength is None:
-            raise ValueError("an img2img request (init_image) needs a strength in (0, 1]")
+            raise ValueError("strength: an img2img request (init_image) needs a strength in (0, 1]")
 
     @classmethod
     def from_mapping(cls, row: Mapping[str, Any]) -> GenerationRequest:
@@ -108,17 +151,24 @@ class GenerationRequest:
             problem = rules.size_problem(filled[name], size_multiple)
             if problem:
                 raise ValueError(f"{name}: {problem}")
-        if self.init_image is not None:
-            problem = rules.strength_problem(self.strength, filled["steps"])
-            if problem:
-                raise ValueError(f"strength: {problem}")
+        # Plain Python values (a numpy integer, a 0-dim torch tensor or an np.bool_ passed the
+        # checks); the steps before the strength rule, which multiplies them in the strength's type.
+        filled["karras"] = bool(filled["karras"])
         filled["steps"] = int(filled["steps"])
         filled["guidance_scale"] = rules.as_float(filled["guidance_scale"])
         filled["width"], filled["height"] = int(filled["width"]), int(filled["height"])
+        if self.init_image is not None:
+            problem = init_image_problem(self.init_image)
+            if problem:
+                raise ValueError(f"init_image: {problem}")
+            problem = rules.strength_problem(self.strength, filled["steps"])
+            if problem:
+                raise ValueError(f"strength: {problem}")
         # The strength stays as given: its step count is computed in its own type, as diffusers
         # computes it (`rules.img2img_steps`: a numpy float32 can count one step more).
         return dataclasses.replace(self, **filled)
 
     def settings_key(self) -> tuple:
-        """Resolved requests with equal keys can share UNet forwards (same schedule and size)."""
+        """The resolved settings as one tuple: equal keys, the same schedule and size. (Whether
+        requests share UNet forwards does not depend on it: see `Pipeline.generate`.)"""
         return tuple(getattr(self, name) for name in SETTINGS)

@@ -45,8 +45,26 @@ SIZE_MULTIPLE = 8
 MAX_SIZE = 8192
 
 
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+def is_integer(value: Any) -> bool:
+    """An integer: a Python or numpy integer, or a 0-dim torch tensor of an integer dtype
+    (`torch.tensor(4)`), as `_is_number` takes a 0-dim torch float; never a bool."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, numbers.Integral):  # int and numpy's integer types
+        return True
+    return _is_torch_scalar(value) and not value.is_floating_point()
+
+
+def is_boolean(value: Any) -> bool:
+    """A boolean: a Python bool, a numpy bool (`np.bool_`, what a numpy array or pandas column
+    gives) or a 0-dim torch bool tensor. `bool(value)` is then its plain value."""
+    if isinstance(value, bool):
+        return True
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.bool_):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype == torch.bool
 
 
 def _is_number(value: Any) -> bool:
@@ -75,7 +93,7 @@ def sampler_problem(name: Any) -> str | None:
 
 def karras_problem(karras: Any, sampler: str) -> str | None:
     """The Karras-sigmas flag, for a known sampler name."""
-    if not isinstance(karras, bool):
+    if not is_boolean(karras):
         return f"expected true or false, got {karras!r}"
     if karras and sampler not in KARRAS_SAMPLERS:
         return f"karras sigmas apply only to {', '.join(KARRAS_SAMPLERS)}, not {sampler}"
@@ -83,16 +101,16 @@ def karras_problem(karras: Any, sampler: str) -> str | None:
 
 
 def steps_problem(steps: Any) -> str | None:
-    if not _is_integer(steps) or not 1 <= steps <= MAX_STEPS:
+    if not is_integer(steps) or not 1 <= int(steps) <= MAX_STEPS:
         return f"expected an integer in 1..{MAX_STEPS}, got {steps!r}"
     return None
 
 
 def seed_problem(seed: Any) -> str | None:
-    if not _is_integer(seed):
+    if not is_integer(seed):
         return f"expected an integer, got {type(seed).__name__} {seed!r}"
-    if not 0 <= seed <= MAX_SEED:
-        return f"{seed} outside 0..2**63-1"
+    if not 0 <= int(seed) <= MAX_SEED:
+        return f"{int(seed)} outside 0..2**63-1"
     return None
 
 
@@ -111,8 +129,9 @@ def guidance_problem(scale: Any) -> str | None:
 
 def size_problem(value: Any, multiple: int = SIZE_MULTIPLE) -> str | None:
     """One side of the image, in pixels."""
-    if not _is_integer(value) or value <= 0:
+    if not is_integer(value) or value <= 0:
         return f"expected a positive integer, got {value!r}"
+    value = int(value)
     if value % multiple:
         return f"{value} is not a multiple of {multiple}"
     if value > MAX_SIZE:

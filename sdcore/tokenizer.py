@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import functools
 import html
+import os
 import re
+import sys
 import threading
 import warnings
 from collections.abc import Sequence
@@ -40,6 +42,22 @@ _lock = threading.Lock()
 
 class PromptTruncatedWarning(UserWarning):
     """A prompt had more than 75 tokens; the tail was dropped (CLIP sees 77 ids at most)."""
+
+
+# Frames a warning does not point at: sdcore's own, and torch's (the `inference_mode` decorators
+# around `Pipeline.generate` and `encode_prompt`).
+_LIBRARY_DIRS = tuple(os.path.dirname(f) + os.sep for f in (__file__, torch.__file__))
+
+
+def _caller_stacklevel() -> int:
+    """The `stacklevel` that makes a warning raised by this function's caller point at the
+    first frame outside sdcore and torch: the user's line that called `generate` (or iterated
+    `generate_stream`, or called `tokenize`), however deep in the pipeline the warning starts.
+    (Python 3.12's `skip_file_prefixes` does this; sdcore runs on 3.10 too.)"""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,7 +114,7 @@ def tokenize(prompts: Sequence[str]) -> torch.LongTensor:
                 f"prompt {short!r} has {n - 2} tokens, CLIP takes {MAX_LENGTH - 2}: "
                 f"the last {n - MAX_LENGTH} tokens were dropped",
                 PromptTruncatedWarning,
-                stacklevel=2,
+                stacklevel=_caller_stacklevel(),
             )
     return ids  # (B, 77) int64
 

@@ -25,6 +25,7 @@ from . import rules
 from .clip import CLIPTextModel
 from .config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from .convert import TEXT_PREFIX, CheckpointError, compvis_to_parts, parts_to_compvis
+from .devices import compute_device
 from .pipeline import Pipeline
 from .rules import BUILTIN_DIR, WEIGHT_FILE_SUFFIXES, builtin_names
 from .unet import UNet2DConditionModel
@@ -125,12 +126,7 @@ def assemble(
 
     The models copy the tensors unless `owned` (the caller hands them over: nobody else holds
     or changes them), which saves a copy of the whole checkpoint."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device {device!r}: not a torch device ({exc})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device}: this torch has no CUDA device (torch.cuda.is_available() is False)")
+    device = compute_device(device)  # ValueError for meta, a CUDA this torch lacks, ...
     target = resolve_dtype(dtype, device)
     parts = dict(parts)
     parts["text_encoder"] = {k: v for k, v in parts["text_encoder"].items() if k not in IGNORED_TEXT_KEYS}
@@ -578,6 +574,7 @@ def load_builtin(name: str) -> tuple[ModelConfig, dict[str, dict[str, torch.Tens
 def load_pipeline(weights: str | os.PathLike, device: str | torch.device = "cpu", dtype: Any = None) -> Pipeline:
     """Load an SD 1.x model: `builtin:NAME`, a diffusers folder, or a .safetensors/.ckpt file."""
     weights = str(weights)
+    device = compute_device(device)  # a device that cannot compute is refused before any reading
     if weights.startswith("builtin:"):
         config, parts = load_builtin(weights.split(":", 1)[1])
     else:
@@ -607,19 +604,31 @@ def export_single_file(pipe: Pipeline, path: str | os.PathLike, token_rows: list
     A1111, ComfyUI and diffusers' `from_single_file` read it; sdcore reads back the exact
     config from the file's metadata (heads cannot be inferred from shapes alone).
 
+    Each floating tensor is written in the dtype it was stored in where the pipeline holds it
+    exactly (the same dtype, or a wider one: a float16 file loaded as float32 is written as
+    float16 again, the same values; a file of mixed dtypes keeps its mix), so the export has the
+    source's fingerprint and reproduce and resume accept it in place of the source. A tensor held
+    in a narrower dtype than stored (a float32 file loaded with dtype="float16") was rounded when
+    it was loaded: it is written as held, float16, the values the pipeline computes with. That
+    export is a half-precision copy, with a fingerprint of its own (`pipe.fingerprint` stays the
+    source's): load the source with its stored dtype to export it unchanged.
+
     `token_rows`: store only these rows of the token table (sdcore-only file: other tools
     expect the full table). Loading sets every other row to zero, so only prompts made of
     these tokens give the same text embeddings as `pipe`.
     """
-    # Each floating tensor in the dtype it was stored in (a float16 file loaded as float32 is
-    # written as float16 again, the same values; a file of mixed dtypes keeps its mix): the
-    # export has the source's fingerprint, so reproduce and resume accept it in place of the source.
     stored = pipe.stored_dtypes or {}
 
     def as_stored(part: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor in its stored dtype where the held one has every stored value (the held
+        dtype is that one or wider), else as held: rounding it back up would write values the
+        source never had, in the source's dtype (float32 bits of float16 values)."""
         tensor = tensor.detach().cpu()
         dtype = stored.get(part, {}).get(key)
-        return (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
+        held = tensor.dtype
+        if dtype is not None and tensor.is_floating_point() and torch.promote_types(dtype, held) == held:
+            tensor = tensor.to(dtype)
+        return tensor.contiguous()
 
     parts = {part: {k: as_stored(part, k, v) for k, v in sd.items()} for part, sd in pipe.state_dicts().items()}
     state = {k: v.contiguous() for k, v in parts_to_compvis(parts, config=pipe.config).items()}

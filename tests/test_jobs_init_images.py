@@ -101,3 +101,47 @@ def test_a_16_bit_greyscale_png_keeps_its_greys():
     image = decode_init_image(buffer.getvalue())
     assert np.asarray(image)[..., 0].tolist() == [[0, 64], [128, 255]]
     assert set(np.asarray(decode_init_image(buffer.getvalue(), decoding=1)).ravel().tolist()) <= {0, 255}
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _decoding_2_before_sdcore_shared_it(data: bytes) -> Image.Image:
+    """INIT_DECODING 2 as jobs/init_images.py wrote it inline before it called sdcore's
+    `grey_to_8_bits`: the bits records with `init_decoding` 2 were made with."""
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def test_decoding_2_is_byte_identical_through_sdcores_shared_function_and_the_library_reads_the_same():
+    """Records carry `init_decoding` 2 and reproduce relies on its bits: the shared function
+    gives exactly the bytes of the inline code it replaced, for 16-bit grey (both byte orders),
+    8-bit grey, RGB, RGBA, palette and EXIF-rotated files; the library's `init_image_rgb`, given
+    the file's image, gives the same RGB pixels (EXIF aside, which is the job's to apply)."""
+    from sdcore.request import init_image_rgb
+
+    ramp = np.linspace(0, 65535, 24 * 16).reshape(16, 24).astype(np.uint16)
+    colour = np.random.default_rng(0).integers(0, 256, (16, 24, 4), dtype=np.uint8)
+    files = {
+        "I;16": _png(Image.fromarray(ramp)),
+        "I;16B": _png(Image.frombytes("I;16B", (24, 16), ramp.astype(">u2").tobytes())),
+        "L": _png(Image.fromarray(colour[..., 0])),
+        "RGB": _png(Image.fromarray(colour[..., :3])),
+        "RGBA": _png(Image.fromarray(colour)),
+        "P": _png(Image.fromarray(colour[..., :3]).convert("P")),
+        "exif": _exif_rotated_jpeg(),
+    }
+    for name, data in files.items():
+        decoded = decode_init_image(data)
+        assert decoded.mode == "RGB"
+        assert decoded.tobytes() == _decoding_2_before_sdcore_shared_it(data).tobytes(), name
+        if name != "exif":
+            assert init_image_rgb(Image.open(io.BytesIO(data))).tobytes() == decoded.tobytes(), name
+    assert len(set(np.asarray(decode_init_image(files["I;16"])).ravel().tolist())) > 200  # greys, not white

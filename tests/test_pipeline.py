@@ -3,6 +3,8 @@ random weights and seeds, for every sampler; batch independence; bad input."""
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,8 @@ from PIL import Image
 import sdcore
 from sdcore.config import ModelConfig
 from sdcore.layers import GroupNorm
-from sdcore.tokenizer import get_tokenizer
+from sdcore.pipeline import Placement
+from sdcore.tokenizer import PromptTruncatedWarning, get_tokenizer, tokenize
 
 from tests.reference import SD15_SCHEDULER_CONFIG, save_diffusers_folder
 
@@ -256,7 +259,7 @@ def test_a_group_of_one_value_normalizes_to_the_bias_as_in_a_larger_batch():
         ({"prompt": "x", "seed": 2**63}, {}, "seed: 9223372036854775808 outside 0..2**63-1"),
         ({"prompt": "x", "seed": 1, "strength": 0.0, "init_image": init_image(0)}, {}, "strength: 0 outside (0, 1]"),
         ({"prompt": "x", "seed": 1, "strength": 1.5, "init_image": init_image(0)}, {}, "strength: 1.5 outside (0, 1]"),
-        ({"prompt": "x", "seed": 1, "init_image": init_image(0)}, {}, "needs a strength"),
+        ({"prompt": "x", "seed": 1, "init_image": init_image(0)}, {}, "request 0: strength: an img2img request"),
         ({"prompt": "x", "seed": 1, "strength": 0.01, "init_image": init_image(0)}, {}, "leaves no denoising step"),
         ({"prompt": "x", "seed": 1, "strength": 0.5, "init_image": "cat.png"}, {}, "expected a PIL image"),
         ({"prompt": "x", "seed": 1, "cfg": 3}, {}, "unknown request field(s): cfg"),
@@ -438,3 +441,151 @@ def test_rows_are_started_a_few_per_forward_while_the_batch_before_them_runs(tin
         for hook in hooks:
             hook.remove()
         tiny_pipe.prepare_ahead = None
+
+
+# ------------------------------------------------------------------ library API: bug hunt fixes
+
+LIBRARY_SETTINGS = dict(sampler="ddim", steps=2, guidance_scale=5.0, width=16, height=16)
+
+
+def sixteen_bit_grey(values: np.ndarray, mode: str) -> Image.Image:
+    """A 16-bit greyscale PIL image of `values` (uint16) in `mode` (I;16 little-, I;16B big-endian)."""
+    stored = values.astype(">u2" if mode == "I;16B" else "<u2")
+    return Image.frombytes(mode, values.shape[::-1], stored.tobytes())
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B"])
+def test_a_16_bit_grey_init_image_is_its_top_8_bits_as_the_job_decodes_it(tiny_pipe, mode):
+    """PIL's convert("RGB") clips 16-bit grey to 255: a grey ramp became a white init image and
+    img2img ran on it without a word. It is scaled to 8 bits (`>> 8`, the job runner's decoding)."""
+    from sdcore.pipeline import image_to_tensor
+
+    values = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)  # a ramp of greys
+    grey16 = sixteen_bit_grey(values, mode)
+    grey8 = Image.fromarray((values >> 8).astype(np.uint8))  # mode L
+    assert torch.equal(image_to_tensor(grey16, 16, 16), image_to_tensor(grey8, 16, 16))
+    made = [
+        tiny_pipe.generate([{"prompt": "x", "seed": 1, "init_image": image, "strength": 0.5}], **LIBRARY_SETTINGS)[0]
+        for image in (grey16, grey8)
+    ]
+    assert made[0].tobytes() == made[1].tobytes()
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (Image.fromarray(np.full((16, 16), 70000, np.int32)), "init_image: mode I (32-bit integer pixels) has no"),
+        (Image.fromarray(np.full((16, 16), 0.5, np.float32)), "init_image: mode F (32-bit float pixels) has no fixed"),
+        (Image.new("RGB", (0, 0)), "init_image: the image is 0x0 pixels: it has none"),
+        (Image.new("L", (0, 16)), "init_image: the image is 0x16 pixels: it has none"),
+    ],
+)
+def test_init_images_of_an_ambiguous_mode_or_without_pixels_are_refused(tiny_pipe, image, message):
+    """A float image became a black init, a 32-bit one a white one, an empty one a black one,
+    silently; each is a ValueError naming the request and what to do."""
+    rows = [{"prompt": "x", "seed": 1}, {"prompt": "x", "seed": 2, "init_image": image, "strength": 0.5}]
+    with pytest.raises(ValueError) as info:
+        tiny_pipe.generate(rows, **LIBRARY_SETTINGS)
+    assert str(info.value).startswith(f"request 1: {message}"), str(info.value)
+    if image.mode in ("I", "F"):
+        assert "convert it to 8-bit RGB (mode RGB, values 0..255) or 16-bit greyscale" in str(info.value)
+
+
+def test_alpha_palette_and_cmyk_init_images_are_read_as_pils_convert_rgb_gives_them():
+    """What diffusers' `load_image` does (its image processor would pass RGBA's 4 channels on)."""
+    from sdcore.pipeline import image_to_tensor
+
+    rgb = init_image(3, size=(16, 16))
+    for image in (rgb.convert("RGBA"), rgb.convert("P"), rgb.convert("CMYK"), rgb.convert("LA"), rgb.convert("1")):
+        assert torch.equal(image_to_tensor(image, 16, 16), image_to_tensor(image.convert("RGB"), 16, 16)), image.mode
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "inference_tensor"])
+def test_a_context_changed_in_place_gets_fresh_keys_and_values(tiny_pipe, mode):
+    """The cross-attentions keep K and V per context tensor: a context changed in place between
+    two forwards (`copy_`) reused the old K and V, a wrong output. Under no_grad and inference
+    mode an ordinary tensor's version counter shows the change; an inference tensor (made in
+    inference mode) has none, so its K and V are not kept."""
+    unet = tiny_pipe.unet
+    gen = torch.Generator().manual_seed(5)
+    width = tiny_pipe.config.unet.cross_attention_dim
+    x, t = torch.randn(2, 4, 4, 4, generator=gen), torch.tensor([500.0, 20.0])
+    old, new = torch.randn(2, 77, width, generator=gen), torch.randn(2, 77, width, generator=gen)
+    context = old.clone()  # an ordinary tensor
+    try:
+        with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+            if mode == "inference_tensor":
+                context = old.clone()
+                assert context.is_inference()
+            before = unet(x, t, context)
+            context.copy_(new)
+            after = unet(x, t, context)
+            assert torch.equal(after, unet(x, t, new.clone()))
+            assert not torch.equal(after, before)
+    finally:
+        unet.forget_context()
+
+
+def test_the_prompt_cache_follows_the_text_encoders_weights():
+    """Embeddings were cached by prompt alone: after `text_encoder.load_state_dict(...)` (or an
+    in-place change) generate used the old weights' embeddings."""
+    pipe = sdcore.load_pipeline("builtin:tiny")
+    rows = [{"prompt": "a red circle", "seed": 1}]
+    before = pipe.generate(rows, **LIBRARY_SETTINGS)[0]
+    pipe.text_encoder.load_state_dict({k: v * 1.5 for k, v in pipe.text_encoder.state_dict().items()})
+    after = pipe.generate(rows, **LIBRARY_SETTINGS)[0]
+    pipe.clear_embedding_cache()
+    assert after.tobytes() == pipe.generate(rows, **LIBRARY_SETTINGS)[0].tobytes()
+    assert after.tobytes() != before.tobytes()
+    # encode_prompt on its own, after an in-place change
+    with torch.no_grad():
+        pipe.text_encoder.text_model.final_layer_norm.bias.add_(0.25)
+    with torch.inference_mode():
+        expected = pipe.text_encoder(tokenize(["a red circle"]))
+    assert torch.equal(pipe.encode_prompt("a red circle"), expected)
+
+
+@pytest.mark.parametrize(
+    "asked, message",
+    [
+        (dict(fixed_batch=2, slots=[0.5]), "slots: request 0's entry: expected an integer slot or None, got 0.5"),
+        (dict(fixed_batch=2, slots=[True]), "slots: request 0's entry: expected an integer slot or None, got True"),
+        (dict(decode_batch=2, decode_slots=[0.5]), "decode_slots: request 0's entry: expected an integer slot"),
+        (dict(decode_batch=2, decode_slots=["1"]), "decode_slots: request 0's entry: expected an integer slot"),
+    ],
+)
+def test_slots_that_are_not_integers_are_a_clear_error(tiny_pipe, asked, message):
+    """slots=[0.5] passed the range check and died in the stream ("generator raised
+    StopIteration"); decode_slots=[0.5] raised a TypeError."""
+    with pytest.raises(ValueError) as info:
+        tiny_pipe.generate([{"prompt": "x", "seed": 1}], **LIBRARY_SETTINGS, **asked)
+    assert message in str(info.value)
+
+
+def test_numpy_and_0dim_torch_integers_and_numpy_bools_are_taken_as_their_values(tiny_pipe):
+    """steps=torch.tensor(2), seed=torch.tensor(3), fixed_batch=np.int64(2), karras=np.bool_(True)
+    were refused (while a 0-dim torch float was taken as a guidance scale): each gives the image
+    and placement of its plain value."""
+    plain = tiny_pipe.generate_placed(
+        [sdcore.GenerationRequest("x", seed=3)],
+        sampler="dpmpp_2m", karras=True, steps=2, guidance_scale=5.0, width=16, height=16,
+        fixed_batch=2, slots=[1], decode_batch=2, decode_slots=[1],
+    )  # fmt: skip
+    typed = tiny_pipe.generate_placed(
+        [sdcore.GenerationRequest("x", seed=torch.tensor(3))],
+        sampler="dpmpp_2m", karras=np.bool_(True), steps=torch.tensor(2), guidance_scale=5.0,
+        width=torch.tensor(16), height=np.int64(16), fixed_batch=np.int64(2), slots=[np.int64(1)],
+        decode_batch=torch.tensor(2), decode_slots=np.array([1]),
+    )  # fmt: skip
+    assert typed[0][0].tobytes() == plain[0][0].tobytes()
+    assert typed[0][1] == plain[0][1] == Placement(rows=2, slot=1, decode_rows=2, decode_slot=1)
+    assert all(type(value) is int for value in vars(typed[0][1]).values())
+
+
+def test_a_truncated_prompts_warning_points_at_the_line_that_called_generate(tiny_pipe):
+    """It pointed at sdcore/pipeline.py (stacklevel=2 from the tokenizer)."""
+    prompt = " ".join(["a small green triangle"] * 25)  # 100 tokens
+    with pytest.warns(PromptTruncatedWarning) as record:
+        line = inspect.currentframe().f_lineno + 1
+        tiny_pipe.generate([{"prompt": prompt, "seed": 1}], **{**LIBRARY_SETTINGS, "guidance_scale": 1.0})
+    assert [(w.filename, w.lineno) for w in record] == [(__file__, line)]

@@ -69,7 +69,7 @@ def test_txt2img_request_drops_its_strength():
         ({"prompt": 3, "seed": 1}, "prompt: expected a string"),
         ({"prompt": "x", "seed": True}, "seed: expected an integer"),
         ({"prompt": "x", "seed": rules.MAX_SEED + 1}, "outside 0..2**63-1"),
-        ({"prompt": "x", "seed": 1, "init_image": picture(0)}, "needs a strength"),
+        ({"prompt": "x", "seed": 1, "init_image": picture(0)}, "^strength: an img2img request"),
     ],
 )
 def test_bad_request_is_refused_when_made(fields, message):
@@ -195,3 +195,58 @@ def test_one_request_where_a_list_goes_and_a_device_torch_lacks_are_named(pipe):
     else:  # the CPU machines CI runs on: torch's own AssertionError before
         with pytest.raises(ValueError, match="device cuda: this torch has no CUDA device"):
             sdcore.load_pipeline("builtin:tiny", device="cuda")
+
+
+def test_integer_settings_take_numpy_and_0dim_torch_integers_and_resolve_to_plain_values():
+    """steps=torch.tensor(4), width=torch.tensor(32), seed=torch.tensor(3) and karras=np.bool_
+    were refused ("expected an integer ... got tensor(4)") while torch.tensor(0.7) was a strength;
+    the resolved request holds plain Python ints and bools."""
+    import torch
+
+    request = GenerationRequest("x", seed=torch.tensor(3), init_image=picture(0), strength=0.5)
+    assert request.seed == 3 and type(request.seed) is int
+    given = {
+        "sampler": "dpmpp_2m",
+        "karras": np.bool_(True),
+        "steps": torch.tensor(4),
+        "guidance_scale": torch.tensor(5),
+        "width": torch.tensor(32, dtype=torch.int32),
+        "height": np.int64(32),
+    }
+    resolved = request.resolve(given)
+    assert resolved.settings() == {**SETTINGS, "sampler": "dpmpp_2m", "karras": True}
+    assert [type(getattr(resolved, name)) for name in ("karras", "steps", "guidance_scale", "width", "height")] == [
+        bool, int, float, int, int,
+    ]  # fmt: skip
+    assert GenerationRequest("x", seed=1, karras=torch.tensor(False)).resolve(SETTINGS).karras is False
+    assert rules.steps_problem(np.uint8(4)) is None and rules.seed_problem(np.int64(7)) is None
+    for not_an_integer in (torch.tensor(4.0), torch.tensor([4]), torch.tensor(True), np.bool_(True), 4.0):
+        assert rules.steps_problem(not_an_integer), not_an_integer
+    assert rules.karras_problem(np.int64(1), "dpmpp_2m")  # an integer is no boolean
+    with pytest.raises(ValueError, match="width: 36 is not a multiple of 8"):
+        request.resolve({**given, "width": torch.tensor(36)})
+
+
+def test_a_call_may_leave_out_the_settings_every_request_sets(pipe):
+    """generate required all five call settings even when every request set its own."""
+    own = {k: v for k, v in SETTINGS.items() if k != "karras"}
+    alone = pipe.generate([GenerationRequest("a", seed=1, **own)])[0]
+    assert same(alone, pipe.generate([GenerationRequest("a", seed=1)], **own)[0])
+    placed = pipe.generate_placed([{"prompt": "a", "seed": 1, **own}], fixed_batch=1)
+    assert same(placed[0][0], alone)
+    streamed = list(pipe.generate_stream([GenerationRequest("a", seed=1, **own)]))
+    assert same(streamed[0][1], alone)
+    with pytest.raises(ValueError, match="request 1: no value for steps, width"):
+        pipe.generate([GenerationRequest("a", seed=1, **own), GenerationRequest("b", seed=2, sampler="ddim")],
+                      guidance_scale=5.0, height=32)  # fmt: skip
+
+
+def test_a_device_without_data_or_compute_is_refused_at_load():
+    """device="meta" loaded, and generate then failed with NotImplementedError."""
+    with pytest.raises(ValueError, match="device meta: tensors there have shapes but no data"):
+        sdcore.load_pipeline("builtin:tiny", device="meta")
+    import importlib.util
+
+    if importlib.util.find_spec("torch_xla") is None:  # a device type this torch has no backend for
+        with pytest.raises(ValueError, match="device xla: cannot compute there"):
+            sdcore.load_pipeline("builtin:tiny", device="xla")

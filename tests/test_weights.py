@@ -413,3 +413,23 @@ def test_fingerprint_is_sha256_over_parts_in_canonical_order(from_folder):
             digest.update(f"{part}.{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
             digest.update(tensor.view(torch.uint8).numpy().tobytes())
     assert from_folder.fingerprint == digest.hexdigest()
+
+
+def test_a_pipeline_loaded_narrower_than_stored_exports_the_values_it_holds(tmp_path, from_folder, diffusers_folder):
+    """float32 weights loaded as float16 were exported as float32 tensors holding float16-rounded
+    values, under no fingerprint of any file. The export is what the pipeline holds: a float16
+    copy, with a fingerprint of its own; the same weights loaded as stored export unchanged."""
+    assert from_folder.stored_dtype == torch.float32
+    half = sdcore.load_pipeline(diffusers_folder, dtype="float16")
+    assert half.fingerprint == from_folder.fingerprint  # the source's weights, loaded rounded
+    path = tmp_path / "half.safetensors"
+    sdcore.export_single_file(half, path)
+    assert {t.dtype for t in load_file(str(path)).values() if t.is_floating_point()} == {torch.float16}
+    copy = sdcore.load_pipeline(path, dtype="float16")
+    assert copy.stored_dtype == torch.float16 and copy.fingerprint != half.fingerprint
+    for part, state in half.state_dicts().items():
+        assert all(torch.equal(tensor, copy.state_dicts()[part][key]) for key, tensor in state.items()), part
+    # Wider than stored (float16 file as float32): the stored dtype and fingerprint come back.
+    widened = sdcore.load_pipeline(path, dtype="float32")
+    sdcore.export_single_file(widened, tmp_path / "again.safetensors")
+    assert sdcore.load_pipeline(tmp_path / "again.safetensors").fingerprint == copy.fingerprint
