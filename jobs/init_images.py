@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
-from sdcore.request import grey_to_8_bits
+from sdcore.request import grey_to_8_bits, init_image_problem
 
 from .storage import StorageError, TransientStorageError, read_uri, redact_uri
 
@@ -69,15 +69,20 @@ class InitImage:
 #      (a phone photo stored sideways is used upright), and 16-bit greyscale (PNG mode I;16,
 #      which convert("RGB") clipped to white) scaled to 8 bits. Other images: as in 1.
 #      That scaling is sdcore's `grey_to_8_bits`, which the library applies to init images too.
-#      (Modes I and F, 32-bit integer and float TIFFs, are still converted as in 1, clipped, so
-#      that records made with them reproduce; the library's `init_image_rgb` refuses them.)
+# A job refuses what sdcore's `init_image_problem` refuses (modes I and F, 32-bit integer and
+# float TIFFs, whose range of values is not fixed; images without pixels): the row's error
+# record, as the library raises. Jobs before that converted modes I and F as in 1, clipped; their
+# records still reproduce, because reproduce decodes without refusing (`refuse_ambiguous`).
 INIT_DECODING = 2
 
 
-def decode_init_image(data: bytes, max_pixels: int | None = None, decoding: int = INIT_DECODING) -> Image.Image:
+def decode_init_image(
+    data: bytes, max_pixels: int | None = None, decoding: int = INIT_DECODING, refuse_ambiguous: bool = False
+) -> Image.Image:
     """An init image file's bytes -> an RGB image (the job's and reproduce's one decoding), the
     way `decoding` says (INIT_DECODING). With `max_pixels`, a larger image is refused from its
-    header, before decoding."""
+    header, before decoding. With `refuse_ambiguous` (a job's new rows), an image sdcore's
+    `init_image_problem` refuses is an InitImageError."""
     if decoding not in (1, 2):
         raise ValueError(f"unknown init image decoding {decoding!r}; this sdgen knows 1 and 2")
     with warnings.catch_warnings():
@@ -86,6 +91,8 @@ def decode_init_image(data: bytes, max_pixels: int | None = None, decoding: int 
         if max_pixels is not None and image.width * image.height > max_pixels:
             raise InitImageError(f"{image.width}x{image.height} pixels, over the cap of {max_pixels}")
         image.load()
+        if refuse_ambiguous and (problem := init_image_problem(image)):
+            raise InitImageError(problem)
         if decoding >= 2:
             image = grey_to_8_bits(ImageOps.exif_transpose(image))  # SIXTEEN_BIT_GREY -> mode L
         return image.convert("RGB")
@@ -106,7 +113,7 @@ def read_init_image(uri: str, max_bytes: int | None = None, max_pixels: int | No
     except (StorageError, OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in the path
         raise InitImageError(f"init_image {where}: cannot read ({str(exc)[:200]})") from None
     try:
-        image = decode_init_image(data, max_pixels)
+        image = decode_init_image(data, max_pixels, refuse_ambiguous=True)
     except InitImageError as exc:
         raise InitImageError(f"init_image {where}: {exc}") from None
     except MemoryError:

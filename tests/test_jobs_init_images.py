@@ -103,6 +103,27 @@ def test_a_16_bit_greyscale_png_keeps_its_greys():
     assert set(np.asarray(decode_init_image(buffer.getvalue(), decoding=1)).ravel().tolist()) <= {0, 255}
 
 
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_a_job_refuses_32_bit_integer_and_float_images_as_the_library_does_and_old_records_still_decode(tmp_path, mode):
+    """Modes I and F have no fixed range of values (0..1? 0..255? 0..65535?): convert("RGB")
+    clipped a 16-bit-valued TIFF to white. A job's row now gets an error naming the mode, as
+    sdcore's `init_image_rgb` raises; reproduce of a record made before that still decodes it
+    the old way (clipped), so that record keeps reproducing."""
+    from sdcore.request import init_image_rgb
+
+    values = np.array([[0, 300], [40000, 70000]], dtype=np.int32 if mode == "I" else np.float32)
+    image = Image.fromarray(values)
+    assert image.mode == mode
+    path = tmp_path / f"{mode}.tiff"
+    image.save(path, format="TIFF")
+    with pytest.raises(InitImageError, match=rf"init_image .*{mode}\.tiff: mode {mode} \(32-bit"):
+        read_init_image(str(path))
+    with pytest.raises(ValueError, match=rf"mode {mode} \(32-bit"):
+        init_image_rgb(Image.open(path))
+    old = decode_init_image(path.read_bytes())  # how reproduce decodes an earlier record of it
+    assert np.asarray(old)[..., 0].tolist() == [[0, 255], [255, 255]]
+
+
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
